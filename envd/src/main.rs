@@ -1,0 +1,75 @@
+//! `envd`: serve the envd API on TCP and vsock.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use schema::envd::ENVD_PORT;
+use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
+
+#[derive(Parser)]
+#[command(
+    name = "envd",
+    version,
+    about = "sandmesh in-sandbox agent (E2B envd API)"
+)]
+struct Args {
+    /// TCP address to listen on.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ENVD_PORT)))]
+    listen: SocketAddr,
+    /// vsock port to listen on (the host reaches microVM guests this way).
+    #[arg(long, default_value_t = u32::from(ENVD_PORT))]
+    vsock_port: u32,
+    /// Do not listen on vsock (host processes, gVisor sandboxes).
+    #[arg(long)]
+    no_vsock: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+
+    let tcp = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding TCP {}", args.listen))?;
+    let tcp_addr = tcp.local_addr()?;
+    // Machine-readable readiness line: tests and the node wait for it.
+    println!("envd listening on tcp {tcp_addr}");
+    tracing::info!(%tcp_addr, "envd serving on TCP");
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(async move {
+        axum::serve(tcp, envd::router())
+            .await
+            .context("serving TCP")
+    });
+
+    if !args.no_vsock {
+        // A host without a vsock transport (or a gVisor sandbox) cannot bind;
+        // TCP still serves, so this is a warning, not a failure.
+        match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, args.vsock_port)) {
+            Ok(vsock) => {
+                println!("envd listening on vsock {}", args.vsock_port);
+                tracing::info!(port = args.vsock_port, "envd serving on vsock");
+                servers.spawn(async move {
+                    axum::serve(vsock, envd::router())
+                        .await
+                        .context("serving vsock")
+                });
+            }
+            Err(e) => tracing::warn!(
+                port = args.vsock_port,
+                "vsock unavailable, serving TCP only: {e}"
+            ),
+        }
+    }
+    match servers.join_next().await {
+        Some(result) => result.context("server task panicked")?,
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,182 @@
+//! `cargo xtask bench`: benchmarks, written to `BENCHMARKS.md`.
+//!
+//! Each benchmark reports median and p95 over its samples, with the machine
+//! and the date. Benchmarks are never tests: nothing here fails on a slow
+//! figure; the budgets are compared by reading the report.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use schema::guest::GuestArtifacts;
+
+pub struct Sampled {
+    pub name: &'static str,
+    pub runtime: &'static str,
+    pub samples: Vec<Duration>,
+}
+
+impl Sampled {
+    fn percentile(&self, p: f64) -> Duration {
+        let mut s = self.samples.clone();
+        s.sort();
+        let idx = ((s.len() as f64 - 1.0) * p).round() as usize;
+        s[idx]
+    }
+}
+
+pub fn run(manifest: &GuestArtifacts, report: &Path) -> Result<()> {
+    let envd = manifest.rootfs_dir.join("usr/local/bin/envd");
+    let results = vec![
+        envd_cold_start(&envd, 30)?,
+        envd_health_round_trip(&envd, 2000)?,
+    ];
+    let mut md = String::from("# Benchmarks\n\n");
+    md += &format!("- machine: {}\n", machine());
+    md += &format!("- date: {}\n", date());
+    md += "- written by `cargo xtask bench`; budgets are in DESIGN.md section 7\n\n";
+    md += "| benchmark | runtime | samples | median | p95 |\n|---|---|---|---|---|\n";
+    for r in &results {
+        let line = format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.name,
+            r.runtime,
+            r.samples.len(),
+            fmt(r.percentile(0.5)),
+            fmt(r.percentile(0.95))
+        );
+        print!("{line}");
+        md += &line;
+    }
+    std::fs::write(report, md).with_context(|| format!("writing {}", report.display()))?;
+    println!("wrote {}", report.display());
+    Ok(())
+}
+
+fn fmt(d: Duration) -> String {
+    if d < Duration::from_millis(1) {
+        format!("{:.1} µs", d.as_secs_f64() * 1e6)
+    } else {
+        format!("{:.2} ms", d.as_secs_f64() * 1e3)
+    }
+}
+
+/// Spawn of the packaged (static) envd until `GET /health` answers 204.
+fn envd_cold_start(envd: &Path, n: usize) -> Result<Sampled> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let mut child = Command::new(envd)
+            .args(["--listen", "127.0.0.1:0", "--no-vsock"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", envd.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("envd listening on tcp ")
+            .map(str::to_owned);
+        let result = addr
+            .context("envd printed no readiness line")
+            .and_then(|addr| {
+                let mut conn = TcpStream::connect(&addr)?;
+                health(&mut conn)
+            });
+        samples.push(started.elapsed());
+        let _ = child.kill();
+        let _ = child.wait();
+        result?;
+    }
+    Ok(Sampled {
+        name: "envd spawn -> /health 204",
+        runtime: "host process",
+        samples,
+    })
+}
+
+/// One keep-alive connection, `GET /health` after `GET /health`.
+fn envd_health_round_trip(envd: &Path, n: usize) -> Result<Sampled> {
+    let mut child = Command::new(envd)
+        .args(["--listen", "127.0.0.1:0", "--no-vsock"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("envd listening on tcp ")
+        .unwrap_or_default()
+        .to_owned();
+    let run = || -> Result<Vec<Duration>> {
+        let mut conn = TcpStream::connect(&addr)?;
+        conn.set_nodelay(true)?;
+        let mut samples = Vec::with_capacity(n);
+        for _ in 0..n {
+            let started = Instant::now();
+            health(&mut conn)?;
+            samples.push(started.elapsed());
+        }
+        Ok(samples)
+    };
+    let samples = run();
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(Sampled {
+        name: "envd GET /health round trip (keep-alive)",
+        runtime: "host process",
+        samples: samples?,
+    })
+}
+
+/// Send one `GET /health` and read the response head (204 has no body).
+fn health(conn: &mut TcpStream) -> Result<()> {
+    conn.write_all(b"GET /health HTTP/1.1\r\nHost: envd\r\n\r\n")?;
+    let mut buf = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte)? == 0 {
+            bail!("envd closed the connection");
+        }
+        buf.push(byte[0]);
+    }
+    if !buf.starts_with(b"HTTP/1.1 204") {
+        bail!("unexpected response: {}", String::from_utf8_lossy(&buf));
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0.0, |kib| kib as f64 / (1024.0 * 1024.0));
+    format!("{cpu}, {cores} cores, {mem_gib:.0} GiB")
+}
+
+fn date() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,76 @@
+//! envd for the guest: a statically linked (glibc `crt-static`) release build.
+//!
+//! Static linking keeps the binary independent of the guest's C library, so
+//! the same envd runs in any root filesystem. The cache key is the source of
+//! every crate envd is built from plus the lock file and the compiler, so a
+//! new clone with unchanged sources reuses the cached binary without
+//! compiling anything.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::cache::{Cache, KeyHasher};
+use crate::run;
+
+/// Crates whose sources make up envd (envd depends on no other workspace crate).
+const SOURCE_DIRS: &[&str] = &["envd", "schema"];
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+pub struct Envd {
+    pub binary: PathBuf,
+    pub key: String,
+}
+
+pub fn build(cache: &Cache, root: &Path, force: bool) -> Result<Envd> {
+    let rustc = run::output(Command::new("rustc").arg("-V"))?;
+    let mut key = KeyHasher::new("envd");
+    key.text("rustc", rustc.trim()).text("target", TARGET);
+    key.file(root, &root.join("Cargo.lock"))?;
+    key.file(root, &root.join("Cargo.toml"))?;
+    for dir in SOURCE_DIRS {
+        key.tree(root, &root.join(dir))?;
+    }
+    let key = key.finish();
+    let entry = cache.get_or_build("envd", &key, force, |out| {
+        let target_dir = root.join("target/guest");
+        let remap = format!("--remap-path-prefix={}=/sandmesh", root.display());
+        run::cargo(
+            root,
+            &[
+                "build",
+                "--release",
+                "--locked",
+                "--package",
+                "envd",
+                "--target",
+                TARGET,
+            ],
+            &[
+                (
+                    "CARGO_TARGET_DIR",
+                    target_dir.to_string_lossy().into_owned(),
+                ),
+                (
+                    "RUSTFLAGS",
+                    format!("-C target-feature=+crt-static {remap}"),
+                ),
+                ("CARGO_PROFILE_RELEASE_STRIP", "symbols".into()),
+                ("CARGO_PROFILE_RELEASE_DEBUG", "0".into()),
+            ],
+        )?;
+        let built = target_dir.join(TARGET).join("release/envd");
+        let file = run::output(Command::new("file").arg(&built)).unwrap_or_default();
+        if !file.is_empty() && !file.contains("statically linked") && !file.contains("static-pie") {
+            anyhow::bail!("envd is not statically linked: {file}");
+        }
+        std::fs::copy(&built, out.join("envd"))
+            .with_context(|| format!("copying {}", built.display()))?;
+        Ok(())
+    })?;
+    Ok(Envd {
+        binary: entry.dir.join("envd"),
+        key: entry.key,
+    })
+}

@@ -1,0 +1,163 @@
+//! `cargo xtask`: every developer task of sandmesh behind one command.
+//!
+//! - `up`: install what is missing, build the guest artifacts (cached), build
+//!   the `sandmesh` binary, and start a one-node cluster.
+//! - `test`: the whole test suite, exactly what CI runs.
+//! - `bench`: the benchmarks; writes `BENCHMARKS.md`.
+//! - `guest`: build (or rebuild) the guest kernel, envd and root filesystem.
+
+mod bench;
+mod cache;
+mod deps;
+mod envd;
+mod kernel;
+mod rootfs;
+mod run;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use schema::guest::{ARTIFACTS_ENV, ArtifactKeys, GuestArtifacts, REQUIRE_ENV};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "sandmesh developer tasks", version)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing packages, build the guest artifacts and start a one-node cluster.
+    Up,
+    /// Run every test: unit, integration, artifact checks (what CI runs).
+    Test {
+        /// Extra arguments passed to `cargo test` (after `--`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Run the benchmarks and write BENCHMARKS.md.
+    Bench,
+    /// Build the guest artifacts (kernel, envd, root filesystem) into the cache.
+    Guest {
+        /// Rebuild even when the cache holds an artifact with the same inputs.
+        #[arg(long)]
+        force: bool,
+        /// Size of the ext4 root filesystem image (sparse), e.g. 2G or 1536M.
+        #[arg(long, default_value = rootfs::DEFAULT_IMAGE_SIZE)]
+        image_size: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Up => up(&root),
+        Task::Test { cargo_args } => test(&root, &cargo_args),
+        Task::Bench => bench(&root),
+        Task::Guest { force, image_size } => {
+            guest(&root, force, &image_size)?;
+            Ok(())
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Where `cargo xtask` writes the manifest of this checkout's guest artifacts.
+fn manifest_path(root: &Path) -> PathBuf {
+    root.join("target").join("sandmesh-guest-artifacts.json")
+}
+
+/// Build (or find in the cache) every guest artifact and write the manifest.
+fn guest(root: &Path, force: bool, image_size: &str) -> Result<GuestArtifacts> {
+    let started = Instant::now();
+    deps::ensure(deps::GUEST_BUILD)?;
+    let cache = cache::Cache::open()?;
+    println!("guest artifacts cache: {}", cache.root().display());
+    let kernel = kernel::build(&cache, root, force)?;
+    let envd = envd::build(&cache, root, force)?;
+    let base = rootfs::build_base(&cache, root, force)?;
+    let rootfs = rootfs::build(&cache, root, &base, &envd, image_size, force)?;
+    let manifest = GuestArtifacts {
+        kernel: kernel.vmlinux,
+        kernel_config: kernel.config,
+        rootfs_dir: rootfs.tree,
+        rootfs_image: rootfs.image,
+        envd: envd.binary,
+        keys: ArtifactKeys {
+            kernel: kernel.key,
+            rootfs_base: base.key,
+            envd: envd.key,
+            rootfs: rootfs.key,
+        },
+    };
+    std::fs::create_dir_all(root.join("target"))?;
+    let path = manifest_path(root);
+    manifest
+        .store(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "guest artifacts ready in {:.1}s (manifest {})",
+        started.elapsed().as_secs_f64(),
+        path.display()
+    );
+    Ok(manifest)
+}
+
+fn up(root: &Path) -> Result<()> {
+    let manifest = guest(root, false, rootfs::DEFAULT_IMAGE_SIZE)?;
+    run::cargo(root, &["build", "--release", "--package", "node"], &[])?;
+    let sandmesh = root.join("target/release/sandmesh");
+    println!();
+    println!("Built:");
+    println!("  sandmesh      {}", sandmesh.display());
+    println!("  guest kernel  {}", manifest.kernel.display());
+    println!("  rootfs image  {}", manifest.rootfs_image.display());
+    println!("  rootfs tree   {}", manifest.rootfs_dir.display());
+    println!("  envd          {}", manifest.envd.display());
+    println!();
+    println!(
+        "Stopping here: `sandmesh node` (the E2B API server) has not landed yet \
+         (issue: 'One node serves the E2B API'), so there is no cluster to start \
+         and no E2B environment variables to print. Everything above is built and cached."
+    );
+    Ok(())
+}
+
+fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
+    let started = Instant::now();
+    deps::ensure(deps::TEST)?;
+    guest(root, false, rootfs::DEFAULT_IMAGE_SIZE)?;
+    let manifest = manifest_path(root);
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    if !cargo_args.is_empty() {
+        args.push("--");
+        args.extend(cargo_args.iter().map(String::as_str));
+    }
+    let env = [
+        (ARTIFACTS_ENV, manifest.to_string_lossy().into_owned()),
+        // Under xtask the artifacts are built, so their checks must not skip.
+        (REQUIRE_ENV, "1".to_string()),
+    ];
+    run::cargo(root, &args, &env)?;
+    println!(
+        "cargo xtask test: all suites passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn bench(root: &Path) -> Result<()> {
+    let manifest = guest(root, false, rootfs::DEFAULT_IMAGE_SIZE)?;
+    bench::run(&manifest, &root.join("BENCHMARKS.md"))
+}
