@@ -1,19 +1,50 @@
-//! envd: the agent inside every sandbox.
+//! envd: the agent inside every sandbox, wire-compatible with E2B's envd.
 //!
-//! It serves E2B's envd API (today `GET /health`; the process and
-//! filesystem services land with the envd issue) on TCP and on vsock port
-//! 49983. The same binary runs as a plain host process for fast tests.
+//! It serves, on one port (49983, TCP and vsock):
+//! - the Connect RPC services `process.Process` and `filesystem.Filesystem`
+//!   (`connect/` is the protocol, `process/` and `filesystem/` the services);
+//! - plain HTTP: `/health`, `/init`, `/envs`, `/metrics` (`http.rs`) and
+//!   `/files` upload/download (`files.rs`).
+//!
+//! The same binary runs as a plain host process serving a directory as the
+//! sandbox's root (`--root`), which is how its API tests run without a VM.
+
+pub mod connect;
+pub mod files;
+pub mod filesystem;
+pub mod http;
+pub mod paths;
+pub mod process;
+pub mod state;
+pub mod users;
+
+use std::sync::Arc;
 
 use axum::Router;
-use axum::http::StatusCode;
-use axum::routing::get;
+use axum::extract::Request;
+use axum::routing::{get, post};
 
-/// The HTTP API of envd.
-pub fn router() -> Router {
-    Router::new().route("/health", get(health))
-}
+pub use state::State;
 
-/// Liveness probe used by the SDK and the node: 204 as E2B's envd answers.
-async fn health() -> StatusCode {
-    StatusCode::NO_CONTENT
+/// The whole envd API for `state`.
+pub fn router(state: Arc<State>) -> Router {
+    let rpc = Arc::new(
+        connect::Router::new()
+            .merge(process::router(state.clone()))
+            .merge(filesystem::router(state.clone())),
+    );
+    Router::new()
+        .route("/health", get(http::health))
+        .route("/init", post(http::init))
+        .route("/envs", get(http::envs))
+        .merge(files::routes())
+        .fallback(move |req: Request| {
+            let rpc = rpc.clone();
+            async move { rpc.call(req).await }
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            http::require_access_token,
+        ))
+        .with_state(state)
 }

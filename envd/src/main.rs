@@ -1,9 +1,12 @@
 //! `envd`: serve the envd API on TCP and vsock.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use envd::paths::Root;
 use schema::envd::ENVD_PORT;
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
 
@@ -23,6 +26,13 @@ struct Args {
     /// Do not listen on vsock (host processes, gVisor sandboxes).
     #[arg(long)]
     no_vsock: bool,
+    /// Directory served as the sandbox's `/` (a host-process envd for tests
+    /// serves a copy of the root filesystem; in a guest this is `/`).
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    /// Let `POST /init` set the wall clock (in a guest, where envd owns it).
+    #[arg(long)]
+    set_clock: bool,
 }
 
 #[tokio::main]
@@ -34,33 +44,28 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let root = std::fs::canonicalize(&args.root)
+        .with_context(|| format!("root directory {}", args.root.display()))?;
+    let state = Arc::new(envd::State::new(Root::new(root), args.set_clock));
+    let app = envd::router(state);
 
     let tcp = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding TCP {}", args.listen))?;
     let tcp_addr = tcp.local_addr()?;
-    // Machine-readable readiness line: tests and the node wait for it.
-    println!("envd listening on tcp {tcp_addr}");
-    tracing::info!(%tcp_addr, "envd serving on TCP");
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(async move {
-        axum::serve(tcp, envd::router())
-            .await
-            .context("serving TCP")
-    });
+    let tcp_app = app.clone();
+    servers.spawn(async move { axum::serve(tcp, tcp_app).await.context("serving TCP") });
+    tracing::info!(%tcp_addr, "envd serving on TCP");
 
     if !args.no_vsock {
         // A host without a vsock transport (or a gVisor sandbox) cannot bind;
         // TCP still serves, so this is a warning, not a failure.
         match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, args.vsock_port)) {
             Ok(vsock) => {
-                println!("envd listening on vsock {}", args.vsock_port);
                 tracing::info!(port = args.vsock_port, "envd serving on vsock");
-                servers.spawn(async move {
-                    axum::serve(vsock, envd::router())
-                        .await
-                        .context("serving vsock")
-                });
+                servers
+                    .spawn(async move { axum::serve(vsock, app).await.context("serving vsock") });
             }
             Err(e) => tracing::warn!(
                 port = args.vsock_port,
@@ -68,6 +73,9 @@ async fn main() -> Result<()> {
             ),
         }
     }
+    // Machine-readable readiness line, printed once every listener is up:
+    // tests and the node wait for it.
+    println!("envd listening on tcp {tcp_addr}");
     match servers.join_next().await {
         Some(result) => result.context("server task panicked")?,
         None => Ok(()),

@@ -1,4 +1,7 @@
-//! Constants of the envd agent that both the host and the guest rely on.
+//! envd's wire types and constants, shared by the guest agent and the host.
+//!
+//! The protobuf messages are generated from `proto/envd/*.proto` (prost, with
+//! canonical proto3 JSON from pbjson, which is what the E2B SDK speaks).
 
 /// TCP and vsock port envd listens on inside every sandbox, as in E2B.
 pub const ENVD_PORT: u16 = 49983;
@@ -8,3 +11,69 @@ pub const ENVD_PORT: u16 = 49983;
 /// The SDK gates features on this string (`e2b/envd/versions.py`); it must
 /// only name a version whose features envd really implements.
 pub const ENVD_VERSION: &str = "0.1.0";
+
+/// `process.Process`: start, attach to, signal and feed processes.
+pub mod process {
+    include!(concat!(env!("OUT_DIR"), "/process.rs"));
+    include!(concat!(env!("OUT_DIR"), "/process.serde.rs"));
+}
+
+/// `filesystem.Filesystem`: stat, list, move, remove and watch paths.
+pub mod filesystem {
+    include!(concat!(env!("OUT_DIR"), "/filesystem.rs"));
+    include!(concat!(env!("OUT_DIR"), "/filesystem.serde.rs"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process::{ProcessEvent, StartResponse, process_event};
+
+    /// The JSON the E2B SDK reads: camelCase names, bytes as base64,
+    /// sint32 as a number, unset optionals omitted.
+    #[test]
+    fn process_events_use_canonical_proto3_json() {
+        let data = StartResponse {
+            event: Some(ProcessEvent {
+                event: Some(process_event::Event::Data(process_event::DataEvent {
+                    output: Some(process_event::data_event::Output::Stdout("hi\n".into())),
+                })),
+            }),
+        };
+        assert_eq!(
+            serde_json::to_string(&data).unwrap(),
+            r#"{"event":{"data":{"stdout":"aGkK"}}}"#
+        );
+        let end = StartResponse {
+            event: Some(ProcessEvent {
+                event: Some(process_event::Event::End(process_event::EndEvent {
+                    exit_code: -1,
+                    exited: true,
+                    status: "exit status 255".into(),
+                    error: None,
+                })),
+            }),
+        };
+        assert_eq!(
+            serde_json::to_string(&end).unwrap(),
+            r#"{"event":{"end":{"exitCode":-1,"exited":true,"status":"exit status 255"}}}"#
+        );
+    }
+
+    #[test]
+    fn entry_info_sizes_are_strings_and_enums_are_names() {
+        use super::filesystem::{EntryInfo, FileType};
+        let entry = EntryInfo {
+            name: "a".into(),
+            r#type: FileType::File as i32,
+            size: 12,
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&entry).unwrap();
+        assert_eq!(json["size"], "12");
+        assert_eq!(json["type"], "FILE_TYPE_FILE");
+        let back: EntryInfo =
+            serde_json::from_str(r#"{"name":"a","type":1,"size":12,"is_symlink":true}"#).unwrap();
+        assert_eq!(back.size, 12);
+        assert!(back.is_symlink);
+    }
+}

@@ -1,0 +1,182 @@
+//! envd's plain HTTP endpoints: `/health`, `/init`, `/envs`, `/metrics`,
+//! and the access-token check every other request passes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Request, State as AxState};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use crate::state::State;
+
+/// An error in envd's REST shape: `{"code": <http status>, "message": ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "code": self.status.as_u16(), "message": self.message });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<crate::connect::ConnectError> for ApiError {
+    fn from(e: crate::connect::ConnectError) -> Self {
+        Self::new(e.code.http_status(), e.message)
+    }
+}
+
+/// Liveness probe used by the SDK and the node: 204 as E2B's envd answers.
+pub async fn health() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+/// Body of `POST /init`, as E2B's orchestrator sends it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct InitRequest {
+    pub env_vars: Option<HashMap<String, String>>,
+    pub access_token: Option<String>,
+    /// Host wall clock (RFC 3339) to set the guest clock from, after restore.
+    pub timestamp: Option<String>,
+    pub default_user: Option<String>,
+    pub default_workdir: Option<String>,
+}
+
+pub async fn init(
+    AxState(state): AxState<Arc<State>>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let req: InitRequest = if body.is_empty() {
+        InitRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("malformed /init body: {e}"),
+            )
+        })?
+    };
+    if let Some(user) = &req.default_user {
+        // Refuse a default user that does not exist rather than fail later.
+        state.user(Some(user))?;
+    }
+    if let Some(ts) = &req.timestamp {
+        set_clock(ts, state.set_clock)?;
+    }
+    state.update_init(|init| {
+        if let Some(env) = req.env_vars {
+            init.env_vars.extend(env);
+        }
+        if let Some(token) = req.access_token {
+            init.access_token = (!token.is_empty()).then_some(token);
+        }
+        if let Some(user) = req.default_user {
+            init.default_user = user;
+        }
+        if let Some(dir) = req.default_workdir {
+            init.default_workdir = (!dir.is_empty()).then(|| dir.into());
+        }
+    });
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Set the wall clock from the host's (a restored snapshot's clock is as
+/// old as the snapshot). Only where envd owns the clock (`--set-clock`, in a
+/// guest); a host process for tests must not move the host's clock.
+/// Failure to set it is logged, not fatal: the sandbox still works.
+fn set_clock(ts: &str, allowed: bool) -> Result<(), ApiError> {
+    let parsed = humantime_rfc3339(ts).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("timestamp {ts:?} is not RFC 3339"),
+        )
+    })?;
+    if !allowed {
+        return Ok(());
+    }
+    let since_epoch = parsed
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let tv = libc::timespec {
+        tv_sec: since_epoch.as_secs() as libc::time_t,
+        tv_nsec: since_epoch.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: clock_settime reads a valid timespec we own.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &tv) } != 0 {
+        tracing::warn!(
+            "could not set the clock: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Parse an RFC 3339 timestamp (`2026-11-23T09:30:00.123Z` or with an offset).
+fn humantime_rfc3339(ts: &str) -> Option<std::time::SystemTime> {
+    let t: pbjson_types::Timestamp =
+        serde_json::from_value(serde_json::Value::String(ts.to_owned())).ok()?;
+    let secs = u64::try_from(t.seconds).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::new(secs, u32::try_from(t.nanos).ok()?))
+}
+
+/// `GET /envs`: the sandbox environment variables set by `/init`.
+pub async fn envs(AxState(state): AxState<Arc<State>>) -> Json<HashMap<String, String>> {
+    Json(state.init().env_vars)
+}
+
+/// Require the access token `/init` set on every request except `/health`
+/// and signed `/files` URLs (which the files handler verifies itself).
+pub async fn require_access_token(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(token) = state.init().access_token else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    if path == "/health" {
+        return next.run(req).await;
+    }
+    let given = req.headers().get("x-access-token").map(|v| v.as_bytes());
+    match given {
+        Some(given) if constant_time_eq(given, token.as_bytes()) => next.run(req).await,
+        // A signed file URL carries no header; the files handler checks the signature.
+        None if path == "/files" && has_signature(req.uri().query()) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid access token").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing access token (X-Access-Token header)",
+        )
+        .into_response(),
+    }
+}
+
+fn has_signature(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|kv| kv.starts_with("signature=")))
+}
+
+/// Compare secrets without leaking where they differ through timing.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
