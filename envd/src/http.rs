@@ -180,3 +180,76 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+/// `GET /metrics`: what the guest uses, in upstream envd's shape.
+#[derive(Debug, serde::Serialize)]
+pub struct Metrics {
+    /// Unix seconds of the sample.
+    pub ts: i64,
+    pub cpu_count: u32,
+    /// CPU busy since the previous sample (or since boot, for the first).
+    pub cpu_used_pct: f32,
+    pub mem_total: u64,
+    pub mem_used: u64,
+    pub disk_used: u64,
+    pub disk_total: u64,
+}
+
+pub async fn metrics(AxState(state): AxState<Arc<State>>) -> Result<Json<Metrics>, ApiError> {
+    let root = state.root.host_root().to_owned();
+    let sample = tokio::task::spawn_blocking(move || sample_metrics(&root))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading metrics: {e}")))?;
+    Ok(Json(sample))
+}
+
+fn sample_metrics(root: &std::path::Path) -> std::io::Result<Metrics> {
+    static LAST_CPU: std::sync::Mutex<Option<(u64, u64)>> = std::sync::Mutex::new(None);
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = cpu.iter().sum();
+    // idle + iowait
+    let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
+    let mut last = LAST_CPU.lock().unwrap_or_else(|p| p.into_inner());
+    let (prev_total, prev_idle) = last.unwrap_or((0, 0));
+    *last = Some((total, idle));
+    let dt = total.saturating_sub(prev_total);
+    let di = idle.saturating_sub(prev_idle);
+    let cpu_used_pct = if dt == 0 { 0.0 } else { 100.0 * (dt - di.min(dt)) as f32 / dt as f32 };
+
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let kib = |key: &str| {
+        meminfo
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let mem_total = kib("MemTotal:");
+    let mem_used = mem_total.saturating_sub(kib("MemAvailable:"));
+
+    let c_root = std::ffi::CString::new(root.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_root.as_ptr(), &mut vfs) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let frsize = vfs.f_frsize as u64;
+    let disk_total = vfs.f_blocks as u64 * frsize;
+    let disk_used = disk_total.saturating_sub(vfs.f_bfree as u64 * frsize);
+    let cpu_count = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    Ok(Metrics { ts, cpu_count, cpu_used_pct, mem_total, mem_used, disk_used, disk_total })
+}

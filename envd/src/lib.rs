@@ -37,6 +37,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/health", get(http::health))
         .route("/init", post(http::init))
         .route("/envs", get(http::envs))
+        .route("/metrics", get(http::metrics))
         .merge(files::routes())
         .fallback(move |req: Request| {
             let rpc = rpc.clone();

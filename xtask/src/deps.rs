@@ -33,7 +33,7 @@ pub const GUEST_BUILD: &[Package] = &[
 ];
 
 /// Extra packages the test suites use.
-pub const TEST: &[Package] = &[];
+pub const TEST: &[Package] = &[pkg("python3-venv", "the E2B SDK compatibility suites")];
 
 /// Make sure every package is installed: install the missing ones with apt
 /// when running as root, otherwise fail with the exact command to run.

@@ -11,6 +11,7 @@ mod cache;
 mod deps;
 mod envd;
 mod kernel;
+mod python;
 mod rootfs;
 mod run;
 
