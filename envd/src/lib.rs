@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::Request;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
 pub use state::State;
@@ -41,7 +42,16 @@ pub fn router(state: Arc<State>) -> Router {
         .merge(files::routes())
         .fallback(move |req: Request| {
             let rpc = rpc.clone();
-            async move { rpc.call(req).await }
+            async move {
+                // RPCs are POSTs; anything else on an unknown path is a plain 404.
+                if req.method() == axum::http::Method::POST {
+                    rpc.call(req).await
+                } else {
+                    let path = req.uri().path().to_owned();
+                    http::ApiError::new(axum::http::StatusCode::NOT_FOUND, format!("no such endpoint: {path}"))
+                        .into_response()
+                }
+            }
         })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

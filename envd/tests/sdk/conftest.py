@@ -20,6 +20,7 @@ ENVD = os.environ.get("ENVD_BIN", str(pathlib.Path(__file__).parents[3] / "targe
 def envd_root():
     """A scratch root for envd: accounts `root` and `user` (uid 1000)."""
     root = pathlib.Path(tempfile.mkdtemp(prefix="envd-sdk-"))
+    os.chmod(root, 0o755)  # user 1000 must be able to reach its home
     for d in ("etc", "tmp", "home/user", "root"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "etc/passwd").write_text(
