@@ -200,7 +200,12 @@ pub async fn metrics(AxState(state): AxState<Arc<State>>) -> Result<Json<Metrics
     let sample = tokio::task::spawn_blocking(move || sample_metrics(&root))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading metrics: {e}")))?;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading metrics: {e}"),
+            )
+        })?;
     Ok(Json(sample))
 }
 
@@ -223,7 +228,11 @@ fn sample_metrics(root: &std::path::Path) -> std::io::Result<Metrics> {
     *last = Some((total, idle));
     let dt = total.saturating_sub(prev_total);
     let di = idle.saturating_sub(prev_idle);
-    let cpu_used_pct = if dt == 0 { 0.0 } else { 100.0 * (dt - di.min(dt)) as f32 / dt as f32 };
+    let cpu_used_pct = if dt == 0 {
+        0.0
+    } else {
+        100.0 * (dt - di.min(dt)) as f32 / dt as f32
+    };
 
     let meminfo = std::fs::read_to_string("/proc/meminfo")?;
     let kib = |key: &str| {
@@ -251,5 +260,13 @@ fn sample_metrics(root: &std::path::Path) -> std::io::Result<Metrics> {
     let ts = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    Ok(Metrics { ts, cpu_count, cpu_used_pct, mem_total, mem_used, disk_used, disk_total })
+    Ok(Metrics {
+        ts,
+        cpu_count,
+        cpu_used_pct,
+        mem_total,
+        mem_used,
+        disk_used,
+        disk_total,
+    })
 }

@@ -48,8 +48,11 @@ pub fn router(state: Arc<State>) -> Router {
                     rpc.call(req).await
                 } else {
                     let path = req.uri().path().to_owned();
-                    http::ApiError::new(axum::http::StatusCode::NOT_FOUND, format!("no such endpoint: {path}"))
-                        .into_response()
+                    http::ApiError::new(
+                        axum::http::StatusCode::NOT_FOUND,
+                        format!("no such endpoint: {path}"),
+                    )
+                    .into_response()
                 }
             }
         })

@@ -81,11 +81,24 @@ async fn malformed_init_is_a_clear_400() {
 #[tokio::test]
 async fn metrics_report_the_guest() {
     let envd = Envd::start();
-    let m: serde_json::Value =
-        envd.http.get(format!("{}/metrics", envd.url)).send().await.unwrap().json().await.unwrap();
+    let m: serde_json::Value = envd
+        .http
+        .get(format!("{}/metrics", envd.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(m["cpu_count"].as_u64().unwrap() >= 1, "{m}");
-    assert!(m["mem_total"].as_u64().unwrap() > m["mem_used"].as_u64().unwrap(), "{m}");
-    assert!(m["disk_total"].as_u64().unwrap() >= m["disk_used"].as_u64().unwrap(), "{m}");
+    assert!(
+        m["mem_total"].as_u64().unwrap() > m["mem_used"].as_u64().unwrap(),
+        "{m}"
+    );
+    assert!(
+        m["disk_total"].as_u64().unwrap() >= m["disk_used"].as_u64().unwrap(),
+        "{m}"
+    );
     assert!(m["disk_total"].as_u64().unwrap() > 0, "{m}");
     let pct = m["cpu_used_pct"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&pct), "{m}");
@@ -105,15 +118,30 @@ async fn unsupported_content_type_is_415_with_a_hint() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 415);
     let body: serde_json::Value = resp.json().await.unwrap();
-    assert!(body["message"].as_str().unwrap().contains("application/json"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("application/json"),
+        "{body}"
+    );
 }
 
 #[tokio::test]
 async fn malformed_messages_are_invalid_argument_and_envd_survives() {
     let envd = Envd::start();
     // Malformed JSON in a unary call.
-    let (status, body) = envd.unary("process.Process/List", serde_json::Value::String("{".into())).await;
-    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_argument")), "{body}");
+    let (status, body) = envd
+        .unary(
+            "process.Process/List",
+            serde_json::Value::String("{".into()),
+        )
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{body}"
+    );
     // A truncated envelope on a streaming call.
     let resp = envd
         .http
@@ -139,6 +167,11 @@ async fn malformed_messages_are_invalid_argument_and_envd_survives() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
     // Still serving.
-    let health = envd.http.get(format!("{}/health", envd.url)).send().await.unwrap();
+    let health = envd
+        .http
+        .get(format!("{}/health", envd.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status().as_u16(), 204);
 }

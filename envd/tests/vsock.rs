@@ -33,11 +33,15 @@ async fn envd_answers_health_over_vsock() {
     let mut stream = match connect {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            eprintln!("SKIP envd_answers_health_over_vsock: this kernel cannot loop vsock back to itself ({e}); load vsock_loopback to run it");
+            eprintln!(
+                "SKIP envd_answers_health_over_vsock: this kernel cannot loop vsock back to itself ({e}); load vsock_loopback to run it"
+            );
             return;
         }
         Err(_) => {
-            eprintln!("SKIP envd_answers_health_over_vsock: vsock connect to the local CID timed out (no vsock_loopback transport)");
+            eprintln!(
+                "SKIP envd_answers_health_over_vsock: vsock connect to the local CID timed out (no vsock_loopback transport)"
+            );
             return;
         }
     };

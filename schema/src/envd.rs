@@ -10,7 +10,7 @@ pub const ENVD_PORT: u16 = 49983;
 ///
 /// The SDK gates features on this string (`e2b/envd/versions.py`); it must
 /// only name a version whose features envd really implements.
-pub const ENVD_VERSION: &str = "0.1.0";
+pub const ENVD_VERSION: &str = "0.6.4";
 
 /// `process.Process`: start, attach to, signal and feed processes.
 pub mod process {

@@ -68,6 +68,11 @@ impl Envd {
         }
     }
 
+    /// The envd process's id (to read its `/proc` status).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Host path of a guest path.
     pub fn host(&self, guest: &str) -> PathBuf {
         self.root.path().join(guest.trim_start_matches('/'))

@@ -12,8 +12,8 @@ def test_commands_run_output_exit_code_user_env_cwd(envd):
     sbx = Sandbox.create()
     r = sbx.commands.run("echo out; echo err >&2")
     assert (r.stdout, r.stderr, r.exit_code) == ("out\n", "err\n", 0)
-    assert sbx.commands.run("id -un").stdout.strip() == "user"
-    assert sbx.commands.run("id -un", user="root").stdout.strip() == "root"
+    assert sbx.commands.run("id -u").stdout.strip() == "1000"
+    assert sbx.commands.run("id -u", user="root").stdout.strip() == "0"
     assert sbx.commands.run("echo $GREETING", envs={"GREETING": "hello"}).stdout == "hello\n"
     (envd / "home/user/sub").mkdir()
     assert sbx.commands.run("pwd", cwd="/home/user/sub").stdout.strip().endswith("/home/user/sub")
