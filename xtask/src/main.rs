@@ -10,6 +10,7 @@ mod bench;
 mod cache;
 mod deps;
 mod envd;
+mod fuzz;
 mod kernel;
 mod python;
 mod rootfs;
@@ -41,6 +42,14 @@ enum Task {
     },
     /// Run the benchmarks and write BENCHMARKS.md.
     Bench,
+    /// Fuzz the parsers of untrusted bytes (libFuzzer via cargo-fuzz).
+    Fuzz {
+        /// How long to run each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// Build the guest artifacts (kernel, envd, root filesystem) into the cache.
     Guest {
         /// Rebuild even when the cache holds an artifact with the same inputs.
@@ -60,6 +69,14 @@ fn main() -> Result<()> {
         Task::Up => up(&root),
         Task::Test { cargo_args } => test(&root, &cargo_args),
         Task::Bench => bench(&root),
+        Task::Fuzz { seconds, targets } => {
+            let targets = if targets.is_empty() {
+                fuzz::TARGETS.iter().map(|t| t.to_string()).collect()
+            } else {
+                targets
+            };
+            fuzz::run(&root, &targets, seconds)
+        }
         Task::Guest { force, image_size } => {
             guest(&root, force, &image_size)?;
             Ok(())
@@ -151,6 +168,21 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
         (REQUIRE_ENV, "1".to_string()),
     ];
     run::cargo(root, &args, &env)?;
+
+    // The official E2B SDK against envd (built by `cargo test` above).
+    let cache = cache::Cache::open()?;
+    let python = python::sdk_python(&cache, root)?;
+    let envd_bin = root
+        .join("target/debug/envd")
+        .to_string_lossy()
+        .into_owned();
+    python::pytest(&python, root, "envd/tests/sdk", &[("ENVD_BIN", envd_bin)])?;
+
+    // A short fuzz run of every target: they build, and the seeds and a few
+    // seconds of mutation find no crash. Longer runs: `cargo xtask fuzz`.
+    let targets: Vec<String> = fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
+    fuzz::run(root, &targets, 10)?;
+
     println!(
         "cargo xtask test: all suites passed in {:.0}s",
         started.elapsed().as_secs_f64()

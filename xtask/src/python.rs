@@ -24,10 +24,21 @@ pub fn sdk_python(cache: &Cache, root: &Path) -> Result<PathBuf> {
         .file(root, &reqs)?
         .finish();
     let entry = cache.get_or_build("python", &key, false, |out| {
-        run::status(Command::new("python3").args(["-m", "venv"]).arg(out.join("venv")))?;
+        run::status(
+            Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(out.join("venv")),
+        )?;
         run::status(
             Command::new(out.join("venv/bin/python"))
-                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "-r",
+                ])
                 .arg(&reqs),
         )
     })?;
