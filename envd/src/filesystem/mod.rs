@@ -230,21 +230,7 @@ impl Service {
         let depth = req.depth.max(1);
         let (guest, host) = self.resolve(user, &req.path)?;
         let access = Access::new(&self.state.root, user);
-        access.traverse(&guest)?;
-        let meta = std::fs::metadata(&host).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                not_found(&guest)
-            } else {
-                io_err(&e, &guest)
-            }
-        })?;
-        if !meta.is_dir() {
-            return Err(ConnectError::invalid_argument(format!(
-                "path {} is not a directory",
-                guest.display()
-            )));
-        }
-        access.check(&guest, R | X, "list")?;
+        open_dir(&access, &guest, &host, "list")?;
         let mut names = Names::new(&self.state.root);
         let mut entries = Vec::new();
         self.walk(&access, &mut names, &guest, &host, depth, &mut entries)?;
@@ -321,21 +307,7 @@ impl Service {
         let (spec, inotify, dirs) = tokio::task::spawn_blocking(move || {
             let (guest, host) = svc.resolve(&user, &path)?;
             let access = Access::new(&svc.state.root, &user);
-            access.traverse(&guest)?;
-            let meta = std::fs::metadata(&host).map_err(|e| {
-                if e.kind() == io::ErrorKind::NotFound {
-                    not_found(&guest)
-                } else {
-                    io_err(&e, &guest)
-                }
-            })?;
-            if !meta.is_dir() {
-                return Err(ConnectError::invalid_argument(format!(
-                    "path {} is not a directory",
-                    guest.display()
-                )));
-            }
-            access.check(&guest, R | X, "watch")?;
+            open_dir(&access, &guest, &host, "watch")?;
             if !allow_network_mounts && is_network_mount(&host) {
                 return Err(ConnectError::invalid_argument(format!(
                     "cannot watch {}: it is on a network filesystem (set allow_network_mounts)",
@@ -490,4 +462,30 @@ fn is_network_mount(host: &Path) -> bool {
     }
     const NETWORK: [i64; 5] = [0x6969, 0xFF53_4D42, 0x517B, 0xFE53_4D42, 0x6573_5546];
     NETWORK.contains(&(st.f_type as i64))
+}
+
+/// Check that `guest` is an existing directory the user may read and search
+/// (for listing or watching it): `not_found`, `invalid_argument` for a
+/// non-directory, `permission_denied` otherwise.
+fn open_dir(
+    access: &Access<'_>,
+    guest: &Path,
+    host: &Path,
+    what: &str,
+) -> Result<(), ConnectError> {
+    access.traverse(guest)?;
+    let meta = std::fs::metadata(host).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            not_found(guest)
+        } else {
+            io_err(&e, guest)
+        }
+    })?;
+    if !meta.is_dir() {
+        return Err(ConnectError::invalid_argument(format!(
+            "path {} is not a directory",
+            guest.display()
+        )));
+    }
+    access.check(guest, R | X, what)
 }
