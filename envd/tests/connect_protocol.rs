@@ -175,3 +175,22 @@ async fn malformed_messages_are_invalid_argument_and_envd_survives() {
         .unwrap();
     assert_eq!(health.status().as_u16(), 204);
 }
+
+/// Clients that speak HTTP/2 without TLS (prior knowledge) get the same API.
+#[tokio::test]
+async fn serves_http2_cleartext() {
+    let envd = Envd::start();
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let resp = h2.get(format!("{}/health", envd.url)).send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status().as_u16(), 204);
+    let resp = h2
+        .post(format!("{}/process.Process/List", envd.url))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.json::<serde_json::Value>().await.unwrap().is_object());
+}

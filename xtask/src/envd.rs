@@ -34,7 +34,9 @@ pub fn build(cache: &Cache, root: &Path, force: bool) -> Result<Envd> {
     }
     let key = key.finish();
     let entry = cache.get_or_build("envd", &key, force, |out| {
-        let target_dir = root.join("target/guest");
+        // Shared by every checkout (a new clone reuses the compiled
+        // dependencies); cargo's own fingerprints keep it correct.
+        let target_dir = cache.root().join("target-guest");
         let remap = format!("--remap-path-prefix={}=/sandmesh", root.display());
         run::cargo(
             root,

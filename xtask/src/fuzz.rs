@@ -4,13 +4,14 @@
 //! cargo-fuzz needs the sanitizer flags of a nightly compiler; the stable
 //! toolchain accepts them with `RUSTC_BOOTSTRAP=1`, which we set for these
 //! builds only. Seeds live in `envd/fuzz/corpus/<target>/`; runs grow a copy
-//! under `target/fuzz/corpus/` so the checkout stays clean.
+//! in the cache (`target-fuzz/corpus/`) so the checkout stays clean.
 
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Result, bail};
 
+use crate::cache::Cache;
 use crate::run;
 
 pub const TARGETS: &[&str] = &["connect_envelope", "files_multipart"];
@@ -34,16 +35,19 @@ fn ensure_cargo_fuzz() -> Result<()> {
 }
 
 /// Run each of `targets` for `seconds`; fail on the first crash.
-pub fn run(root: &Path, targets: &[String], seconds: u32) -> Result<()> {
+pub fn run(cache: &Cache, root: &Path, targets: &[String], seconds: u32) -> Result<()> {
     ensure_cargo_fuzz()?;
     let fuzz_dir = root.join("envd/fuzz");
-    let target_dir = root.join("target/fuzz");
+    // Outside the checkout, shared by every clone: the sanitizer build of
+    // the dependencies is the slow part and rarely changes.
+    let target_dir = cache.root().join("target-fuzz");
     for t in targets {
         if !TARGETS.contains(&t.as_str()) {
             bail!("unknown fuzz target {t:?}; targets: {}", TARGETS.join(", "));
         }
         let corpus = target_dir.join("corpus").join(t);
         std::fs::create_dir_all(&corpus)?;
+        std::fs::create_dir_all(target_dir.join("artifacts"))?;
         for seed in std::fs::read_dir(fuzz_dir.join("corpus").join(t))? {
             let seed = seed?;
             std::fs::copy(seed.path(), corpus.join(seed.file_name()))?;

@@ -61,8 +61,17 @@ enum Task {
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run_task(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(cli: Cli) -> Result<()> {
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
     match cli.task {
@@ -75,7 +84,7 @@ fn main() -> Result<()> {
             } else {
                 targets
             };
-            fuzz::run(&root, &targets, seconds)
+            fuzz::run(&cache::Cache::open()?, &root, &targets, seconds)
         }
         Task::Guest { force, image_size } => {
             guest(&root, force, &image_size)?;
@@ -181,7 +190,7 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
     // A short fuzz run of every target: they build, and the seeds and a few
     // seconds of mutation find no crash. Longer runs: `cargo xtask fuzz`.
     let targets: Vec<String> = fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
-    fuzz::run(root, &targets, 10)?;
+    fuzz::run(&cache, root, &targets, 10)?;
 
     println!(
         "cargo xtask test: all suites passed in {:.0}s",
