@@ -62,6 +62,7 @@ pub fn run(cache: &Cache, root: &Path, targets: &[String], seconds: u32) -> Resu
                 .arg(&corpus)
                 .arg("--")
                 .arg(format!("-max_total_time={seconds}"))
+                .arg("-print_funcs=0")
                 .arg(format!(
                     "-artifact_prefix={}/",
                     target_dir.join("artifacts").display()
