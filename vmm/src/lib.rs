@@ -5,4 +5,9 @@
 //! the VMM issue (vCPU state, devices, the jail); today it holds the checks
 //! that a kernel image is one we can boot.
 
+pub mod arch;
+pub mod builder;
+pub mod devices;
 pub mod guest_kernel;
+pub mod loader;
+pub mod vstate;
