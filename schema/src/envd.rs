@@ -13,12 +13,14 @@ pub const ENVD_PORT: u16 = 49983;
 pub const ENVD_VERSION: &str = "0.6.4";
 
 /// `process.Process`: start, attach to, signal and feed processes.
+#[allow(clippy::large_enum_variant)] // generated oneofs
 pub mod process {
     include!(concat!(env!("OUT_DIR"), "/process.rs"));
     include!(concat!(env!("OUT_DIR"), "/process.serde.rs"));
 }
 
 /// `filesystem.Filesystem`: stat, list, move, remove and watch paths.
+#[allow(clippy::large_enum_variant)] // generated oneofs
 pub mod filesystem {
     include!(concat!(env!("OUT_DIR"), "/filesystem.rs"));
     include!(concat!(env!("OUT_DIR"), "/filesystem.serde.rs"));

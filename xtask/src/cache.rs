@@ -94,7 +94,7 @@ impl Cache {
             .filter(|e| e.file_name() != keep)
             .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
             .collect();
-        entries.sort_by(|a, b| b.0.cmp(&a.0));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.0));
         for (_, path) in entries.into_iter().skip(KEEP_PER_KIND - 1) {
             // A temporary of a concurrent build is young; only old ones go.
             let _ = remove_dir_all_if_exists(&path);

@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let mut decoder = Decoder::default();
     for part in [&data[..split], &data[split..]] {
         decoder.push(part);
-        while let Ok(Some(envelope)) = decoder.next() {
+        while let Ok(Some(envelope)) = decoder.next_envelope() {
             let p = &envelope.payload;
             let _ = <process::StartRequest as prost::Message>::decode(&p[..]);
             let _ = <process::StreamInputRequest as prost::Message>::decode(&p[..]);

@@ -39,7 +39,7 @@ impl Decoder {
     }
 
     /// The next complete envelope, `Ok(None)` if more bytes are needed.
-    pub fn next(&mut self) -> Result<Option<Envelope>, ConnectError> {
+    pub fn next_envelope(&mut self) -> Result<Option<Envelope>, ConnectError> {
         if self.buf.len() < 5 {
             return Ok(None);
         }
@@ -96,7 +96,7 @@ mod tests {
             let mut got = Vec::new();
             for part in [&wire[..split], &wire[split..]] {
                 d.push(part);
-                while let Some(e) = d.next().unwrap() {
+                while let Some(e) = d.next_envelope().unwrap() {
                     got.push(e);
                 }
             }
@@ -112,27 +112,27 @@ mod tests {
         let mut d = Decoder::default();
         d.push(&encode(FLAG_COMPRESSED, b"x"));
         assert_eq!(
-            d.next().unwrap_err().code,
+            d.next_envelope().unwrap_err().code,
             super::super::Code::Unimplemented
         );
 
         let mut d = Decoder::default();
         d.push(&[0x80, 0, 0, 0, 0]);
         assert_eq!(
-            d.next().unwrap_err().code,
+            d.next_envelope().unwrap_err().code,
             super::super::Code::InvalidArgument
         );
 
         let mut d = Decoder::default();
         d.push(&[0, 0xff, 0xff, 0xff, 0xff]);
         assert_eq!(
-            d.next().unwrap_err().code,
+            d.next_envelope().unwrap_err().code,
             super::super::Code::ResourceExhausted
         );
 
         let mut d = Decoder::default();
         d.push(&[0, 0, 0, 0, 9, b'x']);
-        assert_eq!(d.next().unwrap(), None);
+        assert_eq!(d.next_envelope().unwrap(), None);
         assert!(d.finish().is_err());
     }
 }

@@ -311,13 +311,13 @@ impl Router {
             }
         };
         for h in ["content-encoding", "connect-content-encoding"] {
-            if let Some(enc) = req.headers().get(h) {
-                if enc.as_bytes() != b"identity" {
-                    let err = ConnectError::unimplemented(format!(
-                        "{h} {enc:?} is not supported; use identity"
-                    ));
-                    return err.into_response();
-                }
+            if let Some(enc) = req.headers().get(h)
+                && enc.as_bytes() != b"identity"
+            {
+                let err = ConnectError::unimplemented(format!(
+                    "{h} {enc:?} is not supported; use identity"
+                ));
+                return err.into_response();
             }
         }
         let (parts, body) = req.into_parts();
@@ -355,7 +355,7 @@ fn envelopes(body: Body) -> Pin<Box<dyn Stream<Item = Result<Envelope, ConnectEr
                 return None;
             }
             loop {
-                match decoder.next() {
+                match decoder.next_envelope() {
                     Ok(Some(env)) => return Some((Ok(env), (frames, decoder, false))),
                     Ok(None) => {}
                     Err(e) => return Some((Err(e), (frames, decoder, true))),
