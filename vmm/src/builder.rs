@@ -14,6 +14,9 @@ use vm_memory::GuestAddress;
 use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::{boot_params, layout, mptable};
 use crate::devices::legacy::{I8042, SerialDevice, i8042, serial};
+use crate::devices::virtio::mmio::{
+    MmioSlot, MmioSlotAllocator, MmioTransport, SharedVirtioDevice, SlotError,
+};
 use crate::devices::{Bus, BusError};
 use crate::loader::{self, LoadedKernel};
 use crate::vstate::exit::ExitRequest;
@@ -67,6 +70,8 @@ pub enum BuildError {
     #[error("cannot place a device on the bus: {0}")]
     Bus(#[from] BusError),
     #[error(transparent)]
+    MmioSlot(#[from] SlotError),
+    #[error(transparent)]
     Kernel(#[from] loader::LoaderError),
     #[error(transparent)]
     BootParams(#[from] boot_params::BootParamsError),
@@ -86,6 +91,8 @@ pub struct Machine {
     pub mmio_bus: Bus,
     pub exit: Arc<ExitRequest>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// Windows and IRQs for virtio-mmio devices.
+    pub mmio_slots: MmioSlotAllocator,
 }
 
 impl std::fmt::Debug for Machine {
@@ -140,7 +147,28 @@ impl Machine {
             mmio_bus: Bus::new(),
             exit,
             serial,
+            mmio_slots: MmioSlotAllocator::new(),
         })
+    }
+
+    /// Put a virtio device on the MMIO bus behind a virtio-mmio transport:
+    /// a window and IRQ from the MMIO gap, its interrupt registered as an
+    /// irqfd. The slot's [`MmioSlot::cmdline_fragment`] must go on the
+    /// kernel command line for Linux to find the device. Devices must be
+    /// added before [`Machine::create_vcpus`] (which clones the bus).
+    pub fn add_virtio_mmio_device(
+        &mut self,
+        device: SharedVirtioDevice,
+    ) -> Result<MmioSlot, BuildError> {
+        let slot = self.mmio_slots.allocate()?;
+        {
+            let d = device.lock().unwrap_or_else(|e| e.into_inner());
+            self.vm.register_irqfd(d.interrupt().event_fd(), slot.irq)?;
+        }
+        let transport = MmioTransport::new(self.memory.clone(), device);
+        self.mmio_bus
+            .insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
+        Ok(slot)
     }
 
     /// Load a vmlinux and write the zero page, command line and MP table.

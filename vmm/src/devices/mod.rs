@@ -4,10 +4,11 @@
 //! - [`legacy`]: the PC devices a Linux guest needs without firmware: the
 //!   16550 serial console and the i8042's reset line.
 //!
-//! To come (issue 7): `virtio/{mmio,block,vsock}/` with `device.rs`,
-//! `event_handler.rs` and `persist.rs` per device.
+//! - [`virtio`]: the virtio-mmio transport and virtio-blk (over a
+//!   copy-on-write disk). To come: virtio-vsock.
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
