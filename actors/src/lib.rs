@@ -2,5 +2,8 @@
 //! `SandboxActor` per sandbox, the `TemplateCache` and `Placement`, and the
 //! runtime contract (microvm, gvisor) they drive.
 //!
-//! Filled by the runtime and node issues; no code lands here before it has a
-//! caller.
+//! Today: [`runtime`], the contract between a SandboxActor and the thing
+//! that runs its sandbox, and its gvisor implementation. The actors land
+//! with the node issue.
+
+pub mod runtime;

@@ -49,10 +49,9 @@ async fn main() -> Result<()> {
     let state = Arc::new(envd::State::new(Root::new(root), args.set_clock));
     let app = envd::router(state);
 
-    let tcp = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let tcp = envd::listener::ThreadedTcpListener::bind(args.listen)
         .with_context(|| format!("binding TCP {}", args.listen))?;
-    let tcp_addr = tcp.local_addr()?;
+    let tcp_addr = axum::serve::Listener::local_addr(&tcp)?;
     let mut servers = tokio::task::JoinSet::new();
     let tcp_app = app.clone();
     servers.spawn(async move { axum::serve(tcp, tcp_app).await.context("serving TCP") });

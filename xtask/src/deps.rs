@@ -33,7 +33,14 @@ pub const GUEST_BUILD: &[Package] = &[
 ];
 
 /// Extra packages the test suites use.
-pub const TEST: &[Package] = &[pkg("python3-venv", "the E2B SDK compatibility suites")];
+pub const TEST: &[Package] = &[
+    pkg("python3-venv", "the E2B SDK compatibility suites"),
+    pkg(
+        "runsc",
+        "the gvisor sandbox runtime (gVisor), used where KVM cannot run a guest kernel",
+    ),
+    pkg("iproute2", "network namespaces and veth pairs of gvisor sandboxes"),
+];
 
 /// Make sure every package is installed: install the missing ones with apt
 /// when running as root, otherwise fail with the exact command to run.
