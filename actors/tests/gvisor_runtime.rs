@@ -784,3 +784,48 @@ async fn runtime_checkpoint_restore_and_template_snapshots() {
     assert_gone(&env, &bad_id, veths);
     assert!(env.rt.list().await.unwrap().is_empty());
 }
+
+/// `--runtime auto` picks gvisor on a host whose KVM emulates guest kernel
+/// mode and says why; asking for microvm there is refused with the reason,
+/// quickly, instead of hanging in a guest that never boots.
+#[test]
+fn runtime_selection_reports_its_reason() {
+    use actors::runtime::select::{RuntimeChoice, select};
+    let data = std::env::temp_dir().join(format!("sandmesh-select-{}", std::process::id()));
+    let started = std::time::Instant::now();
+    let microvm = select(RuntimeChoice::Microvm, &data);
+    let err = microvm
+        .err()
+        .expect("microvm is not available in this build");
+    let msg = err.to_string();
+    assert!(msg.contains("microvm runtime unavailable"), "{msg}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    eprintln!("--runtime microvm: {msg}");
+    if vmm::probe::probe_kvm().native {
+        return eprintln!("SKIP the gvisor half: this host runs guest kernels natively");
+    }
+    match select(RuntimeChoice::Auto, &data) {
+        Ok(selected) => {
+            assert_eq!(
+                selected.runtime.kind(),
+                actors::runtime::RuntimeKind::Gvisor
+            );
+            assert!(
+                selected.reason.contains("emulates guest kernel mode")
+                    || selected.reason.contains("/dev/kvm"),
+                "{}",
+                selected.reason
+            );
+            eprintln!("--runtime auto: {}", selected.reason);
+        }
+        Err(e) => assert!(
+            std::env::var_os("SANDMESH_REQUIRE_ARTIFACTS").is_none(),
+            "auto found no runtime: {e}"
+        ),
+    }
+    let _ = std::fs::remove_dir_all(&data);
+}

@@ -20,7 +20,6 @@ use std::time::Duration;
 use kvm_ioctls::Kvm;
 use linux_loader::cmdline::Cmdline;
 use schema::guest::GuestArtifacts;
-use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::x86_64::regs::EntryMode;
 use vmm::builder::{Machine, MachineConfig};
 use vmm::vstate::exit::ExitReason;
@@ -37,41 +36,14 @@ impl Write for Sink {
     }
 }
 
-/// Iterations of `inc rcx; jmp` in 50 ms at the given privilege level.
-fn spin_rate(kvm: &Kvm, mode: EntryMode) -> u64 {
-    let m = Machine::new(kvm, MachineConfig::new(1, 8 << 20), Box::new(io::sink())).expect("vm");
-    m.memory
-        .write_slice(&[0x48, 0xff, 0xc1, 0xeb, 0xfb], GuestAddress(0x10_0000))
-        .expect("payload");
-    let mut vcpus = m.create_vcpus(GuestAddress(0x10_0000), mode).expect("vcpu");
-    let handle = vcpus.remove(0).start().expect("start");
-    std::thread::sleep(Duration::from_millis(50));
-    let (_, vcpu) = handle.stop(Duration::from_secs(2)).expect("stop");
-    vcpu.fd().get_regs().expect("regs").rcx
-}
-
 #[test]
 fn kernel_boots_to_root_mount_panic_and_resets() {
     const TEST: &str = "kernel_boots_to_root_mount_panic_and_resets";
-    let kvm = match Kvm::new() {
-        Ok(kvm) => kvm,
-        Err(e) => return eprintln!("SKIP {TEST}: cannot open /dev/kvm ({e})"),
-    };
-    let (cpl0, cpl3) = (
-        spin_rate(&kvm, EntryMode::Kernel),
-        spin_rate(&kvm, EntryMode::User),
-    );
-    let native = cpl0.saturating_mul(10) >= cpl3;
-    eprintln!(
-        "{TEST}: guest CPL0 loop {cpl0} vs CPL3 loop {cpl3} iterations in 50 ms: \
-         KVM {} guest kernel mode natively",
-        if native { "runs" } else { "does not run" }
-    );
-    if !native {
-        return eprintln!(
-            "SKIP {TEST}: this KVM emulates guest kernel mode (nested PVM?), a Linux guest cannot boot here"
-        );
+    let probe = vmm::probe::probe_kvm();
+    if !probe.native {
+        return eprintln!("SKIP {TEST}: {}", probe.reason);
     }
+    let kvm = Kvm::new().expect("the probe opened /dev/kvm");
     let Some(artifacts) = GuestArtifacts::for_test(TEST) else {
         return;
     };

@@ -66,6 +66,7 @@
 //! overlap: the SandboxActor that owns the id serializes them.
 
 pub mod gvisor;
+pub mod select;
 
 use std::fmt;
 use std::future::Future;
