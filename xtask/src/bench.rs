@@ -14,8 +14,8 @@ use anyhow::{Context, Result, bail};
 use schema::guest::GuestArtifacts;
 
 pub struct Sampled {
-    pub name: &'static str,
-    pub runtime: &'static str,
+    pub name: String,
+    pub runtime: String,
     pub samples: Vec<Duration>,
 }
 
@@ -28,32 +28,114 @@ impl Sampled {
     }
 }
 
-pub fn run(manifest: &GuestArtifacts, report: &Path) -> Result<()> {
+/// One line of BENCHMARKS.md: a timed figure, or a single value.
+enum Row {
+    Timed(Sampled),
+    Value {
+        name: String,
+        runtime: String,
+        value: String,
+    },
+}
+
+/// Benchmark programs elsewhere in the workspace (run in release with the
+/// artifact manifest); each prints JSON lines, see [`parse_rows`].
+const PROGRAMS: &[(&str, &str)] = &[("actors", "bench_gvisor")];
+
+pub fn run(
+    root: &Path,
+    manifest_path: &Path,
+    manifest: &GuestArtifacts,
+    report: &Path,
+) -> Result<()> {
     let envd = manifest.rootfs_dir.join("usr/local/bin/envd");
-    let results = vec![
-        envd_cold_start(&envd, 30)?,
-        envd_health_round_trip(&envd, 2000)?,
+    let mut rows = vec![
+        Row::Timed(envd_cold_start(&envd, 30)?),
+        Row::Timed(envd_health_round_trip(&envd, 2000)?),
     ];
+    for (package, example) in PROGRAMS {
+        println!("bench {package}/{example}");
+        let out = crate::run::output(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(root)
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "--package",
+                    package,
+                    "--example",
+                    example,
+                ])
+                .env(schema::guest::ARTIFACTS_ENV, manifest_path)
+                .stderr(Stdio::inherit()),
+        )?;
+        rows.extend(parse_rows(&out).with_context(|| format!("reading {package}/{example}"))?);
+    }
     let mut md = String::from("# Benchmarks\n\n");
     md += &format!("- machine: {}\n", machine());
     md += &format!("- date: {}\n", date());
     md += "- written by `cargo xtask bench`; budgets are in DESIGN.md section 7\n\n";
     md += "| benchmark | runtime | samples | median | p95 |\n|---|---|---|---|---|\n";
-    for r in &results {
-        let line = format!(
-            "| {} | {} | {} | {} | {} |\n",
-            r.name,
-            r.runtime,
-            r.samples.len(),
-            fmt(r.percentile(0.5)),
-            fmt(r.percentile(0.95))
-        );
+    for r in &rows {
+        let line = match r {
+            Row::Timed(r) => format!(
+                "| {} | {} | {} | {} | {} |\n",
+                r.name,
+                r.runtime,
+                r.samples.len(),
+                fmt(r.percentile(0.5)),
+                fmt(r.percentile(0.95))
+            ),
+            Row::Value {
+                name,
+                runtime,
+                value,
+            } => format!("| {name} | {runtime} | - | {value} | - |\n"),
+        };
         print!("{line}");
         md += &line;
     }
     std::fs::write(report, md).with_context(|| format!("writing {}", report.display()))?;
     println!("wrote {}", report.display());
     Ok(())
+}
+
+/// `{"name", "runtime", "samples_ns": [..]}` or `{"name", "runtime", "value"}`
+/// per line; other lines are ignored (a program may log to stdout).
+fn parse_rows(out: &str) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for line in out.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let text = |k: &str| {
+            v[k].as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("no {k} in {line}"))
+        };
+        let (name, runtime) = (text("name")?, text("runtime")?);
+        if let Some(samples) = v["samples_ns"].as_array() {
+            let samples: Vec<Duration> = samples
+                .iter()
+                .filter_map(|s| s.as_u64())
+                .map(Duration::from_nanos)
+                .collect();
+            if samples.is_empty() {
+                bail!("no samples in {line}");
+            }
+            rows.push(Row::Timed(Sampled {
+                name,
+                runtime,
+                samples,
+            }));
+        } else {
+            rows.push(Row::Value {
+                name,
+                runtime,
+                value: text("value")?,
+            });
+        }
+    }
+    Ok(rows)
 }
 
 fn fmt(d: Duration) -> String {
@@ -93,8 +175,8 @@ fn envd_cold_start(envd: &Path, n: usize) -> Result<Sampled> {
         result?;
     }
     Ok(Sampled {
-        name: "envd spawn -> /health 204",
-        runtime: "host process",
+        name: "envd spawn -> /health 204".into(),
+        runtime: "host process".into(),
         samples,
     })
 }
@@ -128,8 +210,8 @@ fn envd_health_round_trip(envd: &Path, n: usize) -> Result<Sampled> {
     let _ = child.kill();
     let _ = child.wait();
     Ok(Sampled {
-        name: "envd GET /health round trip (keep-alive)",
-        runtime: "host process",
+        name: "envd GET /health round trip (keep-alive)".into(),
+        runtime: "host process".into(),
         samples: samples?,
     })
 }

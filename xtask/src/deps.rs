@@ -39,7 +39,10 @@ pub const TEST: &[Package] = &[
         "runsc",
         "the gvisor sandbox runtime (gVisor), used where KVM cannot run a guest kernel",
     ),
-    pkg("iproute2", "network namespaces and veth pairs of gvisor sandboxes"),
+    pkg(
+        "iproute2",
+        "network namespaces and veth pairs of gvisor sandboxes",
+    ),
 ];
 
 /// Make sure every package is installed: install the missing ones with apt

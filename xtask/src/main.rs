@@ -201,5 +201,10 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
 
 fn bench(root: &Path) -> Result<()> {
     let manifest = guest(root, false, rootfs::DEFAULT_IMAGE_SIZE)?;
-    bench::run(&manifest, &root.join("BENCHMARKS.md"))
+    bench::run(
+        root,
+        &manifest_path(root),
+        &manifest,
+        &root.join("BENCHMARKS.md"),
+    )
 }

@@ -278,6 +278,10 @@ pub struct Instance {
     pub limits: Limits,
     /// From the first runtime step to envd answering `/health`.
     pub ready_after: Duration,
+    /// The runtime's own start alone (`runsc run`/`restore`, or the VMM's
+    /// boot/restore), without our set-up and the wait for envd: the
+    /// baseline our overhead is measured against.
+    pub runtime_start: Duration,
 }
 
 /// What a sandbox uses now.

@@ -174,11 +174,11 @@ impl GvisorRuntime {
         snapshot: Option<PathBuf>,
     ) -> Result<Instance> {
         let t0 = Instant::now();
-        {
+        let runtime_start = {
             let (id, template) = (id.clone(), template.clone());
             self.blocking(move |inner| inner.start(&id, &template, limits, snapshot.as_deref()))
-                .await?;
-        }
+                .await?
+        };
         let tq = Instant::now();
         let r = self.wait_ready(id, READY_TIMEOUT).await;
         tracing::debug!(sandbox = %id, "step: wait_ready {:?}", tq.elapsed());
@@ -192,6 +192,7 @@ impl GvisorRuntime {
             template: template.id.clone(),
             limits,
             ready_after: t0.elapsed(),
+            runtime_start,
         })
     }
 
@@ -483,14 +484,15 @@ impl Inner {
         }
     }
 
-    /// Boot or restore `id`; on error undo every step.
+    /// Boot or restore `id`; on error undo every step. Returns how long
+    /// `runsc run`/`restore` itself took.
     fn start(
         &self,
         id: &SandboxId,
         template: &Template,
         limits: Limits,
         snapshot: Option<&Path>,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
         let dir = self.sandbox_dir(id);
         if dir.exists() || NetnsPair::of(id).exists() || !self.runsc_state_files(id).is_empty() {
             return Err(RuntimeError::AlreadyExists(id.clone()));
@@ -512,7 +514,7 @@ impl Inner {
         template: &Template,
         limits: Limits,
         snapshot: Option<&Path>,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
         let dir = self.sandbox_dir(id);
         std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::io("creating", &dir, e))?;
         let meta = Meta {
@@ -572,6 +574,7 @@ impl Inner {
         // The guest's stdio is runsc's: a log file, never the node's terminal
         // (the guest would die with it).
         cmd.stdout(console).stderr(console2);
+        let runsc_started = Instant::now();
         let child = cmd.spawn().map_err(|e| RuntimeError::Command {
             command: format!("runsc {verb}"),
             detail: format!("cannot start it: {e}"),
@@ -588,7 +591,7 @@ impl Inner {
                 detail: format!("{status}: {}", runsc::file_tail(&console_path, 4000)),
             });
         }
-        Ok(())
+        Ok(runsc_started.elapsed())
     }
 
     /// Refuse a snapshot that is incomplete, corrupt, from another template
