@@ -26,7 +26,13 @@ impl Drop for Envd {
 }
 
 impl Envd {
+    /// The envd built from this checkout.
     pub fn start() -> Self {
+        Self::start_binary(Path::new(env!("CARGO_BIN_EXE_envd")))
+    }
+
+    /// Another envd binary (e.g. the one packaged into the guest rootfs).
+    pub fn start_binary(binary: &Path) -> Self {
         let root = tempfile::Builder::new()
             .prefix("envd-root-")
             .tempdir()
@@ -45,7 +51,7 @@ impl Envd {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(r.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
 
-        let mut child = Command::new(env!("CARGO_BIN_EXE_envd"))
+        let mut child = Command::new(binary)
             .args(["--listen", "127.0.0.1:0", "--no-vsock", "--root"])
             .arg(r)
             .stdout(Stdio::piped())
