@@ -2,9 +2,10 @@
 //!
 //! Static linking keeps the binary independent of the guest's C library, so
 //! the same envd runs in any root filesystem. The cache key is the source of
-//! every crate envd is built from plus the lock file and the compiler, so a
-//! new clone with unchanged sources reuses the cached binary without
-//! compiling anything.
+//! the workspace crates envd is built from, the resolved versions of its
+//! dependencies (not the whole lock file: other crates' dependencies do not
+//! matter) and the compiler, so a new clone with unchanged sources reuses
+//! the cached binary without compiling anything.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,7 +28,7 @@ pub fn build(cache: &Cache, root: &Path, force: bool) -> Result<Envd> {
     let rustc = run::output(Command::new("rustc").arg("-V"))?;
     let mut key = KeyHasher::new("envd");
     key.text("rustc", rustc.trim()).text("target", TARGET);
-    key.file(root, &root.join("Cargo.lock"))?;
+    key.text("dependencies", &dependency_closure(root)?);
     key.file(root, &root.join("Cargo.toml"))?;
     for dir in SOURCE_DIRS {
         key.tree(root, &root.join(dir))?;
@@ -75,4 +76,31 @@ pub fn build(cache: &Cache, root: &Path, force: bool) -> Result<Envd> {
         binary: entry.dir.join("envd"),
         key: entry.key,
     })
+}
+
+/// The resolved packages envd is built from (`cargo tree`), one per line,
+/// sorted, with this checkout's path removed so every clone agrees.
+fn dependency_closure(root: &Path) -> Result<String> {
+    let tree = run::output(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root)
+            .args([
+                "tree",
+                "--package",
+                "envd",
+                "--edges",
+                "normal,build",
+                "--prefix",
+                "none",
+            ])
+            .args(["--target", TARGET]),
+    )?;
+    let root_text = root.display().to_string();
+    let mut lines: Vec<String> = tree
+        .lines()
+        .map(|l| l.trim_end_matches(" (*)").replace(&root_text, ""))
+        .collect();
+    lines.sort();
+    lines.dedup();
+    Ok(lines.join("\n"))
 }
