@@ -8,3 +8,4 @@
 
 pub mod envd;
 pub mod guest;
+pub mod vmm;

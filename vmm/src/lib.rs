@@ -7,8 +7,10 @@
 
 pub mod arch;
 pub mod builder;
+pub mod control;
 pub mod devices;
 pub mod guest_kernel;
 pub mod loader;
+pub mod runner;
 pub mod probe;
 pub mod vstate;

@@ -7,6 +7,8 @@
 //!   slot allocator for the 32-bit gap, and the
 //!   `virtio_mmio.device=<size>@<base>:<irq>` command-line fragments.
 //! - [`block`]: virtio-blk over a copy-on-write disk (`block/cow.rs`).
+//! - [`vsock`]: virtio-vsock spliced to host unix sockets (Firecracker's
+//!   hybrid vsock).
 //!
 //! A device implements [`VirtioDevice`]: it owns its queues (built from
 //! `virtio_queue::Queue`, so their state is the device's, for snapshots)
@@ -29,6 +31,7 @@ use crate::vstate::memory::GuestMemoryMmap;
 
 pub mod block;
 pub mod mmio;
+pub mod vsock;
 #[cfg(test)]
 pub mod test_utils;
 

@@ -1,0 +1,109 @@
+//! The snapshot state of a virtio-vsock device.
+//!
+//! What is saved: the guest CID, the host socket path, the negotiated
+//! features, the queues and whether the device was activated, the pending
+//! interrupt bits. What is not: connections — their host ends are unix
+//! streams of the old process. As in Firecracker, a restored device has
+//! none, and queues a `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event
+//! queue so the guest drops its side of every connection (Linux resets
+//! every socket of the transport and re-reads the CID). The state is
+//! validated on restore as if it came from the guest.
+
+use std::path::PathBuf;
+
+use virtio_queue::{Queue, QueueState, QueueT};
+
+use super::NUM_QUEUES;
+use super::device::{Vsock, VsockError};
+use crate::devices::virtio::block::persist::QueueSnapshot;
+use crate::devices::virtio::{IrqType, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// A virtio-vsock device's state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockState {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+    pub avail_features: u64,
+    pub acked_features: u64,
+    pub activated: bool,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSnapshot>,
+}
+
+/// Errors restoring a device.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("the snapshot has {0} queues")]
+    QueueCount(usize),
+    #[error("queue {index} in the snapshot is invalid: {reason}")]
+    Queue { index: usize, reason: String },
+    #[error("the snapshot's features {0:#x} are not ones this device offers")]
+    Features(u64),
+    #[error(transparent)]
+    Device(#[from] VsockError),
+    #[error("cannot raise the interrupt: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Vsock {
+    /// The state to snapshot (with the vCPUs paused).
+    pub fn save(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.guest_cid,
+            uds_path: self.muxer.uds_path().to_owned(),
+            avail_features: self.avail_features,
+            acked_features: self.acked_features,
+            activated: self.mem.is_some(),
+            interrupt_status: self.irq.status(),
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+        }
+    }
+
+    /// A device in `state` over the restored guest memory, listening on
+    /// `uds_path` (normally `state.uds_path`; a restored VM may run
+    /// elsewhere). No connection survives; an activated device sends the
+    /// guest TRANSPORT_RESET as soon as it has an event buffer.
+    pub fn restore(
+        state: &VsockState,
+        uds_path: &std::path::Path,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, PersistError> {
+        if state.queues.len() != NUM_QUEUES {
+            return Err(PersistError::QueueCount(state.queues.len()));
+        }
+        let mut dev = Vsock::new(state.guest_cid, uds_path)?;
+        if state.avail_features != dev.avail_features
+            || state.acked_features & !dev.avail_features != 0
+        {
+            return Err(PersistError::Features(state.acked_features));
+        }
+        dev.acked_features = state.acked_features;
+        for (index, (q, s)) in dev.queues.iter_mut().zip(&state.queues).enumerate() {
+            let restored =
+                Queue::try_from(QueueState::from(*s)).map_err(|e| PersistError::Queue {
+                    index,
+                    reason: e.to_string(),
+                })?;
+            if state.activated && !restored.is_valid(&mem) {
+                return Err(PersistError::Queue {
+                    index,
+                    reason: "not in guest memory".into(),
+                });
+            }
+            *q = restored;
+        }
+        if state.activated {
+            dev.mem = Some(mem);
+            dev.pending_reset_event = true;
+            dev.process();
+        }
+        if state.interrupt_status & VIRTIO_MMIO_INT_VRING != 0 {
+            dev.irq.trigger(IrqType::Vring)?;
+        }
+        if state.interrupt_status & VIRTIO_MMIO_INT_CONFIG != 0 {
+            dev.irq.trigger(IrqType::Config)?;
+        }
+        Ok(dev)
+    }
+}

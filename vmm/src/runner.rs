@@ -1,0 +1,280 @@
+//! `sandmesh vmm`: one microVM from its command-line configuration.
+//!
+//! [`validate`] checks every input before anything is created (so a bad
+//! invocation leaves nothing behind); [`run`] builds the machine — serial
+//! console to the log file, i8042, virtio-blk over the copy-on-write disk,
+//! virtio-vsock on the hybrid unix socket, both on virtio-mmio — loads the
+//! kernel, starts the vCPUs and the control socket, and returns when the
+//! guest resets or powers off, or a control `Shutdown` arrives.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_ioctls::Kvm;
+use linux_loader::cmdline::Cmdline;
+
+use crate::arch::x86_64::regs::EntryMode;
+use crate::builder::{BuildError, Machine, MachineConfig};
+use crate::control::{ControlServer, VmController};
+use crate::devices::virtio::block::{Block, CowDisk, CowPaths};
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::vsock::event_handler::spawn_host_poller;
+use crate::guest_kernel::{self, KernelImageError};
+use crate::vstate::exit::ExitReason;
+use crate::vstate::vcpu::VcpuError;
+
+/// The command line every guest gets; the virtio-mmio fragments and the
+/// caller's extras follow.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw \
+                                init=/usr/local/sbin/sandmesh-init";
+/// vCPUs a `sandmesh vmm` may have.
+pub const VCPUS: std::ops::RangeInclusive<u8> = 1..=16;
+/// Guest memory in MiB.
+pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 128..=32768;
+/// Longest kernel command line (x86 `COMMAND_LINE_SIZE`).
+const CMDLINE_MAX: usize = 2048;
+
+#[derive(Debug, Clone)]
+pub struct VmmConfig {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    /// The copy-on-write overlay; a temporary file (removed at exit) when
+    /// absent.
+    pub overlay: Option<PathBuf>,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub cmdline_extra: Option<String>,
+    pub vsock_uds: PathBuf,
+    pub guest_cid: u64,
+    pub control: PathBuf,
+    pub console_log: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("vcpus must be in 1..=16, not {0}")]
+    Vcpus(u8),
+    #[error("memory must be in 128..=32768 MiB, not {0}")]
+    MemoryRange(u64),
+    #[error("{want} MiB of guest memory is more than this host has ({have} MiB)")]
+    MemoryHost { want: u64, have: u64 },
+    #[error("{what} {}: {reason}", path.display())]
+    Path {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("kernel {}: {error}", path.display())]
+    KernelImage {
+        path: PathBuf,
+        error: KernelImageError,
+    },
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    #[error("cannot open /dev/kvm: {0}")]
+    Kvm(kvm_ioctls::Error),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("root disk: {0}")]
+    Disk(String),
+    #[error("vsock: {0}")]
+    Vsock(String),
+    #[error("control socket: {0}")]
+    Control(std::io::Error),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+fn path_err(what: &'static str, path: &Path, reason: impl ToString) -> RunError {
+    RunError::Path {
+        what,
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+fn regular_file(what: &'static str, path: &Path) -> Result<(), RunError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(path_err(what, path, "not a regular file")),
+        Err(e) => Err(path_err(what, path, e)),
+    }
+}
+
+fn free_path(what: &'static str, path: &Path) -> Result<(), RunError> {
+    if path.symlink_metadata().is_ok() {
+        return Err(path_err(what, path, "already exists (in use?)"));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(path_err(what, path, "its directory does not exist"));
+    }
+    Ok(())
+}
+
+fn host_memory_mib() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || size <= 0 {
+        return u64::MAX;
+    }
+    (pages as u64).saturating_mul(size as u64) >> 20
+}
+
+/// Check every input; returns the kernel image.
+pub fn validate(cfg: &VmmConfig) -> Result<Vec<u8>, RunError> {
+    if !VCPUS.contains(&cfg.vcpus) {
+        return Err(RunError::Vcpus(cfg.vcpus));
+    }
+    if !MEMORY_MIB.contains(&cfg.memory_mib) {
+        return Err(RunError::MemoryRange(cfg.memory_mib));
+    }
+    let have = host_memory_mib();
+    if cfg.memory_mib > have {
+        return Err(RunError::MemoryHost {
+            want: cfg.memory_mib,
+            have,
+        });
+    }
+    regular_file("kernel", &cfg.kernel)?;
+    let image = std::fs::read(&cfg.kernel).map_err(|e| path_err("kernel", &cfg.kernel, e))?;
+    guest_kernel::check_elf(&image).map_err(|error| RunError::KernelImage {
+        path: cfg.kernel.clone(),
+        error,
+    })?;
+    regular_file("root disk", &cfg.rootfs)?;
+    if let Some(overlay) = &cfg.overlay
+        && overlay.exists()
+    {
+        regular_file("overlay", overlay)?;
+    }
+    free_path("vsock socket", &cfg.vsock_uds)?;
+    free_path("control socket", &cfg.control)?;
+    if let Some(p) = cfg.console_log.parent()
+        && !p.as_os_str().is_empty()
+        && !p.is_dir()
+    {
+        return Err(path_err(
+            "console log",
+            &cfg.console_log,
+            "its directory does not exist",
+        ));
+    }
+    if cfg.vsock_uds == cfg.control {
+        return Err(path_err(
+            "control socket",
+            &cfg.control,
+            "is also the vsock socket",
+        ));
+    }
+    cmdline(cfg, &[])?;
+    Ok(image)
+}
+
+fn cmdline(cfg: &VmmConfig, fragments: &[String]) -> Result<Cmdline, RunError> {
+    let err = |e: linux_loader::cmdline::Error| RunError::Cmdline(e.to_string());
+    let mut c = Cmdline::new(CMDLINE_MAX).map_err(err)?;
+    c.insert_str(BASE_CMDLINE).map_err(err)?;
+    for f in fragments {
+        c.insert_str(f).map_err(err)?;
+    }
+    if let Some(extra) = &cfg.cmdline_extra
+        && !extra.trim().is_empty()
+    {
+        c.insert_str(extra.trim()).map_err(err)?;
+    }
+    Ok(c)
+}
+
+/// Removes a temporary overlay (and its map) at exit.
+struct TempOverlay(Option<CowPaths>);
+impl Drop for TempOverlay {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(&p.overlay);
+            let _ = std::fs::remove_file(&p.map);
+        }
+    }
+}
+
+/// Boot and run the microVM until it ends; returns why.
+pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
+    let image = validate(cfg)?;
+    let kvm = Kvm::new().map_err(RunError::Kvm)?;
+    let console =
+        File::create(&cfg.console_log).map_err(|e| path_err("console log", &cfg.console_log, e))?;
+    let mem_size = cfg.memory_mib << 20;
+    let mut machine = Machine::new(
+        &kvm,
+        MachineConfig::new(cfg.vcpus, mem_size),
+        Box::new(console),
+    )?;
+
+    let (overlay_path, mut temp) = match &cfg.overlay {
+        Some(p) => (p.clone(), TempOverlay(None)),
+        None => (
+            std::env::temp_dir().join(format!("sandmesh-overlay-{}", std::process::id())),
+            TempOverlay(None),
+        ),
+    };
+    let paths = CowPaths::new(&cfg.rootfs, &overlay_path);
+    if cfg.overlay.is_none() {
+        temp.0 = Some(paths.clone());
+    }
+    let disk = CowDisk::create(paths).map_err(|e| RunError::Disk(e.to_string()))?;
+    let block = Block::new("sandmesh-root", Box::new(disk), false)
+        .map_err(|e| RunError::Disk(e.to_string()))?;
+    let blk_slot = machine.add_virtio_mmio_device(Arc::new(Mutex::new(block)))?;
+
+    let vsock =
+        Vsock::new(cfg.guest_cid, &cfg.vsock_uds).map_err(|e| RunError::Vsock(e.to_string()))?;
+    let vsock = Arc::new(Mutex::new(vsock));
+    let vsock_slot = machine.add_virtio_mmio_device(vsock.clone())?;
+
+    let cmdline = cmdline(
+        cfg,
+        &[blk_slot.cmdline_fragment(), vsock_slot.cmdline_fragment()],
+    )?;
+    let kernel = machine.load_kernel(&image, &cmdline)?;
+    let vcpus = machine.create_vcpus(kernel.entry, EntryMode::Kernel)?;
+
+    let stop_poller = Arc::new(AtomicBool::new(false));
+    let poller = spawn_host_poller(vsock, Duration::from_millis(2), stop_poller.clone())
+        .map_err(|e| RunError::Vsock(e.to_string()))?;
+    let mut handles = Vec::new();
+    for v in vcpus {
+        handles.push(v.start()?);
+    }
+    let controller = Arc::new(VmController::new(
+        handles,
+        cfg.memory_mib,
+        machine.exit.clone(),
+    ));
+    let server = ControlServer::spawn(&cfg.control, controller.clone());
+    let result = match server {
+        Ok(server) => {
+            let r = controller.run_until_exit();
+            drop(server);
+            r.map_err(RunError::from)
+        }
+        Err(e) => {
+            controller.shutdown();
+            let _ = controller.run_until_exit();
+            Err(RunError::Control(e))
+        }
+    };
+    stop_poller.store(true, std::sync::atomic::Ordering::Release);
+    let _ = poller.join();
+    result
+}
