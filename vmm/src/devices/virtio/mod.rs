@@ -24,16 +24,17 @@
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemoryMmap;
 
 pub mod block;
 pub mod mmio;
-pub mod vsock;
+pub mod persist;
 #[cfg(test)]
 pub mod test_utils;
+pub mod vsock;
 
 pub use mmio::{MmioSlot, MmioSlotAllocator, MmioTransport};
 
@@ -149,4 +150,16 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
     let n = data.len().min(config.len() - off);
     data[..n].copy_from_slice(&config[off..off + n]);
+}
+
+/// Check a device's queues against guest memory at activation, and fix the
+/// ring features we do not offer (VIRTIO_RING_F_EVENT_IDX).
+pub fn activate_queues(queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(), ActivateError> {
+    for (i, q) in queues.iter_mut().enumerate() {
+        if !q.is_valid(mem) {
+            return Err(ActivateError::InvalidQueue(i));
+        }
+        q.set_event_idx(false);
+    }
+    Ok(())
 }

@@ -30,7 +30,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend};
 
 use super::{BlockBackend, NUM_QUEUES, QUEUE_SIZE, SECTOR_SIZE};
-use crate::devices::virtio::{ActivateError, IrqTrigger, IrqType, VirtioDevice, read_config_bytes};
+use crate::devices::virtio::{
+    ActivateError, IrqTrigger, IrqType, VirtioDevice, activate_queues, read_config_bytes,
+};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Length of the request header.
@@ -414,13 +416,7 @@ impl VirtioDevice for Block {
         if self.mem.is_some() {
             return Err(ActivateError::AlreadyActivated);
         }
-        for (i, q) in self.queues.iter_mut().enumerate() {
-            if !q.is_valid(&mem) {
-                return Err(ActivateError::InvalidQueue(i));
-            }
-            // VIRTIO_RING_F_EVENT_IDX is not offered.
-            q.set_event_idx(false);
-        }
+        activate_queues(&mut self.queues, &mem)?;
         self.mem = Some(mem);
         Ok(())
     }

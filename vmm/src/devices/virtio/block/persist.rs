@@ -8,59 +8,12 @@
 //! paths) and passes both to [`Block::restore`]. Everything here is
 //! validated on restore as if it came from the guest (it came from a file).
 
-use virtio_queue::{Queue, QueueState, QueueT};
-
 use super::cow::CowPaths;
 use super::device::{Block, BlockCounters};
 use super::{BlockBackend, NUM_QUEUES, SECTOR_SIZE};
 use crate::devices::virtio::IrqType;
+use crate::devices::virtio::persist::{QueueSnapshot, restore_queues};
 use crate::vstate::memory::GuestMemoryMmap;
-
-/// One split queue (the fields of `virtio_queue::QueueState`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct QueueSnapshot {
-    pub max_size: u16,
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-    pub next_avail: u16,
-    pub next_used: u16,
-    pub event_idx_enabled: bool,
-}
-
-impl From<QueueState> for QueueSnapshot {
-    fn from(s: QueueState) -> Self {
-        Self {
-            max_size: s.max_size,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-        }
-    }
-}
-
-impl From<QueueSnapshot> for QueueState {
-    fn from(s: QueueSnapshot) -> Self {
-        Self {
-            max_size: s.max_size,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-        }
-    }
-}
 
 /// A virtio-blk device's state.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -143,20 +96,8 @@ impl Block {
             return Err(PersistError::Features(state.acked_features));
         }
         dev.acked_features = state.acked_features;
-        for (index, (q, s)) in dev.queues.iter_mut().zip(&state.queues).enumerate() {
-            let restored =
-                Queue::try_from(QueueState::from(*s)).map_err(|e| PersistError::Queue {
-                    index,
-                    reason: e.to_string(),
-                })?;
-            if state.activated && !restored.is_valid(&mem) {
-                return Err(PersistError::Queue {
-                    index,
-                    reason: "not in guest memory".into(),
-                });
-            }
-            *q = restored;
-        }
+        restore_queues(&mut dev.queues, &state.queues, &mem, state.activated)
+            .map_err(|(index, reason)| PersistError::Queue { index, reason })?;
         if state.activated {
             dev.mem = Some(mem);
         }

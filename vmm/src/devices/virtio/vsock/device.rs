@@ -25,7 +25,9 @@ use vm_memory::Bytes;
 use super::packet;
 use super::unix::VsockMuxer;
 use super::{EVENT_TRANSPORT_RESET, EVQ, HOST_CID, NUM_QUEUES, QUEUE_SIZE, RXQ, TXQ};
-use crate::devices::virtio::{ActivateError, IrqTrigger, IrqType, VirtioDevice, read_config_bytes};
+use crate::devices::virtio::{
+    ActivateError, IrqTrigger, IrqType, VirtioDevice, activate_queues, read_config_bytes,
+};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Counters (for metrics).
@@ -283,13 +285,7 @@ impl VirtioDevice for Vsock {
         if self.mem.is_some() {
             return Err(ActivateError::AlreadyActivated);
         }
-        for (i, q) in self.queues.iter_mut().enumerate() {
-            if !q.is_valid(&mem) {
-                return Err(ActivateError::InvalidQueue(i));
-            }
-            // VIRTIO_RING_F_EVENT_IDX is not offered.
-            q.set_event_idx(false);
-        }
+        activate_queues(&mut self.queues, &mem)?;
         self.mem = Some(mem);
         Ok(())
     }

@@ -11,11 +11,9 @@
 
 use std::path::PathBuf;
 
-use virtio_queue::{Queue, QueueState, QueueT};
-
 use super::NUM_QUEUES;
 use super::device::{Vsock, VsockError};
-use crate::devices::virtio::block::persist::QueueSnapshot;
+use crate::devices::virtio::persist::{QueueSnapshot, restore_queues};
 use crate::devices::virtio::{IrqType, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -79,20 +77,8 @@ impl Vsock {
             return Err(PersistError::Features(state.acked_features));
         }
         dev.acked_features = state.acked_features;
-        for (index, (q, s)) in dev.queues.iter_mut().zip(&state.queues).enumerate() {
-            let restored =
-                Queue::try_from(QueueState::from(*s)).map_err(|e| PersistError::Queue {
-                    index,
-                    reason: e.to_string(),
-                })?;
-            if state.activated && !restored.is_valid(&mem) {
-                return Err(PersistError::Queue {
-                    index,
-                    reason: "not in guest memory".into(),
-                });
-            }
-            *q = restored;
-        }
+        restore_queues(&mut dev.queues, &state.queues, &mem, state.activated)
+            .map_err(|(index, reason)| PersistError::Queue { index, reason })?;
         if state.activated {
             dev.mem = Some(mem);
             dev.pending_reset_event = true;
