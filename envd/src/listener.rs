@@ -32,32 +32,37 @@ impl ThreadedTcpListener {
         // A small queue: when the server falls behind, accept(2) waits and
         // the kernel's backlog holds the rest.
         let (tx, accepted) = mpsc::channel(64);
-        std::thread::Builder::new().name("envd-accept".into()).spawn(move || {
-            loop {
-                let (stream, peer) = match listener.accept() {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                        continue;
-                    }
-                };
-                let registered = stream.set_nonblocking(true).and_then(|()| {
-                    let _guard = runtime.enter();
-                    TcpStream::from_std(stream)
-                });
-                match registered {
-                    Ok(stream) => {
-                        if tx.blocking_send((stream, peer)).is_err() {
-                            return; // the server is gone
+        std::thread::Builder::new()
+            .name("envd-accept".into())
+            .spawn(move || {
+                loop {
+                    let (stream, peer) = match listener.accept() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!("accept failed: {e}");
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            continue;
                         }
+                    };
+                    let registered = stream.set_nonblocking(true).and_then(|()| {
+                        let _guard = runtime.enter();
+                        TcpStream::from_std(stream)
+                    });
+                    match registered {
+                        Ok(stream) => {
+                            if tx.blocking_send((stream, peer)).is_err() {
+                                return; // the server is gone
+                            }
+                        }
+                        Err(e) => tracing::warn!(%peer, "cannot serve connection: {e}"),
                     }
-                    Err(e) => tracing::warn!(%peer, "cannot serve connection: {e}"),
                 }
-            }
-        })?;
-        Ok(Self { accepted, local_addr })
+            })?;
+        Ok(Self {
+            accepted,
+            local_addr,
+        })
     }
 }
 

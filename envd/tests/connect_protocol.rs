@@ -180,7 +180,10 @@ async fn malformed_messages_are_invalid_argument_and_envd_survives() {
 #[tokio::test]
 async fn serves_http2_cleartext() {
     let envd = Envd::start();
-    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
     let resp = h2.get(format!("{}/health", envd.url)).send().await.unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.status().as_u16(), 204);

@@ -1,7 +1,7 @@
 //! `sandmesh`: the one binary every host runs.
 //!
-//! Subcommands arrive with their issues (`node`, `status`, ...); each one
-//! that is listed works: `kernel check`, `vmm`.
+//! Subcommands arrive with their issues; each one that is listed works:
+//! `node`, `apikey create`, `vmm`, `kernel check`.
 
 use std::path::PathBuf;
 
@@ -23,6 +23,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a node: the E2B-compatible REST API and the sandbox-traffic
+    /// proxy on one port, with this host's sandboxes.
+    Node(NodeArgs),
+    /// API keys for the REST API (stored hashed in the data directory).
+    #[command(subcommand)]
+    Apikey(ApikeyCommand),
     /// Guest kernel tools.
     #[command(subcommand)]
     Kernel(KernelCommand),
@@ -30,6 +36,44 @@ enum Command {
     /// with the root disk, serves vsock and the control socket, and exits
     /// when the guest resets or powers off (status 0) or is shut down.
     Vmm(VmmArgs),
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// Where the node keeps its state (sled, runtime state, snapshots).
+    #[arg(long, env = "SANDMESH_DATA_DIR", default_value = "./.sandmesh")]
+    data_dir: PathBuf,
+    /// Address of the REST API and the sandbox proxy.
+    #[arg(long, env = "SANDMESH_LISTEN", default_value = "127.0.0.1:3000")]
+    listen: std::net::SocketAddr,
+    /// Sandbox runtime: `auto` uses microVMs where KVM runs guest kernels
+    /// natively and gVisor elsewhere, and logs which and why.
+    #[arg(long, value_enum, default_value_t = RuntimeArg::Auto)]
+    runtime: RuntimeArg,
+    /// Root tree of the `base` template. Default: the one `cargo xtask
+    /// guest` built (its manifest, `SANDMESH_GUEST_ARTIFACTS`).
+    #[arg(long, env = "SANDMESH_BASE_ROOTFS")]
+    base_rootfs: Option<PathBuf>,
+    /// Kill every sandbox when the node stops (SIGTERM/Ctrl-C). By default
+    /// sandboxes outlive the node and a restarted node re-adopts them.
+    #[arg(long)]
+    kill_sandboxes_on_exit: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RuntimeArg {
+    Auto,
+    Microvm,
+    Gvisor,
+}
+
+#[derive(Subcommand)]
+enum ApikeyCommand {
+    /// Create an API key and print it (only its hash is stored: keep it).
+    Create {
+        #[arg(long, env = "SANDMESH_DATA_DIR", default_value = "./.sandmesh")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -82,6 +126,8 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Kernel(KernelCommand::Check { vmlinux }) => kernel_check(&vmlinux),
         Command::Vmm(args) => vmm_run(args),
+        Command::Node(args) => node_run(args),
+        Command::Apikey(ApikeyCommand::Create { data_dir }) => apikey_create(&data_dir),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -131,4 +177,71 @@ fn vmm_run(args: VmmArgs) -> Result<()> {
         ExitReason::Reset | ExitReason::Poweroff | ExitReason::Stopped => Ok(()),
         other => bail!("the guest stopped abnormally: {other:?}"),
     }
+}
+
+fn apikey_create(data_dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let store = node::store::Store::open(data_dir).with_context(|| {
+        format!(
+            "opening {} (is a node running on it? stop it first)",
+            data_dir.display()
+        )
+    })?;
+    println!("{}", store.create_api_key()?);
+    Ok(())
+}
+
+fn node_run(args: NodeArgs) -> Result<()> {
+    use actors::runtime::select::RuntimeChoice;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let base_rootfs = match args.base_rootfs {
+        Some(p) => p,
+        None => {
+            let manifest = std::env::var_os(schema::guest::ARTIFACTS_ENV)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("target/sandmesh-guest-artifacts.json"));
+            schema::guest::GuestArtifacts::load(&manifest)
+                .context("no --base-rootfs given and no guest artifacts found")?
+                .rootfs_dir
+        }
+    };
+    let runtime = match args.runtime {
+        RuntimeArg::Auto => RuntimeChoice::Auto,
+        RuntimeArg::Microvm => RuntimeChoice::Microvm,
+        RuntimeArg::Gvisor => RuntimeChoice::Gvisor,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let node = node::server::start(node::server::NodeOptions {
+            data_dir: args.data_dir,
+            listen: args.listen,
+            runtime,
+            base_rootfs,
+            config: node::sandboxes::Config::default(),
+        })
+        .await?;
+        // Machine-readable readiness line (tests and scripts wait for it).
+        println!("listening on {}", node.addr);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = node.server => r??,
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        if args.kill_sandboxes_on_exit {
+            let runtime = node.sandboxes.runtime();
+            for r in runtime.list().await? {
+                if let Err(e) = runtime.kill(&r.id).await {
+                    eprintln!("killing sandbox {}: {e}", r.id);
+                }
+            }
+        }
+        Ok(())
+    })
 }

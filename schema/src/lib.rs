@@ -6,6 +6,7 @@
 //! rkyv messages, VMM control); today it holds what the guest build and envd
 //! already share.
 
+pub mod e2b;
 pub mod envd;
 pub mod guest;
 pub mod vmm;

@@ -11,6 +11,6 @@ pub mod control;
 pub mod devices;
 pub mod guest_kernel;
 pub mod loader;
-pub mod runner;
 pub mod probe;
+pub mod runner;
 pub mod vstate;

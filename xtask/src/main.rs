@@ -142,23 +142,59 @@ fn guest(root: &Path, force: bool, image_size: &str) -> Result<GuestArtifacts> {
 }
 
 fn up(root: &Path) -> Result<()> {
+    deps::ensure(deps::TEST)?;
     let manifest = guest(root, false, rootfs::DEFAULT_IMAGE_SIZE)?;
     run::cargo(root, &["build", "--release", "--package", "node"], &[])?;
     let sandmesh = root.join("target/release/sandmesh");
-    println!();
-    println!("Built:");
-    println!("  sandmesh      {}", sandmesh.display());
-    println!("  guest kernel  {}", manifest.kernel.display());
-    println!("  rootfs image  {}", manifest.rootfs_image.display());
-    println!("  rootfs tree   {}", manifest.rootfs_dir.display());
-    println!("  envd          {}", manifest.envd.display());
+    let data_dir = root.join(".sandmesh");
+    std::fs::create_dir_all(&data_dir)?;
+    // One key, made on the first start and kept (owner-only) so every `up`
+    // prints the same environment; the node itself stores only its hash.
+    let key_file = data_dir.join("xtask-api-key");
+    let key = match std::fs::read_to_string(&key_file) {
+        Ok(k) if !k.trim().is_empty() => k.trim().to_owned(),
+        _ => {
+            let key = run::output(
+                std::process::Command::new(&sandmesh)
+                    .args(["apikey", "create", "--data-dir"])
+                    .arg(&data_dir),
+            )?
+            .trim()
+            .to_owned();
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&key_file)?
+                .write_all(key.as_bytes())?;
+            key
+        }
+    };
+    let listen = "127.0.0.1:3000";
     println!();
     println!(
-        "Stopping here: `sandmesh node` (the E2B API server) has not landed yet \
-         (issue: 'One node serves the E2B API'), so there is no cluster to start \
-         and no E2B environment variables to print. Everything above is built and cached."
+        "Starting a one-node sandmesh on http://{listen} (data in {}).",
+        data_dir.display()
     );
-    Ok(())
+    println!("Point the E2B SDK at it (in another shell):");
+    println!();
+    println!("  export E2B_API_URL=http://{listen}");
+    println!("  export E2B_SANDBOX_URL=http://{listen}");
+    println!("  export E2B_API_KEY={key}");
+    println!();
+    println!(
+        "Ctrl-C stops the node; its sandboxes keep running and the next `cargo xtask up` re-adopts them."
+    );
+    run::status(
+        std::process::Command::new(&sandmesh)
+            .args(["node", "--listen", listen, "--data-dir"])
+            .arg(&data_dir)
+            .arg("--base-rootfs")
+            .arg(&manifest.rootfs_dir),
+    )
 }
 
 fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
@@ -186,6 +222,21 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
         .to_string_lossy()
         .into_owned();
     python::pytest(&python, root, "envd/tests/sdk", &[("ENVD_BIN", envd_bin)])?;
+    // The official E2B SDK against a real `sandmesh node` (gvisor runtime).
+    let sandmesh_bin = root
+        .join("target/debug/sandmesh")
+        .to_string_lossy()
+        .into_owned();
+    python::pytest(
+        &python,
+        root,
+        "node/tests/sdk",
+        &[
+            ("SANDMESH_BIN", sandmesh_bin),
+            (ARTIFACTS_ENV, manifest.to_string_lossy().into_owned()),
+            (REQUIRE_ENV, "1".to_string()),
+        ],
+    )?;
 
     // A short fuzz run of every target: they build, and the seeds and a few
     // seconds of mutation find no crash. Longer runs: `cargo xtask fuzz`.

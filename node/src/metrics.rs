@@ -1,0 +1,58 @@
+//! The node's Prometheus metrics, served at `GET /metrics` (no API key:
+//! aggregate counts only, for scrapers that cannot send one).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Sandboxes by state (`running`, `creating`), set when scraped.
+pub const SANDBOXES: &str = "sandmesh_sandboxes";
+/// Time of a successful create, request to envd initialised.
+pub const CREATE_SECONDS: &str = "sandmesh_sandbox_create_seconds";
+/// Creates by `result` (`ok`, `error`).
+pub const CREATES: &str = "sandmesh_sandbox_creates_total";
+/// Sandboxes whose runtime process died under the node.
+pub const LOST: &str = "sandmesh_sandboxes_lost_total";
+/// Sandboxes killed by their timeout.
+pub const TIMED_OUT: &str = "sandmesh_sandboxes_timed_out_total";
+/// Body bytes through the sandbox-traffic proxy, by `direction`
+/// (`to_sandbox`, `from_sandbox`).
+pub const PROXY_BYTES: &str = "sandmesh_proxy_bytes_total";
+/// Proxied requests by `outcome` (`forwarded`, `not_found`, `unreachable`).
+pub const PROXY_REQUESTS: &str = "sandmesh_proxy_requests_total";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process-wide recorder, installed on first use. `None` if another
+/// recorder was installed first (the metrics then go there).
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(CREATE_SECONDS.into()),
+                    &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
+                )
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            metrics::describe_gauge!(SANDBOXES, "sandboxes on this node by state");
+            metrics::describe_histogram!(
+                CREATE_SECONDS,
+                metrics::Unit::Seconds,
+                "successful creates, request to envd initialised"
+            );
+            metrics::describe_counter!(CREATES, "creates by result");
+            metrics::describe_counter!(LOST, "sandboxes whose runtime process died");
+            metrics::describe_counter!(TIMED_OUT, "sandboxes killed by their timeout");
+            metrics::describe_counter!(
+                PROXY_BYTES,
+                metrics::Unit::Bytes,
+                "body bytes through the sandbox proxy"
+            );
+            metrics::describe_counter!(PROXY_REQUESTS, "proxied requests by outcome");
+            Some(handle)
+        })
+        .as_ref()
+}

@@ -1,0 +1,282 @@
+//! Sandbox traffic: HTTP requests for a port inside a sandbox, told apart
+//! from REST calls by the `E2b-Sandbox-Id` + `E2b-Sandbox-Port` headers
+//! (what the SDK sends with `E2B_SANDBOX_URL`) or by a Host
+//! `<port>-<sandboxID>.<domain>`. Each request is forwarded over a fresh
+//! stream from `runtime.connect(id, port)`, bodies streamed both ways.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderName, Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
+
+use actors::runtime::{BoxStream, SandboxId};
+
+use crate::api::error_response;
+use crate::sandboxes::{SandboxError, Sandboxes};
+
+pub const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
+pub const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+
+/// Where a request for sandbox traffic goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub sandbox_id: String,
+    pub port: u16,
+}
+
+/// `Ok(None)`: a REST call. `Err`: sandbox traffic with a bad port.
+pub fn target(headers: &HeaderMap, domain: Option<&str>) -> Result<Option<Target>, String> {
+    if let Some(id) = headers.get(SANDBOX_ID_HEADER) {
+        let id = id.to_str().map_err(|_| "bad E2b-Sandbox-Id header")?;
+        let port = headers
+            .get(SANDBOX_PORT_HEADER)
+            .ok_or("E2b-Sandbox-Id without E2b-Sandbox-Port")?
+            .to_str()
+            .ok()
+            .and_then(|p| p.parse::<u16>().ok())
+            .ok_or("E2b-Sandbox-Port is not a port number")?;
+        return Ok(Some(Target {
+            sandbox_id: id.to_owned(),
+            port,
+        }));
+    }
+    let (Some(domain), Some(host)) = (domain, headers.get(header::HOST)) else {
+        return Ok(None);
+    };
+    let host = host.to_str().unwrap_or("");
+    let host = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    let Some(label) = host.strip_suffix(domain).and_then(|h| h.strip_suffix('.')) else {
+        return Ok(None);
+    };
+    let Some((port, id)) = label.split_once('-') else {
+        return Ok(None);
+    };
+    match port.parse::<u16>() {
+        Ok(port) if !id.is_empty() && !id.contains('.') => Ok(Some(Target {
+            sandbox_id: id.to_owned(),
+            port,
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// Send one HTTP/1.1 request over `stream` and return the response head;
+/// the body streams from the connection, which closes when it is done.
+pub async fn send<B>(
+    stream: BoxStream,
+    req: Request<B>,
+) -> Result<Response<hyper::body::Incoming>, hyper::Error>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("sandbox connection ended: {e}");
+        }
+    });
+    // Dropping `sender` after this lets the connection close once the
+    // response body is read.
+    sender.send_request(req).await
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and those named by `Connection`.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(n);
+    }
+}
+
+fn not_found(sandboxes: &Sandboxes, id: &str) -> Response<Body> {
+    // The SDK maps a 502 whose message says "was not found" to
+    // SandboxNotRunningException.
+    metrics::counter!(crate::metrics::PROXY_REQUESTS, "outcome" => "not_found").increment(1);
+    let why = match sandboxes.not_found(id) {
+        SandboxError::Lost(_, reason) => format!(" (it was lost: {reason})"),
+        _ => String::new(),
+    };
+    error_response(
+        StatusCode::BAD_GATEWAY,
+        format!("The sandbox {id} was not found{why}"),
+    )
+}
+
+/// `body`, counting its bytes into the proxy metric as they stream.
+fn counted<B>(
+    body: B,
+    direction: &'static str,
+) -> impl hyper::body::Body<Data = bytes::Bytes, Error = B::Error> + Send + 'static
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let counter = metrics::counter!(crate::metrics::PROXY_BYTES, "direction" => direction);
+    body.map_frame(move |frame| {
+        if let Some(data) = frame.data_ref() {
+            counter.increment(data.len() as u64);
+        }
+        frame
+    })
+}
+
+/// Forward `req` to `target`.
+pub async fn forward(
+    sandboxes: &Sandboxes,
+    target: Target,
+    mut req: Request<Body>,
+) -> Response<Body> {
+    if sandboxes.get(&target.sandbox_id).is_none() {
+        return not_found(sandboxes, &target.sandbox_id);
+    }
+    let Ok(id) = SandboxId::new(target.sandbox_id.clone()) else {
+        return not_found(sandboxes, &target.sandbox_id);
+    };
+    let stream = match sandboxes.runtime().connect(&id, target.port).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(sandbox = %id, port = target.port, "connect failed: {e}");
+            // Gone between the lookup and the connect?
+            if sandboxes.get(id.as_str()).is_none() {
+                return not_found(sandboxes, id.as_str());
+            }
+            metrics::counter!(crate::metrics::PROXY_REQUESTS, "outcome" => "unreachable")
+                .increment(1);
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "The sandbox {id} is running but port {} is not open: {e}",
+                    target.port
+                ),
+            );
+        }
+    };
+    strip_hop_by_hop(req.headers_mut());
+    // Only path and query go upstream (origin form).
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    *req.uri_mut() = pq.parse().unwrap_or_else(|_| "/".parse().unwrap());
+    *req.version_mut() = axum::http::Version::HTTP_11;
+    let req = req.map(|b| Body::new(counted(b, "to_sandbox")));
+    match send(stream, req).await {
+        Ok(resp) => {
+            metrics::counter!(crate::metrics::PROXY_REQUESTS, "outcome" => "forwarded")
+                .increment(1);
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Body::new(counted(body, "from_sandbox")))
+        }
+        Err(e) => error_response(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "The sandbox {id} did not answer on port {}: {e}",
+                target.port
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn h(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn routing() {
+        let t = target(
+            &h(&[("E2b-Sandbox-Id", "abc"), ("E2b-Sandbox-Port", "49983")]),
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            t,
+            Target {
+                sandbox_id: "abc".into(),
+                port: 49983
+            }
+        );
+        assert!(target(&h(&[("E2b-Sandbox-Id", "abc")]), None).is_err());
+        assert!(
+            target(
+                &h(&[("E2b-Sandbox-Id", "abc"), ("E2b-Sandbox-Port", "x")]),
+                None
+            )
+            .is_err()
+        );
+        assert_eq!(
+            target(&h(&[("host", "127.0.0.1:3000")]), None).unwrap(),
+            None
+        );
+        let dom = Some("sandmesh.test");
+        assert_eq!(
+            target(&h(&[("host", "49983-abc.sandmesh.test:3000")]), dom).unwrap(),
+            Some(Target {
+                sandbox_id: "abc".into(),
+                port: 49983
+            })
+        );
+        assert_eq!(
+            target(&h(&[("host", "api.sandmesh.test")]), dom).unwrap(),
+            None
+        );
+        assert_eq!(
+            target(&h(&[("host", "49983-abc.other.test")]), dom).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut m = h(&[
+            ("connection", "close, x-private"),
+            ("x-private", "1"),
+            ("transfer-encoding", "chunked"),
+            ("x-access-token", "t"),
+            ("content-type", "application/json"),
+        ]);
+        strip_hop_by_hop(&mut m);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(m.contains_key("x-access-token") && m.contains_key("content-type"));
+    }
+}

@@ -1,0 +1,134 @@
+//! One port serving both the E2B REST API (authenticated with `X-API-KEY`)
+//! and sandbox traffic (routed by header or Host, see [`crate::proxy`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+
+use actors::runtime::select::{RuntimeChoice, select};
+
+use crate::api::{error_response, router};
+use crate::proxy;
+use crate::sandboxes::{Config, Sandboxes};
+use crate::store::Store;
+
+#[derive(Clone)]
+struct Front {
+    sandboxes: Sandboxes,
+    store: Store,
+    domain: Option<Arc<str>>,
+}
+
+/// The whole HTTP app of a node.
+pub fn app(sandboxes: Sandboxes) -> Router {
+    let front = Front {
+        store: sandboxes.store().clone(),
+        domain: sandboxes.config().domain.as_deref().map(Arc::from),
+        sandboxes: sandboxes.clone(),
+    };
+    // `layer` wraps every route and the fallback, so every request passes
+    // through `front` first.
+    router(sandboxes).layer(middleware::from_fn_with_state(front, front_door))
+}
+
+async fn front_door(State(f): State<Front>, req: Request, next: Next) -> Response {
+    match proxy::target(req.headers(), f.domain.as_deref()) {
+        Err(msg) => error_response(StatusCode::BAD_REQUEST, msg),
+        Ok(Some(target)) => proxy::forward(&f.sandboxes, target, req).await,
+        Ok(None) if req.uri().path() == "/metrics" && req.method() == axum::http::Method::GET => {
+            metrics_page(&f.sandboxes)
+        }
+        Ok(None) => {
+            let key = req
+                .headers()
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if key.is_empty() {
+                return error_response(StatusCode::UNAUTHORIZED, "missing X-API-KEY header");
+            }
+            match f.store.verify_api_key(key) {
+                Ok(true) => next.run(req).await,
+                Ok(false) => error_response(StatusCode::UNAUTHORIZED, "invalid API key"),
+                Err(e) => {
+                    tracing::error!("checking an API key: {e}");
+                    error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                }
+            }
+        }
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+fn metrics_page(sandboxes: &Sandboxes) -> Response {
+    use axum::response::IntoResponse;
+    let Some(handle) = crate::metrics::handle() else {
+        return error_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "another metrics recorder is installed in this process",
+        );
+    };
+    let (running, creating) = sandboxes.counts();
+    metrics::gauge!(crate::metrics::SANDBOXES, "state" => "running").set(running as f64);
+    metrics::gauge!(crate::metrics::SANDBOXES, "state" => "creating").set(creating as f64);
+    handle.run_upkeep();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response()
+}
+
+/// What a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub runtime: RuntimeChoice,
+    /// The base template's root tree (`rootfs_dir` of the guest artifacts),
+    /// served as template `base`.
+    pub base_rootfs: PathBuf,
+    pub config: Config,
+}
+
+/// A started node.
+pub struct Node {
+    pub addr: SocketAddr,
+    pub sandboxes: Sandboxes,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Open the state, pick the runtime, prepare the base template and serve.
+pub async fn start(opts: NodeOptions) -> anyhow::Result<Node> {
+    std::fs::create_dir_all(&opts.data_dir)?;
+    // Install the recorder before anything records.
+    crate::metrics::handle();
+    let store = Store::open(&opts.data_dir)?;
+    let selected = select(opts.runtime, &opts.data_dir)?;
+    tracing::info!("runtime: {}", selected.reason);
+    let sandboxes = Sandboxes::start(
+        selected.runtime,
+        store,
+        vec![("base".into(), opts.base_rootfs.clone())],
+        opts.config,
+    )
+    .await?;
+    let listener = tokio::net::TcpListener::bind(opts.listen).await?;
+    let addr = listener.local_addr()?;
+    let app = app(sandboxes.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(Node {
+        addr,
+        sandboxes,
+        server,
+    })
+}

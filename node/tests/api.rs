@@ -1,0 +1,534 @@
+//! The node's E2B REST API and sandbox-traffic proxy, end to end: a node in
+//! this process on 127.0.0.1:0 with a fresh data dir and the real gvisor
+//! runtime over the built guest root tree.
+//!
+//! Needs root, `runsc` and the guest artifacts (`SANDMESH_GUEST_ARTIFACTS`);
+//! without them it prints `SKIP <test>: <reason>`, except under `cargo xtask
+//! test` (`SANDMESH_REQUIRE_ARTIFACTS`), where it fails.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use actors::runtime::select::RuntimeChoice;
+use base64::Engine;
+use node::sandboxes::Config;
+use node::server::{Node, NodeOptions, start};
+use schema::guest::{GuestArtifacts, REQUIRE_ENV};
+use serde_json::{Value, json};
+
+struct TestNode {
+    node: Node,
+    key: String,
+    data: PathBuf,
+    http: reqwest::Client,
+}
+
+impl TestNode {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.node.addr)
+    }
+
+    fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .header("X-API-KEY", &self.key)
+    }
+
+    /// A request for port 49983 of sandbox `id`, routed by headers.
+    fn envd(&self, method: reqwest::Method, id: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .header("E2b-Sandbox-Id", id)
+            .header("E2b-Sandbox-Port", "49983")
+    }
+
+    /// Run `script` with `/bin/sh -c` through envd's Connect
+    /// `process.Process/Start`, via the proxy. Returns the HTTP status and
+    /// the stdout the process printed.
+    async fn run(&self, id: &str, token: Option<&str>, script: &str) -> (u16, String) {
+        let body = json!({"process": {"cmd": "/bin/sh", "args": ["-c", script]}}).to_string();
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        frame.extend_from_slice(body.as_bytes());
+        let mut req = self
+            .envd(reqwest::Method::POST, id, "/process.Process/Start")
+            .header("content-type", "application/connect+json")
+            .header("connect-protocol-version", "1")
+            .header("authorization", "Basic cm9vdDo=")
+            .body(frame);
+        if let Some(t) = token {
+            req = req.header("X-Access-Token", t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        let mut stdout = String::new();
+        let mut b = &bytes[..];
+        let b64 = base64::engine::general_purpose::STANDARD;
+        while status == 200 && b.len() >= 5 {
+            let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+            let msg: Value = serde_json::from_slice(&b[5..5 + len]).unwrap();
+            if b[0] & 2 != 0 {
+                assert!(msg.get("error").is_none(), "Process/Start failed: {msg}");
+            } else if let Some(out) = msg["event"]["data"]["stdout"].as_str() {
+                stdout += &String::from_utf8_lossy(&b64.decode(out).unwrap());
+            }
+            b = &b[5 + len..];
+        }
+        (status, stdout)
+    }
+
+    async fn create(&self, body: Value) -> reqwest::Response {
+        self.api(reqwest::Method::POST, "/v2/sandboxes")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+async fn node(test: &str) -> Option<TestNode> {
+    let required = std::env::var_os(REQUIRE_ENV).is_some();
+    let artifacts = GuestArtifacts::for_test(test)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            !required,
+            "{test}: the node tests need root (gvisor runtime)"
+        );
+        eprintln!("SKIP {test}: needs root (gvisor runtime: network namespaces, mounts)");
+        return None;
+    }
+    let data = std::env::temp_dir().join(format!("smh-node-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let node = match start(NodeOptions {
+        data_dir: data.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        runtime: RuntimeChoice::Gvisor,
+        base_rootfs: artifacts.rootfs_dir,
+        config: Config {
+            max_sandboxes: 2,
+            domain: Some("sandmesh.test".into()),
+            ..Config::default()
+        },
+    })
+    .await
+    {
+        Ok(n) => n,
+        Err(e) if !required && e.to_string().contains("runsc is not installed") => {
+            eprintln!("SKIP {test}: {e}");
+            return None;
+        }
+        Err(e) => panic!("{test}: starting the node: {e:#}"),
+    };
+    let key = node.sandboxes.store().create_api_key().unwrap();
+    Some(TestNode {
+        node,
+        key,
+        data,
+        http: reqwest::Client::new(),
+    })
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        // Best effort: kill whatever the test left, then the data dir.
+        let rt = self.node.sandboxes.runtime().clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(tokio) = tokio::runtime::Runtime::new() else {
+                return;
+            };
+            tokio.block_on(async {
+                if let Ok(list) = rt.list().await {
+                    for r in list {
+                        let _ = rt.kill(&r.id).await;
+                    }
+                }
+            });
+        })
+        .join();
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if m.starts_with(self.data.to_str().unwrap()) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(m)
+                    .status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// Host pids of runsc processes of sandbox `id`.
+fn runsc_pids(id: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains("runsc") && cmd.contains(id) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+async fn json_error(resp: reqwest::Response, status: u16) -> String {
+    assert_eq!(resp.status().as_u16(), status);
+    let body: Value = resp.json().await.expect("error bodies are JSON");
+    assert_eq!(body["code"], status, "{body}");
+    body["message"].as_str().expect("a message").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2b_api_end_to_end() {
+    let Some(t) = node("e2b_api_end_to_end").await else {
+        return;
+    };
+    use reqwest::Method as M;
+
+    // ---- auth: every REST call needs a valid key
+    let r = t.http.get(t.url("/v2/sandboxes")).send().await.unwrap();
+    assert!(json_error(r, 401).await.contains("X-API-KEY"));
+    let r = t
+        .http
+        .get(t.url("/v2/sandboxes"))
+        .header("X-API-KEY", "e2b_wrong")
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 401).await;
+    let r = t.api(M::GET, "/v2/sandboxes").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!([]));
+
+    // ---- bad inputs: clear JSON errors, nothing created
+    let r = t
+        .api(M::POST, "/v2/sandboxes")
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert!(json_error(r, 400).await.contains("malformed JSON"));
+    let r = t
+        .api(M::POST, "/v2/sandboxes")
+        .header("content-type", "application/json")
+        .body(vec![b' '; 3 << 20])
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 413).await;
+    let r = t.create(json!({"timeout": 10})).await;
+    assert!(json_error(r, 400).await.contains("templateID"));
+    let r = t.create(json!({"templateID": "no-such-template"})).await;
+    assert!(json_error(r, 404).await.contains("no-such-template"));
+    let r = t.create(json!({"templateID": "base", "timeout": -1})).await;
+    assert!(json_error(r, 400).await.contains("timeout"));
+    let r = t
+        .create(json!({"templateID": "base", "timeout": 86_401}))
+        .await;
+    json_error(r, 400).await;
+    let r = t
+        .api(M::GET, "/sandboxes/nosuchsandbox")
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 404).await;
+    let r = t
+        .api(M::DELETE, "/sandboxes/nosuchsandbox")
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 404).await;
+    let r = t
+        .envd(M::GET, "nosuchsandbox", "/health")
+        .send()
+        .await
+        .unwrap();
+    assert!(json_error(r, 502).await.contains("was not found"));
+    assert!(t.node.sandboxes.runtime().list().await.unwrap().is_empty());
+
+    // ---- create, with metadata and env vars
+    let started = Instant::now();
+    let r = t
+        .create(json!({"templateID": "base", "timeout": 120, "secure": true,
+            "allow_internet_access": false, "autoPause": false,
+            "metadata": {"suite": "api", "who": "a b&c"}, "envVars": {"GREETING": "hello"}}))
+        .await;
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    let sbx: Value = r.json().await.unwrap();
+    eprintln!("create took {:?}", started.elapsed());
+    let id = sbx["sandboxID"].as_str().unwrap().to_owned();
+    let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 20);
+    assert_eq!(sbx["templateID"], "base");
+    assert_eq!(sbx["envdVersion"], schema::envd::ENVD_VERSION);
+    assert!(sbx["clientID"].is_string());
+    assert_eq!(sbx["domain"], "sandmesh.test");
+
+    // ---- sandbox traffic through the proxy
+    let r = t.envd(M::GET, &id, "/health").send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    // ... and by Host `<port>-<id>.<domain>`
+    let r = t
+        .http
+        .get(t.url("/health"))
+        .header("host", format!("49983-{id}.sandmesh.test"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (status, out) = t.run(&id, Some(&token), "echo hi $GREETING").await;
+    assert_eq!((status, out.as_str()), (200, "hi hello\n"));
+    let (status, _) = t.run(&id, None, "echo hi").await;
+    assert_eq!(
+        status, 401,
+        "envd must refuse a call without the access token"
+    );
+    let r = t
+        .http
+        .get(t.url("/health"))
+        .header("E2b-Sandbox-Id", &id)
+        .header("E2b-Sandbox-Port", "1")
+        .send()
+        .await
+        .unwrap();
+    assert!(json_error(r, 502).await.contains("not open"));
+
+    // ---- get
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let detail: Value = r.json().await.unwrap();
+    assert_eq!(detail["state"], "running");
+    assert_eq!(detail["runtime"], "gvisor");
+    assert_eq!(detail["cpuCount"], 2);
+    assert_eq!(detail["memoryMB"], 512);
+    assert_eq!(detail["metadata"]["who"], "a b&c");
+    assert_eq!(detail["envdAccessToken"], token.as_str());
+    let end_at = detail["endAt"].as_str().unwrap().to_owned();
+    assert!(end_at.ends_with('Z') && *end_at > *detail["startedAt"].as_str().unwrap());
+
+    // ---- a second, short-lived sandbox: its deadline kills it
+    let r = t.create(json!({"templateID": "base", "timeout": 3})).await;
+    assert_eq!(r.status(), 201);
+    let short: Value = r.json().await.unwrap();
+    let short_id = short["sandboxID"].as_str().unwrap().to_owned();
+
+    // ---- capacity (2 on this node): a third create is refused, not queued
+    let r = t.create(json!({"templateID": "base"})).await;
+    assert!(json_error(r, 429).await.contains("capacity"));
+
+    // ---- list: metadata filter (SDK encoding), state, pagination
+    let r = t
+        .api(
+            M::GET,
+            "/v2/sandboxes?metadata=who%3Da%252520b%252526c%26suite%3Dapi",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let listed: Vec<Value> = r.json().await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["sandboxID"], id.as_str());
+    assert_eq!(listed[0]["state"], "running");
+    let r = t
+        .api(M::GET, "/v2/sandboxes?metadata=suite%3Dother")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Vec<Value>>().await.unwrap().len(), 0);
+    let r = t
+        .api(M::GET, "/v2/sandboxes?state=paused")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Vec<Value>>().await.unwrap().len(), 0);
+    let r = t.api(M::GET, "/v2/sandboxes?limit=1").send().await.unwrap();
+    let next = r.headers()["x-next-token"].to_str().unwrap().to_owned();
+    let page1: Vec<Value> = r.json().await.unwrap();
+    let r = t
+        .api(M::GET, "/v2/sandboxes")
+        .query(&[("limit", "1"), ("nextToken", next.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("x-next-token").is_none());
+    let page2: Vec<Value> = r.json().await.unwrap();
+    assert_eq!((page1.len(), page2.len()), (1, 1));
+    assert_ne!(page1[0]["sandboxID"], page2[0]["sandboxID"]);
+    let r = t.api(M::GET, "/sandboxes").send().await.unwrap();
+    assert_eq!(r.json::<Vec<Value>>().await.unwrap().len(), 2);
+
+    // ---- timeout: moved by /timeout, only extended by connect
+    let r = t
+        .api(M::POST, &format!("/sandboxes/{id}/timeout"))
+        .json(&json!({"timeout": 600}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let get = |id: String| {
+        let req = t.api(M::GET, &format!("/sandboxes/{id}"));
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let end_600 = get(id.clone()).await["endAt"].as_str().unwrap().to_owned();
+    assert!(end_600 > end_at, "{end_600} should be after {end_at}");
+    let r = t
+        .api(M::POST, &format!("/sandboxes/{id}/timeout"))
+        .json(&json!({"timeout": -5}))
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 400).await;
+    let r = t
+        .api(M::POST, &format!("/v2/sandboxes/{id}/connect"))
+        .json(&json!({"timeout": 10}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let again: Value = r.json().await.unwrap();
+    assert_eq!(again["sandboxID"], id.as_str());
+    assert_eq!(again["envdAccessToken"], token.as_str());
+    assert_eq!(
+        get(id.clone()).await["endAt"],
+        end_600.as_str(),
+        "connect must not shorten"
+    );
+    let r = t
+        .api(M::POST, "/v2/sandboxes/nosuchsandbox/connect")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 404).await;
+
+    // ---- pause is not there yet, and says so
+    let r = t
+        .api(M::POST, &format!("/sandboxes/{id}/pause"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(json_error(r, 501).await.contains("snapshot issue"));
+
+    // ---- the short sandbox died at its deadline
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = t
+            .api(M::GET, &format!("/sandboxes/{short_id}"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 404 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the 3 s sandbox is still alive");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let r = t.envd(M::GET, &short_id, "/health").send().await.unwrap();
+    assert!(json_error(r, 502).await.contains("was not found"));
+
+    // ---- runtime crash: kill -9 one sandbox's runsc processes. It is
+    // reported gone with the reason and cleaned up; the other keeps working.
+    let r = t.create(json!({"templateID": "base"})).await;
+    assert_eq!(r.status(), 201);
+    let victim = r.json::<Value>().await.unwrap()["sandboxID"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pids = runsc_pids(&victim);
+    assert!(!pids.is_empty(), "no runsc process of {victim}");
+    for pid in pids {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reason = loop {
+        let r = t
+            .api(M::GET, &format!("/sandboxes/{victim}"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 404 {
+            break json_error(r, 404).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the crashed sandbox is still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(reason.contains("lost"), "{reason}");
+    let r = t.envd(M::GET, &victim, "/health").send().await.unwrap();
+    assert!(json_error(r, 502).await.contains("was not found"));
+    let (status, out) = t.run(&id, Some(&token), "echo still here").await;
+    assert_eq!((status, out.as_str()), (200, "still here\n"));
+    assert!(runsc_pids(&victim).is_empty());
+    let ids: Vec<String> = t
+        .node
+        .sandboxes
+        .runtime()
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id.to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![id.clone()],
+        "the crashed sandbox was not cleaned up"
+    );
+
+    // ---- kill
+    let r = t
+        .api(M::DELETE, &format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 404).await;
+    let r = t
+        .api(M::DELETE, &format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 404).await;
+    let r = t.envd(M::GET, &id, "/health").send().await.unwrap();
+    assert!(json_error(r, 502).await.contains("was not found"));
+
+    // ---- metrics: no key needed; the counts of what happened above
+    let r = t.http.get(t.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    for needle in [
+        "sandmesh_sandboxes{state=\"running\"} 0",
+        "sandmesh_sandbox_creates_total{result=\"ok\"} 3",
+        "sandmesh_sandbox_create_seconds_bucket",
+        "sandmesh_sandboxes_lost_total 1",
+        "sandmesh_sandboxes_timed_out_total 1",
+        "sandmesh_proxy_bytes_total{direction=\"from_sandbox\"}",
+    ] {
+        assert!(text.contains(needle), "/metrics lacks {needle:?}:\n{text}");
+    }
+
+    // Nothing is left: not in the runtime, not in sled.
+    assert!(t.node.sandboxes.runtime().list().await.unwrap().is_empty());
+    assert!(t.node.sandboxes.store().sandboxes().unwrap().is_empty());
+}

@@ -1,0 +1,121 @@
+"""Fixtures for driving a sandmesh node with the official E2B Python SDK.
+
+The node (`sandmesh node --runtime gvisor`) runs the real gvisor runtime; the unmodified SDK reaches its REST API through
+E2B_API_URL and all sandbox traffic through E2B_SANDBOX_URL (routed by the
+E2b-Sandbox-Id / E2b-Sandbox-Port headers the SDK then adds).
+
+Needs root, runsc and the guest artifacts (SANDMESH_GUEST_ARTIFACTS, else
+target/sandmesh-guest-artifacts.json). Without them the tests are skipped
+with the reason, except when SANDMESH_REQUIRE_ARTIFACTS is set.
+"""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import tempfile
+
+import pytest
+
+REPO = pathlib.Path(__file__).parents[3]
+SANDMESH = os.environ.get("SANDMESH_BIN", str(REPO / "target/debug/sandmesh"))
+ARTIFACTS = os.environ.get(
+    "SANDMESH_GUEST_ARTIFACTS", str(REPO / "target/sandmesh-guest-artifacts.json")
+)
+
+
+def _skip_or_fail(reason):
+    if os.environ.get("SANDMESH_REQUIRE_ARTIFACTS"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _check_can_run():
+    if os.geteuid() != 0:
+        _skip_or_fail("needs root (gvisor runtime: network namespaces, mounts)")
+    if not os.path.exists(ARTIFACTS):
+        _skip_or_fail(f"guest artifacts are not built ({ARTIFACTS}): run `cargo xtask guest`")
+    if not os.path.exists(SANDMESH):
+        _skip_or_fail(f"{SANDMESH} is not built: cargo build -p node")
+
+
+class NodeProcess:
+    """A node process on `data`; `url` and `key` once it serves."""
+
+    def __init__(self, data, kill_on_exit=True):
+        env = dict(os.environ, SANDMESH_GUEST_ARTIFACTS=ARTIFACTS)
+        self.key = subprocess.run(
+            [SANDMESH, "apikey", "create", "--data-dir", str(data)],
+            check=True, capture_output=True, text=True, env=env,
+        ).stdout.strip()
+        cmd = [SANDMESH, "node", "--data-dir", str(data), "--listen", "127.0.0.1:0", "--runtime", "gvisor"]
+        if kill_on_exit:
+            cmd.append("--kill-sandboxes-on-exit")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stdout.readline().strip()
+        assert line.startswith("listening on "), f"node did not start: {line!r}"
+        self.url = "http://" + line.rsplit(" ", 1)[1]
+
+    def stop(self):
+        """SIGTERM (kills the sandboxes when started with kill_on_exit)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def crash(self):
+        """kill -9: the sandboxes keep running."""
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def node():
+    """A running node; yields (url, api_key)."""
+    _check_can_run()
+    data = tempfile.mkdtemp(prefix="smh-sdk-node-")
+    n = NodeProcess(data)
+    try:
+        yield n.url, n.key
+    finally:
+        n.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def node_factory():
+    """Start nodes on one data dir (for restart tests); all stopped after."""
+    _check_can_run()
+    data = tempfile.mkdtemp(prefix="smh-sdk-restart-")
+    started = []
+
+    def start(kill_on_exit=True):
+        n = NodeProcess(data, kill_on_exit=kill_on_exit)
+        started.append(n)
+        return n
+
+    yield start
+    for n in started:
+        if n.proc.poll() is None:
+            n.stop()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def point_sdk_at(monkeypatch, url, key):
+    for var in ("E2B_DEBUG", "E2B_DOMAIN", "E2B_ACCESS_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("E2B_API_URL", url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", url)
+    monkeypatch.setenv("E2B_API_KEY", key)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def sdk_env(node, monkeypatch):
+    """The SDK's environment pointed at the node."""
+    url, key = node
+    point_sdk_at(monkeypatch, url, key)
+    return url, key

@@ -1,0 +1,343 @@
+//! The E2B REST API as the official SDK speaks it (e2b 2.63.0): request and
+//! response bodies of the sandbox endpoints. Field names follow the SDK's
+//! generated client exactly (`templateID`, `sandboxID`, the snake_case
+//! `allow_internet_access`); unknown request fields are ignored, as the SDK
+//! sends newer optional keys (network, lifecycle, volume mounts, mcp) we do
+//! not act on yet.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v2/sandboxes` body (`NewSandboxV2`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewSandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Seconds until the sandbox is killed; the server default when absent.
+    /// Signed so that a negative value is refused with a clear message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+    #[serde(rename = "autoPause", default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_internet_access: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+    #[serde(rename = "envVars", default, skip_serializing_if = "Option::is_none")]
+    pub env_vars: Option<BTreeMap<String, String>>,
+    /// Accepted and ignored: every sandbox is secured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<bool>,
+}
+
+/// Which runtime runs a sandbox, as reported in our extra `runtime` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeName {
+    Gvisor,
+    Microvm,
+}
+
+/// The response of create and connect (`Sandbox`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    #[serde(rename = "envdVersion")]
+    pub envd_version: String,
+    #[serde(
+        rename = "envdAccessToken",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub envd_access_token: Option<String>,
+    /// `null`: the SDK then uses `E2B_DOMAIN` (or `E2B_SANDBOX_URL`).
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+/// `running` or `paused`: the SDK fails to parse any other value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxStateName {
+    Running,
+    Paused,
+}
+
+impl SandboxStateName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+        }
+    }
+}
+
+/// `GET /sandboxes/{id}` (`SandboxDetail`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxDetail {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// RFC 3339.
+    #[serde(rename = "startedAt")]
+    pub started_at: String,
+    /// RFC 3339: when the timeout kills the sandbox.
+    #[serde(rename = "endAt")]
+    pub end_at: String,
+    #[serde(rename = "envdVersion")]
+    pub envd_version: String,
+    #[serde(
+        rename = "envdAccessToken",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub envd_access_token: Option<String>,
+    #[serde(rename = "cpuCount")]
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub state: SandboxStateName,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Ours (the SDK ignores unknown fields): which runtime runs it.
+    pub runtime: RuntimeName,
+}
+
+/// An item of `GET /v2/sandboxes` and `GET /sandboxes` (`ListedSandbox`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedSandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    #[serde(rename = "startedAt")]
+    pub started_at: String,
+    #[serde(rename = "endAt")]
+    pub end_at: String,
+    #[serde(rename = "cpuCount")]
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub state: SandboxStateName,
+    #[serde(rename = "envdVersion")]
+    pub envd_version: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Ours: which runtime runs it.
+    pub runtime: RuntimeName,
+}
+
+impl From<SandboxDetail> for ListedSandbox {
+    fn from(d: SandboxDetail) -> Self {
+        Self {
+            template_id: d.template_id,
+            sandbox_id: d.sandbox_id,
+            client_id: d.client_id,
+            started_at: d.started_at,
+            end_at: d.end_at,
+            cpu_count: d.cpu_count,
+            memory_mb: d.memory_mb,
+            disk_size_mb: d.disk_size_mb,
+            state: d.state,
+            envd_version: d.envd_version,
+            metadata: d.metadata,
+            runtime: d.runtime,
+        }
+    }
+}
+
+/// `POST /sandboxes/{id}/timeout` body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeoutRequest {
+    pub timeout: i64,
+}
+
+/// `POST /v2/sandboxes/{id}/connect` body (`ConnectSandboxV2`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+}
+
+/// `POST /sandboxes/{id}/refreshes` body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<i64>,
+}
+
+/// Every error body: the SDK parses `code` (int) and `message` for each
+/// documented status and crashes on anything else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: u16,
+    pub message: String,
+}
+
+/// `2024-01-01T00:00:00.123Z`: RFC 3339 in UTC with milliseconds, as the
+/// SDK's `dateutil.isoparse` reads it.
+pub fn format_rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let secs = d.as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, day) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn new_sandbox_reads_the_sdk_body() {
+        // Observed from the SDK (wire reference §2.2), newer keys included.
+        let body = r#"{"templateID":"base","timeout":120,"autoPause":true,"autoResume":{"enabled":true},"allow_internet_access":true,"network":{"allowOut":["1.1.1.1"]},"metadata":{"k":"v"},"envVars":{"E":"1"}}"#;
+        let n: NewSandbox = serde_json::from_str(body).unwrap();
+        assert_eq!(n.template_id, "base");
+        assert_eq!(n.timeout, Some(120));
+        assert_eq!(n.auto_pause, Some(true));
+        assert_eq!(n.allow_internet_access, Some(true));
+        assert_eq!(n.metadata.unwrap()["k"], "v");
+        assert_eq!(n.env_vars.unwrap()["E"], "1");
+
+        let n: NewSandbox = serde_json::from_str(
+            r#"{"templateID":"code-interpreter-v1","metadata":{},"envVars":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(n.timeout, None);
+        assert_eq!(n.metadata, Some(BTreeMap::new()));
+
+        let n: NewSandbox = serde_json::from_str(r#"{"templateID":"base","timeout":-5}"#).unwrap();
+        assert_eq!(n.timeout, Some(-5));
+        assert!(serde_json::from_str::<NewSandbox>(r#"{"timeout":5}"#).is_err());
+    }
+
+    #[test]
+    fn sandbox_has_the_sdk_keys() {
+        let s = Sandbox {
+            template_id: "base".into(),
+            sandbox_id: "abc".into(),
+            client_id: "node".into(),
+            envd_version: "0.6.4".into(),
+            envd_access_token: Some("tok".into()),
+            domain: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&s).unwrap(),
+            json!({"templateID":"base","sandboxID":"abc","clientID":"node","envdVersion":"0.6.4","envdAccessToken":"tok","domain":null})
+        );
+    }
+
+    #[test]
+    fn detail_and_listed_have_the_sdk_keys() {
+        let d = SandboxDetail {
+            template_id: "base".into(),
+            sandbox_id: "abc".into(),
+            client_id: "node".into(),
+            started_at: "2024-01-01T00:00:00.000Z".into(),
+            end_at: "2024-01-01T00:05:00.000Z".into(),
+            envd_version: "0.6.4".into(),
+            envd_access_token: Some("tok".into()),
+            cpu_count: 2,
+            memory_mb: 512,
+            disk_size_mb: 0,
+            state: SandboxStateName::Running,
+            metadata: BTreeMap::from([("k".into(), "v".into())]),
+            domain: None,
+            runtime: RuntimeName::Gvisor,
+        };
+        assert_eq!(
+            serde_json::to_value(&d).unwrap(),
+            json!({"templateID":"base","sandboxID":"abc","clientID":"node",
+                   "startedAt":"2024-01-01T00:00:00.000Z","endAt":"2024-01-01T00:05:00.000Z",
+                   "envdVersion":"0.6.4","envdAccessToken":"tok","cpuCount":2,"memoryMB":512,
+                   "diskSizeMB":0,"state":"running","metadata":{"k":"v"},"domain":null,
+                   "runtime":"gvisor"})
+        );
+        let l = ListedSandbox::from(d);
+        let v = serde_json::to_value(&l).unwrap();
+        for key in [
+            "templateID",
+            "sandboxID",
+            "clientID",
+            "startedAt",
+            "endAt",
+            "cpuCount",
+            "memoryMB",
+            "diskSizeMB",
+            "state",
+            "envdVersion",
+        ] {
+            assert!(v.get(key).is_some(), "ListedSandbox lacks {key}: {v}");
+        }
+        assert_eq!(v["state"], "running");
+    }
+
+    #[test]
+    fn small_bodies() {
+        let t: TimeoutRequest = serde_json::from_str(r#"{"timeout":30}"#).unwrap();
+        assert_eq!(t.timeout, 30);
+        let c: ConnectRequest = serde_json::from_str("{}").unwrap();
+        assert_eq!(c.timeout, None);
+        let c: ConnectRequest = serde_json::from_str(r#"{"timeout":30,"memory":false}"#).unwrap();
+        assert_eq!(c.timeout, Some(30));
+        let e = ApiError {
+            code: 404,
+            message: "sandbox x not found".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"code":404,"message":"sandbox x not found"}"#
+        );
+    }
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(format_rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_704_067_200_123); // 2024-01-01
+        assert_eq!(format_rfc3339(t), "2024-01-01T00:00:00.123Z");
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400 + 86_399); // 2000-02-29 23:59:59
+        assert_eq!(format_rfc3339(t), "2000-02-29T23:59:59.000Z");
+    }
+}
