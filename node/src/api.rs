@@ -203,7 +203,7 @@ fn percent_decode(s: &str, plus_is_space: bool) -> String {
 }
 
 /// `k=v&...` pairs of a query string, each part decoded once.
-fn query_pairs(q: &str) -> Vec<(String, String)> {
+pub(crate) fn query_pairs(q: &str) -> Vec<(String, String)> {
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {

@@ -65,6 +65,66 @@ pub fn target(headers: &HeaderMap, domain: Option<&str>) -> Result<Option<Target
     }
 }
 
+/// envd's port, where signed file URLs go.
+pub const ENVD_PORT: u16 = 49983;
+
+/// The signature envd expects on a `/files` URL (wire reference §3.2):
+/// `"v1_" + base64_std_nopad(sha256("<path>:<op>:<user>:<token>[:<exp>]"))`.
+pub fn file_signature(
+    path: &str,
+    op: &str,
+    user: &str,
+    token: &str,
+    expiration: Option<&str>,
+) -> String {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    let mut s = format!("{path}:{op}:{user}:{token}");
+    if let Some(exp) = expiration {
+        s.push(':');
+        s.push_str(exp);
+    }
+    let digest = Sha256::digest(s.as_bytes());
+    format!(
+        "v1_{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    )
+}
+
+/// A signed `/files` URL (`download_url()`/`upload_url()`): no sandbox
+/// headers, the sandbox is the one whose envd access token makes the
+/// signature valid. `None`: not a signed file URL. `Some(None)`: signed,
+/// but no token matches. `tokens` is `(sandbox id, token)`.
+pub fn signed_file_target<'a>(
+    method: &axum::http::Method,
+    path: &str,
+    query: Option<&str>,
+    tokens: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Option<Option<Target>> {
+    if path != "/files" {
+        return None;
+    }
+    let pairs = crate::api::query_pairs(query?);
+    let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let signature = get("signature")?;
+    let op = if method == axum::http::Method::GET {
+        "read"
+    } else {
+        "write"
+    };
+    let file = get("path").unwrap_or("");
+    let user = get("username").unwrap_or("");
+    let exp = get("signature_expiration");
+    let found = tokens
+        .into_iter()
+        .find(|(_, token)| file_signature(file, op, user, token, exp) == signature)
+        .map(|(id, _)| Target {
+            sandbox_id: id.to_owned(),
+            port: ENVD_PORT,
+        });
+    Some(found)
+}
+
 /// Send one HTTP/1.1 request over `stream` and return the response head;
 /// the body streams from the connection, which closes when it is done.
 pub async fn send<B>(
@@ -146,8 +206,29 @@ where
     })
 }
 
+/// An answer given without reading the request's body (which may still
+/// be streaming in): ask the client not to reuse the connection, which
+/// the server closes after such an answer, so that its next request does
+/// not race that close ("connection closed before message completed").
+pub fn closing(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
 /// Forward `req` to `target`.
-pub async fn forward(
+pub async fn forward(sandboxes: &Sandboxes, target: Target, req: Request<Body>) -> Response<Body> {
+    let resp = forward_inner(sandboxes, target, req).await;
+    if resp.status() == StatusCode::BAD_GATEWAY {
+        closing(resp)
+    } else {
+        resp
+    }
+}
+
+async fn forward_inner(
     sandboxes: &Sandboxes,
     target: Target,
     mut req: Request<Body>,
@@ -262,6 +343,87 @@ mod tests {
         );
         assert_eq!(
             target(&h(&[("host", "49983-abc.other.test")]), dom).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn signature_vectors() {
+        assert_eq!(
+            file_signature("/home/user/a.txt", "read", "", "tok-abc", None),
+            "v1_shr9/90N2wWSS66f1qgDcvlx1JHMJsE3NbhNt/Eyd6c"
+        );
+        assert_eq!(
+            file_signature(
+                "/home/user/a.txt",
+                "write",
+                "",
+                "tok-abc",
+                Some("1795420838")
+            ),
+            "v1_oANDgUnEKQTTHW3LjZXnOBgMhzBg8GO6vbMmJmnB+Xk"
+        );
+    }
+
+    #[test]
+    fn signed_urls_find_their_sandbox() {
+        use axum::http::Method;
+        let tokens = [("one", "tok-one"), ("two", "tok-abc")];
+        let two = Some(Some(Target {
+            sandbox_id: "two".into(),
+            port: ENVD_PORT,
+        }));
+        // As the SDK encodes it (`quote`: `/` stays, `+` is %2B).
+        let read =
+            "path=%2Fhome%2Fuser%2Fa.txt&signature=v1_shr9/90N2wWSS66f1qgDcvlx1JHMJsE3NbhNt/Eyd6c";
+        assert_eq!(
+            signed_file_target(&Method::GET, "/files", Some(read), tokens),
+            two
+        );
+        // The same signature does not allow a write.
+        assert_eq!(
+            signed_file_target(&Method::POST, "/files", Some(read), tokens),
+            Some(None)
+        );
+        let write = "path=/home/user/a.txt&signature=v1_oANDgUnEKQTTHW3LjZXnOBgMhzBg8GO6vbMmJmnB%2BXk&signature_expiration=1795420838";
+        assert_eq!(
+            signed_file_target(&Method::POST, "/files", Some(write), tokens),
+            two
+        );
+        // A wrong expiration or username breaks it.
+        let bad = write.replace("1795420838", "1795420839");
+        assert_eq!(
+            signed_file_target(&Method::POST, "/files", Some(&bad), tokens),
+            Some(None)
+        );
+        let user = format!("{read}&username=root");
+        assert_eq!(
+            signed_file_target(&Method::GET, "/files", Some(&user), tokens),
+            Some(None)
+        );
+        let sig = file_signature("/a b", "read", "root", "tok-one", None);
+        let q = format!(
+            "path=%2Fa%20b&username=root&signature={}",
+            sig.replace('+', "%2B")
+        );
+        assert_eq!(
+            signed_file_target(&Method::GET, "/files", Some(&q), tokens),
+            Some(Some(Target {
+                sandbox_id: "one".into(),
+                port: ENVD_PORT
+            }))
+        );
+        // Not signed file URLs: REST as before.
+        assert_eq!(
+            signed_file_target(&Method::GET, "/files", Some("path=/x"), tokens),
+            None
+        );
+        assert_eq!(
+            signed_file_target(&Method::GET, "/files", None, tokens),
+            None
+        );
+        assert_eq!(
+            signed_file_target(&Method::GET, "/sandboxes", Some(read), tokens),
             None
         );
     }

@@ -404,6 +404,7 @@ impl Sandboxes {
             envd_version: schema::envd::ENVD_VERSION.into(),
             envd_access_token: Some(r.envd_access_token.clone()),
             domain: self.inner.config.domain.clone(),
+            runtime: runtime_name(r),
         }
     }
 
@@ -424,11 +425,7 @@ impl Sandboxes {
             state: SandboxStateName::Running,
             metadata: r.metadata.clone(),
             domain: self.inner.config.domain.clone(),
-            runtime: if r.runtime == "microvm" {
-                RuntimeName::Microvm
-            } else {
-                RuntimeName::Gvisor
-            },
+            runtime: runtime_name(r),
         }
     }
 
@@ -873,6 +870,15 @@ async fn kill(shared: &Shared, id: &SandboxId) -> Result<(), SandboxError> {
     shared.store.remove_sandbox(id.as_str())?;
     tracing::info!(sandbox = %id, "sandbox killed");
     Ok(())
+}
+
+/// The runtime a sandbox record names, as the API reports it.
+fn runtime_name(r: &SandboxRecord) -> RuntimeName {
+    if r.runtime == "microvm" {
+        RuntimeName::Microvm
+    } else {
+        RuntimeName::Gvisor
+    }
 }
 
 #[cfg(test)]

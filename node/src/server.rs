@@ -41,26 +41,48 @@ async fn front_door(State(f): State<Front>, req: Request, next: Next) -> Respons
     match proxy::target(req.headers(), f.domain.as_deref()) {
         Err(msg) => error_response(StatusCode::BAD_REQUEST, msg),
         Ok(Some(target)) => proxy::forward(&f.sandboxes, target, req).await,
+        Ok(None) if req.uri().path() == "/files" && req.uri().query().is_some() => {
+            let records = f.sandboxes.list();
+            let tokens = records
+                .iter()
+                .map(|r| (r.id.as_str(), r.envd_access_token.as_str()));
+            match proxy::signed_file_target(
+                req.method(),
+                req.uri().path(),
+                req.uri().query(),
+                tokens,
+            ) {
+                Some(Some(target)) => proxy::forward(&f.sandboxes, target, req).await,
+                Some(None) => proxy::closing(error_response(
+                    StatusCode::UNAUTHORIZED,
+                    "the signature matches no running sandbox",
+                )),
+                None => rest(&f, req, next).await,
+            }
+        }
         Ok(None) if req.uri().path() == "/metrics" && req.method() == axum::http::Method::GET => {
             metrics_page(&f.sandboxes)
         }
-        Ok(None) => {
-            let key = req
-                .headers()
-                .get("x-api-key")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if key.is_empty() {
-                return error_response(StatusCode::UNAUTHORIZED, "missing X-API-KEY header");
-            }
-            match f.store.verify_api_key(key) {
-                Ok(true) => next.run(req).await,
-                Ok(false) => error_response(StatusCode::UNAUTHORIZED, "invalid API key"),
-                Err(e) => {
-                    tracing::error!("checking an API key: {e}");
-                    error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-                }
-            }
+        Ok(None) => rest(&f, req, next).await,
+    }
+}
+
+/// A REST call: check `X-API-KEY`, then the API.
+async fn rest(f: &Front, req: Request, next: Next) -> Response {
+    let key = req
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if key.is_empty() {
+        return error_response(StatusCode::UNAUTHORIZED, "missing X-API-KEY header");
+    }
+    match f.store.verify_api_key(key) {
+        Ok(true) => next.run(req).await,
+        Ok(false) => error_response(StatusCode::UNAUTHORIZED, "invalid API key"),
+        Err(e) => {
+            tracing::error!("checking an API key: {e}");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
     }
 }

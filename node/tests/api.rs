@@ -270,6 +270,10 @@ async fn e2b_api_end_to_end() {
     assert_eq!(sbx["envdVersion"], schema::envd::ENVD_VERSION);
     assert!(sbx["clientID"].is_string());
     assert_eq!(sbx["domain"], "sandmesh.test");
+    assert_eq!(
+        sbx["runtime"], "gvisor",
+        "the create response names the runtime"
+    );
 
     // ---- sandbox traffic through the proxy
     let r = t.envd(M::GET, &id, "/health").send().await.unwrap();

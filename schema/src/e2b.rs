@@ -60,6 +60,8 @@ pub struct Sandbox {
     /// `null`: the SDK then uses `E2B_DOMAIN` (or `E2B_SANDBOX_URL`).
     #[serde(default)]
     pub domain: Option<String>,
+    /// Ours (the SDK ignores unknown fields): which runtime runs it.
+    pub runtime: RuntimeName,
 }
 
 /// `running` or `paused`: the SDK fails to parse any other value.
@@ -262,10 +264,11 @@ mod tests {
             envd_version: "0.6.4".into(),
             envd_access_token: Some("tok".into()),
             domain: None,
+            runtime: RuntimeName::Gvisor,
         };
         assert_eq!(
             serde_json::to_value(&s).unwrap(),
-            json!({"templateID":"base","sandboxID":"abc","clientID":"node","envdVersion":"0.6.4","envdAccessToken":"tok","domain":null})
+            json!({"templateID":"base","sandboxID":"abc","clientID":"node","envdVersion":"0.6.4","envdAccessToken":"tok","domain":null,"runtime":"gvisor"})
         );
     }
 
