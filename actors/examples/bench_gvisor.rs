@@ -107,11 +107,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let per_sandbox = before.saturating_sub(after) / IDLE as u64;
     let headroom = before.saturating_sub(2 << 30);
-    let fit = if per_sandbox == 0 {
-        0
-    } else {
-        headroom / per_sandbox
-    };
+    let fit = headroom.checked_div(per_sandbox).unwrap_or(0);
     value(
         "gvisor: idle sandboxes that fit before 2 GiB free (estimate)",
         format!(

@@ -24,7 +24,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::{ReaderStream, StreamReader};
 
@@ -59,26 +58,6 @@ pub struct UploadedEntry {
     pub path: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<HashMap<String, String>>,
-}
-
-/// E2B's signature of a file URL.
-pub fn signature(
-    path: &str,
-    operation: &str,
-    username: &str,
-    token: &str,
-    expiration: Option<i64>,
-) -> String {
-    use base64::Engine;
-    let mut text = format!("{path}:{operation}:{username}:{token}");
-    if let Some(exp) = expiration {
-        text.push_str(&format!(":{exp}"));
-    }
-    let digest = Sha256::digest(text.as_bytes());
-    format!(
-        "v1_{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-    )
 }
 
 fn unauthorized(message: impl Into<String>) -> ApiError {
@@ -119,12 +98,12 @@ fn authorize(
                 .map_err(|_| bad_request(format!("invalid signature_expiration {s:?}")))?,
         ),
     };
-    let expected = signature(
+    let expected = schema::envd::file_signature(
         p.path.as_deref().unwrap_or(""),
         operation,
         p.username.as_deref().unwrap_or(""),
         &token,
-        expiration,
+        expiration.map(|e| e.to_string()).as_deref(),
     );
     if !constant_time_eq(expected.as_bytes(), sig.as_bytes()) {
         return Err(unauthorized("invalid signature"));
@@ -556,18 +535,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn signatures_match_e2b_test_vectors() {
-        assert_eq!(
-            signature("/home/user/a.txt", "read", "", "tok-abc", None),
-            "v1_shr9/90N2wWSS66f1qgDcvlx1JHMJsE3NbhNt/Eyd6c"
-        );
-        assert_eq!(
-            signature("/home/user/a.txt", "write", "", "tok-abc", Some(1795420838)),
-            "v1_oANDgUnEKQTTHW3LjZXnOBgMhzBg8GO6vbMmJmnB+Xk"
-        );
-    }
 
     #[test]
     fn accept_encoding_picks_gzip_only_when_asked() {

@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, HeaderName, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
 
 use actors::runtime::{BoxStream, SandboxId};
+use schema::envd::ENVD_PORT;
 
 use crate::api::error_response;
 use crate::sandboxes::{SandboxError, Sandboxes};
@@ -65,32 +66,6 @@ pub fn target(headers: &HeaderMap, domain: Option<&str>) -> Result<Option<Target
     }
 }
 
-/// envd's port, where signed file URLs go.
-pub const ENVD_PORT: u16 = 49983;
-
-/// The signature envd expects on a `/files` URL (wire reference §3.2):
-/// `"v1_" + base64_std_nopad(sha256("<path>:<op>:<user>:<token>[:<exp>]"))`.
-pub fn file_signature(
-    path: &str,
-    op: &str,
-    user: &str,
-    token: &str,
-    expiration: Option<&str>,
-) -> String {
-    use base64::Engine;
-    use sha2::{Digest, Sha256};
-    let mut s = format!("{path}:{op}:{user}:{token}");
-    if let Some(exp) = expiration {
-        s.push(':');
-        s.push_str(exp);
-    }
-    let digest = Sha256::digest(s.as_bytes());
-    format!(
-        "v1_{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-    )
-}
-
 /// A signed `/files` URL (`download_url()`/`upload_url()`): no sandbox
 /// headers, the sandbox is the one whose envd access token makes the
 /// signature valid. `None`: not a signed file URL. `Some(None)`: signed,
@@ -117,7 +92,7 @@ pub fn signed_file_target<'a>(
     let exp = get("signature_expiration");
     let found = tokens
         .into_iter()
-        .find(|(_, token)| file_signature(file, op, user, token, exp) == signature)
+        .find(|(_, token)| schema::envd::file_signature(file, op, user, token, exp) == signature)
         .map(|(id, _)| Target {
             sandbox_id: id.to_owned(),
             port: ENVD_PORT,
@@ -348,24 +323,6 @@ mod tests {
     }
 
     #[test]
-    fn signature_vectors() {
-        assert_eq!(
-            file_signature("/home/user/a.txt", "read", "", "tok-abc", None),
-            "v1_shr9/90N2wWSS66f1qgDcvlx1JHMJsE3NbhNt/Eyd6c"
-        );
-        assert_eq!(
-            file_signature(
-                "/home/user/a.txt",
-                "write",
-                "",
-                "tok-abc",
-                Some("1795420838")
-            ),
-            "v1_oANDgUnEKQTTHW3LjZXnOBgMhzBg8GO6vbMmJmnB+Xk"
-        );
-    }
-
-    #[test]
     fn signed_urls_find_their_sandbox() {
         use axum::http::Method;
         let tokens = [("one", "tok-one"), ("two", "tok-abc")];
@@ -401,7 +358,7 @@ mod tests {
             signed_file_target(&Method::GET, "/files", Some(&user), tokens),
             Some(None)
         );
-        let sig = file_signature("/a b", "read", "root", "tok-one", None);
+        let sig = schema::envd::file_signature("/a b", "read", "root", "tok-one", None);
         let q = format!(
             "path=%2Fa%20b&username=root&signature={}",
             sig.replace('+', "%2B")

@@ -12,6 +12,31 @@ pub const ENVD_PORT: u16 = 49983;
 /// only name a version whose features envd really implements.
 pub const ENVD_VERSION: &str = "0.6.4";
 
+/// E2B's signature of a `/files` URL (`download_url()`/`upload_url()`):
+/// `"v1_" + base64_std_nopad(sha256("<path>:<op>:<user>:<token>[:<expiration>]"))`,
+/// where `op` is `read` or `write` and `user` is empty when none is given.
+/// envd checks it; the node uses it to find which sandbox a URL is for.
+pub fn file_signature(
+    path: &str,
+    operation: &str,
+    username: &str,
+    token: &str,
+    expiration: Option<&str>,
+) -> String {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    let mut text = format!("{path}:{operation}:{username}:{token}");
+    if let Some(exp) = expiration {
+        text.push(':');
+        text.push_str(exp);
+    }
+    let digest = Sha256::digest(text.as_bytes());
+    format!(
+        "v1_{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    )
+}
+
 /// `process.Process`: start, attach to, signal and feed processes.
 #[allow(clippy::large_enum_variant)] // generated oneofs
 pub mod process {
@@ -28,6 +53,25 @@ pub mod filesystem {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn file_signatures_match_e2b_test_vectors() {
+        use super::file_signature;
+        assert_eq!(
+            file_signature("/home/user/a.txt", "read", "", "tok-abc", None),
+            "v1_shr9/90N2wWSS66f1qgDcvlx1JHMJsE3NbhNt/Eyd6c"
+        );
+        assert_eq!(
+            file_signature(
+                "/home/user/a.txt",
+                "write",
+                "",
+                "tok-abc",
+                Some("1795420838")
+            ),
+            "v1_oANDgUnEKQTTHW3LjZXnOBgMhzBg8GO6vbMmJmnB+Xk"
+        );
+    }
+
     use super::process::{ProcessEvent, StartResponse, process_event};
 
     /// The JSON the E2B SDK reads: camelCase names, bytes as base64,

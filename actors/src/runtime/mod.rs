@@ -79,7 +79,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The port envd listens on inside every guest.
-pub const ENVD_PORT: u16 = 49983;
+pub use schema::envd::ENVD_PORT;
 
 /// A boxed future, so that [`Runtime`] can be used as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
