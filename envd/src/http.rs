@@ -191,6 +191,8 @@ pub struct Metrics {
     pub cpu_used_pct: f32,
     pub mem_total: u64,
     pub mem_used: u64,
+    /// Page cache (`Cached` of /proc/meminfo).
+    pub mem_cache: u64,
     pub disk_used: u64,
     pub disk_total: u64,
 }
@@ -245,6 +247,7 @@ fn sample_metrics(root: &std::path::Path) -> std::io::Result<Metrics> {
     };
     let mem_total = kib("MemTotal:");
     let mem_used = mem_total.saturating_sub(kib("MemAvailable:"));
+    let mem_cache = kib("Cached:");
 
     let c_root = std::ffi::CString::new(root.as_os_str().as_encoded_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
@@ -266,6 +269,7 @@ fn sample_metrics(root: &std::path::Path) -> std::io::Result<Metrics> {
         cpu_used_pct,
         mem_total,
         mem_used,
+        mem_cache,
         disk_used,
         disk_total,
     })

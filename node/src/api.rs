@@ -11,9 +11,12 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use schema::e2b::{
-    ConnectRequest, ListedSandbox, NewSandbox, RefreshRequest, SandboxStateName, TimeoutRequest,
+    ConnectRequest, ListedSandbox, LogLevel, NewSandbox, RefreshRequest, ResumeRequest,
+    SandboxDetail, SandboxLog, SandboxLogEntry, SandboxLogs, SandboxLogsV2, SandboxMetric,
+    TemplateInfo, TimeoutRequest,
 };
 use serde::de::DeserializeOwned;
+use utoipa::OpenApi;
 
 use crate::sandboxes::{SandboxError, Sandboxes};
 
@@ -37,7 +40,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        error_response(self.0, self.1)
+        let resp = error_response(self.0, self.1);
+        if self.0 == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body was never read: the connection closes
+            // after this answer, so the client must not reuse it.
+            crate::proxy::closing(resp)
+        } else {
+            resp
+        }
     }
 }
 
@@ -68,8 +78,52 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     }
 }
 
+/// The OpenAPI document of this API, generated from the handlers and the
+/// wire types in `schema::e2b` (served at `/openapi.json`).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sandmesh node API",
+        description = "The E2B sandbox REST API as a sandmesh node serves it. Every call needs the X-API-KEY header. Sandbox traffic (envd, ports) goes to the same port, routed by Host `<port>-<sandboxID>.<domain>` or the E2b-Sandbox-Id / E2b-Sandbox-Port headers."
+    ),
+    paths(
+        create, list_v2, list_v1, get_one, kill, set_timeout, refresh, connect, pause, resume,
+        sandbox_logs, sandbox_logs_v2, sandbox_metrics, templates, template
+    ),
+    components(schemas(schema::e2b::ApiError)),
+    modifiers(&ApiKeyAuth)
+)]
+pub struct ApiDoc;
+
+struct ApiKeyAuth;
+
+impl utoipa::Modify for ApiKeyAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "ApiKeyAuth",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-KEY"))),
+        );
+        openapi.security = Some(vec![SecurityRequirement::new(
+            "ApiKeyAuth",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+async fn openapi_json() -> Response {
+    axum::Json(ApiDoc::openapi()).into_response()
+}
+
 pub fn router(sandboxes: Sandboxes) -> Router {
     Router::new()
+        .route("/openapi.json", get(openapi_json))
+        .route("/templates", get(templates))
+        .route("/templates/{id}", get(template))
+        .route("/sandboxes/{id}/logs", get(sandbox_logs))
+        .route("/v2/sandboxes/{id}/logs", get(sandbox_logs_v2))
+        .route("/sandboxes/{id}/metrics", get(sandbox_metrics))
         .route("/v2/sandboxes", post(create).get(list_v2))
         .route("/sandboxes", post(create).get(list_v1))
         .route("/sandboxes/{id}", get(get_one).delete(kill))
@@ -83,6 +137,11 @@ pub fn router(sandboxes: Sandboxes) -> Router {
         .with_state(sandboxes)
 }
 
+/// Create a sandbox from a template; returns once envd answers.
+#[utoipa::path(post, path = "/v2/sandboxes", request_body = NewSandbox,
+    responses((status = 201, body = schema::e2b::Sandbox),
+        (status = 400, body = schema::e2b::ApiError), (status = 404, description = "unknown template", body = schema::e2b::ApiError),
+        (status = 429, description = "node at capacity", body = schema::e2b::ApiError)))]
 async fn create(
     State(s): State<Sandboxes>,
     Json(req): Json<NewSandbox>,
@@ -95,16 +154,23 @@ fn found(s: &Sandboxes, id: &str) -> Result<crate::store::SandboxRecord, ApiErro
     s.get(id).ok_or_else(|| s.not_found(id).into())
 }
 
+#[utoipa::path(get, path = "/sandboxes/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = SandboxDetail), (status = 404, body = schema::e2b::ApiError)))]
 async fn get_one(State(s): State<Sandboxes>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let r = found(&s, &id)?;
     Ok(axum::Json(s.detail(&r)).into_response())
 }
 
+#[utoipa::path(delete, path = "/sandboxes/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = schema::e2b::ApiError)))]
 async fn kill(State(s): State<Sandboxes>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     s.kill(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/timeout", params(("id" = String, Path)),
+    request_body = TimeoutRequest,
+    responses((status = 204), (status = 400, body = schema::e2b::ApiError), (status = 404, body = schema::e2b::ApiError)))]
 async fn set_timeout(
     State(s): State<Sandboxes>,
     Path(id): Path<String>,
@@ -114,6 +180,9 @@ async fn set_timeout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/refreshes", params(("id" = String, Path)),
+    request_body(content = RefreshRequest, description = "optional"),
+    responses((status = 204), (status = 404, body = schema::e2b::ApiError)))]
 async fn refresh(
     State(s): State<Sandboxes>,
     Path(id): Path<String>,
@@ -134,6 +203,9 @@ async fn refresh(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v2/sandboxes/{id}/connect", params(("id" = String, Path)),
+    request_body(content = ConnectRequest, description = "optional"),
+    responses((status = 200, body = schema::e2b::Sandbox), (status = 404, body = schema::e2b::ApiError)))]
 async fn connect(
     State(s): State<Sandboxes>,
     Path(id): Path<String>,
@@ -145,22 +217,209 @@ async fn connect(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?
     };
-    let sbx = s.connect(&id, req.timeout).await?;
-    Ok((StatusCode::OK, axum::Json(sbx)).into_response())
+    let (sbx, resumed) = s.connect(&id, req.timeout).await?;
+    let status = if resumed {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(sbx)).into_response())
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/pause", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = schema::e2b::ApiError), (status = 409, description = "already paused", body = schema::e2b::ApiError)))]
 async fn pause(State(s): State<Sandboxes>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    found(&s, &id)?;
-    Err(SandboxError::NotImplemented("pause lands with the snapshot issue".into()).into())
+    // The body (`SandboxPauseRequest`, often `{}`) asks for nothing we
+    // offer a choice of: a pause always keeps memory and files.
+    s.pause(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/resume", params(("id" = String, Path)),
+    request_body(content = ResumeRequest, description = "optional"),
+    responses((status = 201, body = schema::e2b::Sandbox), (status = 404, body = schema::e2b::ApiError), (status = 409, description = "already running", body = schema::e2b::ApiError)))]
 async fn resume(
     State(s): State<Sandboxes>,
     Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    found(&s, &id)?;
-    // Nothing is ever paused yet, so a known sandbox is a running one.
-    Err(SandboxError::AlreadyRunning(id).into())
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let req: ResumeRequest = if body.is_empty() {
+        ResumeRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?
+    };
+    let sbx = s.resume(&id, req.timeout).await?;
+    Ok((StatusCode::CREATED, axum::Json(sbx)).into_response())
+}
+
+/// The templates this node serves.
+#[utoipa::path(get, path = "/templates", responses((status = 200, body = Vec<TemplateInfo>)))]
+async fn templates(State(s): State<Sandboxes>) -> Result<Response, ApiError> {
+    let all = s.templates().await?;
+    Ok(axum::Json(crate::templates::infos(&all)).into_response())
+}
+
+/// One template, with its builds.
+#[utoipa::path(get, path = "/templates/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = TemplateInfo), (status = 404, body = schema::e2b::ApiError)))]
+async fn template(
+    State(s): State<Sandboxes>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match s.template(&id).await? {
+        Some(t) => Ok(axum::Json(t.info(true)).into_response()),
+        None => {
+            let names: Vec<String> = s
+                .templates()
+                .await?
+                .iter()
+                .map(|t| t.name().to_owned())
+                .collect();
+            Err(SandboxError::UnknownTemplate(id, names.join(", ")).into())
+        }
+    }
+}
+
+/// Entries returned when the request names no `limit`, and at most.
+const LOG_LIMIT: usize = 1000;
+
+/// A number query parameter, or a 400 naming it.
+fn number<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ApiError> {
+    v.parse()
+        .map_err(|_| ApiError::bad_request(format!("query parameter {name}={v:?} is not a number")))
+}
+
+fn log_limit(v: &str) -> Result<usize, ApiError> {
+    let n: usize = number("limit", v)?;
+    if n == 0 || n > LOG_LIMIT {
+        return Err(ApiError::bad_request(format!(
+            "limit {n} must be between 1 and {LOG_LIMIT}"
+        )));
+    }
+    Ok(n)
+}
+
+/// What happened to the sandbox on this node and its console output
+/// (init's and envd's), oldest first.
+#[utoipa::path(get, path = "/sandboxes/{id}/logs",
+    params(("id" = String, Path), ("start" = Option<u64>, Query, description = "unix milliseconds"), ("limit" = Option<u32>, Query)),
+    responses((status = 200, body = SandboxLogs), (status = 404, body = schema::e2b::ApiError)))]
+async fn sandbox_logs(
+    State(s): State<Sandboxes>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let (mut start, mut limit) = (None, LOG_LIMIT);
+    for (k, v) in query_pairs(raw.as_deref().unwrap_or("")) {
+        match k.as_str() {
+            "start" => start = Some(number::<u64>("start", &v)?),
+            "limit" => limit = log_limit(&v)?,
+            _ => {}
+        }
+    }
+    let entries = s.logs(&id, start, limit).await?;
+    let logs = entries
+        .iter()
+        .map(|e| SandboxLog {
+            timestamp: e.timestamp.clone(),
+            line: e.message.clone(),
+        })
+        .collect();
+    Ok(axum::Json(SandboxLogs {
+        logs,
+        log_entries: entries,
+    })
+    .into_response())
+}
+
+/// The same log, with a cursor, a direction, a minimum level and a search.
+#[utoipa::path(get, path = "/v2/sandboxes/{id}/logs",
+    params(("id" = String, Path), ("cursor" = Option<u64>, Query, description = "unix milliseconds"),
+        ("limit" = Option<u32>, Query), ("direction" = Option<String>, Query, description = "forward or backward"),
+        ("level" = Option<String>, Query, description = "debug, info, warn or error: that level and above"),
+        ("search" = Option<String>, Query)),
+    responses((status = 200, body = SandboxLogsV2), (status = 400, body = schema::e2b::ApiError), (status = 404, body = schema::e2b::ApiError)))]
+async fn sandbox_logs_v2(
+    State(s): State<Sandboxes>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let (mut cursor, mut limit, mut backward, mut level, mut search) =
+        (None, LOG_LIMIT, false, LogLevel::Debug, None);
+    for (k, v) in query_pairs(raw.as_deref().unwrap_or("")) {
+        match k.as_str() {
+            "cursor" => cursor = Some(number::<u64>("cursor", &v)?),
+            "limit" => limit = log_limit(&v)?,
+            "direction" => {
+                backward = match v.as_str() {
+                    "forward" => false,
+                    "backward" => true,
+                    _ => {
+                        return Err(ApiError::bad_request(format!(
+                            "direction {v:?}: use forward or backward"
+                        )));
+                    }
+                }
+            }
+            "level" => {
+                level =
+                    serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| {
+                        ApiError::bad_request(format!(
+                            "level {v:?}: use debug, info, warn or error"
+                        ))
+                    })?
+            }
+            "search" => search = Some(v),
+            _ => {}
+        }
+    }
+    let mut entries: Vec<SandboxLogEntry> = s
+        .logs(&id, None, usize::MAX)
+        .await?
+        .into_iter()
+        .filter(|e| e.level >= level)
+        .filter(|e| {
+            search
+                .as_ref()
+                .is_none_or(|q| e.message.contains(q.as_str()))
+        })
+        .collect();
+    if let Some(c) = cursor {
+        let at = crate::sandboxes::rfc3339_ms(c);
+        if backward {
+            entries.retain(|e| e.timestamp <= at);
+        } else {
+            entries.retain(|e| e.timestamp >= at);
+        }
+    }
+    if backward {
+        entries.reverse();
+    }
+    entries.truncate(limit);
+    Ok(axum::Json(SandboxLogsV2 { logs: entries }).into_response())
+}
+
+/// The guest's CPU, memory and disk use as envd samples it: a sample is
+/// taken on each call, and every sample taken in `[start, end]` returned.
+#[utoipa::path(get, path = "/sandboxes/{id}/metrics",
+    params(("id" = String, Path), ("start" = Option<i64>, Query, description = "unix seconds"), ("end" = Option<i64>, Query, description = "unix seconds")),
+    responses((status = 200, body = Vec<SandboxMetric>), (status = 404, body = schema::e2b::ApiError)))]
+async fn sandbox_metrics(
+    State(s): State<Sandboxes>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let (mut start, mut end) = (None, None);
+    for (k, v) in query_pairs(raw.as_deref().unwrap_or("")) {
+        match k.as_str() {
+            "start" => start = Some(number::<i64>("start", &v)?),
+            "end" => end = Some(number::<i64>("end", &v)?),
+            _ => {}
+        }
+    }
+    let samples = s.metrics(&id, start, end).await?;
+    Ok(axum::Json(samples).into_response())
 }
 
 async fn not_implemented(req: Request<Body>) -> ApiError {
@@ -283,15 +542,21 @@ fn token_of(r: &crate::store::SandboxRecord) -> String {
 fn filtered(s: &Sandboxes, q: &ListQuery) -> Vec<crate::store::SandboxRecord> {
     s.list()
         .into_iter()
-        .filter(|_| {
+        .filter(|r| {
+            let state = crate::sandboxes::state_name(r.state);
             q.states
                 .as_ref()
-                .is_none_or(|st| st.iter().any(|x| x == SandboxStateName::Running.as_str()))
+                .is_none_or(|st| st.iter().any(|x| x == state.as_str()))
         })
         .filter(|r| q.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
         .collect()
 }
 
+/// Sandboxes, filtered by `metadata` and `state`, paged by `limit` and
+/// `nextToken` (the `x-next-token` response header).
+#[utoipa::path(get, path = "/v2/sandboxes",
+    params(("metadata" = Option<String>, Query), ("state" = Option<String>, Query), ("limit" = Option<u32>, Query), ("nextToken" = Option<String>, Query)),
+    responses((status = 200, body = Vec<ListedSandbox>), (status = 400, body = schema::e2b::ApiError)))]
 async fn list_v2(
     State(s): State<Sandboxes>,
     RawQuery(raw): RawQuery,
@@ -319,6 +584,8 @@ async fn list_v2(
     Ok(resp)
 }
 
+#[utoipa::path(get, path = "/sandboxes", params(("metadata" = Option<String>, Query)),
+    responses((status = 200, body = Vec<ListedSandbox>)))]
 async fn list_v1(
     State(s): State<Sandboxes>,
     RawQuery(raw): RawQuery,

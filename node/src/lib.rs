@@ -8,3 +8,5 @@ pub mod proxy;
 pub mod sandboxes;
 pub mod server;
 pub mod store;
+pub mod supervisor;
+pub mod templates;

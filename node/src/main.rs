@@ -54,6 +54,24 @@ struct NodeArgs {
     /// guest` built (its manifest, `SANDMESH_GUEST_ARTIFACTS`).
     #[arg(long, env = "SANDMESH_BASE_ROOTFS")]
     base_rootfs: Option<PathBuf>,
+    /// Another template (repeatable): `NAME=ROOT_DIR[,cpu=N][,memory-mb=N]`.
+    /// Every sandbox from it gets those resources (default 2 vCPUs and
+    /// 512 MiB). Naming `base` here replaces the default base template.
+    #[arg(long = "template", value_name = "SPEC")]
+    templates: Vec<node::templates::TemplateSpec>,
+    /// Domain of sandbox URLs (`<port>-<sandboxID>.<domain>`) returned to
+    /// the SDK; unset, the SDK uses its own E2B_DOMAIN / E2B_SANDBOX_URL.
+    #[arg(long, env = "SANDMESH_DOMAIN")]
+    domain: Option<String>,
+    /// Timeout of a sandbox whose create names none, in seconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    default_timeout: u64,
+    /// Longest timeout a create or set_timeout may ask for, in seconds.
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    max_timeout: u64,
+    /// Sandboxes this node runs at most; creates beyond it get 429.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_sandboxes: u64,
     /// Kill every sandbox when the node stops (SIGTERM/Ctrl-C). By default
     /// sandboxes outlive the node and a restarted node re-adopts them.
     #[arg(long)]
@@ -200,16 +218,46 @@ fn node_run(args: NodeArgs) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if args.default_timeout > args.max_timeout {
+        anyhow::bail!(
+            "--default-timeout {} is longer than --max-timeout {}",
+            args.default_timeout,
+            args.max_timeout
+        );
+    }
+    let mut templates = args.templates;
     let base_rootfs = match args.base_rootfs {
-        Some(p) => p,
-        None => {
+        _ if templates.iter().any(|t| t.name == "base") => None,
+        Some(p) => Some(p),
+        None => Some({
             let manifest = std::env::var_os(schema::guest::ARTIFACTS_ENV)
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("target/sandmesh-guest-artifacts.json"));
             schema::guest::GuestArtifacts::load(&manifest)
                 .context("no --base-rootfs given and no guest artifacts found")?
                 .rootfs_dir
-        }
+        }),
+    };
+    if let Some(dir) = base_rootfs {
+        templates.insert(
+            0,
+            node::templates::TemplateSpec {
+                name: "base".into(),
+                rootfs_dir: dir,
+                limits: actors::runtime::Limits::default(),
+            },
+        );
+    }
+    let mut names = std::collections::HashSet::new();
+    if let Some(t) = templates.iter().find(|t| !names.insert(t.name.clone())) {
+        anyhow::bail!("template {:?} is given twice", t.name);
+    }
+    let config = node::sandboxes::Config {
+        default_timeout: std::time::Duration::from_secs(args.default_timeout),
+        max_timeout: std::time::Duration::from_secs(args.max_timeout),
+        domain: args.domain,
+        max_sandboxes: args.max_sandboxes as usize,
+        ..Default::default()
     };
     let runtime = match args.runtime {
         RuntimeArg::Auto => RuntimeChoice::Auto,
@@ -222,8 +270,8 @@ fn node_run(args: NodeArgs) -> Result<()> {
             data_dir: args.data_dir,
             listen: args.listen,
             runtime,
-            base_rootfs,
-            config: node::sandboxes::Config::default(),
+            templates,
+            config,
         })
         .await?;
         // Machine-readable readiness line (tests and scripts wait for it).

@@ -15,6 +15,12 @@ pub const CREATES: &str = "sandmesh_sandbox_creates_total";
 pub const LOST: &str = "sandmesh_sandboxes_lost_total";
 /// Sandboxes killed by their timeout.
 pub const TIMED_OUT: &str = "sandmesh_sandboxes_timed_out_total";
+/// Pauses by `result` (`ok`, `refused`: the sandbox kept running, `lost`).
+pub const PAUSES: &str = "sandmesh_sandbox_pauses_total";
+/// Time of a successful pause (checkpoint), request to snapshot written.
+pub const PAUSE_SECONDS: &str = "sandmesh_sandbox_pause_seconds";
+/// Time of a successful resume, request to envd initialised.
+pub const RESUME_SECONDS: &str = "sandmesh_sandbox_resume_seconds";
 /// Body bytes through the sandbox-traffic proxy, by `direction`
 /// (`to_sandbox`, `from_sandbox`).
 pub const PROXY_BYTES: &str = "sandmesh_proxy_bytes_total";
@@ -30,7 +36,7 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
-                    Matcher::Full(CREATE_SECONDS.into()),
+                    Matcher::Suffix("_seconds".into()),
                     &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
                 )
                 .ok()?

@@ -111,10 +111,38 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    send_until(stream, req, None).await
+}
+
+/// [`send`], with the connection reset as soon as `cut` turns `true` (the
+/// sandbox is being paused or killed), whatever is still streaming.
+pub async fn send_until<B>(
+    stream: BoxStream,
+    req: Request<B>,
+    cut: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<Response<hyper::body::Incoming>, hyper::Error>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("sandbox connection ended: {e}");
+        let cut = async move {
+            match cut {
+                Some(mut cut) => {
+                    // An error: the sender is gone (the sandbox is).
+                    let _ = cut.wait_for(|c| *c).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                tracing::debug!("sandbox connection ended: {e}");
+            },
+            // Dropping `conn` drops the stream: a reset.
+            () = cut => tracing::debug!("sandbox connection cut (pause or kill)"),
         }
     });
     // Dropping `sender` after this lets the connection close once the
@@ -208,9 +236,17 @@ async fn forward_inner(
     target: Target,
     mut req: Request<Body>,
 ) -> Response<Body> {
-    if sandboxes.get(&target.sandbox_id).is_none() {
-        return not_found(sandboxes, &target.sandbox_id);
-    }
+    let cut = match sandboxes.route(&target.sandbox_id) {
+        Ok((_, cut)) => cut,
+        Err(SandboxError::Paused(id)) => {
+            metrics::counter!(crate::metrics::PROXY_REQUESTS, "outcome" => "paused").increment(1);
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                format!("The sandbox {id} is paused: resume it with Sandbox.connect() first"),
+            );
+        }
+        Err(_) => return not_found(sandboxes, &target.sandbox_id),
+    };
     let Ok(id) = SandboxId::new(target.sandbox_id.clone()) else {
         return not_found(sandboxes, &target.sandbox_id);
     };
@@ -243,7 +279,7 @@ async fn forward_inner(
     *req.uri_mut() = pq.parse().unwrap_or_else(|_| "/".parse().unwrap());
     *req.version_mut() = axum::http::Version::HTTP_11;
     let req = req.map(|b| Body::new(counted(b, "to_sandbox")));
-    match send(stream, req).await {
+    match send_until(stream, req, Some(cut)).await {
         Ok(resp) => {
             metrics::counter!(crate::metrics::PROXY_REQUESTS, "outcome" => "forwarded")
                 .increment(1);

@@ -63,6 +63,8 @@ async fn front_door(State(f): State<Front>, req: Request, next: Next) -> Respons
         Ok(None) if req.uri().path() == "/metrics" && req.method() == axum::http::Method::GET => {
             metrics_page(&f.sandboxes)
         }
+        // The API's description is public, as the API's own docs are.
+        Ok(None) if req.uri().path() == "/openapi.json" => next.run(req).await,
         Ok(None) => rest(&f, req, next).await,
     }
 }
@@ -96,7 +98,8 @@ fn metrics_page(sandboxes: &Sandboxes) -> Response {
             "another metrics recorder is installed in this process",
         );
     };
-    let (running, creating) = sandboxes.counts();
+    let (running, creating, paused) = sandboxes.counts();
+    metrics::gauge!(crate::metrics::SANDBOXES, "state" => "paused").set(paused as f64);
     metrics::gauge!(crate::metrics::SANDBOXES, "state" => "running").set(running as f64);
     metrics::gauge!(crate::metrics::SANDBOXES, "state" => "creating").set(creating as f64);
     handle.run_upkeep();
@@ -116,9 +119,9 @@ pub struct NodeOptions {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub runtime: RuntimeChoice,
-    /// The base template's root tree (`rootfs_dir` of the guest artifacts),
-    /// served as template `base`.
-    pub base_rootfs: PathBuf,
+    /// The templates this node serves (`base` among them, normally the
+    /// guest artifacts' root tree).
+    pub templates: Vec<crate::templates::TemplateSpec>,
     pub config: Config,
 }
 
@@ -137,13 +140,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<Node> {
     let store = Store::open(&opts.data_dir)?;
     let selected = select(opts.runtime, &opts.data_dir)?;
     tracing::info!("runtime: {}", selected.reason);
-    let sandboxes = Sandboxes::start(
-        selected.runtime,
-        store,
-        vec![("base".into(), opts.base_rootfs.clone())],
-        opts.config,
-    )
-    .await?;
+    let sandboxes = Sandboxes::start(selected.runtime, store, opts.templates, opts.config).await?;
     let listener = tokio::net::TcpListener::bind(opts.listen).await?;
     let addr = listener.local_addr()?;
     let app = app(sandboxes.clone());

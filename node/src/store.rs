@@ -44,6 +44,13 @@ pub struct SandboxRecord {
     /// `gvisor` or `microvm`.
     pub runtime: String,
     pub state: RecordState,
+    /// At the deadline: pause (E2B `autoPause`) rather than kill.
+    #[serde(default)]
+    pub auto_pause: bool,
+    /// The snapshot of a paused sandbox (and, while `Pausing`, where it is
+    /// being written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +60,11 @@ pub enum RecordState {
     /// the leftovers must be killed.
     Creating,
     Running,
+    /// `runtime.checkpoint` was called and has not returned: after a
+    /// crash, the snapshot counts only if its manifest was written.
+    Pausing,
+    /// Saved in `snapshot_dir`; nothing runs.
+    Paused,
 }
 
 #[derive(Clone)]
@@ -185,6 +197,8 @@ mod tests {
             memory_mib: 512,
             runtime: "gvisor".into(),
             state: RecordState::Running,
+            auto_pause: false,
+            snapshot_dir: None,
         };
         {
             let s = Store::open(&dir).unwrap();

@@ -6,183 +6,12 @@
 //! without them it prints `SKIP <test>: <reason>`, except under `cargo xtask
 //! test` (`SANDMESH_REQUIRE_ARTIFACTS`), where it fails.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use actors::runtime::select::RuntimeChoice;
-use base64::Engine;
-use node::sandboxes::Config;
-use node::server::{Node, NodeOptions, start};
-use schema::guest::{GuestArtifacts, REQUIRE_ENV};
+use common::{json_error, node, runsc_pids};
 use serde_json::{Value, json};
-
-struct TestNode {
-    node: Node,
-    key: String,
-    data: PathBuf,
-    http: reqwest::Client,
-}
-
-impl TestNode {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.node.addr)
-    }
-
-    fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, self.url(path))
-            .header("X-API-KEY", &self.key)
-    }
-
-    /// A request for port 49983 of sandbox `id`, routed by headers.
-    fn envd(&self, method: reqwest::Method, id: &str, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, self.url(path))
-            .header("E2b-Sandbox-Id", id)
-            .header("E2b-Sandbox-Port", "49983")
-    }
-
-    /// Run `script` with `/bin/sh -c` through envd's Connect
-    /// `process.Process/Start`, via the proxy. Returns the HTTP status and
-    /// the stdout the process printed.
-    async fn run(&self, id: &str, token: Option<&str>, script: &str) -> (u16, String) {
-        let body = json!({"process": {"cmd": "/bin/sh", "args": ["-c", script]}}).to_string();
-        let mut frame = vec![0u8];
-        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        frame.extend_from_slice(body.as_bytes());
-        let mut req = self
-            .envd(reqwest::Method::POST, id, "/process.Process/Start")
-            .header("content-type", "application/connect+json")
-            .header("connect-protocol-version", "1")
-            .header("authorization", "Basic cm9vdDo=")
-            .body(frame);
-        if let Some(t) = token {
-            req = req.header("X-Access-Token", t);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap();
-        let mut stdout = String::new();
-        let mut b = &bytes[..];
-        let b64 = base64::engine::general_purpose::STANDARD;
-        while status == 200 && b.len() >= 5 {
-            let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
-            let msg: Value = serde_json::from_slice(&b[5..5 + len]).unwrap();
-            if b[0] & 2 != 0 {
-                assert!(msg.get("error").is_none(), "Process/Start failed: {msg}");
-            } else if let Some(out) = msg["event"]["data"]["stdout"].as_str() {
-                stdout += &String::from_utf8_lossy(&b64.decode(out).unwrap());
-            }
-            b = &b[5 + len..];
-        }
-        (status, stdout)
-    }
-
-    async fn create(&self, body: Value) -> reqwest::Response {
-        self.api(reqwest::Method::POST, "/v2/sandboxes")
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-    }
-}
-
-async fn node(test: &str) -> Option<TestNode> {
-    let required = std::env::var_os(REQUIRE_ENV).is_some();
-    let artifacts = GuestArtifacts::for_test(test)?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            !required,
-            "{test}: the node tests need root (gvisor runtime)"
-        );
-        eprintln!("SKIP {test}: needs root (gvisor runtime: network namespaces, mounts)");
-        return None;
-    }
-    let data = std::env::temp_dir().join(format!("smh-node-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let node = match start(NodeOptions {
-        data_dir: data.clone(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        runtime: RuntimeChoice::Gvisor,
-        base_rootfs: artifacts.rootfs_dir,
-        config: Config {
-            max_sandboxes: 2,
-            domain: Some("sandmesh.test".into()),
-            ..Config::default()
-        },
-    })
-    .await
-    {
-        Ok(n) => n,
-        Err(e) if !required && e.to_string().contains("runsc is not installed") => {
-            eprintln!("SKIP {test}: {e}");
-            return None;
-        }
-        Err(e) => panic!("{test}: starting the node: {e:#}"),
-    };
-    let key = node.sandboxes.store().create_api_key().unwrap();
-    Some(TestNode {
-        node,
-        key,
-        data,
-        http: reqwest::Client::new(),
-    })
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        // Best effort: kill whatever the test left, then the data dir.
-        let rt = self.node.sandboxes.runtime().clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(tokio) = tokio::runtime::Runtime::new() else {
-                return;
-            };
-            tokio.block_on(async {
-                if let Ok(list) = rt.list().await {
-                    for r in list {
-                        let _ = rt.kill(&r.id).await;
-                    }
-                }
-            });
-        })
-        .join();
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
-            if m.starts_with(self.data.to_str().unwrap()) {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(m)
-                    .status();
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.data);
-    }
-}
-
-/// Host pids of runsc processes of sandbox `id`.
-fn runsc_pids(id: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains("runsc") && cmd.contains(id) {
-                pids.push(pid);
-            }
-        }
-    }
-    pids
-}
-
-async fn json_error(resp: reqwest::Response, status: u16) -> String {
-    assert_eq!(resp.status().as_u16(), status);
-    let body: Value = resp.json().await.expect("error bodies are JSON");
-    assert_eq!(body["code"], status, "{body}");
-    body["message"].as_str().expect("a message").to_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn e2b_api_end_to_end() {
@@ -417,14 +246,81 @@ async fn e2b_api_end_to_end() {
         .unwrap();
     json_error(r, 404).await;
 
-    // ---- pause is not there yet, and says so
+    // ---- pause: saved and stopped, listed as paused, traffic refused
+    let (status, _) = t
+        .run(&id, Some(&token), "echo before-pause > /tmp/kept")
+        .await;
+    assert_eq!(status, 200);
     let r = t
         .api(M::POST, &format!("/sandboxes/{id}/pause"))
         .json(&json!({}))
         .send()
         .await
         .unwrap();
-    assert!(json_error(r, 501).await.contains("snapshot issue"));
+    assert_eq!(r.status(), 204, "{:?}", r.text().await);
+    assert_eq!(get(id.clone()).await["state"], "paused");
+    let r = t
+        .api(M::GET, "/v2/sandboxes?state=paused")
+        .send()
+        .await
+        .unwrap();
+    let paused: Vec<Value> = r.json().await.unwrap();
+    assert_eq!(paused.len(), 1);
+    assert_eq!(paused[0]["sandboxID"], id.as_str());
+    let r = t
+        .api(M::POST, &format!("/sandboxes/{id}/pause"))
+        .send()
+        .await
+        .unwrap();
+    assert!(json_error(r, 409).await.contains("already paused"));
+    let r = t.envd(M::GET, &id, "/health").send().await.unwrap();
+    assert!(json_error(r, 502).await.contains("paused"));
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 409).await;
+    assert!(
+        !t.node
+            .sandboxes
+            .runtime()
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.id.as_str() == id),
+        "a paused sandbox runs nothing"
+    );
+
+    // ---- resume through connect: same id, token, files and env
+    let r = t
+        .api(M::POST, &format!("/v2/sandboxes/{id}/connect"))
+        .json(&json!({"timeout": 120}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let resumed: Value = r.json().await.unwrap();
+    assert_eq!(status, 201, "connect resumes a paused sandbox: {resumed}");
+    assert_eq!(resumed["envdAccessToken"], token.as_str());
+    assert_eq!(get(id.clone()).await["state"], "running");
+    let (status, out) = t
+        .run(&id, Some(&token), "cat /tmp/kept; echo $GREETING")
+        .await;
+    assert_eq!((status, out.as_str()), (200, "before-pause\nhello\n"));
+    let r = t
+        .api(M::POST, &format!("/sandboxes/{id}/resume"))
+        .send()
+        .await
+        .unwrap();
+    assert!(json_error(r, 409).await.contains("already running"));
+    let r = t
+        .api(M::POST, "/sandboxes/nosuchsandbox/pause")
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 404).await;
 
     // ---- the short sandbox died at its deadline
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -524,6 +420,8 @@ async fn e2b_api_end_to_end() {
     for needle in [
         "sandmesh_sandboxes{state=\"running\"} 0",
         "sandmesh_sandbox_creates_total{result=\"ok\"} 3",
+        "sandmesh_sandbox_pauses_total{result=\"ok\"} 1",
+        "sandmesh_sandbox_resume_seconds_count 1",
         "sandmesh_sandbox_create_seconds_bucket",
         "sandmesh_sandboxes_lost_total 1",
         "sandmesh_sandboxes_timed_out_total 1",

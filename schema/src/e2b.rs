@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 /// `POST /v2/sandboxes` body (`NewSandboxV2`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NewSandbox {
     #[serde(rename = "templateID")]
     pub template_id: String,
@@ -34,6 +35,7 @@ pub struct NewSandbox {
 
 /// Which runtime runs a sandbox, as reported in our extra `runtime` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeName {
     Gvisor,
@@ -42,6 +44,7 @@ pub enum RuntimeName {
 
 /// The response of create and connect (`Sandbox`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Sandbox {
     #[serde(rename = "templateID")]
     pub template_id: String,
@@ -66,6 +69,7 @@ pub struct Sandbox {
 
 /// `running` or `paused`: the SDK fails to parse any other value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxStateName {
     Running,
@@ -83,6 +87,7 @@ impl SandboxStateName {
 
 /// `GET /sandboxes/{id}` (`SandboxDetail`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SandboxDetail {
     #[serde(rename = "templateID")]
     pub template_id: String,
@@ -121,6 +126,7 @@ pub struct SandboxDetail {
 
 /// An item of `GET /v2/sandboxes` and `GET /sandboxes` (`ListedSandbox`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ListedSandbox {
     #[serde(rename = "templateID")]
     pub template_id: String,
@@ -168,27 +174,200 @@ impl From<SandboxDetail> for ListedSandbox {
 
 /// `POST /sandboxes/{id}/timeout` body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TimeoutRequest {
     pub timeout: i64,
 }
 
 /// `POST /v2/sandboxes/{id}/connect` body (`ConnectSandboxV2`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConnectRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<i64>,
 }
 
+/// `POST /sandboxes/{id}/resume` body (`ResumedSandbox`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ResumeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+    #[serde(rename = "autoPause", default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause: Option<bool>,
+}
+
 /// `POST /sandboxes/{id}/refreshes` body.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RefreshRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration: Option<i64>,
 }
 
+/// `building`, `ready`, ... of a template build (`TemplateBuildStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateBuildStatus {
+    Building,
+    Waiting,
+    Ready,
+    Error,
+}
+
+/// One build of a template (`TemplateBuild`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TemplateBuild {
+    /// A UUID (the SDK parses it as one).
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub status: TemplateBuildStatus,
+    #[serde(rename = "createdAt")]
+    pub created_at: String,
+    #[serde(rename = "updatedAt")]
+    pub updated_at: String,
+    #[serde(
+        rename = "finishedAt",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub finished_at: Option<String>,
+    #[serde(rename = "cpuCount")]
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(
+        rename = "diskSizeMB",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub disk_size_mb: Option<u64>,
+    #[serde(
+        rename = "envdVersion",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub envd_version: Option<String>,
+}
+
+/// An item of `GET /templates` (`Template`); `GET /templates/{id}` adds
+/// `builds` (`TemplateWithBuilds`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TemplateInfo {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// The last successful build (a UUID).
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    #[serde(rename = "cpuCount")]
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub public: bool,
+    pub aliases: Vec<String>,
+    pub names: Vec<String>,
+    #[serde(rename = "createdAt")]
+    pub created_at: String,
+    #[serde(rename = "updatedAt")]
+    pub updated_at: String,
+    /// Always `null`: a node has no user accounts (the key is required).
+    #[serde(rename = "createdBy")]
+    pub created_by: Option<serde_json::Value>,
+    /// `null` until the first sandbox (the key is required).
+    #[serde(rename = "lastSpawnedAt")]
+    pub last_spawned_at: Option<String>,
+    #[serde(rename = "spawnCount")]
+    pub spawn_count: u64,
+    #[serde(rename = "buildCount")]
+    pub build_count: u64,
+    #[serde(rename = "envdVersion")]
+    pub envd_version: String,
+    #[serde(rename = "buildStatus")]
+    pub build_status: TemplateBuildStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builds: Option<Vec<TemplateBuild>>,
+}
+
+/// An item of `GET /sandboxes/{id}/metrics` (`SandboxMetric`): the guest's
+/// own view, as envd samples it. Every key is required.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SandboxMetric {
+    /// RFC 3339.
+    pub timestamp: String,
+    #[serde(rename = "timestampUnix")]
+    pub timestamp_unix: i64,
+    #[serde(rename = "cpuCount")]
+    pub cpu_count: u32,
+    #[serde(rename = "cpuUsedPct")]
+    pub cpu_used_pct: f64,
+    #[serde(rename = "memUsed")]
+    pub mem_used: u64,
+    #[serde(rename = "memTotal")]
+    pub mem_total: u64,
+    #[serde(rename = "memCache")]
+    pub mem_cache: u64,
+    #[serde(rename = "diskUsed")]
+    pub disk_used: u64,
+    #[serde(rename = "diskTotal")]
+    pub disk_total: u64,
+}
+
+/// `debug`, `info`, `warn` or `error` (`LogLevel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// A structured log entry of a sandbox (`SandboxLogEntry`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SandboxLogEntry {
+    /// RFC 3339.
+    pub timestamp: String,
+    pub message: String,
+    pub level: LogLevel,
+    pub fields: BTreeMap<String, String>,
+}
+
+/// A plain log line of a sandbox (`SandboxLog`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SandboxLog {
+    pub timestamp: String,
+    pub line: String,
+}
+
+/// `GET /sandboxes/{id}/logs` (`SandboxLogs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SandboxLogs {
+    pub logs: Vec<SandboxLog>,
+    #[serde(rename = "logEntries")]
+    pub log_entries: Vec<SandboxLogEntry>,
+}
+
+/// `GET /v2/sandboxes/{id}/logs` (`SandboxLogsV2Response`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SandboxLogsV2 {
+    pub logs: Vec<SandboxLogEntry>,
+}
+
 /// Every error body: the SDK parses `code` (int) and `message` for each
 /// documented status and crashes on anything else.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiError {
     pub code: u16,
     pub message: String,

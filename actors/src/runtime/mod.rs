@@ -449,6 +449,10 @@ pub trait Runtime: Send + Sync {
     /// the connection at once, so that nothing of it stays in the guest.
     fn connect<'a>(&'a self, id: &'a SandboxId, port: u16) -> BoxFuture<'a, Result<BoxStream>>;
 
+    /// The last `max_bytes` (at most) of the guest's console: its init's
+    /// and envd's stdout and stderr, from a line start.
+    fn console<'a>(&'a self, id: &'a SandboxId, max_bytes: u64) -> BoxFuture<'a, Result<String>>;
+
     /// What sandbox `id` uses now.
     fn usage<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<Usage>>;
 

@@ -386,6 +386,22 @@ impl Runtime for GvisorRuntime {
         })
     }
 
+    fn console<'a>(&'a self, id: &'a SandboxId, max_bytes: u64) -> BoxFuture<'a, Result<String>> {
+        Box::pin(async move {
+            let id = id.clone();
+            self.blocking(move |inner| {
+                let dir = inner.sandbox_dir(&id);
+                if !dir.exists() {
+                    return Err(RuntimeError::NotFound(id));
+                }
+                let path = dir.join("console.log");
+                runsc::file_tail_lines(&path, max_bytes)
+                    .map_err(|e| RuntimeError::io("reading", &path, e))
+            })
+            .await
+        })
+    }
+
     fn usage<'a>(&'a self, id: &'a SandboxId) -> BoxFuture<'a, Result<Usage>> {
         Box::pin(async move {
             let id = id.clone();

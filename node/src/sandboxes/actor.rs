@@ -1,0 +1,549 @@
+//! [`SandboxActor`]: owns one sandbox — its create, deadline, pause,
+//! resume and kill — so that runtime calls for one id never overlap.
+
+use super::envd::init_envd;
+use super::*;
+
+/// Messages of a [`SandboxActor`].
+pub enum SandboxMsg {
+    /// Move the deadline to `end_at_ms` (only later, when `only_extend`).
+    SetDeadline {
+        end_at_ms: u64,
+        only_extend: bool,
+        reply: RpcReplyPort<SandboxRecord>,
+    },
+    Kill {
+        reply: RpcReplyPort<Result<(), SandboxError>>,
+    },
+    /// The deadline timer fired.
+    Deadline,
+    /// The runtime no longer runs the sandbox (its process died).
+    Lost { reason: String },
+    /// Save the sandbox to a snapshot and stop it (E2B pause).
+    Pause {
+        reply: RpcReplyPort<Result<SandboxRecord, SandboxError>>,
+    },
+    /// Start a paused sandbox again from its snapshot; it then dies (or
+    /// pauses) at `end_at_ms`.
+    Resume {
+        end_at_ms: u64,
+        reply: RpcReplyPort<Result<SandboxRecord, SandboxError>>,
+    },
+}
+
+/// How a [`SandboxActor`] comes to own its sandbox.
+pub(super) enum Start {
+    /// Create it from a template, then `/init` envd.
+    Create {
+        template: Template,
+        limits: Limits,
+        env_vars: BTreeMap<String, String>,
+    },
+    /// It already runs, or is paused (a node restart found it): take it
+    /// over.
+    Adopt,
+}
+
+/// Owns one sandbox: creates it (runtime create + envd `/init`) in
+/// `pre_start`, then holds its deadline timer, and alone pauses, resumes
+/// and kills it. States: creating -> running <-> paused -> killed (a
+/// runtime crash or a failed save: lost).
+pub struct SandboxActor;
+
+pub struct SandboxArgs {
+    pub(super) shared: Arc<Shared>,
+    pub(super) record: SandboxRecord,
+    pub(super) start: Start,
+    /// The create's outcome, for the REST call waiting on it.
+    pub(super) ready: oneshot::Sender<Result<SandboxRecord, SandboxError>>,
+}
+
+pub struct SandboxState {
+    shared: Arc<Shared>,
+    id: SandboxId,
+    record: SandboxRecord,
+    timer: Option<tokio::task::JoinHandle<Result<(), ractor::MessagingErr<SandboxMsg>>>>,
+}
+
+impl SandboxState {
+    /// Start the deadline timer (a paused sandbox has none).
+    fn arm(&mut self, myself: &ActorRef<SandboxMsg>) {
+        self.disarm();
+        if self.record.state != RecordState::Running {
+            return;
+        }
+        let left = Duration::from_millis(self.record.end_at_ms.saturating_sub(now_ms()));
+        self.timer = Some(myself.send_after(left, || SandboxMsg::Deadline));
+    }
+
+    fn disarm(&mut self) {
+        if let Some(t) = self.timer.take() {
+            t.abort();
+        }
+    }
+
+    /// Save the record in sled and in `live`, with an event for the log.
+    fn save(&self, event: Option<SandboxLogEntry>) -> Result<(), SandboxError> {
+        let saved = self.shared.store.put_sandbox(&self.record);
+        if let Some(l) = self.shared.live.lock().unwrap().get_mut(self.id.as_str()) {
+            l.record = self.record.clone();
+            if let Some(e) = event {
+                push_bounded(&mut l.events, MAX_EVENTS, e);
+            }
+        }
+        saved.map_err(Into::into)
+    }
+
+    /// Pause: stop routing to the sandbox, reset the connections into it,
+    /// checkpoint it into a new snapshot directory. A save that fails with
+    /// the sandbox still running leaves it running (409 with the reason);
+    /// one that loses the sandbox reports it lost.
+    async fn pause(&mut self, why: &str) -> Result<SandboxRecord, SandboxError> {
+        if self.record.state == RecordState::Paused {
+            return Err(SandboxError::AlreadyPaused(self.record.id.clone()));
+        }
+        let started = std::time::Instant::now();
+        let dest = self
+            .shared
+            .snapshots_dir
+            .join(format!("{}-{}", self.record.id, now_ms()));
+        self.record.state = RecordState::Pausing;
+        self.record.snapshot_dir = Some(dest.clone());
+        // In sled before the runtime writes anything: a node that dies in
+        // the middle finds the snapshot (complete only with its manifest).
+        if let Err(e) = self.save(None) {
+            self.record.state = RecordState::Running;
+            self.record.snapshot_dir = None;
+            let _ = self.save(None);
+            return Err(e);
+        }
+        self.shared.cut_connections(self.id.as_str());
+        let saved = self.shared.runtime.checkpoint(&self.id, &dest).await;
+        match saved {
+            Ok(_) => {
+                self.record.state = RecordState::Paused;
+                self.disarm();
+                let took = started.elapsed();
+                metrics::counter!(crate::metrics::PAUSES, "result" => "ok").increment(1);
+                metrics::histogram!(crate::metrics::PAUSE_SECONDS).record(took.as_secs_f64());
+                tracing::info!(sandbox = %self.id, ?took, why, "sandbox paused");
+                self.save(Some(log_entry(
+                    LogLevel::Info,
+                    "sandbox paused",
+                    [
+                        ("why", why.to_owned()),
+                        ("took_ms", took.as_millis().to_string()),
+                        ("snapshot_bytes", dir_size(&dest).to_string()),
+                    ],
+                )))?;
+                Ok(self.record.clone())
+            }
+            Err(RuntimeError::CheckpointFailed {
+                reason,
+                sandbox_lost: false,
+                ..
+            }) => {
+                metrics::counter!(crate::metrics::PAUSES, "result" => "refused").increment(1);
+                self.record.state = RecordState::Running;
+                self.record.snapshot_dir = None;
+                let _ = std::fs::remove_dir_all(&dest);
+                tracing::warn!(sandbox = %self.id, "pause refused: {reason}");
+                self.save(Some(log_entry(
+                    LogLevel::Warn,
+                    "pause refused; the sandbox keeps running",
+                    [("reason", reason.clone())],
+                )))?;
+                Err(SandboxError::PauseRefused(self.record.id.clone(), reason))
+            }
+            Err(e) => {
+                metrics::counter!(crate::metrics::PAUSES, "result" => "lost").increment(1);
+                Err(SandboxError::Lost(
+                    self.record.id.clone(),
+                    format!("saving it failed: {e}"),
+                ))
+            }
+        }
+    }
+
+    /// Resume: restore the snapshot under the same id, `/init` envd again
+    /// (fresh clock), then drop the snapshot. A failed restore leaves the
+    /// sandbox paused with its snapshot.
+    async fn resume(&mut self, end_at_ms: u64) -> Result<SandboxRecord, SandboxError> {
+        if self.record.state == RecordState::Running {
+            return Err(SandboxError::AlreadyRunning(self.record.id.clone()));
+        }
+        let started = std::time::Instant::now();
+        let Some(dir) = self.record.snapshot_dir.clone() else {
+            return Err(SandboxError::Lost(
+                self.record.id.clone(),
+                "paused without a snapshot".into(),
+            ));
+        };
+        let template = self.shared.template(&self.record.template).await?;
+        let snapshot = actors::runtime::Snapshot {
+            dir: dir.clone(),
+            template: template.template.id.clone(),
+            runtime: self.shared.runtime.kind(),
+        };
+        let limits = Limits {
+            vcpus: self.record.vcpus,
+            memory_mib: self.record.memory_mib,
+        };
+        let restored = async {
+            let i = self
+                .shared
+                .runtime
+                .restore(&self.id, &template.template, &snapshot, limits)
+                .await?;
+            init_envd(
+                &*self.shared.runtime,
+                &self.id,
+                &BTreeMap::new(),
+                &self.record.envd_access_token,
+            )
+            .await
+            .map_err(|detail| SandboxError::Init {
+                id: self.record.id.clone(),
+                detail,
+            })?;
+            Ok::<_, SandboxError>(i)
+        }
+        .await;
+        let instance = match restored {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(sandbox = %self.id, "resume failed: {e}");
+                if let Err(k) = self.shared.runtime.kill(&self.id).await {
+                    tracing::error!(sandbox = %self.id, "cleaning up after a failed resume: {k}");
+                }
+                let _ = self.save(Some(log_entry(
+                    LogLevel::Error,
+                    "resume failed; the sandbox stays paused",
+                    [("error", e.to_string())],
+                )));
+                return Err(e);
+            }
+        };
+        self.record.state = RecordState::Running;
+        self.record.snapshot_dir = None;
+        self.record.end_at_ms = end_at_ms;
+        self.shared.reconnectable(self.id.as_str());
+        let took = started.elapsed();
+        metrics::histogram!(crate::metrics::RESUME_SECONDS).record(took.as_secs_f64());
+        tracing::info!(sandbox = %self.id, ?took, "sandbox resumed");
+        self.save(Some(log_entry(
+            LogLevel::Info,
+            "sandbox resumed",
+            [
+                ("took_ms", took.as_millis().to_string()),
+                (
+                    "ready_after_ms",
+                    instance.ready_after.as_millis().to_string(),
+                ),
+            ],
+        )))?;
+        // Only now: until the record says running, the snapshot is the
+        // sandbox.
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::error!(sandbox = %self.id, "removing the used snapshot {}: {e}", dir.display());
+        }
+        Ok(self.record.clone())
+    }
+}
+
+/// Bytes of the files under `dir` (a snapshot's size), 0 if unreadable.
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
+impl Actor for SandboxActor {
+    type Msg = SandboxMsg;
+    type State = SandboxState;
+    type Arguments = SandboxArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SandboxMsg>,
+        args: SandboxArgs,
+    ) -> Result<SandboxState, ActorProcessingErr> {
+        let SandboxArgs {
+            shared,
+            mut record,
+            start,
+            ready,
+        } = args;
+        let id = SandboxId::new(record.id.clone())?;
+        let created = async {
+            let (template, limits, env_vars) = match start {
+                Start::Create {
+                    template,
+                    limits,
+                    env_vars,
+                } => (template, limits, env_vars),
+                Start::Adopt => return Ok(None),
+            };
+            let instance = shared.runtime.create(&id, &template, limits).await?;
+            if let Err(detail) =
+                init_envd(&*shared.runtime, &id, &env_vars, &record.envd_access_token).await
+            {
+                return Err(SandboxError::Init {
+                    id: record.id.clone(),
+                    detail,
+                });
+            }
+            record.state = RecordState::Running;
+            shared.store.put_sandbox(&record)?;
+            Ok(Some(instance))
+        }
+        .await;
+        let instance = match created {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(sandbox = %id, "create failed: {e}");
+                // create undoes itself; a failed /init leaves a running guest.
+                match shared.runtime.kill(&id).await {
+                    Ok(()) => {
+                        let _ = shared.store.remove_sandbox(&record.id);
+                    }
+                    Err(k) => {
+                        tracing::error!(sandbox = %id, "cleaning up after a failed create: {k}")
+                    }
+                }
+                let msg = e.to_string();
+                let _ = ready.send(Err(e));
+                return Err(msg.into());
+            }
+        };
+        let first = match instance {
+            Some(i) => {
+                tracing::info!(sandbox = %id, template = %record.template,
+                    ready_after = ?i.ready_after, "sandbox created");
+                log_entry(
+                    LogLevel::Info,
+                    "sandbox created",
+                    [
+                        ("template", record.template.clone()),
+                        ("runtime", record.runtime.clone()),
+                        ("vcpus", record.vcpus.to_string()),
+                        ("memory_mib", record.memory_mib.to_string()),
+                        ("ready_after_ms", i.ready_after.as_millis().to_string()),
+                    ],
+                )
+            }
+            None => {
+                tracing::info!(sandbox = %id, template = %record.template, state = ?record.state,
+                    "sandbox re-adopted after a node restart");
+                log_entry(
+                    LogLevel::Warn,
+                    "sandbox re-adopted after a node restart",
+                    [
+                        ("template", record.template.clone()),
+                        ("state", format!("{:?}", record.state).to_lowercase()),
+                    ],
+                )
+            }
+        };
+        {
+            let mut live = shared.live.lock().unwrap();
+            match live.get_mut(&record.id) {
+                // Taken over from a failed actor: keep its log.
+                Some(l) => {
+                    l.actor = myself.clone();
+                    l.record = record.clone();
+                    push_bounded(&mut l.events, MAX_EVENTS, first);
+                }
+                None => {
+                    live.insert(
+                        record.id.clone(),
+                        Live {
+                            record: record.clone(),
+                            actor: myself.clone(),
+                            events: VecDeque::from([first]),
+                            samples: VecDeque::new(),
+                            cut: tokio::sync::watch::channel(false).0,
+                        },
+                    );
+                }
+            }
+        }
+        let mut state = SandboxState {
+            shared,
+            id,
+            record: record.clone(),
+            timer: None,
+        };
+        state.arm(&myself);
+        if ready.send(Ok(record)).is_err() {
+            tracing::warn!(sandbox = %state.id, "the create request went away; the sandbox keeps running until its timeout");
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SandboxMsg>,
+        msg: SandboxMsg,
+        st: &mut SandboxState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SandboxMsg::Deadline => {
+                if now_ms() < st.record.end_at_ms {
+                    // A timer that fired as the deadline moved: re-arm.
+                    st.arm(&myself);
+                    return Ok(());
+                }
+                if st.record.state != RecordState::Running {
+                    return Ok(());
+                }
+                metrics::counter!(crate::metrics::TIMED_OUT).increment(1);
+                if st.record.auto_pause {
+                    tracing::info!(sandbox = %st.id, "timeout reached: pausing (autoPause)");
+                    match st.pause("timeout (autoPause)").await {
+                        Ok(_) => return Ok(()),
+                        Err(e) => {
+                            tracing::error!(sandbox = %st.id, "auto-pause failed, killing instead: {e}")
+                        }
+                    }
+                } else {
+                    tracing::info!(sandbox = %st.id, "timeout reached: killing");
+                }
+                if let Err(e) = kill(&st.shared, &st.id, st.record.snapshot_dir.as_deref()).await {
+                    tracing::error!(sandbox = %st.id, "kill at timeout failed: {e}");
+                }
+                myself.stop(Some("timeout".into()));
+            }
+            SandboxMsg::SetDeadline {
+                end_at_ms,
+                only_extend,
+                reply,
+            } => {
+                if !only_extend || end_at_ms > st.record.end_at_ms {
+                    st.record.end_at_ms = end_at_ms;
+                    if let Err(e) = st.shared.store.put_sandbox(&st.record) {
+                        tracing::error!(sandbox = %st.id, "saving the new deadline: {e}");
+                    }
+                    if let Some(l) = st.shared.live.lock().unwrap().get_mut(st.id.as_str()) {
+                        l.record.end_at_ms = end_at_ms;
+                        push_bounded(
+                            &mut l.events,
+                            MAX_EVENTS,
+                            log_entry(
+                                LogLevel::Info,
+                                "timeout set",
+                                [("end_at", rfc3339_ms(end_at_ms))],
+                            ),
+                        );
+                    }
+                    st.arm(&myself);
+                }
+                let _ = reply.send(st.record.clone());
+            }
+            SandboxMsg::Lost { reason } => {
+                if st.record.state != RecordState::Running
+                    || !st.shared.live.lock().unwrap().contains_key(st.id.as_str())
+                {
+                    // Paused (nothing runs), or being killed already.
+                    return Ok(());
+                }
+                tracing::error!(sandbox = %st.id, "sandbox lost: {reason}; cleaning up");
+                metrics::counter!(crate::metrics::LOST).increment(1);
+                st.shared.remember_lost(st.id.as_str(), &reason);
+                if let Err(e) = kill(&st.shared, &st.id, None).await {
+                    tracing::error!(sandbox = %st.id, "cleaning up a lost sandbox: {e}");
+                }
+                myself.stop(Some("lost".into()));
+            }
+            SandboxMsg::Kill { reply } => {
+                let r = kill(&st.shared, &st.id, st.record.snapshot_dir.as_deref()).await;
+                let _ = reply.send(r);
+                myself.stop(Some("killed".into()));
+            }
+            SandboxMsg::Pause { reply } => {
+                let r = st.pause("requested").await;
+                let lost = matches!(r, Err(SandboxError::Lost(..)));
+                if let Err(SandboxError::Lost(_, why)) = &r {
+                    tracing::error!(sandbox = %st.id, "lost while pausing: {why}");
+                    st.shared.remember_lost(st.id.as_str(), why);
+                    metrics::counter!(crate::metrics::LOST).increment(1);
+                    if let Err(e) =
+                        kill(&st.shared, &st.id, st.record.snapshot_dir.as_deref()).await
+                    {
+                        tracing::error!(sandbox = %st.id, "cleaning up after a failed pause: {e}");
+                    }
+                }
+                let _ = reply.send(r);
+                if lost {
+                    myself.stop(Some("lost".into()));
+                }
+            }
+            SandboxMsg::Resume { end_at_ms, reply } => {
+                let r = st.resume(end_at_ms).await;
+                if r.is_ok() {
+                    st.arm(&myself);
+                }
+                let _ = reply.send(r);
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<SandboxMsg>,
+        st: &mut SandboxState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = st.timer.take() {
+            t.abort();
+        }
+        Ok(())
+    }
+}
+
+/// Stop routing to the sandbox, remove it from the runtime and forget it.
+/// If the runtime cannot remove it, the record stays in sled so that the
+/// next node start retries.
+pub(super) async fn kill(
+    shared: &Shared,
+    id: &SandboxId,
+    snapshot: Option<&std::path::Path>,
+) -> Result<(), SandboxError> {
+    shared.cut_connections(id.as_str());
+    shared.live.lock().unwrap().remove(id.as_str());
+    shared.runtime.kill(id).await?;
+    if let Some(dir) = snapshot
+        && let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(SandboxError::Io(format!(
+            "removing the snapshot {}: {e}",
+            dir.display()
+        )));
+    }
+    shared.store.remove_sandbox(id.as_str())?;
+    tracing::info!(sandbox = %id, "sandbox killed");
+    Ok(())
+}
+
+/// A lifecycle event of a sandbox, stamped now.
+pub(super) fn log_entry<const N: usize>(
+    level: LogLevel,
+    message: &str,
+    fields: [(&str, String); N],
+) -> SandboxLogEntry {
+    SandboxLogEntry {
+        timestamp: rfc3339_ms(now_ms()),
+        message: message.to_owned(),
+        level,
+        fields: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+    }
+}

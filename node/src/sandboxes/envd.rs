@@ -1,0 +1,97 @@
+//! Calls the node makes to a sandbox's envd through the runtime's stream:
+//! `/init` (identity, env vars, token, clock) and `/metrics`.
+
+use super::*;
+
+/// POST /init to envd through the runtime's stream.
+pub(super) async fn init_envd(
+    runtime: &dyn Runtime,
+    id: &SandboxId,
+    env_vars: &BTreeMap<String, String>,
+    token: &str,
+) -> Result<(), String> {
+    let body = serde_json::json!({
+        "envVars": env_vars,
+        "accessToken": token,
+        "timestamp": e2b::format_rfc3339(SystemTime::now()),
+    });
+    let stream = runtime
+        .connect(id, ENVD_PORT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = hyper::Request::post("/init")
+        .header(hyper::header::HOST, "localhost")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        // Needed once envd has a token (a resume); harmless before.
+        .header("X-Access-Token", token)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("a valid request");
+    let resp = crate::proxy::send(stream, req)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Err(format!("{status}: {}", String::from_utf8_lossy(&body)))
+}
+
+/// envd's `GET /metrics` through the runtime's stream, as a SandboxMetric.
+pub(super) async fn envd_metrics(
+    runtime: &dyn Runtime,
+    id: &SandboxId,
+    token: &str,
+) -> Result<SandboxMetric, String> {
+    #[derive(serde::Deserialize)]
+    struct EnvdMetrics {
+        ts: i64,
+        cpu_count: u32,
+        cpu_used_pct: f64,
+        mem_total: u64,
+        mem_used: u64,
+        #[serde(default)]
+        mem_cache: u64,
+        disk_used: u64,
+        disk_total: u64,
+    }
+    let stream = runtime
+        .connect(id, ENVD_PORT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = hyper::Request::get("/metrics")
+        .header(hyper::header::HOST, "localhost")
+        .header("X-Access-Token", token)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("a valid request");
+    let resp = crate::proxy::send(stream, req)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
+    }
+    let m: EnvdMetrics = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    Ok(SandboxMetric {
+        timestamp: e2b::format_rfc3339(UNIX_EPOCH + Duration::from_secs(m.ts.max(0) as u64)),
+        timestamp_unix: m.ts,
+        cpu_count: m.cpu_count,
+        cpu_used_pct: m.cpu_used_pct,
+        mem_used: m.mem_used,
+        mem_total: m.mem_total,
+        mem_cache: m.mem_cache,
+        disk_used: m.disk_used,
+        disk_total: m.disk_total,
+    })
+}

@@ -1,0 +1,845 @@
+//! The sandbox lifecycle on one node, on ractor actors.
+//!
+//! [`Sandboxes`] is the service the REST handlers and the proxy call.
+//! [`SandboxSupervisor`] supervises one [`SandboxActor`] per sandbox. The
+//! actor runs `runtime.create` and envd's `/init` (in `pre_start`), then
+//! holds the deadline timer, and it alone kills the sandbox (on `DELETE`,
+//! at the deadline, or when the runtime lost it). Every call for one id
+//! goes through its actor, so runtime calls for an id never overlap, as the
+//! runtime contract requires.
+//!
+//! - **Restart**: sandboxes outlive the node. [`Sandboxes::start`] re-adopts
+//!   every sandbox sled remembers that the runtime still runs (same id,
+//!   token, metadata and deadline) and cleans up the rest.
+//! - **Runtime crash**: the supervisor compares the live sandboxes with
+//!   `runtime.list()` every [`SWEEP_EVERY`]; a sandbox whose runtime
+//!   process died is cleaned up and later calls for it say why (404/502
+//!   "... was lost (...)"). A failed actor (error or panic) has its sandbox
+//!   killed; the node goes on.
+//! - **Capacity**: at most [`Config::max_sandboxes`] running or being
+//!   created; beyond that a create is refused at once (429).
+
+mod actor;
+mod envd;
+mod supervisor;
+
+pub use actor::{SandboxActor, SandboxMsg};
+pub use supervisor::{SWEEP_EVERY, SandboxSupervisor, SupervisorMsg};
+pub(crate) use supervisor::{adopt_orphans, readopt};
+
+use actor::{SandboxArgs, Start, kill};
+use envd::envd_metrics;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actors::runtime::{ENVD_PORT, Limits, Runtime, RuntimeError, SandboxId, Template, TemplateId};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use schema::e2b::{self, NewSandbox, RuntimeName, SandboxStateName};
+use schema::e2b::{LogLevel, SandboxLogEntry, SandboxMetric};
+use tokio::sync::oneshot;
+
+use crate::store::{RecordState, SandboxRecord, Store, StoreError, random_bytes};
+use crate::supervisor::{NodeArgs, NodeMsg, NodeSupervisor};
+use crate::templates::{TemplateEntry, TemplateMsg, TemplateSpec};
+
+/// Node-wide settings of the sandbox lifecycle.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// When a create names no timeout (the SDK then omits it).
+    pub default_timeout: Duration,
+    /// The longest timeout a create or `set_timeout` may ask for.
+    pub max_timeout: Duration,
+    /// `clientID` in every response: this node's name.
+    pub client_id: String,
+    /// `domain` in the create response; `None` lets the SDK use its own.
+    pub domain: Option<String>,
+    /// Sandboxes this node runs at most (running + being created; paused
+    /// ones do not count); a create or resume beyond it is refused with
+    /// 429, never queued.
+    pub max_sandboxes: usize,
+    /// Where paused sandboxes' snapshots go (`<data_dir>/snapshots`).
+    pub snapshots_dir: std::path::PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            default_timeout: Duration::from_secs(300),
+            max_timeout: Duration::from_secs(24 * 3600),
+            client_id: "sandmesh".into(),
+            domain: None,
+            max_sandboxes: 64,
+            snapshots_dir: "./.sandmesh/snapshots".into(),
+        }
+    }
+}
+
+/// Why a lifecycle call failed; [`SandboxError::status`] is the HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox {0} not found")]
+    NotFound(String),
+    #[error("sandbox {0} not found: it was lost ({1})")]
+    Lost(String, String),
+    #[error("template {0:?} not found: this node serves {1}")]
+    UnknownTemplate(String, String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotImplemented(String),
+    #[error("this node is at capacity ({0} sandboxes): kill a sandbox or retry later")]
+    AtCapacity(usize),
+    #[error("sandbox {0} is already running")]
+    AlreadyRunning(String),
+    #[error("sandbox {0} is already paused")]
+    AlreadyPaused(String),
+    #[error("sandbox {0} is paused: resume it first (Sandbox.connect)")]
+    Paused(String),
+    #[error("sandbox {0} could not be paused and keeps running: {1}")]
+    PauseRefused(String, String),
+    #[error("{0}")]
+    Io(String),
+    #[error("the sandbox runtime failed: {0}")]
+    Runtime(#[from] RuntimeError),
+    #[error("envd of sandbox {id} refused /init: {detail}")]
+    Init { id: String, detail: String },
+    #[error("envd of sandbox {id} did not answer: {detail}")]
+    Envd { id: String, detail: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the node is shutting down")]
+    Stopping,
+    #[error("sandbox actors: {0}")]
+    Actor(String),
+}
+
+impl SandboxError {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NotFound(_) | Self::Lost(..) | Self::UnknownTemplate(..) => 404,
+            Self::BadRequest(_) => 400,
+            Self::AlreadyRunning(_)
+            | Self::AlreadyPaused(_)
+            | Self::Paused(_)
+            | Self::PauseRefused(..) => 409,
+            Self::AtCapacity(_) => 429,
+            Self::NotImplemented(_) => 501,
+            Self::Stopping => 503,
+            Self::Envd { .. } => 502,
+            Self::Runtime(_)
+            | Self::Init { .. }
+            | Self::Store(_)
+            | Self::Actor(_)
+            | Self::Io(_) => 500,
+        }
+    }
+}
+
+struct Live {
+    record: SandboxRecord,
+    actor: ActorRef<SandboxMsg>,
+    /// What happened to the sandbox on this node (`GET .../logs`), newest
+    /// last, at most [`MAX_EVENTS`].
+    events: VecDeque<SandboxLogEntry>,
+    /// Metrics samples taken so far (`GET .../metrics`), at most
+    /// [`MAX_SAMPLES`].
+    samples: VecDeque<SandboxMetric>,
+    /// Set to `true` to reset every proxied connection into the sandbox
+    /// (before a pause or a kill); replaced by a fresh one on resume.
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+/// Lifecycle events kept per sandbox.
+pub const MAX_EVENTS: usize = 256;
+/// Metrics samples kept per sandbox.
+pub const MAX_SAMPLES: usize = 720;
+
+/// The actors the service talks to; replaced when the node supervisor
+/// restarts one.
+#[derive(Clone)]
+pub(crate) struct Refs {
+    pub templates: ActorRef<TemplateMsg>,
+    pub sandboxes: ActorRef<SupervisorMsg>,
+}
+
+/// What the actors share with the service.
+pub struct Shared {
+    runtime: Arc<dyn Runtime>,
+    store: Store,
+    live: Mutex<HashMap<String, Live>>,
+    pub(crate) refs: Mutex<Option<Refs>>,
+    /// Sandboxes that died under the node (runtime crash), with the reason,
+    /// so that a later call for them says what happened.
+    lost: Mutex<HashMap<String, String>>,
+    /// Creates in flight (not in `live` yet), for the capacity check.
+    creating: std::sync::atomic::AtomicUsize,
+    snapshots_dir: std::path::PathBuf,
+}
+
+impl Shared {
+    /// Reset every proxied connection into sandbox `id` (they end at once,
+    /// as the runtime contract requires before a checkpoint).
+    fn cut_connections(&self, id: &str) {
+        if let Some(l) = self.live.lock().unwrap().get(id) {
+            l.cut.send_replace(true);
+        }
+    }
+
+    /// After a resume: new connections get a fresh cut signal.
+    fn reconnectable(&self, id: &str) {
+        if let Some(l) = self.live.lock().unwrap().get_mut(id) {
+            l.cut = tokio::sync::watch::channel(false).0;
+        }
+    }
+
+    /// Remember why sandbox `id` was lost, for later calls naming it.
+    fn remember_lost(&self, id: &str, reason: &str) {
+        let mut lost = self.lost.lock().unwrap();
+        if lost.len() >= 1024 {
+            lost.clear();
+        }
+        lost.insert(id.to_owned(), reason.to_owned());
+    }
+
+    fn refs(&self) -> Result<Refs, SandboxError> {
+        self.refs
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or(SandboxError::Stopping)
+    }
+
+    /// A template by name (not counted as a spawn).
+    async fn template(&self, name: &str) -> Result<TemplateEntry, SandboxError> {
+        let refs = self.refs()?;
+        let asked = name.to_owned();
+        match refs
+            .templates
+            .call(|reply| TemplateMsg::Get { name: asked, reply }, None)
+            .await
+        {
+            Ok(CallResult::Success(Some(t))) => Ok(t),
+            Ok(CallResult::Success(None)) => Err(SandboxError::UnknownTemplate(
+                name.to_owned(),
+                "no template by that name any more".into(),
+            )),
+            _ => Err(SandboxError::Actor(
+                "the template cache did not answer".into(),
+            )),
+        }
+    }
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    config: Config,
+    node: ActorRef<NodeMsg>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The sandboxes keep running (they outlive the node); their actors
+        // stop with the supervisors.
+        if let Some(refs) = self.shared.refs.lock().unwrap().take() {
+            refs.sandboxes.stop(None);
+            refs.templates.stop(None);
+        }
+        self.node.stop(None);
+    }
+}
+
+/// The sandboxes of this node. Cheap to clone.
+#[derive(Clone)]
+pub struct Sandboxes {
+    inner: Arc<Inner>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+pub(crate) fn rfc3339_ms(ms: u64) -> String {
+    e2b::format_rfc3339(UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// A new sandbox id: 20 of `[a-z0-9]`, uniformly drawn.
+fn new_sandbox_id() -> Result<String, StoreError> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut id = String::with_capacity(20);
+    while id.len() < 20 {
+        for b in random_bytes(32)? {
+            // 252 = 7 * 36: reject the rest so every letter is equally likely.
+            if b < 252 && id.len() < 20 {
+                id.push(ALPHABET[(b % 36) as usize] as char);
+            }
+        }
+    }
+    Ok(id)
+}
+
+impl Sandboxes {
+    /// Prepare the templates with the runtime (a template snapshot each,
+    /// so that creates are restores), start the node's actors and re-adopt
+    /// the sandboxes that outlived a previous node process.
+    pub async fn start(
+        runtime: Arc<dyn Runtime>,
+        store: Store,
+        templates: Vec<TemplateSpec>,
+        config: Config,
+    ) -> Result<Self, SandboxError> {
+        let mut prepared = Vec::new();
+        for spec in templates {
+            let id = TemplateId::new(spec.name.clone()).map_err(RuntimeError::from)?;
+            let t = Template {
+                id,
+                rootfs_dir: spec.rootfs_dir,
+                snapshot: None,
+            };
+            let started = std::time::Instant::now();
+            let prepared_at_ms = now_ms();
+            let t = runtime.prepare_template(&t).await?;
+            tracing::info!(template = %spec.name, took = ?started.elapsed(), "template prepared");
+            prepared.push(TemplateEntry {
+                template: t,
+                limits: spec.limits,
+                build_id: crate::templates::new_uuid()?,
+                prepared_at_ms,
+                prepare_ms: started.elapsed().as_millis() as u64,
+                spawn_count: 0,
+                last_spawned_at_ms: None,
+            });
+        }
+        let shared = Arc::new(Shared {
+            runtime,
+            store,
+            live: Mutex::new(HashMap::new()),
+            refs: Mutex::new(None),
+            lost: Mutex::new(HashMap::new()),
+            creating: std::sync::atomic::AtomicUsize::new(0),
+            snapshots_dir: config.snapshots_dir.clone(),
+        });
+        std::fs::create_dir_all(&config.snapshots_dir).map_err(|e| {
+            SandboxError::Io(format!(
+                "creating the snapshot directory {}: {e}",
+                config.snapshots_dir.display()
+            ))
+        })?;
+        let names: std::collections::HashSet<String> =
+            prepared.iter().map(|t| t.name().to_owned()).collect();
+        let args = NodeArgs {
+            shared: shared.clone(),
+            templates: prepared,
+        };
+        let (node, _) = Actor::spawn(None, NodeSupervisor, args)
+            .await
+            .map_err(|e| SandboxError::Actor(e.to_string()))?;
+        let me = Self {
+            inner: Arc::new(Inner {
+                shared,
+                config,
+                node,
+            }),
+        };
+        let refs = me.refs()?;
+        readopt(&me.inner.shared, &refs.sandboxes, &|t| names.contains(t)).await?;
+        Ok(me)
+    }
+
+    /// The node supervisor (restart counts; tests make a child fail).
+    pub fn node_supervisor(&self) -> &ActorRef<NodeMsg> {
+        &self.inner.node
+    }
+
+    fn refs(&self) -> Result<Refs, SandboxError> {
+        self.inner.shared.refs()
+    }
+
+    /// Every template of this node, by name.
+    pub async fn templates(&self) -> Result<Vec<TemplateEntry>, SandboxError> {
+        let refs = self.refs()?;
+        match refs
+            .templates
+            .call(|reply| TemplateMsg::List { reply }, None)
+            .await
+        {
+            Ok(CallResult::Success(v)) => Ok(v),
+            _ => Err(SandboxError::Actor(
+                "the template cache did not answer".into(),
+            )),
+        }
+    }
+
+    /// One template.
+    pub async fn template(&self, name: &str) -> Result<Option<TemplateEntry>, SandboxError> {
+        match self.inner.shared.template(name).await {
+            Ok(t) => Ok(Some(t)),
+            Err(SandboxError::UnknownTemplate(..)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn runtime(&self) -> &Arc<dyn Runtime> {
+        &self.inner.shared.runtime
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.shared.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// `timeout` seconds from now, checked against the node's maximum.
+    fn end_at(&self, timeout: Option<i64>) -> Result<u64, SandboxError> {
+        let max = self.inner.config.max_timeout.as_secs();
+        let secs = match timeout {
+            None => self.inner.config.default_timeout.as_secs(),
+            Some(t) if t < 0 || t as u64 > max => {
+                return Err(SandboxError::BadRequest(format!(
+                    "timeout {t} s is out of range: it must be between 0 and {max} seconds"
+                )));
+            }
+            Some(t) => t as u64,
+        };
+        Ok(now_ms() + secs * 1000)
+    }
+
+    /// Create a sandbox: returns once envd answers and has the env vars and
+    /// the access token.
+    pub async fn create(&self, req: NewSandbox) -> Result<e2b::Sandbox, SandboxError> {
+        let inner = &self.inner;
+        let end_at_ms = self.end_at(req.timeout)?;
+        let refs = self.refs()?;
+        let name = req.template_id.clone();
+        let entry = match refs
+            .templates
+            .call(|reply| TemplateMsg::Spawn { name, reply }, None)
+            .await
+        {
+            Ok(CallResult::Success(found)) => found?,
+            _ => {
+                return Err(SandboxError::Actor(
+                    "the template cache did not answer".into(),
+                ));
+            }
+        };
+        let _slot = self.reserve_slot()?;
+        let started = std::time::Instant::now();
+        let id = new_sandbox_id()?;
+        let token = hex::encode(random_bytes(24)?);
+        let record = SandboxRecord {
+            id: id.clone(),
+            template: req.template_id.clone(),
+            metadata: req.metadata.unwrap_or_default(),
+            envd_access_token: token.clone(),
+            started_at_ms: now_ms(),
+            end_at_ms,
+            vcpus: entry.limits.vcpus,
+            memory_mib: entry.limits.memory_mib,
+            runtime: inner.shared.runtime.kind().to_string(),
+            state: RecordState::Creating,
+            auto_pause: req.auto_pause.unwrap_or(false),
+            snapshot_dir: None,
+        };
+        // Written before the runtime starts anything, so that a node that
+        // crashes in the middle of the create finds the leftovers.
+        inner.shared.store.put_sandbox(&record)?;
+        let (ready, ready_rx) = oneshot::channel();
+        let args = SandboxArgs {
+            shared: inner.shared.clone(),
+            record,
+            start: Start::Create {
+                template: entry.template,
+                limits: entry.limits,
+                env_vars: req.env_vars.unwrap_or_default(),
+            },
+            ready,
+        };
+        let supervisor = refs.sandboxes.get_cell();
+        // In its own task, so that a client that goes away in the middle
+        // does not cut the create short (the actor then lives on until the
+        // sandbox's timeout).
+        tokio::spawn(async move {
+            if let Err(e) = Actor::spawn_linked(None, SandboxActor, args, supervisor).await {
+                tracing::debug!("sandbox actor did not start: {e}");
+            }
+        });
+        let record = ready_rx.await.map_err(|_| SandboxError::Stopping)?;
+        let result = if record.is_ok() { "ok" } else { "error" };
+        metrics::counter!(crate::metrics::CREATES, "result" => result).increment(1);
+        let record = record?;
+        metrics::histogram!(crate::metrics::CREATE_SECONDS).record(started.elapsed().as_secs_f64());
+        Ok(self.sandbox_json(&record))
+    }
+
+    /// Count a create against the node's capacity until the guard drops
+    /// (by then the sandbox is in `live`, or the create failed).
+    fn reserve_slot(&self) -> Result<impl Drop + use<>, SandboxError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        struct Slot(Arc<Shared>);
+        impl Drop for Slot {
+            fn drop(&mut self) {
+                self.0.creating.fetch_sub(1, SeqCst);
+            }
+        }
+        let shared = &self.inner.shared;
+        let max = self.inner.config.max_sandboxes;
+        let live = shared.live.lock().unwrap();
+        let running = live
+            .values()
+            .filter(|l| l.record.state != RecordState::Paused)
+            .count();
+        if running + shared.creating.load(SeqCst) >= max {
+            return Err(SandboxError::AtCapacity(max));
+        }
+        shared.creating.fetch_add(1, SeqCst);
+        Ok(Slot(shared.clone()))
+    }
+
+    fn sandbox_json(&self, r: &SandboxRecord) -> e2b::Sandbox {
+        e2b::Sandbox {
+            template_id: r.template.clone(),
+            sandbox_id: r.id.clone(),
+            client_id: self.inner.config.client_id.clone(),
+            envd_version: schema::envd::ENVD_VERSION.into(),
+            envd_access_token: Some(r.envd_access_token.clone()),
+            domain: self.inner.config.domain.clone(),
+            runtime: runtime_name(r),
+        }
+    }
+
+    pub fn detail(&self, r: &SandboxRecord) -> e2b::SandboxDetail {
+        e2b::SandboxDetail {
+            template_id: r.template.clone(),
+            sandbox_id: r.id.clone(),
+            client_id: self.inner.config.client_id.clone(),
+            started_at: rfc3339_ms(r.started_at_ms),
+            end_at: rfc3339_ms(r.end_at_ms),
+            envd_version: schema::envd::ENVD_VERSION.into(),
+            envd_access_token: Some(r.envd_access_token.clone()),
+            cpu_count: r.vcpus,
+            memory_mb: r.memory_mib,
+            // No disk quota is enforced yet: the writable layer grows into
+            // the node's disk. 0 says "no limit" rather than invent one.
+            disk_size_mb: 0,
+            state: state_name(r.state),
+            metadata: r.metadata.clone(),
+            domain: self.inner.config.domain.clone(),
+            runtime: runtime_name(r),
+        }
+    }
+
+    /// Sandboxes running, being created, and paused.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let shared = &self.inner.shared;
+        let live = shared.live.lock().unwrap();
+        let paused = live
+            .values()
+            .filter(|l| l.record.state == RecordState::Paused)
+            .count();
+        let creating = shared.creating.load(std::sync::atomic::Ordering::SeqCst);
+        (live.len() - paused, creating, paused)
+    }
+
+    /// Where traffic for sandbox `id` may go: its record, and the signal
+    /// that cuts the connection (pause, kill). `Err`: not running.
+    pub fn route(
+        &self,
+        id: &str,
+    ) -> Result<(SandboxRecord, tokio::sync::watch::Receiver<bool>), SandboxError> {
+        let live = self.inner.shared.live.lock().unwrap();
+        let l = live.get(id).ok_or_else(|| self.not_found(id))?;
+        if l.record.state != RecordState::Running {
+            return Err(SandboxError::Paused(id.to_owned()));
+        }
+        Ok((l.record.clone(), l.cut.subscribe()))
+    }
+
+    /// Not found, with the reason when the sandbox died under the node.
+    pub fn not_found(&self, id: &str) -> SandboxError {
+        match self.inner.shared.lost.lock().unwrap().get(id) {
+            Some(reason) => SandboxError::Lost(id.into(), reason.clone()),
+            None => SandboxError::NotFound(id.into()),
+        }
+    }
+
+    /// The record of a sandbox of this node (running or paused).
+    pub fn get(&self, id: &str) -> Option<SandboxRecord> {
+        let live = self.inner.shared.live.lock().unwrap();
+        live.get(id).map(|l| l.record.clone())
+    }
+
+    /// Every sandbox (running or paused), oldest first.
+    pub fn list(&self) -> Vec<SandboxRecord> {
+        let live = self.inner.shared.live.lock().unwrap();
+        let mut v: Vec<_> = live.values().map(|l| l.record.clone()).collect();
+        v.sort_by(|a, b| (a.started_at_ms, &a.id).cmp(&(b.started_at_ms, &b.id)));
+        v
+    }
+
+    /// The sandbox's log: what happened to it on this node and its
+    /// console (init's and envd's output), oldest first, from `start_ms`
+    /// on, at most `limit` entries (the newest).
+    pub async fn logs(
+        &self,
+        id: &str,
+        start_ms: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<SandboxLogEntry>, SandboxError> {
+        let (record, mut entries) = {
+            let live = self.inner.shared.live.lock().unwrap();
+            let l = live.get(id).ok_or_else(|| self.not_found(id))?;
+            (l.record.clone(), Vec::from_iter(l.events.iter().cloned()))
+        };
+        let sid = SandboxId::new(id.to_owned()).map_err(RuntimeError::from)?;
+        // A paused sandbox has no console until it runs again.
+        let console = match self.inner.shared.runtime.console(&sid, CONSOLE_TAIL).await {
+            Err(RuntimeError::NotFound(_)) if record.state != RecordState::Running => String::new(),
+            c => c?,
+        };
+        let started = rfc3339_ms(record.started_at_ms);
+        entries.extend(
+            console
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|line| {
+                    let (timestamp, level) = console_line_meta(line);
+                    SandboxLogEntry {
+                        timestamp: timestamp.unwrap_or_else(|| started.clone()),
+                        message: line.to_owned(),
+                        level,
+                        fields: BTreeMap::from([("source".to_owned(), "console".to_owned())]),
+                    }
+                }),
+        );
+        // RFC 3339 in UTC with fixed digits: text order is time order.
+        entries.sort_by(|a, b| a.timestamp.cmp(&b.timestamp));
+        if let Some(start) = start_ms {
+            let from = rfc3339_ms(start);
+            entries.retain(|e| e.timestamp >= from);
+        }
+        let skip = entries.len().saturating_sub(limit);
+        entries.drain(..skip);
+        Ok(entries)
+    }
+
+    /// Take a metrics sample from the sandbox's envd and return every
+    /// sample taken between `start` and `end` (unix seconds, inclusive).
+    pub async fn metrics(
+        &self,
+        id: &str,
+        start: Option<i64>,
+        end: Option<i64>,
+    ) -> Result<Vec<SandboxMetric>, SandboxError> {
+        let (record, _) = self.route(id)?;
+        let sid = SandboxId::new(id.to_owned()).map_err(RuntimeError::from)?;
+        let sample = envd_metrics(&*self.inner.shared.runtime, &sid, &record.envd_access_token)
+            .await
+            .map_err(|detail| SandboxError::Envd {
+                id: id.to_owned(),
+                detail,
+            })?;
+        let mut live = self.inner.shared.live.lock().unwrap();
+        let l = live.get_mut(id).ok_or_else(|| self.not_found(id))?;
+        push_bounded(&mut l.samples, MAX_SAMPLES, sample);
+        Ok(l.samples
+            .iter()
+            .filter(|m| start.is_none_or(|s| m.timestamp_unix >= s))
+            .filter(|m| end.is_none_or(|e| m.timestamp_unix <= e))
+            .cloned()
+            .collect())
+    }
+
+    fn actor(&self, id: &str) -> Result<ActorRef<SandboxMsg>, SandboxError> {
+        let live = self.inner.shared.live.lock().unwrap();
+        live.get(id)
+            .map(|l| l.actor.clone())
+            .ok_or_else(|| self.not_found(id))
+    }
+
+    /// Kill a running sandbox now.
+    pub async fn kill(&self, id: &str) -> Result<(), SandboxError> {
+        let actor = self.actor(id)?;
+        match actor.call(|reply| SandboxMsg::Kill { reply }, None).await {
+            Ok(CallResult::Success(r)) => r,
+            // The actor stopped in between: killed by its deadline.
+            _ => Err(SandboxError::NotFound(id.into())),
+        }
+    }
+
+    /// The sandbox dies `timeout` seconds from now (earlier or later than
+    /// before).
+    pub async fn set_timeout(&self, id: &str, timeout: i64) -> Result<SandboxRecord, SandboxError> {
+        let end_at_ms = self.end_at(Some(timeout))?;
+        self.set_deadline(id, end_at_ms, false).await
+    }
+
+    /// Pause a running sandbox (E2B pause): 409 when it is paused already.
+    pub async fn pause(&self, id: &str) -> Result<(), SandboxError> {
+        let actor = self.actor(id)?;
+        match actor.call(|reply| SandboxMsg::Pause { reply }, None).await {
+            Ok(CallResult::Success(r)) => r.map(|_| ()),
+            _ => Err(self.not_found(id)),
+        }
+    }
+
+    /// Resume a paused sandbox; it then lives `timeout` seconds (the
+    /// default when `None`). 409 when it runs already.
+    pub async fn resume(
+        &self,
+        id: &str,
+        timeout: Option<i64>,
+    ) -> Result<e2b::Sandbox, SandboxError> {
+        let end_at_ms = self.end_at(timeout)?;
+        let actor = self.actor(id)?;
+        if self
+            .get(id)
+            .is_some_and(|r| r.state == RecordState::Running)
+        {
+            return Err(SandboxError::AlreadyRunning(id.to_owned()));
+        }
+        // A resumed sandbox counts against the node's capacity again.
+        let _slot = self.reserve_slot()?;
+        match actor
+            .call(|reply| SandboxMsg::Resume { end_at_ms, reply }, None)
+            .await
+        {
+            Ok(CallResult::Success(r)) => Ok(self.sandbox_json(&r?)),
+            _ => Err(self.not_found(id)),
+        }
+    }
+
+    /// `connect`: a paused sandbox is resumed (`true` in the answer); for a
+    /// running one the timeout only grows. Returns the create response
+    /// again (token included).
+    pub async fn connect(
+        &self,
+        id: &str,
+        timeout: Option<i64>,
+    ) -> Result<(e2b::Sandbox, bool), SandboxError> {
+        let paused = self.get(id).is_some_and(|r| r.state == RecordState::Paused);
+        if paused {
+            match self.resume(id, timeout).await {
+                Ok(s) => return Ok((s, true)),
+                // Resumed by another call in between: connect as usual.
+                Err(SandboxError::AlreadyRunning(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let record = match timeout {
+            Some(t) => {
+                let end_at_ms = self.end_at(Some(t))?;
+                self.set_deadline(id, end_at_ms, true).await?
+            }
+            None => self
+                .get(id)
+                .ok_or_else(|| SandboxError::NotFound(id.into()))?,
+        };
+        Ok((self.sandbox_json(&record), false))
+    }
+
+    async fn set_deadline(
+        &self,
+        id: &str,
+        end_at_ms: u64,
+        only_extend: bool,
+    ) -> Result<SandboxRecord, SandboxError> {
+        let actor = self.actor(id)?;
+        let sent = actor
+            .call(
+                |reply| SandboxMsg::SetDeadline {
+                    end_at_ms,
+                    only_extend,
+                    reply,
+                },
+                None,
+            )
+            .await;
+        match sent {
+            Ok(CallResult::Success(r)) => Ok(r),
+            _ => Err(SandboxError::NotFound(id.into())),
+        }
+    }
+}
+
+/// How much of the console `GET .../logs` reads.
+const CONSOLE_TAIL: u64 = 64 * 1024;
+
+/// The timestamp (`2026-01-02T03:04:05...Z` at the start of the line, as
+/// `tracing` writes it) and level of a console line, when it has them.
+fn console_line_meta(line: &str) -> (Option<String>, LogLevel) {
+    let b = line.as_bytes();
+    let looks_like_time = b.len() >= 20
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[..4].iter().all(u8::is_ascii_digit);
+    let timestamp = looks_like_time
+        .then(|| line.split_whitespace().next().map(str::to_owned))
+        .flatten();
+    let level = match line
+        .split_whitespace()
+        .nth(usize::from(timestamp.is_some()))
+    {
+        Some("ERROR") => LogLevel::Error,
+        Some("WARN") => LogLevel::Warn,
+        Some("DEBUG" | "TRACE") => LogLevel::Debug,
+        _ => LogLevel::Info,
+    };
+    (timestamp, level)
+}
+
+fn push_bounded<T>(q: &mut VecDeque<T>, max: usize, item: T) {
+    if q.len() >= max {
+        q.pop_front();
+    }
+    q.push_back(item);
+}
+
+/// The E2B state of a record: a sandbox being paused is reported paused
+/// (it no longer answers).
+pub fn state_name(s: RecordState) -> SandboxStateName {
+    match s {
+        RecordState::Pausing | RecordState::Paused => SandboxStateName::Paused,
+        RecordState::Creating | RecordState::Running => SandboxStateName::Running,
+    }
+}
+
+/// The runtime a sandbox record names, as the API reports it.
+fn runtime_name(r: &SandboxRecord) -> RuntimeName {
+    if r.runtime == "microvm" {
+        RuntimeName::Microvm
+    } else {
+        RuntimeName::Gvisor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_have_the_e2b_shape() {
+        let a = new_sandbox_id().unwrap();
+        let b = new_sandbox_id().unwrap();
+        assert_ne!(a, b);
+        for id in [a, b] {
+            assert_eq!(id.len(), 20);
+            assert!(
+                id.bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            );
+            assert!(SandboxId::new(id).is_ok());
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The root of the node's actor tree.
+//!
+//! ```text
+//! NodeSupervisor
+//! ├── TemplateCache        the prepared templates
+//! └── SandboxSupervisor    sweeps for sandboxes the runtime lost
+//!     └── SandboxActor     one per sandbox: create, deadline, kill
+//! ```
+//!
+//! ractor has no restart strategies, so this actor is one: when the
+//! template cache or the sandbox supervisor fails (an error or a panic in
+//! a handler), it starts a new one in its place and points the service at
+//! it. A new template cache starts from the prepared templates (their
+//! snapshots stay on disk; spawn counts restart at zero). The sandbox
+//! actors end with their failed supervisor (ractor stops an actor's
+//! children with it), the sandboxes do not: the new supervisor starts an
+//! actor per sandbox that takes it over as after a node restart, so no
+//! sandbox notices; a create in flight at that moment fails and is undone.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use crate::sandboxes::{Refs, SandboxSupervisor, Shared};
+use crate::templates::{TemplateCache, TemplateEntry};
+
+/// Counts an actor restart, by `actor` (`template_cache`, `sandbox_supervisor`).
+pub const RESTARTS: &str = "sandmesh_actor_restarts_total";
+
+pub struct NodeSupervisor;
+
+pub struct NodeArgs {
+    pub shared: Arc<Shared>,
+    /// The prepared templates: what a restarted template cache starts from.
+    pub templates: Vec<TemplateEntry>,
+}
+
+pub struct NodeState {
+    shared: Arc<Shared>,
+    templates: Vec<TemplateEntry>,
+    restarts: u64,
+}
+
+/// Messages of the [`NodeSupervisor`].
+pub enum NodeMsg {
+    /// How many children it has restarted so far.
+    Restarts(RpcReplyPort<u64>),
+    /// Make the sandbox supervisor fail, as a bug in it would (tests of
+    /// the restart path).
+    FailSandboxSupervisor,
+}
+
+impl Actor for NodeSupervisor {
+    type Msg = NodeMsg;
+    type State = NodeState;
+    type Arguments = NodeArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<NodeMsg>,
+        args: NodeArgs,
+    ) -> Result<NodeState, ActorProcessingErr> {
+        let (templates, _) = Actor::spawn_linked(
+            None,
+            TemplateCache,
+            args.templates.clone(),
+            myself.get_cell(),
+        )
+        .await?;
+        let (sandboxes, _) = Actor::spawn_linked(
+            None,
+            SandboxSupervisor,
+            args.shared.clone(),
+            myself.get_cell(),
+        )
+        .await?;
+        *args.shared.refs.lock().unwrap() = Some(Refs {
+            templates,
+            sandboxes,
+        });
+        Ok(NodeState {
+            shared: args.shared,
+            templates: args.templates,
+            restarts: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<NodeMsg>,
+        msg: NodeMsg,
+        st: &mut NodeState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            NodeMsg::Restarts(reply) => {
+                let _ = reply.send(st.restarts);
+            }
+            NodeMsg::FailSandboxSupervisor => {
+                let refs = st.shared.refs.lock().unwrap().clone();
+                if let Some(refs) = refs {
+                    let _ = refs.sandboxes.cast(crate::sandboxes::SupervisorMsg::Fail);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<NodeMsg>,
+        event: SupervisionEvent,
+        st: &mut NodeState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, why): (ActorCell, String) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, format!("stopped ({})", reason.unwrap_or_default()))
+            }
+            _ => return Ok(()),
+        };
+        let Some(refs) = st.shared.refs.lock().unwrap().clone() else {
+            // The node is stopping: its children go with it.
+            return Ok(());
+        };
+        if cell.get_id() == refs.templates.get_id() {
+            tracing::error!("the template cache {why}; starting a new one");
+            let (templates, _) =
+                Actor::spawn_linked(None, TemplateCache, st.templates.clone(), myself.get_cell())
+                    .await?;
+            metrics::counter!(RESTARTS, "actor" => "template_cache").increment(1);
+            st.restarts += 1;
+            if let Some(r) = st.shared.refs.lock().unwrap().as_mut() {
+                r.templates = templates;
+            }
+        } else if cell.get_id() == refs.sandboxes.get_id() {
+            tracing::error!("the sandbox supervisor {why}; starting a new one");
+            let (sandboxes, _) = Actor::spawn_linked(
+                None,
+                SandboxSupervisor,
+                st.shared.clone(),
+                myself.get_cell(),
+            )
+            .await?;
+            if let Some(r) = st.shared.refs.lock().unwrap().as_mut() {
+                r.sandboxes = sandboxes.clone();
+            }
+            let adopted = crate::sandboxes::adopt_orphans(&st.shared, &sandboxes).await?;
+            tracing::info!(
+                adopted,
+                "the new sandbox supervisor took over the sandboxes"
+            );
+            metrics::counter!(RESTARTS, "actor" => "sandbox_supervisor").increment(1);
+            st.restarts += 1;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,405 @@
+//! More of the node's API, end to end on the real gvisor runtime (see
+//! `common`): templates and their limits, sandbox logs and metrics, the
+//! OpenAPI document, 200 concurrent creates against a full node, and the
+//! node supervisor replacing a failed sandbox supervisor.
+//!
+//! In its own test binary: the Prometheus counters are per process, and
+//! `api.rs` checks exact counts.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{json_error, node, node_with};
+use reqwest::Method as M;
+use serde_json::{Value, json};
+
+fn mem_total_kib(meminfo: &str) -> u64 {
+    meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .expect("MemTotal in /proc/meminfo")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn templates_limits_logs_metrics_and_openapi() {
+    let Some(t) = node("templates_limits_logs_metrics_and_openapi").await else {
+        return;
+    };
+
+    // ---- the OpenAPI document: public, generated from the handlers
+    let r = t.http.get(t.url("/openapi.json")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let doc: Value = r.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    for path in [
+        "/v2/sandboxes",
+        "/sandboxes/{id}",
+        "/sandboxes/{id}/logs",
+        "/sandboxes/{id}/metrics",
+        "/templates",
+        "/templates/{id}",
+    ] {
+        assert!(doc["paths"][path].is_object(), "openapi.json lacks {path}");
+    }
+    for schema in [
+        "NewSandbox",
+        "Sandbox",
+        "SandboxDetail",
+        "TemplateInfo",
+        "ApiError",
+    ] {
+        assert!(
+            doc["components"]["schemas"][schema].is_object(),
+            "openapi.json lacks schema {schema}"
+        );
+    }
+    let required = &doc["components"]["schemas"]["NewSandbox"]["required"];
+    assert_eq!(required, &json!(["templateID"]), "serde names are used");
+
+    // ---- templates: list and get, with their limits
+    let r = t.api(M::GET, "/templates").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let list: Vec<Value> = r.json().await.unwrap();
+    let names: Vec<&str> = list
+        .iter()
+        .map(|t| t["templateID"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["base", "small"]);
+    assert_eq!(
+        (list[0]["cpuCount"].as_u64(), list[0]["memoryMB"].as_u64()),
+        (Some(2), Some(512))
+    );
+    assert_eq!(
+        (list[1]["cpuCount"].as_u64(), list[1]["memoryMB"].as_u64()),
+        (Some(1), Some(256))
+    );
+    for t in &list {
+        assert_eq!(t["buildStatus"], "ready");
+        assert_eq!(t["buildID"].as_str().unwrap().len(), 36);
+        assert_eq!(t["envdVersion"], schema::envd::ENVD_VERSION);
+        assert!(t["createdBy"].is_null() && t["lastSpawnedAt"].is_null());
+        assert_eq!(t["spawnCount"], 0);
+    }
+    let r = t.api(M::GET, "/templates/small").send().await.unwrap();
+    let small: Value = r.json().await.unwrap();
+    assert_eq!(small["builds"][0]["buildID"], small["buildID"]);
+    assert_eq!(small["builds"][0]["status"], "ready");
+    let r = t.api(M::GET, "/templates/nope").send().await.unwrap();
+    assert!(json_error(r, 404).await.contains("base, small"));
+
+    // ---- a sandbox from `small` gets small's resources
+    let r = t
+        .create(json!({"templateID": "small", "timeout": 120}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let sbx: Value = r.json().await.unwrap();
+    let id = sbx["sandboxID"].as_str().unwrap().to_owned();
+    let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    let detail: Value = r.json().await.unwrap();
+    assert_eq!(
+        (detail["cpuCount"].as_u64(), detail["memoryMB"].as_u64()),
+        (Some(1), Some(256))
+    );
+    let (status, meminfo) = t.run(&id, Some(&token), "cat /proc/meminfo").await;
+    assert_eq!(status, 200);
+    let kib = mem_total_kib(&meminfo);
+    assert!(
+        kib <= 256 * 1024,
+        "a 256 MiB sandbox's guest sees {kib} KiB of memory"
+    );
+    let r = t.api(M::GET, "/templates/small").send().await.unwrap();
+    let small: Value = r.json().await.unwrap();
+    assert_eq!(small["spawnCount"], 1);
+    assert!(small["lastSpawnedAt"].is_string());
+
+    // ---- logs: lifecycle events and the console
+    let r = t
+        .api(M::POST, &format!("/sandboxes/{id}/timeout"))
+        .json(&json!({"timeout": 300}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}/logs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let logs: Value = r.json().await.unwrap();
+    let entries = logs["logEntries"].as_array().unwrap();
+    let created = entries
+        .iter()
+        .find(|e| e["message"] == "sandbox created")
+        .unwrap_or_else(|| panic!("no create event in {logs}"));
+    assert_eq!(created["fields"]["template"], "small");
+    assert_eq!(created["level"], "info");
+    assert!(entries.iter().any(|e| e["message"] == "timeout set"));
+    assert!(
+        entries.iter().any(|e| e["fields"]["source"] == "console"
+            && e["message"].as_str().unwrap().contains("envd")),
+        "envd's console output is in the log: {logs}"
+    );
+    assert_eq!(logs["logs"].as_array().unwrap().len(), entries.len());
+    let stamps: Vec<&str> = entries
+        .iter()
+        .map(|e| e["timestamp"].as_str().unwrap())
+        .collect();
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "oldest first");
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}/logs?limit=1"))
+        .send()
+        .await
+        .unwrap();
+    let last: Value = r.json().await.unwrap();
+    assert_eq!(last["logEntries"].as_array().unwrap().len(), 1);
+    assert_eq!(last["logEntries"][0], *entries.last().unwrap());
+    let r = t
+        .api(
+            M::GET,
+            &format!("/v2/sandboxes/{id}/logs?direction=backward&limit=2&search=timeout"),
+        )
+        .send()
+        .await
+        .unwrap();
+    let v2: Value = r.json().await.unwrap();
+    assert_eq!(v2["logs"].as_array().unwrap().len(), 1, "{v2}");
+    assert_eq!(v2["logs"][0]["message"], "timeout set");
+    let r = t
+        .api(M::GET, &format!("/v2/sandboxes/{id}/logs?level=error"))
+        .send()
+        .await
+        .unwrap();
+    let v2: Value = r.json().await.unwrap();
+    assert!(
+        v2["logs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["level"] == "error"),
+        "{v2}"
+    );
+    let r = t
+        .api(
+            M::GET,
+            &format!("/v2/sandboxes/{id}/logs?direction=sideways"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(json_error(r, 400).await.contains("direction"));
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}/logs?limit=0"))
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 400).await;
+    let r = t
+        .api(M::GET, "/sandboxes/nosuchsandbox/logs")
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 404).await;
+
+    // ---- metrics: the guest's own view, one sample per call
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let m: Vec<Value> = r.json().await.unwrap();
+    assert_eq!(m.len(), 1, "{m:?}");
+    let total = m[0]["memTotal"].as_u64().unwrap();
+    assert_eq!(total / 1024, kib, "envd reports the guest's MemTotal");
+    assert!(m[0]["memUsed"].as_u64().unwrap() > 0);
+    for key in [
+        "timestamp",
+        "timestampUnix",
+        "cpuCount",
+        "cpuUsedPct",
+        "memCache",
+        "diskUsed",
+        "diskTotal",
+    ] {
+        assert!(!m[0][key].is_null(), "metric lacks {key}: {m:?}");
+    }
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Vec<Value>>().await.unwrap().len(), 2);
+    let future = m[0]["timestampUnix"].as_i64().unwrap() + 3600;
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}/metrics?start={future}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Vec<Value>>().await.unwrap().len(), 0);
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}/metrics?start=soon"))
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 400).await;
+    let r = t
+        .api(M::GET, "/sandboxes/nosuchsandbox/metrics")
+        .send()
+        .await
+        .unwrap();
+    json_error(r, 404).await;
+
+    let r = t
+        .api(M::DELETE, &format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+}
+
+/// 200 creates at once against a node with room for 2: two sandboxes, 198
+/// clear 429s, and nothing half-made anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_beyond_capacity_are_refused_cleanly() {
+    let Some(t) = node_with("concurrent_creates_beyond_capacity_are_refused_cleanly", 2).await
+    else {
+        return;
+    };
+    let started = Instant::now();
+    let creates = (0..200).map(|_| {
+        let req = t
+            .api(M::POST, "/v2/sandboxes")
+            .json(&json!({"templateID": "base", "timeout": 120}));
+        async move {
+            let r = req.send().await.expect("the node answers every create");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.expect("a JSON body"))
+        }
+    });
+    let results = futures_join_all(creates).await;
+    eprintln!("200 concurrent creates answered in {:?}", started.elapsed());
+    let ok: Vec<&Value> = results
+        .iter()
+        .filter(|(s, _)| *s == 201)
+        .map(|(_, b)| b)
+        .collect();
+    let refused: Vec<&Value> = results
+        .iter()
+        .filter(|(s, _)| *s == 429)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!((ok.len(), refused.len()), (2, 198), "{results:?}");
+    for body in refused {
+        assert_eq!(body["code"], 429);
+        assert!(body["message"].as_str().unwrap().contains("capacity"));
+    }
+    let runtime = t.node.sandboxes.runtime();
+    assert_eq!(runtime.list().await.unwrap().len(), 2);
+    assert_eq!(t.node.sandboxes.store().sandboxes().unwrap().len(), 2);
+    for body in ok {
+        let id = body["sandboxID"].as_str().unwrap();
+        let r = t
+            .api(M::DELETE, &format!("/sandboxes/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    assert!(runtime.list().await.unwrap().is_empty());
+    assert!(t.node.sandboxes.store().sandboxes().unwrap().is_empty());
+}
+
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("a create task"));
+    }
+    out
+}
+
+/// A bug that makes the sandbox supervisor fail does not touch the
+/// sandboxes: the node supervisor starts a new one, which takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_sandbox_supervisor_is_replaced_and_sandboxes_live_on() {
+    let Some(t) = node("a_failed_sandbox_supervisor_is_replaced_and_sandboxes_live_on").await
+    else {
+        return;
+    };
+    let r = t
+        .create(json!({"templateID": "base", "timeout": 120}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let sbx: Value = r.json().await.unwrap();
+    let id = sbx["sandboxID"].as_str().unwrap().to_owned();
+    let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
+
+    let supervisor = t.node.sandboxes.node_supervisor();
+    supervisor
+        .cast(node::supervisor::NodeMsg::FailSandboxSupervisor)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let restarts = ractor::call!(supervisor, node::supervisor::NodeMsg::Restarts).unwrap();
+        if restarts == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no restart after 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (status, out) = t.run(&id, Some(&token), "echo alive").await;
+    assert_eq!((status, out.as_str()), (200, "alive\n"));
+    let r = t.api(M::GET, "/v2/sandboxes").send().await.unwrap();
+    assert_eq!(r.json::<Vec<Value>>().await.unwrap().len(), 1);
+    // The new supervisor's sweep works: a sandbox created now, then
+    // killed under the node, is found lost.
+    let r = t
+        .create(json!({"templateID": "base", "timeout": 120}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let victim = r.json::<Value>().await.unwrap()["sandboxID"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for pid in common::runsc_pids(&victim) {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = t
+            .api(M::GET, &format!("/sandboxes/{victim}"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 404 {
+            assert!(json_error(r, 404).await.contains("lost"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lost sandbox was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = t
+        .api(M::DELETE, &format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{:?}", r.text().await);
+    assert!(t.node.sandboxes.runtime().list().await.unwrap().is_empty());
+}

@@ -1,0 +1,202 @@
+//! The harness of the node's API tests: a node in this process on
+//! 127.0.0.1:0 with a fresh data dir and the real gvisor runtime over the
+//! built guest root tree, and helpers to call it.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use actors::runtime::select::RuntimeChoice;
+use base64::Engine;
+use node::sandboxes::Config;
+use node::server::{Node, NodeOptions, start};
+use schema::guest::{GuestArtifacts, REQUIRE_ENV};
+use serde_json::{Value, json};
+
+pub struct TestNode {
+    pub node: Node,
+    pub key: String,
+    pub data: PathBuf,
+    pub http: reqwest::Client,
+}
+
+impl TestNode {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.node.addr)
+    }
+
+    pub fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .header("X-API-KEY", &self.key)
+    }
+
+    /// A request for port 49983 of sandbox `id`, routed by headers.
+    pub fn envd(&self, method: reqwest::Method, id: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .header("E2b-Sandbox-Id", id)
+            .header("E2b-Sandbox-Port", "49983")
+    }
+
+    /// Run `script` with `/bin/sh -c` through envd's Connect
+    /// `process.Process/Start`, via the proxy. Returns the HTTP status and
+    /// the stdout the process printed.
+    pub async fn run(&self, id: &str, token: Option<&str>, script: &str) -> (u16, String) {
+        let body = json!({"process": {"cmd": "/bin/sh", "args": ["-c", script]}}).to_string();
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        frame.extend_from_slice(body.as_bytes());
+        let mut req = self
+            .envd(reqwest::Method::POST, id, "/process.Process/Start")
+            .header("content-type", "application/connect+json")
+            .header("connect-protocol-version", "1")
+            .header("authorization", "Basic cm9vdDo=")
+            .body(frame);
+        if let Some(t) = token {
+            req = req.header("X-Access-Token", t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        let mut stdout = String::new();
+        let mut b = &bytes[..];
+        let b64 = base64::engine::general_purpose::STANDARD;
+        while status == 200 && b.len() >= 5 {
+            let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+            let msg: Value = serde_json::from_slice(&b[5..5 + len]).unwrap();
+            if b[0] & 2 != 0 {
+                assert!(msg.get("error").is_none(), "Process/Start failed: {msg}");
+            } else if let Some(out) = msg["event"]["data"]["stdout"].as_str() {
+                stdout += &String::from_utf8_lossy(&b64.decode(out).unwrap());
+            }
+            b = &b[5 + len..];
+        }
+        (status, stdout)
+    }
+
+    pub async fn create(&self, body: Value) -> reqwest::Response {
+        self.api(reqwest::Method::POST, "/v2/sandboxes")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// A node with templates `base` (2 vCPUs, 512 MiB) and `small` (1 vCPU,
+/// 256 MiB), `max_sandboxes` as given, domain `sandmesh.test`.
+pub async fn node_with(test: &str, max_sandboxes: usize) -> Option<TestNode> {
+    let required = std::env::var_os(REQUIRE_ENV).is_some();
+    let artifacts = GuestArtifacts::for_test(test)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            !required,
+            "{test}: the node tests need root (gvisor runtime)"
+        );
+        eprintln!("SKIP {test}: needs root (gvisor runtime: network namespaces, mounts)");
+        return None;
+    }
+    let data = std::env::temp_dir().join(format!("smh-node-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let node = match start(NodeOptions {
+        data_dir: data.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        runtime: RuntimeChoice::Gvisor,
+        templates: vec![
+            node::templates::TemplateSpec {
+                name: "base".into(),
+                rootfs_dir: artifacts.rootfs_dir.clone(),
+                limits: Default::default(),
+            },
+            node::templates::TemplateSpec {
+                name: "small".into(),
+                rootfs_dir: artifacts.rootfs_dir,
+                limits: actors::runtime::Limits {
+                    vcpus: 1,
+                    memory_mib: 256,
+                },
+            },
+        ],
+        config: Config {
+            max_sandboxes,
+            domain: Some("sandmesh.test".into()),
+            ..Config::default()
+        },
+    })
+    .await
+    {
+        Ok(n) => n,
+        Err(e) if !required && e.to_string().contains("runsc is not installed") => {
+            eprintln!("SKIP {test}: {e}");
+            return None;
+        }
+        Err(e) => panic!("{test}: starting the node: {e:#}"),
+    };
+    let key = node.sandboxes.store().create_api_key().unwrap();
+    Some(TestNode {
+        node,
+        key,
+        data,
+        http: reqwest::Client::new(),
+    })
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        // Best effort: kill whatever the test left, then the data dir.
+        let rt = self.node.sandboxes.runtime().clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(tokio) = tokio::runtime::Runtime::new() else {
+                return;
+            };
+            tokio.block_on(async {
+                if let Ok(list) = rt.list().await {
+                    for r in list {
+                        let _ = rt.kill(&r.id).await;
+                    }
+                }
+            });
+        })
+        .join();
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if m.starts_with(self.data.to_str().unwrap()) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(m)
+                    .status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// Host pids of runsc processes of sandbox `id`.
+pub fn runsc_pids(id: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains("runsc") && cmd.contains(id) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+pub async fn json_error(resp: reqwest::Response, status: u16) -> String {
+    assert_eq!(resp.status().as_u16(), status);
+    let body: Value = resp.json().await.expect("error bodies are JSON");
+    assert_eq!(body["code"], status, "{body}");
+    body["message"].as_str().expect("a message").to_owned()
+}
+
+/// [`node_with`] capacity 2.
+pub async fn node(test: &str) -> Option<TestNode> {
+    node_with(test, 2).await
+}
