@@ -140,7 +140,11 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<Node> {
     let store = Store::open(&opts.data_dir)?;
     let selected = select(opts.runtime, &opts.data_dir)?;
     tracing::info!("runtime: {}", selected.reason);
-    let sandboxes = Sandboxes::start(selected.runtime, store, opts.templates, opts.config).await?;
+    let config = Config {
+        snapshots_dir: opts.data_dir.join("snapshots"),
+        ..opts.config
+    };
+    let sandboxes = Sandboxes::start(selected.runtime, store, opts.templates, config).await?;
     let listener = tokio::net::TcpListener::bind(opts.listen).await?;
     let addr = listener.local_addr()?;
     let app = app(sandboxes.clone());

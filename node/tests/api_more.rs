@@ -403,3 +403,95 @@ async fn a_failed_sandbox_supervisor_is_replaced_and_sandboxes_live_on() {
     assert_eq!(r.status(), 204, "{:?}", r.text().await);
     assert!(t.node.sandboxes.runtime().list().await.unwrap().is_empty());
 }
+
+/// The runtime killed in the middle of a pause: the sandbox is either
+/// paused with a complete snapshot (the kill came too late) or reported
+/// lost with nothing left; never a half-written snapshot that a resume
+/// would later restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runtime_killed_during_pause_leaves_no_half_snapshot() {
+    let Some(t) = node("runtime_killed_during_pause_leaves_no_half_snapshot").await else {
+        return;
+    };
+    let snapshots = t.data.join("snapshots");
+    let mut outcomes = Vec::new();
+    for round in 0..3 {
+        let r = t
+            .create(json!({"templateID": "base", "timeout": 120}))
+            .await;
+        assert_eq!(r.status(), 201);
+        let sbx: Value = r.json().await.unwrap();
+        let id = sbx["sandboxID"].as_str().unwrap().to_owned();
+        let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
+        let (status, _) = t.run(&id, Some(&token), "echo kept > /tmp/kept").await;
+        assert_eq!(status, 200);
+        let pause = t.api(M::POST, &format!("/sandboxes/{id}/pause")).send();
+        let pause = tokio::spawn(pause);
+        // Kill runsc as soon as the snapshot directory appears (a little
+        // later each round, to land at different points of the save).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let started = std::fs::read_dir(&snapshots)
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| e.file_name().to_string_lossy().starts_with(&id))
+                })
+                .unwrap_or(false);
+            if started || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20 * round)).await;
+        for pid in common::runsc_pids(&id) {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let r = pause.await.unwrap().unwrap();
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        if status == 204 {
+            // Saved before the kill: it must resume whole.
+            let r = t
+                .api(M::POST, &format!("/sandboxes/{id}/resume"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201, "{:?}", r.text().await);
+            let (status, out) = t.run(&id, Some(&token), "cat /tmp/kept").await;
+            assert_eq!((status, out.as_str()), (200, "kept\n"));
+            let r = t
+                .api(M::DELETE, &format!("/sandboxes/{id}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 204);
+            outcomes.push("saved before the kill");
+        } else {
+            // Cut short: clearly failed, nothing half-written left.
+            assert!(status == 404 || status == 500, "{status} {body}");
+            let r = t
+                .api(M::GET, &format!("/sandboxes/{id}"))
+                .send()
+                .await
+                .unwrap();
+            let msg = json_error(r, 404).await;
+            assert!(msg.contains("lost"), "{msg}");
+            let r = t
+                .api(M::POST, &format!("/sandboxes/{id}/resume"))
+                .send()
+                .await
+                .unwrap();
+            json_error(r, 404).await;
+            outcomes.push("lost");
+        }
+        let left: Vec<String> = std::fs::read_dir(&snapshots)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(left.is_empty(), "snapshot leftovers: {left:?}");
+    }
+    eprintln!("outcomes: {outcomes:?}");
+    assert!(t.node.sandboxes.runtime().list().await.unwrap().is_empty());
+    assert!(t.node.sandboxes.store().sandboxes().unwrap().is_empty());
+}

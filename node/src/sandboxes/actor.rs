@@ -293,6 +293,12 @@ impl Actor for SandboxActor {
                 Start::Adopt => return Ok(None),
             };
             let instance = shared.runtime.create(&id, &template, limits).await?;
+            // Every sandbox from one template snapshot starts identical:
+            // its identity comes with /init (as E2B's does).
+            let mut env_vars = env_vars;
+            env_vars.insert("E2B_SANDBOX".into(), "true".into());
+            env_vars.insert("E2B_SANDBOX_ID".into(), record.id.clone());
+            env_vars.insert("E2B_TEMPLATE_ID".into(), record.template.clone());
             if let Err(detail) =
                 init_envd(&*shared.runtime, &id, &env_vars, &record.envd_access_token).await
             {

@@ -62,7 +62,8 @@ pub struct Config {
     /// ones do not count); a create or resume beyond it is refused with
     /// 429, never queued.
     pub max_sandboxes: usize,
-    /// Where paused sandboxes' snapshots go (`<data_dir>/snapshots`).
+    /// Where paused sandboxes' snapshots go (`server::start` sets it to
+    /// `<data_dir>/snapshots`).
     pub snapshots_dir: std::path::PathBuf,
 }
 
@@ -726,7 +727,10 @@ impl Sandboxes {
         id: &str,
         timeout: Option<i64>,
     ) -> Result<(e2b::Sandbox, bool), SandboxError> {
-        let paused = self.get(id).is_some_and(|r| r.state == RecordState::Paused);
+        // Being paused counts: the resume waits for the pause to finish.
+        let paused = self
+            .get(id)
+            .is_some_and(|r| matches!(r.state, RecordState::Paused | RecordState::Pausing));
         if paused {
             match self.resume(id, timeout).await {
                 Ok(s) => return Ok((s, true)),
