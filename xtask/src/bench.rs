@@ -38,6 +38,29 @@ enum Row {
     },
 }
 
+/// The node driven by the unmodified E2B SDK (`node/tests/sdk/bench_node.py`)
+/// on the release `sandmesh` binary.
+fn node_bench(root: &Path, manifest_path: &Path, python: &Path) -> Result<Vec<Row>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::run::status(Command::new(&cargo).current_dir(root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "node",
+    ]))?;
+    println!("bench node/tests/sdk/bench_node.py");
+    let out = crate::run::output(
+        Command::new(python)
+            .current_dir(root)
+            .arg("node/tests/sdk/bench_node.py")
+            .env("SANDMESH_BIN", root.join("target/release/sandmesh"))
+            .env(schema::guest::ARTIFACTS_ENV, manifest_path)
+            .stderr(Stdio::inherit()),
+    )?;
+    parse_rows(&out).context("reading bench_node.py")
+}
+
 /// Benchmark programs elsewhere in the workspace (run in release with the
 /// artifact manifest); each prints JSON lines, see [`parse_rows`].
 const PROGRAMS: &[(&str, &str)] = &[("actors", "bench_gvisor")];
@@ -46,6 +69,7 @@ pub fn run(
     root: &Path,
     manifest_path: &Path,
     manifest: &GuestArtifacts,
+    python: &Path,
     report: &Path,
 ) -> Result<()> {
     let envd = manifest.rootfs_dir.join("usr/local/bin/envd");
@@ -72,6 +96,7 @@ pub fn run(
         )?;
         rows.extend(parse_rows(&out).with_context(|| format!("reading {package}/{example}"))?);
     }
+    rows.extend(node_bench(root, manifest_path, python)?);
     let mut md = String::from("# Benchmarks\n\n");
     md += &format!("- machine: {}\n", machine());
     md += &format!("- date: {}\n", date());

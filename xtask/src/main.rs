@@ -252,10 +252,12 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
 
 fn bench(root: &Path) -> Result<()> {
     let manifest = guest(root, false, rootfs::DEFAULT_IMAGE_SIZE)?;
+    let python = python::sdk_python(&cache::Cache::open()?, root)?;
     bench::run(
         root,
         &manifest_path(root),
         &manifest,
+        &python,
         &root.join("BENCHMARKS.md"),
     )
 }

@@ -342,7 +342,8 @@ impl Actor for SandboxActor {
                         ("runtime", record.runtime.clone()),
                         ("vcpus", record.vcpus.to_string()),
                         ("memory_mib", record.memory_mib.to_string()),
-                        ("ready_after_ms", i.ready_after.as_millis().to_string()),
+                        ("ready_after_us", i.ready_after.as_micros().to_string()),
+                        ("runtime_start_us", i.runtime_start.as_micros().to_string()),
                     ],
                 )
             }

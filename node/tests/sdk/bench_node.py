@@ -1,0 +1,223 @@
+"""Benchmarks of a sandmesh node driven by the unmodified E2B SDK and its
+REST API (run by `cargo xtask bench`, not by pytest).
+
+Starts `sandmesh node --runtime gvisor` on a fresh data dir and prints one
+JSON object per line, as xtask's bench reader expects:
+`{"name", "runtime", "samples_ns": [...]}` or `{"name", "runtime", "value"}`.
+
+The runtime's own figures come from the node's log of each sandbox
+(`GET /sandboxes/{id}/logs`, the "sandbox created" entry): the runtime's
+create (restore + envd healthy) and its raw `runsc restore`, measured for
+the very same creates.
+"""
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+
+REPO = pathlib.Path(__file__).parents[3]
+SANDMESH = os.environ.get("SANDMESH_BIN", str(REPO / "target/release/sandmesh"))
+RUNTIME = "gvisor"
+
+
+def emit_timed(name, seconds):
+    print(json.dumps({"name": name, "runtime": RUNTIME, "samples_ns": [int(s * 1e9) for s in seconds]}), flush=True)
+
+
+def emit_value(name, value):
+    print(json.dumps({"name": name, "runtime": RUNTIME, "value": value}), flush=True)
+
+
+def p50(xs):
+    return statistics.median(xs)
+
+
+class Node:
+    def __init__(self, data):
+        self.data = data
+        self.key = subprocess.run(
+            [SANDMESH, "apikey", "create", "--data-dir", data], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        self.log = open(os.path.join(data, "node.log"), "w")
+        self.proc = subprocess.Popen(
+            [SANDMESH, "node", "--data-dir", data, "--listen", "127.0.0.1:0", "--runtime", RUNTIME,
+             "--kill-sandboxes-on-exit", "--max-sandboxes", "100"],
+            stdout=subprocess.PIPE, stderr=self.log, text=True,
+        )
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("listening on "):
+            raise SystemExit(f"the node did not start: {line!r} (log: {data}/node.log)")
+        self.url = "http://" + line.rsplit(" ", 1)[1]
+        self.http = httpx.Client(base_url=self.url, headers={"X-API-KEY": self.key}, timeout=120)
+
+    def created_event(self, sandbox_id):
+        logs = self.http.get(f"/sandboxes/{sandbox_id}/logs").json()
+        for e in logs["logEntries"]:
+            if e["message"] == "sandbox created":
+                return e["fields"]
+        raise SystemExit(f"no create event for {sandbox_id}")
+
+    def kill(self, sandbox_id):
+        self.http.delete(f"/sandboxes/{sandbox_id}")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def sdk_create(node):
+    """Sandbox.create through the SDK, 20 times, against the runtime's own
+    create of the same sandboxes."""
+    from e2b import Sandbox
+
+    sdk, runtime = [], []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        sbx = Sandbox.create()
+        sdk.append(time.perf_counter() - t0)
+        runtime.append(int(node.created_event(sbx.sandbox_id)["ready_after_us"]) / 1e6)
+        sbx.kill()
+    emit_timed("node: SDK Sandbox.create() -> returns", sdk)
+    emit_timed("node: the runtime's own create of the same sandboxes (restore -> envd healthy)", runtime)
+    emit_value("node: SDK create / runtime create, p50 ratio (budget <= 1.15)", f"{p50(sdk) / p50(runtime):.2f}x")
+
+
+def sdk_run_true(node):
+    """commands.run("true") through the SDK and the node's proxy, against
+    the runtime's direct exec (`runsc exec`)."""
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    try:
+        sbx.commands.run("true")  # warm the SDK's connection
+        runs = []
+        for _ in range(100):
+            t0 = time.perf_counter()
+            sbx.commands.run("true")
+            runs.append(time.perf_counter() - t0)
+        root = os.path.join(node.data, "run", "runsc")
+        direct = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            subprocess.run(
+                ["ip", "netns", "exec", f"smh-{sbx.sandbox_id}", "runsc", f"--root={root}", "--platform=ptrace",
+                 "exec", sbx.sandbox_id, "/bin/true"],
+                check=True, capture_output=True,
+            )
+            direct.append(time.perf_counter() - t0)
+    finally:
+        sbx.kill()
+    emit_timed('node: SDK commands.run("true") round trip', runs)
+    emit_timed("gvisor: direct `runsc exec <id> /bin/true`", direct)
+    emit_value(
+        'node: SDK commands.run("true") minus direct runsc exec, p50',
+        f"{(p50(runs) - p50(direct)) * 1000:+.1f} ms",
+    )
+
+
+def rest_create(node):
+    """POST /v2/sandboxes until envd answers (the create returns then), 50
+    times, against the raw `runsc restore` of the same creates."""
+    rest, raw = [], []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        r = node.http.post("/v2/sandboxes", json={"templateID": "base"})
+        rest.append(time.perf_counter() - t0)
+        r.raise_for_status()
+        sandbox_id = r.json()["sandboxID"]
+        raw.append(int(node.created_event(sandbox_id)["runtime_start_us"]) / 1e6)
+        node.kill(sandbox_id)
+    emit_timed("node: REST create from the template snapshot -> envd answers (budget 250 ms)", rest)
+    emit_timed("gvisor: raw `runsc restore` of the same creates", raw)
+    emit_value("node: REST create / raw restore, p50 ratio", f"{p50(rest) / p50(raw):.2f}x")
+
+
+def pause_dirty(node):
+    """Pause time and snapshot size of a 512 MiB sandbox whose process
+    dirtied 50 MiB (random bytes: nothing to compress away)."""
+    from e2b import Sandbox
+
+    took, sizes, resumed = [], [], []
+    for _ in range(5):
+        sbx = Sandbox.create(timeout=300)
+        sbx.commands.run(
+            "python3 -c \"import os,time; b=bytearray(os.urandom(50<<20)); open('/tmp/dirty','w').close(); time.sleep(3600)\"",
+            background=True,
+        )
+        while sbx.commands.run("test -e /tmp/dirty && echo y || true").stdout.strip() != "y":
+            time.sleep(0.1)
+        t0 = time.perf_counter()
+        assert sbx.pause()
+        took.append(time.perf_counter() - t0)
+        logs = node.http.get(f"/sandboxes/{sbx.sandbox_id}/logs").json()["logEntries"]
+        sizes.append(int([e for e in logs if e["message"] == "sandbox paused"][-1]["fields"]["snapshot_bytes"]))
+        t0 = time.perf_counter()
+        Sandbox.connect(sbx.sandbox_id)
+        resumed.append(time.perf_counter() - t0)
+        node.kill(sbx.sandbox_id)
+    emit_timed("node: pause of a 512 MiB sandbox that dirtied 50 MiB (SDK pause())", took)
+    emit_timed("node: resume of that sandbox (SDK Sandbox.connect())", resumed)
+    emit_value("node: snapshot size of that sandbox", f"{p50(sizes) / (1 << 20):.1f} MiB (median of 5)")
+
+
+def sustained_creates(node, seconds=30, workers=4):
+    """Creates per second over `seconds`, `workers` clients each creating
+    and killing in a loop."""
+    done = []
+    stop_at = time.monotonic() + seconds
+    lock = threading.Lock()
+
+    def worker():
+        client = httpx.Client(base_url=node.url, headers={"X-API-KEY": node.key}, timeout=120)
+        while time.monotonic() < stop_at:
+            r = client.post("/v2/sandboxes", json={"templateID": "base"})
+            if r.status_code == 201:
+                with lock:
+                    done.append(time.monotonic())
+                client.delete(f"/sandboxes/{r.json()['sandboxID']}")
+
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(worker) for _ in range(workers)]:
+            f.result()
+    elapsed = time.monotonic() - t0
+    emit_value(
+        f"node: creates per second sustained over {seconds} s ({workers} clients, create + kill)",
+        f"{len(done) / elapsed:.1f}/s ({len(done)} creates)",
+    )
+
+
+def main():
+    if os.geteuid() != 0:
+        raise SystemExit("bench_node needs root (gvisor runtime)")
+    data = tempfile.mkdtemp(prefix="smh-bench-node-")
+    node = Node(data)
+    for var in ("E2B_DEBUG", "E2B_DOMAIN", "E2B_ACCESS_TOKEN"):
+        os.environ.pop(var, None)
+    os.environ.update(E2B_API_URL=node.url, E2B_SANDBOX_URL=node.url, E2B_API_KEY=node.key,
+                      NO_PROXY="127.0.0.1,localhost")
+    try:
+        for bench in (sdk_create, sdk_run_true, rest_create, pause_dirty, sustained_creates):
+            print(f"bench_node: {bench.__name__}", file=sys.stderr, flush=True)
+            bench(node)
+    finally:
+        node.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
