@@ -57,7 +57,14 @@ pub struct InitRequest {
     pub timestamp: Option<String>,
     pub default_user: Option<String>,
     pub default_workdir: Option<String>,
+    /// sandmesh's: fresh random bytes from the host (base64, at most
+    /// [`MAX_ENTROPY`]) to reseed the guest kernel's RNG. Every sandbox
+    /// restored from one snapshot starts with the same RNG state.
+    pub entropy: Option<String>,
 }
+
+/// Most bytes of `entropy` an `/init` may carry.
+pub const MAX_ENTROPY: usize = 512;
 
 pub async fn init(
     AxState(state): AxState<Arc<State>>,
@@ -79,6 +86,9 @@ pub async fn init(
     }
     if let Some(ts) = &req.timestamp {
         set_clock(ts, state.set_clock)?;
+    }
+    if let Some(seed) = &req.entropy {
+        reseed(seed, state.set_clock)?;
     }
     state.update_init(|init| {
         if let Some(env) = req.env_vars {
@@ -124,6 +134,58 @@ fn set_clock(ts: &str, allowed: bool) -> Result<(), ApiError> {
             "could not set the clock: {}",
             std::io::Error::last_os_error()
         );
+    }
+    Ok(())
+}
+
+/// Mix `seed` (base64) into the guest kernel's RNG and credit it, then
+/// make the kernel reseed its CRNG at once. Like the clock, only where envd
+/// owns the guest (`--set-clock`). A kernel without the ioctls (gVisor,
+/// whose randomness comes from the host anyway) gets the bytes written to
+/// `/dev/urandom` instead (mixed, not credited).
+fn reseed(seed: &str, allowed: bool) -> Result<(), ApiError> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(seed)
+        .ok()
+        .filter(|b| !b.is_empty() && b.len() <= MAX_ENTROPY)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("entropy must be 1 to {MAX_ENTROPY} bytes of base64"),
+            )
+        })?;
+    if !allowed {
+        return Ok(());
+    }
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let mut urandom = match std::fs::OpenOptions::new().write(true).open("/dev/urandom") {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!("could not open /dev/urandom to reseed: {e}");
+            return Ok(());
+        }
+    };
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(&bytes);
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // SAFETY: the ioctls read `info`, a rand_pool_info we own, for its
+    // stated length; RNDRESEEDCRNG takes no argument.
+    let credited = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } == 0
+        && unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) } == 0;
+    if !credited {
+        tracing::debug!(
+            "RNG ioctls unavailable ({}): mixing the seed in",
+            std::io::Error::last_os_error()
+        );
+        if let Err(e) = urandom.write_all(&bytes) {
+            tracing::warn!("could not reseed the RNG: {e}");
+        }
     }
     Ok(())
 }

@@ -79,6 +79,28 @@ async fn malformed_init_is_a_clear_400() {
 }
 
 #[tokio::test]
+async fn init_entropy_is_checked() {
+    let envd = Envd::start();
+    let init = |body: serde_json::Value| {
+        envd.http
+            .post(format!("{}/init", envd.url))
+            .json(&body)
+            .send()
+    };
+    // 64 bytes of base64: accepted (a host-process envd does not touch the
+    // host's RNG; in a guest it reseeds the kernel's).
+    let seed = "A".repeat(86) + "==";
+    let r = init(serde_json::json!({ "entropy": seed })).await.unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    for bad in ["", "not base64!", &"A".repeat(1024)] {
+        let r = init(serde_json::json!({ "entropy": bad })).await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{bad:?}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(body["message"].as_str().unwrap().contains("entropy"));
+    }
+}
+
+#[tokio::test]
 async fn metrics_report_the_guest() {
     let envd = Envd::start();
     let m: serde_json::Value = envd

@@ -219,6 +219,7 @@ impl Router {
                         ConnectError::invalid_argument("stream request has no message")
                     })??;
                     let req: Req = codec.decode(&first.payload)?;
+                    drain_after_first(inbound).await?;
                     with_deadline(deadline, f(ctx, req)).await
                 }
                 .await;
@@ -342,6 +343,29 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ConnectError> {
             Code::Canceled,
             format!("reading request body: {e}"),
         )),
+    }
+}
+
+/// After the one message of a server-streaming request: read the rest of
+/// the body (its end, normally already here). A request body left unread
+/// makes hyper close the connection after the response, and closing a
+/// socket with unread bytes sends a TCP reset, which can destroy the end of
+/// our own response before the client has read it (seen through the node's
+/// proxy as "unexpected EOF during chunk size line"). A second message is
+/// refused; a body that stays open is drained in the background.
+async fn drain_after_first(
+    mut inbound: Pin<Box<dyn Stream<Item = Result<Envelope, ConnectError>> + Send>>,
+) -> Result<(), ConnectError> {
+    match tokio::time::timeout(std::time::Duration::from_secs(1), inbound.next()).await {
+        Ok(None) => Ok(()),
+        Ok(Some(Ok(_))) => Err(ConnectError::invalid_argument(
+            "a server-streaming request carries exactly one message",
+        )),
+        Ok(Some(Err(e))) => Err(e),
+        Err(_) => {
+            tokio::spawn(async move { while let Some(Ok(_)) = inbound.next().await {} });
+            Ok(())
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Calls the node makes to a sandbox's envd through the runtime's stream:
-//! `/init` (identity, env vars, token, clock) and `/metrics`.
+//! `/init` (identity, env vars, token, clock, a fresh RNG seed) and
+//! `/metrics`.
 
 use super::*;
 
@@ -10,10 +11,16 @@ pub(super) async fn init_envd(
     env_vars: &BTreeMap<String, String>,
     token: &str,
 ) -> Result<(), String> {
+    use base64::Engine;
+    // Every sandbox from one snapshot starts with the same kernel RNG
+    // state: each gets its own seed (and the host's clock) at create and
+    // at every resume.
+    let seed = random_bytes(64).map_err(|e| e.to_string())?;
     let body = serde_json::json!({
         "envVars": env_vars,
         "accessToken": token,
         "timestamp": e2b::format_rfc3339(SystemTime::now()),
+        "entropy": base64::engine::general_purpose::STANDARD.encode(seed),
     });
     let stream = runtime
         .connect(id, ENVD_PORT)
