@@ -318,17 +318,20 @@ fn write_snapshot(
     base: Option<BaseRef>,
     options: &SnapshotOptions,
 ) -> Result<SnapshotInfo, SnapshotError> {
-    // Leftovers of a writer that was killed.
+    let previous_memory = load_state(dir).ok().map(|(s, _)| s.memory.file);
+    // Leftovers of a writer that was killed: temporary files, and memory
+    // files no state refers to (a VM restored from an older one keeps its
+    // mapping after the unlink).
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with('.') && name.ends_with(".tmp") {
+            let orphan = name.starts_with("memory-") && previous_memory.as_deref() != Some(&*name);
+            if orphan || (name.starts_with('.') && name.ends_with(".tmp")) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
     }
-    let previous_memory = load_state(dir).ok().map(|(s, _)| s.memory.file);
 
     // Pages written since the base: the guest's (KVM) and the VMM's own.
     let mem = &machine.memory;

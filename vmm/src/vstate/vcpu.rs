@@ -457,9 +457,8 @@ impl Vcpu {
                     }
                     // Snapshots read the vCPU's state here, on its own
                     // thread, while it is parked.
-                    if let SaveSlot::Requested(msrs) =
-                        std::mem::replace(&mut st.save, SaveSlot::Idle)
-                    {
+                    if let SaveSlot::Requested(msrs) = &st.save {
+                        let msrs = msrs.clone();
                         st.save = SaveSlot::Done(self.save_state(&msrs));
                         control.cv.notify_all();
                         continue;
