@@ -507,6 +507,10 @@ pub struct RestoreOptions {
     pub track_dirty_pages: bool,
     /// Listen for vsock connections here instead of the saved path.
     pub vsock_uds: Option<PathBuf>,
+    /// The root disk's overlay for this VM (a copy of the snapshot's, so
+    /// VMs restored from one snapshot do not share one overlay), instead of
+    /// the saved path.
+    pub block_overlay: Option<PathBuf>,
 }
 
 impl Default for RestoreOptions {
@@ -514,6 +518,7 @@ impl Default for RestoreOptions {
         Self {
             track_dirty_pages: true,
             vsock_uds: None,
+            block_overlay: None,
         }
     }
 }
@@ -604,8 +609,11 @@ pub fn restore(
                         what: what("virtio-blk"),
                         reason: "only copy-on-write disks can be restored".into(),
                     })?;
-                    let disk = CowDisk::open(CowPaths::from_state(paths))
-                        .map_err(|e| dev_err(what("virtio-blk"))(&e))?;
+                    let paths = match &options.block_overlay {
+                        None => CowPaths::from_state(paths),
+                        Some(o) => CowPaths::new(format::bytes_path(&paths.base), o),
+                    };
+                    let disk = CowDisk::open(paths).map_err(|e| dev_err(what("virtio-blk"))(&e))?;
                     let block = Block::restore(b, Box::new(disk), machine.memory.clone())
                         .map_err(|e| dev_err(what("virtio-blk"))(&e))?;
                     let block = Arc::new(Mutex::new(block));

@@ -411,6 +411,89 @@ mod tests {
     }
 
     #[test]
+    fn vmm_writes_are_tracked_and_memory_files_roundtrip_with_diffs_mapped_over() {
+        use std::os::unix::fs::MetadataExt;
+        let regions = [(0, 1 << 20), (2 << 20, 1 << 20)];
+        let mem = create_guest_memory(&regions, &MemoryBacking::Anonymous).expect("memory");
+        assert!(take_vmm_dirty(&mem).iter().flatten().all(|&w| w == 0));
+        mem.write_obj(0xabu8, GuestAddress(0x3000)).expect("write");
+        mem.write_obj(0xcdu8, GuestAddress((2 << 20) + 0x1000))
+            .expect("write");
+        let dirty = take_vmm_dirty(&mem);
+        let ranges = bitmaps_to_ranges(&mem, &dirty);
+        // Layout offsets: the second region follows the first at 1 MiB.
+        assert_eq!(
+            ranges,
+            vec![
+                LayoutRange {
+                    offset: 0x3000,
+                    len: PAGE_SIZE
+                },
+                LayoutRange {
+                    offset: (1 << 20) + 0x1000,
+                    len: PAGE_SIZE
+                }
+            ]
+        );
+        assert!(
+            take_vmm_dirty(&mem).iter().flatten().all(|&w| w == 0),
+            "cleared"
+        );
+
+        // Full file: sparse, the two pages present.
+        let full = vmm_sys_util::tempfile::TempFile::new()
+            .expect("tmp")
+            .into_file();
+        write_full(&mem, &full).expect("write full");
+        assert_eq!(full.metadata().expect("meta").len(), 2 << 20);
+        assert!(
+            full.metadata().expect("meta").blocks() * 512 <= 64 << 10,
+            "sparse"
+        );
+
+        // A diff: one page changed, mapped over a restore of the full file.
+        mem.write_obj(0xeeu8, GuestAddress((2 << 20) + 0x1000))
+            .expect("write");
+        let changed = bitmaps_to_ranges(&mem, &take_vmm_dirty(&mem));
+        let diff = vmm_sys_util::tempfile::TempFile::new()
+            .expect("tmp")
+            .into_file();
+        write_ranges(&mem, &diff, &changed, false).expect("write diff");
+        let backing = MemoryBacking::PrivateFile {
+            file: Arc::new(full),
+            offset: 0,
+        };
+        let restored = create_guest_memory(&regions, &backing).expect("restore");
+        assert_eq!(
+            restored
+                .read_obj::<u8>(GuestAddress((2 << 20) + 0x1000))
+                .expect("r"),
+            0xcd
+        );
+        overlay_file_ranges(&restored, &diff, &changed).expect("overlay");
+        assert_eq!(
+            restored
+                .read_obj::<u8>(GuestAddress((2 << 20) + 0x1000))
+                .expect("r"),
+            0xee
+        );
+        assert_eq!(
+            restored.read_obj::<u8>(GuestAddress(0x3000)).expect("r"),
+            0xab
+        );
+        let bad = [LayoutRange {
+            offset: 0x10,
+            len: PAGE_SIZE,
+        }];
+        assert!(overlay_file_ranges(&restored, &diff, &bad).is_err());
+        let outside = [LayoutRange {
+            offset: 2 << 20,
+            len: PAGE_SIZE,
+        }];
+        assert!(overlay_file_ranges(&restored, &diff, &outside).is_err());
+    }
+
+    #[test]
     fn empty_region_is_rejected() {
         assert!(matches!(
             create_guest_memory(&[(0, 0)], &MemoryBacking::Anonymous),
