@@ -248,7 +248,7 @@ impl Machine {
         self.mmio_bus
             .insert(transport.clone(), slot.base, slot.len)?;
         self.virtio.push(VirtioEntry {
-            slot: slot.clone(),
+            slot,
             transport,
             device: persistent,
         });

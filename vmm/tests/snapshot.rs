@@ -434,7 +434,9 @@ fn bad_snapshots_are_refused_with_a_clear_error() {
     let original = std::fs::read(good.join(schema::snapshot::STATE_FILE)).expect("state");
     let (state, _) = snapshot::load_state(&good).expect("state");
 
-    let mut cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    // (what, how the state file's directory is damaged, expected message)
+    type Case<'a> = (&'a str, Box<dyn Fn(&Path) + 'a>, &'a str);
+    let mut cases: Vec<Case> = vec![
         (
             "truncated state",
             Box::new(|p: &Path| {
@@ -556,4 +558,180 @@ fn killed_snapshot_write_leaves_the_previous_snapshot_restorable() {
     assert_finished_correctly(&start(r.machine, vcpus), &sink, N);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(temp_dir("killed-diff"));
+}
+
+#[test]
+fn virtio_devices_are_saved_and_restored_on_their_slots() {
+    use vmm::devices::virtio::block::{Block, CowDisk, CowPaths};
+    use vmm::devices::virtio::vsock::Vsock;
+    const TEST: &str = "virtio_devices_are_saved_and_restored_on_their_slots";
+    let Some(kvm) = kvm_or_skip(TEST) else { return };
+    let work = temp_dir("virtio");
+    let base_img = work.join("rootfs.img");
+    std::fs::write(&base_img, vec![0x5au8; 1 << 20]).expect("base image");
+    let paths = CowPaths::new(&base_img, work.join("overlay"));
+    let mut config = MachineConfig::new(1, MEM);
+    config.track_dirty_pages = true;
+    let sink = Sink::default();
+    let mut machine = Machine::new(&kvm, config, Box::new(sink.clone())).expect("machine");
+    let disk = CowDisk::create(paths.clone()).expect("disk");
+    let block = Block::new("root", Box::new(disk), false).expect("block");
+    let blk_slot = machine
+        .add_block_device(Arc::new(Mutex::new(block)))
+        .expect("blk");
+    let uds = work.join("v.sock");
+    let vsock = Vsock::new(3, &uds).expect("vsock");
+    let vsock_slot = machine
+        .add_vsock_device(Arc::new(Mutex::new(vsock)))
+        .expect("vsock");
+    let exit = machine.exit.clone();
+    machine
+        .pio_bus
+        .insert(Arc::new(Mutex::new(ExitPort::new(exit))), EXIT_PORT, 1)
+        .expect("exit port");
+    machine
+        .memory
+        .write_slice(&summing_guest(N), GuestAddress(CODE))
+        .expect("payload");
+    let vcpus = machine
+        .create_vcpus(GuestAddress(CODE), EntryMode::User)
+        .expect("vcpus");
+    let vm = start(machine, vcpus);
+    std::thread::sleep(Duration::from_millis(10));
+    let snap = work.join("snap");
+    vm.snapshot(&snap, SnapshotKind::Full, &SnapshotOptions::default())
+        .expect("snapshot");
+    let i = progress(&vm.machine.memory).0;
+    vm.stop();
+    assert!(
+        paths.map.exists(),
+        "the overlay map was written at the snapshot"
+    );
+
+    let (state, _) = snapshot::load_state(&snap).expect("state");
+    assert_eq!(state.devices.virtio.len(), 2);
+    let options = RestoreOptions {
+        vsock_uds: Some(work.join("v2.sock")),
+        ..RestoreOptions::default()
+    };
+    let sink = Sink::default();
+    let mut r = snapshot::restore(&kvm, &snap, Box::new(sink.clone()), &options).expect("restore");
+    let slots: Vec<(u64, u32)> = r
+        .machine
+        .virtio
+        .iter()
+        .map(|e| (e.slot.base, e.slot.irq))
+        .collect();
+    assert_eq!(
+        slots,
+        vec![
+            (blk_slot.base, blk_slot.irq),
+            (vsock_slot.base, vsock_slot.irq)
+        ]
+    );
+    assert!(r.vsock.is_some() && work.join("v2.sock").exists());
+    // The transports answer on the MMIO bus with their device ids.
+    for (base, id) in [(blk_slot.base, 2u32), (vsock_slot.base, 19)] {
+        let mut magic = [0u8; 4];
+        assert!(r.machine.mmio_bus.read(base, &mut magic));
+        assert_eq!(&magic, b"virt");
+        let mut dev = [0u8; 4];
+        assert!(r.machine.mmio_bus.read(base + 8, &mut dev));
+        assert_eq!(u32::from_le_bytes(dev), id);
+    }
+    assert_eq!(progress(&r.machine.memory).0, i);
+    let exit = r.machine.exit.clone();
+    r.machine
+        .pio_bus
+        .insert(Arc::new(Mutex::new(ExitPort::new(exit))), EXIT_PORT, 1)
+        .expect("exit port");
+    let vcpus = r.create_vcpus().expect("vcpus");
+    assert_finished_correctly(&start(r.machine, vcpus), &sink, N);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// `sandmesh vmm --restore` (runner::restore) with snapshots over the
+/// control socket: the restored VM takes a diff snapshot on request and
+/// shuts down on request.
+#[test]
+fn runner_restores_and_snapshots_over_the_control_socket() {
+    use schema::vmm::{Request, Response, VmState, call};
+    use std::os::unix::net::UnixStream;
+    const TEST: &str = "runner_restores_and_snapshots_over_the_control_socket";
+    let Some(kvm) = kvm_or_skip(TEST) else { return };
+    let work = temp_dir("runner");
+    let base = work.join("base");
+    let (vm, i) = snapshot_mid_run(&kvm, N, Duration::from_millis(10), &base);
+    vm.stop();
+    let cfg = vmm::runner::RestoreConfig {
+        snapshot: base.clone(),
+        overlay: None,
+        vsock_uds: work.join("v.sock"),
+        control: work.join("control.sock"),
+        console_log: work.join("console.log"),
+    };
+    let runner_cfg = cfg.clone();
+    let runner = std::thread::spawn(move || vmm::runner::restore(&runner_cfg));
+    let deadline = Instant::now() + TIMEOUT;
+    let mut s = loop {
+        if let Ok(s) = UnixStream::connect(&cfg.control) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "control socket never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Relative directories are refused.
+    let r = call(
+        &mut s,
+        Request::Snapshot {
+            dir: "relative".into(),
+            kind: SnapshotKind::Diff,
+            resume: true,
+        },
+    )
+    .expect("call");
+    assert!(
+        matches!(&r, Response::Error { message } if message.contains("absolute")),
+        "{r:?}"
+    );
+    let diff = work.join("diff");
+    let r = call(
+        &mut s,
+        Request::Snapshot {
+            dir: diff.display().to_string(),
+            kind: SnapshotKind::Diff,
+            resume: false,
+        },
+    )
+    .expect("call");
+    let Response::Snapshot {
+        dirty_pages,
+        paused,
+        memory_bytes,
+        ..
+    } = r
+    else {
+        panic!("{r:?}")
+    };
+    assert!(paused && memory_bytes == MEM && (1..=4).contains(&dirty_pages));
+    match call(&mut s, Request::GetState).expect("state") {
+        Response::State { state, .. } => assert_eq!(state, VmState::Paused),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(call(&mut s, Request::Resume).expect("resume"), Response::Ok);
+    // The guest finishes its sum and prints "=" (then spins: no exit port).
+    while std::fs::read(&cfg.console_log).unwrap_or_default() != b"=" {
+        assert!(Instant::now() < deadline, "restored guest never finished");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        call(&mut s, Request::Shutdown).expect("shutdown"),
+        Response::Ok
+    );
+    let reason = runner.join().expect("runner thread").expect("runner");
+    assert_eq!(reason, ExitReason::Stopped);
+    // The diff restores over the base and resumes where it was taken.
+    let (r, _) = restore(&kvm, &diff).expect("restore diff");
+    assert!(progress(&r.machine.memory).0 > i);
+    let _ = std::fs::remove_dir_all(&work);
 }

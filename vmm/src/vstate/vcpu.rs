@@ -131,7 +131,7 @@ enum SaveSlot {
     Idle,
     /// Save, with these MSRs.
     Requested(Vec<u32>),
-    Done(Result<VcpuState, VcpuError>),
+    Done(Box<Result<VcpuState, VcpuError>>),
 }
 
 #[derive(Debug)]
@@ -459,7 +459,7 @@ impl Vcpu {
                     // thread, while it is parked.
                     if let SaveSlot::Requested(msrs) = &st.save {
                         let msrs = msrs.clone();
-                        st.save = SaveSlot::Done(self.save_state(&msrs));
+                        st.save = SaveSlot::Done(Box::new(self.save_state(&msrs)));
                         control.cv.notify_all();
                         continue;
                     }
@@ -635,10 +635,10 @@ impl VcpuHandle {
         st.save = SaveSlot::Requested(msrs.to_vec());
         self.control.cv.notify_all();
         loop {
-            if let SaveSlot::Done(_) = st.save {
-                if let SaveSlot::Done(r) = std::mem::replace(&mut st.save, SaveSlot::Idle) {
-                    return r;
-                }
+            if matches!(st.save, SaveSlot::Done(_))
+                && let SaveSlot::Done(r) = std::mem::replace(&mut st.save, SaveSlot::Idle)
+            {
+                return *r;
             }
             if st.finished {
                 return Err(VcpuError::AlreadyExited);
