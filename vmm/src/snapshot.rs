@@ -31,7 +31,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvm_ioctls::Kvm;
@@ -203,31 +203,58 @@ pub fn load_state(dir: &Path) -> Result<(SnapshotState, StateDigest), SnapshotEr
     Ok((state, format::state_digest(&bytes)))
 }
 
-/// Save the devices' state (vCPUs paused). Block devices are flushed first.
-fn save_devices(machine: &Machine) -> Result<DeviceStates, SnapshotError> {
+/// A virtio device held still for the length of a snapshot.
+enum DeviceGuard<'a> {
+    Block(MutexGuard<'a, Block>),
+    Vsock(MutexGuard<'a, Vsock>),
+}
+
+/// Lock every virtio device, in slot order. Paused vCPUs no longer drive
+/// the devices, but host-side threads (the vsock poller) still would:
+/// holding the locks until the memory file is written keeps a device from
+/// writing guest memory (a used ring, received data) after its state was
+/// saved — the snapshot is of one instant.
+fn lock_devices(machine: &Machine) -> Result<Vec<DeviceGuard<'_>>, SnapshotError> {
+    machine
+        .virtio
+        .iter()
+        .map(|entry| match &entry.device {
+            PersistentDevice::Block(b) => Ok(DeviceGuard::Block(
+                b.lock().unwrap_or_else(|e| e.into_inner()),
+            )),
+            PersistentDevice::Vsock(v) => Ok(DeviceGuard::Vsock(
+                v.lock().unwrap_or_else(|e| e.into_inner()),
+            )),
+            PersistentDevice::Other => Err(SnapshotError::UnsupportedDevice(entry.slot.base)),
+        })
+        .collect()
+}
+
+/// Save the devices' state (vCPUs paused, devices locked). Block devices
+/// are flushed first.
+fn save_devices(
+    machine: &Machine,
+    guards: &mut [DeviceGuard<'_>],
+) -> Result<DeviceStates, SnapshotError> {
     let serial = machine
         .serial
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .save();
     let mut virtio = Vec::with_capacity(machine.virtio.len());
-    for entry in &machine.virtio {
-        let device = match &entry.device {
-            PersistentDevice::Block(b) => {
-                let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+    for (entry, guard) in machine.virtio.iter().zip(guards.iter_mut()) {
+        let device = match guard {
+            DeviceGuard::Block(b) => {
                 b.flush_for_snapshot().map_err(|e| SnapshotError::Device {
                     what: format!("virtio-blk at {:#x}", entry.slot.base),
                     reason: format!("cannot flush the disk: {e}"),
                 })?;
                 VirtioDeviceState::Block(b.save())
             }
-            PersistentDevice::Vsock(v) => {
-                VirtioDeviceState::Vsock(v.lock().unwrap_or_else(|e| e.into_inner()).save())
-            }
-            PersistentDevice::Other => {
-                return Err(SnapshotError::UnsupportedDevice(entry.slot.base));
-            }
+            DeviceGuard::Vsock(v) => VirtioDeviceState::Vsock(v.save()),
         };
+        // The transport only reads its own registers here (it locks the
+        // device only when a vCPU writes one, and the vCPUs are paused).
         let transport = entry
             .transport
             .lock()
@@ -283,10 +310,12 @@ pub fn create_snapshot(
         }
     }
     // Everything that can fail without side effects comes first.
+    let mut guards = lock_devices(machine)?;
     let vm = persist::save_vm(machine.vm.fd())?;
-    let devices = save_devices(machine)?;
+    let devices = save_devices(machine, &mut guards)?;
 
     let result = write_snapshot(machine, vcpus, vm, devices, &dir, kind, base, options);
+    drop(guards);
     let mut slot = machine
         .snapshot_base
         .lock()
