@@ -132,6 +132,11 @@ fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     }
 }
 
+/// Most ranges of one diff mapped over its base one by one; a diff with
+/// more (scattered pages) is read into memory instead. Each mapping is a
+/// VMA and `vm.max_map_count` (65530 by default) bounds them per process.
+pub const MAX_OVERLAY_MAPPINGS: usize = 4096;
+
 /// How to write a snapshot.
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotOptions {
@@ -608,9 +613,16 @@ pub fn restore(
     for layer in diffs {
         if let MemoryKind::Diff { dirty, .. } = &layer.state.memory.kind {
             check_ranges(dirty, layer.state.memory.len)?;
-            memory::overlay_file_ranges(&mem, &layer.file, dirty)?;
+            if dirty.len() <= MAX_OVERLAY_MAPPINGS {
+                memory::overlay_file_ranges(&mem, &layer.file, dirty)?;
+            } else {
+                memory::copy_file_ranges(&mem, &layer.file, dirty)?;
+            }
         }
     }
+    // Copied pages went through vm-memory and were marked as the VMM's
+    // writes; they are the snapshot's, not changes since it.
+    let _ = memory::take_vmm_dirty(&mem);
     let state = chain
         .into_iter()
         .next_back()

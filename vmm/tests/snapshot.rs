@@ -26,6 +26,7 @@ use vmm::builder::{Machine, MachineConfig};
 use vmm::control::{ControlError, VmController};
 use vmm::snapshot::{self, RestoreOptions, Restored, SnapshotError, SnapshotKind, SnapshotOptions};
 use vmm::vstate::exit::ExitReason;
+use vmm::vstate::vcpu::VcpuError;
 
 /// Iterations of the summing guest: long enough (hundreds of ms) to be
 /// interrupted mid-way, short enough for 20 restored copies on 2 cores.
@@ -734,4 +735,99 @@ fn runner_restores_and_snapshots_over_the_control_socket() {
     let (r, _) = restore(&kvm, &diff).expect("restore diff");
     assert!(progress(&r.machine.memory).0 > i);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Snapshot a guest spinning in `mode` (`inc rcx; jmp`), restore it, and
+/// check the restored vCPU starts exactly where the old one stopped and
+/// keeps running.
+fn spin_roundtrip(kvm: &Kvm, mode: EntryMode, dir: &Path) -> Result<(), VcpuError> {
+    let mut config = MachineConfig::new(1, MEM);
+    config.track_dirty_pages = true;
+    let machine = Machine::new(kvm, config, Box::new(std::io::sink())).expect("machine");
+    machine
+        .memory
+        .write_slice(&Asm::default().spin_counting().0, GuestAddress(CODE))
+        .expect("payload");
+    let mut vcpus = machine
+        .create_vcpus(GuestAddress(CODE), mode)
+        .expect("vcpus");
+    let handle = vcpus.remove(0).start()?;
+    std::thread::sleep(Duration::from_millis(20));
+    if handle.is_finished() {
+        return handle
+            .wait(TIMEOUT)
+            .map(|r| panic!("spin guest ended: {r:?}"));
+    }
+    let second = Duration::from_secs(5);
+    handle.pause(second)?;
+    let state = handle.save_state(machine.vm.msrs_to_save(), second)?;
+    snapshot::create_snapshot(
+        &machine,
+        vec![state],
+        dir,
+        SnapshotKind::Full,
+        &SnapshotOptions::default(),
+    )
+    .expect("snapshot");
+    let (_, old) = handle.stop(second)?;
+    let (regs, sregs) = (
+        old.fd().get_regs().expect("regs"),
+        old.fd().get_sregs().expect("sregs"),
+    );
+    drop(old);
+    drop(machine);
+
+    let (r, _) = restore(kvm, dir).expect("restore");
+    let mut vcpus = r.create_vcpus().expect("vcpus");
+    let vcpu = vcpus.remove(0);
+    let (regs2, sregs2) = (
+        vcpu.fd().get_regs().expect("regs"),
+        vcpu.fd().get_sregs().expect("sregs"),
+    );
+    assert_eq!(
+        (regs2.rip, regs2.rcx, regs2.rflags, regs2.rsp),
+        (regs.rip, regs.rcx, regs.rflags, regs.rsp)
+    );
+    assert_eq!(
+        (sregs2.cs.dpl, sregs2.efer, sregs2.cr3),
+        (sregs.cs.dpl, sregs.efer, sregs.cr3)
+    );
+    let want_dpl = if matches!(mode, EntryMode::User) {
+        3
+    } else {
+        0
+    };
+    assert_eq!(sregs2.cs.dpl, want_dpl);
+    let handle = vcpu.start()?;
+    std::thread::sleep(Duration::from_millis(20));
+    let (reason, vcpu) = handle.stop(second)?;
+    assert_eq!(reason, ExitReason::Stopped);
+    let rcx = vcpu.fd().get_regs().expect("regs").rcx;
+    assert!(
+        rcx > regs.rcx,
+        "the restored guest kept counting: {} -> {rcx}",
+        regs.rcx
+    );
+    eprintln!(
+        "  [{mode:?}] snapshot at rcx = {}, restored guest counted on to {rcx}",
+        regs.rcx
+    );
+    Ok(())
+}
+
+#[test]
+fn vcpu_state_survives_a_snapshot_at_cpl0_and_cpl3() {
+    const TEST: &str = "vcpu_state_survives_a_snapshot_at_cpl0_and_cpl3";
+    let Some(kvm) = kvm_or_skip(TEST) else { return };
+    for mode in [EntryMode::Kernel, EntryMode::User] {
+        let dir = temp_dir(&format!("spin-{mode:?}"));
+        match spin_roundtrip(&kvm, mode, &dir) {
+            Ok(()) => eprintln!("{TEST} [{mode:?}]: ok"),
+            Err(e @ VcpuError::InternalError { .. }) if matches!(mode, EntryMode::Kernel) => {
+                eprintln!("SKIP {TEST} [{mode:?}]: KVM cannot run guest kernel mode here: {e}")
+            }
+            Err(e) => panic!("{TEST} [{mode:?}]: {e}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

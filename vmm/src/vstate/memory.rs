@@ -203,6 +203,54 @@ pub fn overlay_file_ranges(
     Ok(())
 }
 
+/// Read `ranges` of `file` (at the same offsets in the file as in the
+/// layout) into guest memory: the fallback for a diff with too many ranges
+/// to map one by one (each mapping is a VMA, and a process has a bounded
+/// number). The pages become private to this VM.
+pub fn copy_file_ranges(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    ranges: &[LayoutRange],
+) -> Result<(), MemoryFileError> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    const CHUNK: u64 = 2 << 20;
+    let regions = layout(mem);
+    let mut buf = vec![0u8; CHUNK as usize];
+    for r in ranges {
+        let end = r
+            .offset
+            .checked_add(r.len)
+            .ok_or(MemoryFileError::BadRange {
+                offset: r.offset,
+                len: r.len,
+            })?;
+        let mut at = r.offset;
+        while at < end {
+            let Some((index, &(_, start, size))) = regions
+                .iter()
+                .enumerate()
+                .find(|&(_, &(_, start, size))| at >= start && at < start + size)
+            else {
+                return Err(MemoryFileError::BadRange {
+                    offset: r.offset,
+                    len: r.len,
+                });
+            };
+            let n = (end.min(start + size) - at).min(CHUNK) as usize;
+            file.read_exact_at(&mut buf[..n], at)?;
+            let region = mem.iter().nth(index).ok_or(MemoryFileError::BadRange {
+                offset: r.offset,
+                len: r.len,
+            })?;
+            mem.write_slice(&buf[..n], region.start_addr().unchecked_add(at - start))
+                .map_err(|e| MemoryFileError::Guest(e.to_string()))?;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
 /// Copy `len` bytes of guest memory at layout offset `offset` into `buf`.
 fn read_layout(
     mem: &GuestMemoryMmap,
@@ -469,6 +517,14 @@ mod tests {
                 .read_obj::<u8>(GuestAddress((2 << 20) + 0x1000))
                 .expect("r"),
             0xcd
+        );
+        let copied = create_guest_memory(&regions, &backing).expect("restore");
+        copy_file_ranges(&copied, &diff, &changed).expect("copy");
+        assert_eq!(
+            copied
+                .read_obj::<u8>(GuestAddress((2 << 20) + 0x1000))
+                .expect("r"),
+            0xee
         );
         overlay_file_ranges(&restored, &diff, &changed).expect("overlay");
         assert_eq!(
