@@ -372,6 +372,8 @@ pub enum StateFileError {
     Length { header: u64, actual: u64 },
     #[error("snapshot state body does not match its SHA-256 digest (corrupted)")]
     Digest,
+    #[error("snapshot state file is larger than any state file ({MAX_BODY_LEN} bytes of body)")]
+    TooLarge,
     #[error("snapshot state body is invalid: {0}")]
     Invalid(String),
     #[error("cannot encode snapshot state: {0}")]

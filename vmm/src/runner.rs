@@ -334,7 +334,10 @@ pub fn restore(cfg: &RestoreConfig) -> Result<ExitReason, RunError> {
             "is also the vsock socket",
         ));
     }
+    // The state file is checked before anything is created.
+    crate::snapshot::load_state(&cfg.snapshot).map_err(|e| RunError::Snapshot(e.to_string()))?;
     let kvm = Kvm::new().map_err(RunError::Kvm)?;
+    let console_existed = cfg.console_log.exists();
     let console =
         File::create(&cfg.console_log).map_err(|e| path_err("console log", &cfg.console_log, e))?;
     let options = crate::snapshot::RestoreOptions {
@@ -343,10 +346,18 @@ pub fn restore(cfg: &RestoreConfig) -> Result<ExitReason, RunError> {
         block_overlay: cfg.overlay.clone(),
     };
     let restored = crate::snapshot::restore(&kvm, &cfg.snapshot, Box::new(console), &options)
-        .map_err(|e| RunError::Snapshot(e.to_string()))?;
-    let vcpus = restored
-        .create_vcpus()
-        .map_err(|e| RunError::Snapshot(e.to_string()))?;
+        .and_then(|r| Ok((r.create_vcpus()?, r)));
+    let (vcpus, restored) = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            // A failed restore leaves nothing behind (the vsock socket of
+            // a half-restored device went with it).
+            if !console_existed {
+                let _ = std::fs::remove_file(&cfg.console_log);
+            }
+            return Err(RunError::Snapshot(e.to_string()));
+        }
+    };
     let memory_mib = restored.machine.config.mem_size >> 20;
     serve(
         Arc::new(restored.machine),

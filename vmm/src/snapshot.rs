@@ -152,8 +152,7 @@ pub struct SnapshotInfo {
     pub dir: PathBuf,
     pub kind: SnapshotKind,
     pub memory_file: PathBuf,
-    /// Pages written to the memory file (dirty pages for a diff, non-zero
-    /// candidates for a full snapshot are not counted: 0).
+    /// Pages in a diff's memory file (0 for a full snapshot).
     pub dirty_pages: u64,
     /// Bytes of the memory layout the snapshot covers.
     pub memory_bytes: u64,
@@ -199,8 +198,22 @@ fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
 
 /// Read and check `dir/state`; returns it with its digest.
 pub fn load_state(dir: &Path) -> Result<(SnapshotState, StateDigest), SnapshotError> {
+    use std::io::Read;
     let path = dir.join(format::STATE_FILE);
-    let bytes = std::fs::read(&path).map_err(file_err(&path))?;
+    let file = File::open(&path).map_err(file_err(&path))?;
+    // Read at most one byte more than a state file may be, so a huge (or
+    // endless) file is refused without reading it all.
+    let limit = format::HEADER_LEN as u64 + format::MAX_BODY_LEN;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(file_err(&path))?;
+    if bytes.len() as u64 > limit {
+        return Err(SnapshotError::State {
+            path,
+            source: StateFileError::TooLarge,
+        });
+    }
     let state = format::decode_state(&bytes).map_err(|source| SnapshotError::State {
         path: path.clone(),
         source,
