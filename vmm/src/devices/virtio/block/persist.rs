@@ -1,6 +1,7 @@
 //! The snapshot state of a virtio-blk device.
 //!
-//! Plain serializable data: the negotiated features, each queue's
+//! Plain data (`schema::snapshot::BlockState`, part of the versioned state
+//! file): the negotiated features, each queue's
 //! addresses and ring indices, whether the device was activated, the
 //! pending interrupt bits, and where its disk's overlay lives. Guest
 //! memory and the disk itself are not part of it: the restorer maps the
