@@ -381,12 +381,29 @@ fn diff_snapshot_after_restore_holds_only_dirtied_pages() {
     );
     assert!(diff_used <= 64 << 10, "diff file uses {diff_used} bytes");
 
-    // Restored over its base, the diff resumes at its own point.
-    let (r, sink) = restore(&kvm, &diff).expect("restore diff");
+    // Restored over its base, the diff resumes at its own point; a diff of
+    // that VM (a chain of three) too.
+    let (r, _) = restore(&kvm, &diff).expect("restore diff");
     assert_eq!(progress(&r.machine.memory).0, i_diff);
     let vcpus = r.create_vcpus().expect("vcpus");
     let vm = start(r.machine, vcpus);
-    assert_finished_correctly(&vm, &sink, N);
+    let deadline = Instant::now() + TIMEOUT;
+    while progress(&vm.machine.memory).0 == i_diff {
+        assert!(Instant::now() < deadline, "restored diff does not run");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let diff2 = temp_dir("diff-top2");
+    let info2 = vm
+        .snapshot(&diff2, SnapshotKind::Diff, &SnapshotOptions::default())
+        .expect("diff of a diff");
+    let i_diff2 = progress(&vm.machine.memory).0;
+    assert!(i_diff2 > i_diff && i_diff2 < N && info2.dirty_pages <= 4);
+    vm.stop();
+    let (r, sink) = restore(&kvm, &diff2).expect("restore a chain of three");
+    assert_eq!(progress(&r.machine.memory).0, i_diff2);
+    let vcpus = r.create_vcpus().expect("vcpus");
+    assert_finished_correctly(&start(r.machine, vcpus), &sink, N);
+    let _ = std::fs::remove_dir_all(&diff2);
 
     // A base that changed under its diff is refused.
     let (vm, _) = snapshot_mid_run(&kvm, N, Duration::from_millis(5), &base);

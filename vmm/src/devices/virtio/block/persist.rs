@@ -1,9 +1,9 @@
 //! The snapshot state of a virtio-blk device.
 //!
 //! Plain data (`schema::snapshot::BlockState`, part of the versioned state
-//! file): the negotiated features, each queue's
-//! addresses and ring indices, whether the device was activated, the
-//! pending interrupt bits, and where its disk's overlay lives. Guest
+//! file): the negotiated features, each queue's addresses and ring
+//! indices, whether the device was activated, the pending interrupt bits,
+//! and where its disk's overlay lives. Guest
 //! memory and the disk itself are not part of it: the restorer maps the
 //! memory snapshot and reopens the overlay (`CowDisk::open` on the recorded
 //! paths) and passes both to [`Block::restore`]. Everything here is
