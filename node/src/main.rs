@@ -96,14 +96,19 @@ enum ApikeyCommand {
 
 #[derive(clap::Args)]
 struct VmmArgs {
+    /// Restore the microVM snapshotted in this directory instead of booting
+    /// a kernel (the snapshot fixes vCPUs, memory, kernel and disk).
+    #[arg(long, conflicts_with_all = ["kernel", "rootfs", "vcpus", "memory_mib", "cmdline_extra", "guest_cid"])]
+    restore: Option<PathBuf>,
     /// Uncompressed x86-64 ELF vmlinux.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
     /// Root filesystem image (never written: writes go to the overlay).
-    #[arg(long)]
-    rootfs: PathBuf,
+    #[arg(long, required_unless_present = "restore")]
+    rootfs: Option<PathBuf>,
     /// Copy-on-write overlay for the root disk (created; a temporary file
-    /// removed at exit when absent).
+    /// removed at exit when absent). With --restore: this VM's copy of the
+    /// snapshot's overlay (the snapshot's own when absent).
     #[arg(long)]
     overlay: Option<PathBuf>,
     /// vCPUs (1..=16).
@@ -179,9 +184,26 @@ fn kernel_check(path: &std::path::Path) -> Result<()> {
 
 fn vmm_run(args: VmmArgs) -> Result<()> {
     use vmm::vstate::exit::ExitReason;
+    if let Some(snapshot) = args.restore {
+        let cfg = vmm::runner::RestoreConfig {
+            snapshot,
+            overlay: args.overlay,
+            vsock_uds: args.vsock_uds,
+            control: args.control,
+            console_log: args.console_log,
+        };
+        return match vmm::runner::restore(&cfg)? {
+            ExitReason::Reset | ExitReason::Poweroff | ExitReason::Stopped => Ok(()),
+            other => bail!("the guest stopped abnormally: {other:?}"),
+        };
+    }
+    // clap requires both without --restore.
+    let (Some(kernel), Some(rootfs)) = (args.kernel, args.rootfs) else {
+        bail!("--kernel and --rootfs are required (or --restore)");
+    };
     let cfg = vmm::runner::VmmConfig {
-        kernel: args.kernel,
-        rootfs: args.rootfs,
+        kernel,
+        rootfs,
         overlay: args.overlay,
         vcpus: args.vcpus,
         memory_mib: args.memory_mib,

@@ -219,3 +219,139 @@ fn full_boot_or_skip() {
         "sockets removed"
     );
 }
+
+#[test]
+fn restore_conflicts_with_boot_flags_and_needs_a_snapshot() {
+    let d = setup("restore-flags");
+    let snap = d.p("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let out = sandmesh(&["--restore", &snap.display().to_string()], &d, &[]);
+    assert_fails(&out, "cannot be used with");
+    let out = Command::new(env!("CARGO_BIN_EXE_sandmesh"))
+        .arg("vmm")
+        .arg("--restore")
+        .arg(&snap)
+        .arg("--vsock-uds")
+        .arg(d.p("v.sock"))
+        .arg("--control")
+        .arg(d.p("c.sock"))
+        .arg("--console-log")
+        .arg(d.p("console.log"))
+        .output()
+        .unwrap();
+    assert_fails(&out, "snap/state: No such file");
+    assert_eq!(
+        d.entries(),
+        ["rootfs.ext4", "snap", "vmlinux"],
+        "nothing left behind"
+    );
+}
+
+/// A tiny CPL3 guest (`inc rcx; jmp`) snapshotted with the VMM library
+/// runs again under `sandmesh vmm --restore`, answers on its control
+/// socket, takes a diff snapshot on request, and shuts down.
+#[test]
+fn restore_runs_a_snapshotted_guest() {
+    use std::sync::Arc;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm::arch::x86_64::regs::EntryMode;
+    use vmm::builder::{Machine, MachineConfig};
+    use vmm::control::VmController;
+    use vmm::snapshot::{SnapshotKind, SnapshotOptions};
+    const TEST: &str = "restore_runs_a_snapshotted_guest";
+    let kvm = match kvm_ioctls::Kvm::new() {
+        Ok(k) => k,
+        Err(e) => return eprintln!("SKIP {TEST}: cannot open /dev/kvm ({e})"),
+    };
+    let d = Dir::new("restore");
+    let snap = d.p("snap");
+    {
+        let machine = Machine::new(
+            &kvm,
+            MachineConfig::new(1, 8 << 20),
+            Box::new(std::io::sink()),
+        )
+        .unwrap();
+        machine
+            .memory
+            .write_slice(&[0x48, 0xff, 0xc1, 0xeb, 0xfb], GuestAddress(0x10_0000))
+            .unwrap();
+        let vcpus = machine
+            .create_vcpus(GuestAddress(0x10_0000), EntryMode::User)
+            .unwrap();
+        let handles = vcpus.into_iter().map(|v| v.start().unwrap()).collect();
+        let machine = Arc::new(machine);
+        let ctrl = VmController::new(handles, 8, machine.exit.clone()).with_machine(machine);
+        std::thread::sleep(Duration::from_millis(10));
+        ctrl.snapshot(
+            &snap,
+            SnapshotKind::Full,
+            false,
+            &SnapshotOptions::default(),
+        )
+        .unwrap();
+        ctrl.shutdown();
+        ctrl.run_until_exit().unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sandmesh"))
+        .arg("vmm")
+        .arg("--restore")
+        .arg(&snap)
+        .arg("--vsock-uds")
+        .arg(d.p("v.sock"))
+        .arg("--control")
+        .arg(d.p("c.sock"))
+        .arg("--console-log")
+        .arg(d.p("console.log"))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        if let Ok(s) = UnixStream::connect(d.p("c.sock")) {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no control socket");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    match call(&mut s, Request::GetState).unwrap() {
+        Response::State {
+            state,
+            vcpus,
+            memory_mib,
+            ..
+        } => assert_eq!(
+            (state, vcpus, memory_mib),
+            (schema::vmm::VmState::Running, 1, 8)
+        ),
+        other => panic!("{other:?}"),
+    }
+    let diff = d.p("diff");
+    match call(
+        &mut s,
+        Request::Snapshot {
+            dir: diff.display().to_string(),
+            kind: schema::vmm::SnapshotKind::Diff,
+            resume: true,
+        },
+    )
+    .unwrap()
+    {
+        Response::Snapshot {
+            paused,
+            dirty_pages,
+            ..
+        } => {
+            assert!(!paused);
+            eprintln!("  diff snapshot of the restored guest: {dirty_pages} dirty pages");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(diff.join("state").exists());
+    assert_eq!(call(&mut s, Request::Shutdown).unwrap(), Response::Ok);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!d.p("c.sock").exists(), "control socket removed at exit");
+}

@@ -9,4 +9,5 @@
 pub mod e2b;
 pub mod envd;
 pub mod guest;
+pub mod snapshot;
 pub mod vmm;

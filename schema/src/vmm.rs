@@ -12,7 +12,9 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-/// The version of this protocol.
+/// The version of this protocol. `Snapshot` was added without a bump: a
+/// variant added to both enums breaks no existing message (an older VMM
+/// answers it with a decode error, an older client never sends it).
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest frame body.
 pub const MAX_FRAME: usize = 64 * 1024;
@@ -24,6 +26,26 @@ pub enum Request {
     Pause,
     Resume,
     Shutdown,
+    /// Pause the vCPUs (if running), write a snapshot into `dir` (an
+    /// absolute path; created if missing; a previous snapshot there is
+    /// replaced atomically), then resume them if `resume` is set, else
+    /// leave the VM paused. A VM that was paused before stays paused.
+    Snapshot {
+        dir: String,
+        kind: SnapshotKind,
+        #[serde(default)]
+        resume: bool,
+    },
+}
+
+/// Whether a snapshot writes all of guest memory or only what changed
+/// since the VM's base snapshot (the one it was restored from or last
+/// snapshotted to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    Full,
+    Diff,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +66,20 @@ pub enum Response {
         uptime_ms: u64,
     },
     Ok,
+    /// A snapshot was written.
+    Snapshot {
+        dir: String,
+        kind: SnapshotKind,
+        /// The memory file's name inside `dir`.
+        memory_file: String,
+        /// Pages in a diff's memory file (0 for a full snapshot).
+        dirty_pages: u64,
+        /// Size of the guest memory the snapshot covers.
+        memory_bytes: u64,
+        duration_us: u64,
+        /// Whether the VM is paused now.
+        paused: bool,
+    },
     Error {
         message: String,
     },
@@ -173,6 +209,11 @@ mod tests {
             Request::Pause,
             Request::Resume,
             Request::Shutdown,
+            Request::Snapshot {
+                dir: "/snap/a".into(),
+                kind: SnapshotKind::Diff,
+                resume: true,
+            },
         ] {
             let mut buf = Vec::new();
             write_frame(&mut buf, &RequestFrame::new(req.clone())).unwrap();

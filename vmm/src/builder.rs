@@ -14,9 +14,11 @@ use vm_memory::GuestAddress;
 use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::{boot_params, layout, mptable};
 use crate::devices::legacy::{I8042, SerialDevice, i8042, serial};
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{
     MmioSlot, MmioSlotAllocator, MmioTransport, SharedVirtioDevice, SlotError,
 };
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::{Bus, BusError};
 use crate::loader::{self, LoadedKernel};
 use crate::vstate::exit::ExitRequest;
@@ -79,6 +81,25 @@ pub enum BuildError {
     Mptable(#[from] mptable::MptableError),
 }
 
+/// A virtio device as the snapshot code sees it: its concrete type, for
+/// saving its state.
+#[derive(Clone)]
+pub enum PersistentDevice {
+    Block(Arc<Mutex<Block>>),
+    Vsock(Arc<Mutex<Vsock>>),
+    /// A device without snapshot support: a VM holding one cannot be
+    /// snapshotted (refused, never half-saved).
+    Other,
+}
+
+/// A virtio device on the MMIO bus.
+#[derive(Clone)]
+pub struct VirtioEntry {
+    pub slot: MmioSlot,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub device: PersistentDevice,
+}
+
 /// A microVM's memory, VM, devices and buses; vCPUs are created from it.
 pub struct Machine {
     // Field order is drop order: the VM goes before the memory it maps.
@@ -93,6 +114,11 @@ pub struct Machine {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// Windows and IRQs for virtio-mmio devices.
     pub mmio_slots: MmioSlotAllocator,
+    /// The virtio devices in slot order (for snapshots).
+    pub virtio: Vec<VirtioEntry>,
+    /// The snapshot this VM's dirty-page log is relative to: the one it was
+    /// restored from or last snapshotted to. A diff snapshot needs one.
+    pub snapshot_base: Mutex<Option<schema::snapshot::BaseRef>>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -122,12 +148,35 @@ impl Machine {
         }
         let regions = layout::arch_memory_regions(config.mem_size);
         let memory = memory::create_guest_memory(&regions, &config.backing)?;
+        Self::with_memory(kvm, config, memory, console, None)
+    }
+
+    /// [`Machine::new`] over guest memory the caller mapped (a snapshot's),
+    /// with the serial port in `serial_state` when given.
+    pub fn with_memory(
+        kvm: &Kvm,
+        config: MachineConfig,
+        memory: GuestMemoryMmap,
+        console: serial::SerialOut,
+        serial_state: Option<&schema::snapshot::SerialState>,
+    ) -> Result<Self, BuildError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(BuildError::VcpuCount(config.vcpus));
+        }
+        if config.mem_size < MIN_MEM_SIZE || !config.mem_size.is_multiple_of(4096) {
+            return Err(BuildError::MemSize(config.mem_size));
+        }
+        let regions = layout::arch_memory_regions(config.mem_size);
         let vm = Vm::new(kvm)?;
         vm.register_memory(&memory, config.track_dirty_pages)?;
         vm.setup_irqchip()?;
 
         let exit = Arc::new(ExitRequest::new().map_err(BuildError::Device)?);
-        let serial = SerialDevice::new(console).map_err(BuildError::Device)?;
+        let serial = match serial_state {
+            None => SerialDevice::new(console),
+            Some(state) => SerialDevice::from_state(state, console),
+        }
+        .map_err(BuildError::Device)?;
         vm.register_irqfd(serial.interrupt_evt(), serial::COM1_GSI)?;
         let serial = Arc::new(Mutex::new(serial));
         let mut pio_bus = Bus::new();
@@ -148,6 +197,8 @@ impl Machine {
             exit,
             serial,
             mmio_slots: MmioSlotAllocator::new(),
+            virtio: Vec::new(),
+            snapshot_base: Mutex::new(None),
         })
     }
 
@@ -156,18 +207,51 @@ impl Machine {
     /// irqfd. The slot's [`MmioSlot::cmdline_fragment`] must go on the
     /// kernel command line for Linux to find the device. Devices must be
     /// added before [`Machine::create_vcpus`] (which clones the bus).
+    ///
+    /// A device added this way cannot be snapshotted; use
+    /// [`Machine::add_block_device`] / [`Machine::add_vsock_device`].
     pub fn add_virtio_mmio_device(
         &mut self,
         device: SharedVirtioDevice,
+    ) -> Result<MmioSlot, BuildError> {
+        self.add_virtio(device, PersistentDevice::Other, None)
+    }
+
+    /// Add a virtio-blk device (see [`Machine::add_virtio_mmio_device`]).
+    pub fn add_block_device(&mut self, block: Arc<Mutex<Block>>) -> Result<MmioSlot, BuildError> {
+        self.add_virtio(block.clone(), PersistentDevice::Block(block), None)
+    }
+
+    /// Add a virtio-vsock device (see [`Machine::add_virtio_mmio_device`]).
+    pub fn add_vsock_device(&mut self, vsock: Arc<Mutex<Vsock>>) -> Result<MmioSlot, BuildError> {
+        self.add_virtio(vsock.clone(), PersistentDevice::Vsock(vsock), None)
+    }
+
+    /// Put `device` on the next slot, behind a new transport or a restored
+    /// one (`transport_state`).
+    pub(crate) fn add_virtio(
+        &mut self,
+        device: SharedVirtioDevice,
+        persistent: PersistentDevice,
+        transport_state: Option<&schema::snapshot::MmioTransportState>,
     ) -> Result<MmioSlot, BuildError> {
         let slot = self.mmio_slots.allocate()?;
         {
             let d = device.lock().unwrap_or_else(|e| e.into_inner());
             self.vm.register_irqfd(d.interrupt().event_fd(), slot.irq)?;
         }
-        let transport = MmioTransport::new(self.memory.clone(), device);
+        let transport = match transport_state {
+            None => MmioTransport::new(self.memory.clone(), device),
+            Some(state) => MmioTransport::restore(self.memory.clone(), device, state),
+        };
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
+            .insert(transport.clone(), slot.base, slot.len)?;
+        self.virtio.push(VirtioEntry {
+            slot,
+            transport,
+            device: persistent,
+        });
         Ok(slot)
     }
 
@@ -177,6 +261,36 @@ impl Machine {
         boot_params::write_boot_params(&self.memory, &self.regions, cmdline)?;
         mptable::setup_mptable(&self.memory, self.config.vcpus)?;
         Ok(kernel)
+    }
+
+    /// Create every vCPU in a saved state (instead of a boot state): the
+    /// restore counterpart of [`Machine::create_vcpus`].
+    pub fn create_vcpus_from(
+        &self,
+        states: &[schema::snapshot::VcpuState],
+    ) -> Result<Vec<Vcpu>, BuildError> {
+        if states.len() != usize::from(self.config.vcpus) {
+            return Err(BuildError::VcpuCount(states.len().min(255) as u8));
+        }
+        states
+            .iter()
+            .enumerate()
+            .map(|(i, state)| {
+                let index = i as u8;
+                if state.index != index {
+                    return Err(BuildError::VcpuCount(state.index));
+                }
+                let vcpu = Vcpu::new(
+                    &self.vm,
+                    index,
+                    self.pio_bus.clone(),
+                    self.mmio_bus.clone(),
+                    self.exit.clone(),
+                )?;
+                vcpu.restore_state(state)?;
+                Ok(vcpu)
+            })
+            .collect()
     }
 
     /// Create and configure every vCPU to enter at `entry` in `mode`.

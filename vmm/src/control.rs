@@ -26,8 +26,23 @@ use schema::vmm::{
     write_frame,
 };
 
+use crate::builder::Machine;
+use crate::snapshot::{self, SnapshotError, SnapshotInfo, SnapshotKind, SnapshotOptions};
 use crate::vstate::exit::{ExitReason, ExitRequest};
 use crate::vstate::vcpu::{VcpuError, VcpuHandle};
+
+/// Errors of a snapshot request.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("snapshot failed: {0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("this VMM was started without snapshot support")]
+    NoMachine,
+    #[error("snapshot directory must be an absolute path, not {0:?}")]
+    RelativeDir(String),
+}
 
 /// How long a vCPU may take to park or resume.
 pub const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +60,8 @@ pub struct VmController {
     memory_mib: u64,
     started: Instant,
     exit: Arc<ExitRequest>,
+    /// The machine, for snapshots (absent: `Snapshot` is refused).
+    machine: Option<Arc<Machine>>,
 }
 
 impl VmController {
@@ -56,7 +73,52 @@ impl VmController {
             memory_mib,
             started: Instant::now(),
             exit,
+            machine: None,
         }
+    }
+
+    /// Allow snapshots of `machine` (the VM these vCPUs belong to).
+    pub fn with_machine(mut self, machine: Arc<Machine>) -> Self {
+        self.machine = Some(machine);
+        self
+    }
+
+    /// Pause (if running), snapshot into `dir`, and resume if `resume` and
+    /// the VM was running before. Returns what was written and whether the
+    /// VM is paused now. On error the VM is left as the request would have
+    /// left it.
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        kind: SnapshotKind,
+        resume: bool,
+        options: &SnapshotOptions,
+    ) -> Result<(SnapshotInfo, bool), ControlError> {
+        let machine = self.machine.as_ref().ok_or(ControlError::NoMachine)?;
+        let handles = Self::lock(&self.handles);
+        let was_paused = *Self::lock(&self.paused);
+        for h in handles.iter() {
+            h.pause(VCPU_TIMEOUT)?;
+        }
+        *Self::lock(&self.paused) = !handles.is_empty();
+        let result = (|| {
+            let mut states = Vec::with_capacity(handles.len());
+            for h in handles.iter() {
+                states.push(h.save_state(machine.vm.msrs_to_save(), VCPU_TIMEOUT)?);
+            }
+            Ok::<_, ControlError>(snapshot::create_snapshot(
+                machine, states, dir, kind, options,
+            )?)
+        })();
+        let mut paused = !handles.is_empty();
+        if resume && !was_paused {
+            for h in handles.iter() {
+                h.resume(VCPU_TIMEOUT)?;
+            }
+            paused = false;
+            *Self::lock(&self.paused) = false;
+        }
+        result.map(|info| (info, paused))
     }
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -112,9 +174,39 @@ impl VmController {
                 self.shutdown();
                 Ok(())
             }
+            Request::Snapshot { dir, kind, resume } => {
+                return self.snapshot_response(dir, *kind, *resume);
+            }
         };
         match result {
             Ok(()) => Response::Ok,
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
+        }
+    }
+
+    fn snapshot_response(&self, dir: &str, kind: SnapshotKind, resume: bool) -> Response {
+        let path = Path::new(dir);
+        let result = if path.is_absolute() {
+            self.snapshot(path, kind, resume, &SnapshotOptions::default())
+        } else {
+            Err(ControlError::RelativeDir(dir.to_owned()))
+        };
+        match result {
+            Ok((info, paused)) => Response::Snapshot {
+                dir: info.dir.display().to_string(),
+                kind,
+                memory_file: info
+                    .memory_file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                dirty_pages: info.dirty_pages,
+                memory_bytes: info.memory_bytes,
+                duration_us: info.duration.as_micros() as u64,
+                paused,
+            },
             Err(e) => Response::Error {
                 message: e.to_string(),
             },

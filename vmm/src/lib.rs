@@ -13,4 +13,5 @@ pub mod guest_kernel;
 pub mod loader;
 pub mod probe;
 pub mod runner;
+pub mod snapshot;
 pub mod vstate;

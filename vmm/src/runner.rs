@@ -84,6 +84,8 @@ pub enum RunError {
     Vsock(String),
     #[error("control socket: {0}")]
     Control(std::io::Error),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
 }
@@ -235,12 +237,12 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
     let disk = CowDisk::create(paths).map_err(|e| RunError::Disk(e.to_string()))?;
     let block = Block::new("sandmesh-root", Box::new(disk), false)
         .map_err(|e| RunError::Disk(e.to_string()))?;
-    let blk_slot = machine.add_virtio_mmio_device(Arc::new(Mutex::new(block)))?;
+    let blk_slot = machine.add_block_device(Arc::new(Mutex::new(block)))?;
 
     let vsock =
         Vsock::new(cfg.guest_cid, &cfg.vsock_uds).map_err(|e| RunError::Vsock(e.to_string()))?;
     let vsock = Arc::new(Mutex::new(vsock));
-    let vsock_slot = machine.add_virtio_mmio_device(vsock.clone())?;
+    let vsock_slot = machine.add_vsock_device(vsock.clone())?;
 
     let cmdline = cmdline(
         cfg,
@@ -248,20 +250,40 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
     )?;
     let kernel = machine.load_kernel(&image, &cmdline)?;
     let vcpus = machine.create_vcpus(kernel.entry, EntryMode::Kernel)?;
+    serve(
+        Arc::new(machine),
+        vcpus,
+        Some(vsock),
+        cfg.memory_mib,
+        &cfg.control,
+    )
+}
 
+/// Start the vCPUs, the vsock poller and the control socket (snapshots
+/// enabled), and wait for the VM to end.
+fn serve(
+    machine: Arc<Machine>,
+    vcpus: Vec<crate::vstate::vcpu::Vcpu>,
+    vsock: Option<Arc<Mutex<Vsock>>>,
+    memory_mib: u64,
+    control: &Path,
+) -> Result<ExitReason, RunError> {
     let stop_poller = Arc::new(AtomicBool::new(false));
-    let poller = spawn_host_poller(vsock, Duration::from_millis(2), stop_poller.clone())
-        .map_err(|e| RunError::Vsock(e.to_string()))?;
+    let poller = match vsock {
+        Some(vsock) => Some(
+            spawn_host_poller(vsock, Duration::from_millis(2), stop_poller.clone())
+                .map_err(|e| RunError::Vsock(e.to_string()))?,
+        ),
+        None => None,
+    };
     let mut handles = Vec::new();
     for v in vcpus {
         handles.push(v.start()?);
     }
-    let controller = Arc::new(VmController::new(
-        handles,
-        cfg.memory_mib,
-        machine.exit.clone(),
-    ));
-    let server = ControlServer::spawn(&cfg.control, controller.clone());
+    let controller = Arc::new(
+        VmController::new(handles, memory_mib, machine.exit.clone()).with_machine(machine.clone()),
+    );
+    let server = ControlServer::spawn(control, controller.clone());
     let result = match server {
         Ok(server) => {
             let r = controller.run_until_exit();
@@ -275,6 +297,73 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
         }
     };
     stop_poller.store(true, std::sync::atomic::Ordering::Release);
-    let _ = poller.join();
+    if let Some(poller) = poller {
+        let _ = poller.join();
+    }
     result
+}
+
+/// `sandmesh vmm --restore`: a microVM from a snapshot directory.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    pub snapshot: PathBuf,
+    /// This VM's root-disk overlay (a copy of the snapshot's); the
+    /// snapshot's own overlay when absent.
+    pub overlay: Option<PathBuf>,
+    pub vsock_uds: PathBuf,
+    pub control: PathBuf,
+    pub console_log: PathBuf,
+}
+
+/// Restore the microVM snapshotted in `cfg.snapshot` and run it until it
+/// ends; returns why. Memory is mapped copy-on-write from the snapshot's
+/// memory file; dirty pages are logged so the VM can take diff snapshots.
+pub fn restore(cfg: &RestoreConfig) -> Result<ExitReason, RunError> {
+    if !cfg.snapshot.is_dir() {
+        return Err(path_err("snapshot", &cfg.snapshot, "not a directory"));
+    }
+    if let Some(overlay) = &cfg.overlay {
+        regular_file("overlay", overlay)?;
+    }
+    free_path("vsock socket", &cfg.vsock_uds)?;
+    free_path("control socket", &cfg.control)?;
+    if cfg.vsock_uds == cfg.control {
+        return Err(path_err(
+            "control socket",
+            &cfg.control,
+            "is also the vsock socket",
+        ));
+    }
+    // The state file is checked before anything is created.
+    crate::snapshot::load_state(&cfg.snapshot).map_err(|e| RunError::Snapshot(e.to_string()))?;
+    let kvm = Kvm::new().map_err(RunError::Kvm)?;
+    let console_existed = cfg.console_log.exists();
+    let console =
+        File::create(&cfg.console_log).map_err(|e| path_err("console log", &cfg.console_log, e))?;
+    let options = crate::snapshot::RestoreOptions {
+        track_dirty_pages: true,
+        vsock_uds: Some(cfg.vsock_uds.clone()),
+        block_overlay: cfg.overlay.clone(),
+    };
+    let restored = crate::snapshot::restore(&kvm, &cfg.snapshot, Box::new(console), &options)
+        .and_then(|r| Ok((r.create_vcpus()?, r)));
+    let (vcpus, restored) = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            // A failed restore leaves nothing behind (the vsock socket of
+            // a half-restored device went with it).
+            if !console_existed {
+                let _ = std::fs::remove_file(&cfg.console_log);
+            }
+            return Err(RunError::Snapshot(e.to_string()));
+        }
+    };
+    let memory_mib = restored.machine.config.mem_size >> 20;
+    serve(
+        Arc::new(restored.machine),
+        vcpus,
+        restored.vsock,
+        memory_mib,
+        &cfg.control,
+    )
 }

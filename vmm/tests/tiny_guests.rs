@@ -12,73 +12,24 @@
 //!
 //! Without /dev/kvm every test prints `SKIP <test>: <reason>` and passes.
 
-use std::io::{self, Write};
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{Asm, CODE, EXIT_PORT, ExitPort, MEM, Sink, kvm_or_skip};
 use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::x86_64::regs::EntryMode;
 use vmm::builder::{Machine, MachineConfig};
 use vmm::devices::BusDevice;
-use vmm::vstate::exit::{ExitReason, ExitRequest};
+use vmm::vstate::exit::ExitReason;
 use vmm::vstate::vcpu::{Vcpu, VcpuError};
 
-/// Where the payload is placed and entered (above the boot structures).
-const CODE: u64 = 0x10_0000;
-/// The test exit port (as QEMU's isa-debug-exit): `out 0xf4, al` ends the
-/// VM with `ExitReason::Device(al)`.
-const EXIT_PORT: u64 = 0xf4;
 /// An MMIO address inside the 1 GiB the boot page tables map, but past the
 /// end of guest RAM, so accesses exit to the VMM.
 const TEST_MMIO: u64 = 0x2000_0000;
-const MEM: u64 = 8 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn kvm_or_skip(test: &str) -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(kvm) => Some(kvm),
-        Err(e) => {
-            eprintln!("SKIP {test}: cannot open /dev/kvm ({e})");
-            None
-        }
-    }
-}
-
-/// A console sink that remembers when its first byte arrived.
-#[derive(Clone, Default)]
-struct Sink {
-    bytes: Arc<Mutex<Vec<u8>>>,
-    first: Arc<Mutex<Option<Instant>>>,
-}
-impl Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut first = self.first.lock().expect("sink");
-        first.get_or_insert_with(Instant::now);
-        self.bytes.lock().expect("sink").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-impl Sink {
-    fn text(&self) -> Vec<u8> {
-        self.bytes.lock().expect("sink").clone()
-    }
-}
-
-/// isa-debug-exit.
-struct ExitPort(Arc<ExitRequest>);
-impl BusDevice for ExitPort {
-    fn read(&mut self, _: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn write(&mut self, _: u64, data: &[u8]) {
-        let code = data.first().copied().unwrap_or(0);
-        self.0.request(ExitReason::Device(u32::from(code)));
-    }
-}
 
 /// Records MMIO writes.
 #[derive(Default)]
@@ -91,60 +42,6 @@ impl BusDevice for MmioRecorder {
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
         self.writes.push((offset, data.to_vec()));
-    }
-}
-
-/// A tiny assembler for the few instructions the payloads use.
-#[derive(Default)]
-struct Asm(Vec<u8>);
-impl Asm {
-    fn mov_dx(mut self, v: u16) -> Self {
-        self.0.extend_from_slice(&[0x66, 0xba]);
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    fn mov_al(mut self, v: u8) -> Self {
-        self.0.extend_from_slice(&[0xb0, v]);
-        self
-    }
-    fn out_dx_al(mut self) -> Self {
-        self.0.push(0xee);
-        self
-    }
-    fn out_imm_al(mut self, port: u8) -> Self {
-        self.0.extend_from_slice(&[0xe6, port]);
-        self
-    }
-    fn mov_rax(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&[0x48, 0xb8]);
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    /// mov dword [rax], imm32
-    fn store32_rax(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&[0xc7, 0x00]);
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    /// inc rcx; jmp back to the inc (a busy loop counting in rcx)
-    fn spin_counting(mut self) -> Self {
-        self.0.extend_from_slice(&[0x48, 0xff, 0xc1, 0xeb, 0xfb]);
-        self
-    }
-    /// jmp $
-    fn hang(mut self) -> Self {
-        self.0.extend_from_slice(&[0xeb, 0xfe]);
-        self
-    }
-    fn print(mut self, s: &[u8]) -> Self {
-        self = self.mov_dx(0x3f8);
-        for b in s {
-            self = self.mov_al(*b).out_dx_al();
-        }
-        self
-    }
-    fn exit(self, code: u8) -> Self {
-        self.mov_al(code).out_imm_al(EXIT_PORT as u8).hang()
     }
 }
 
@@ -163,7 +60,7 @@ fn build(kvm: &Kvm, code: &[u8]) -> Guest {
     let exit = machine.exit.clone();
     machine
         .pio_bus
-        .insert(Arc::new(Mutex::new(ExitPort(exit))), EXIT_PORT, 1)
+        .insert(Arc::new(Mutex::new(ExitPort::new(exit))), EXIT_PORT, 1)
         .expect("exit port");
     let mmio = Arc::new(Mutex::new(MmioRecorder::default()));
     machine

@@ -29,8 +29,11 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
+use schema::snapshot::VcpuState;
+
 use super::exit::{ExitReason, ExitRequest};
 use super::memory::GuestMemoryMmap;
+use super::persist;
 use super::vm::Vm;
 use crate::arch::x86_64::cpuid::{self, VcpuTopology};
 use crate::arch::x86_64::regs::{self, EntryMode};
@@ -86,6 +89,10 @@ pub enum VcpuError {
     Timeout(&'static str, Duration),
     #[error("the vCPU thread has already exited")]
     AlreadyExited,
+    #[error("the vCPU must be paused to save its state")]
+    NotPaused,
+    #[error("vCPU state: {0}")]
+    Persist(#[from] super::persist::PersistError),
     #[error("the vCPU thread panicked")]
     Panicked,
 }
@@ -118,11 +125,21 @@ enum Request {
     Stop,
 }
 
+/// A state save asked of a paused vCPU thread, and its answer.
+#[derive(Debug)]
+enum SaveSlot {
+    Idle,
+    /// Save, with these MSRs.
+    Requested(Vec<u32>),
+    Done(Box<Result<VcpuState, VcpuError>>),
+}
+
 #[derive(Debug)]
 struct ControlState {
     request: Request,
     paused: bool,
     finished: bool,
+    save: SaveSlot,
 }
 
 /// Shared between a vCPU thread and its [`VcpuHandle`].
@@ -143,6 +160,7 @@ impl Control {
                 request: Request::Run,
                 paused: false,
                 finished: false,
+                save: SaveSlot::Idle,
             }),
             cv: Condvar::new(),
             pending: AtomicBool::new(false),
@@ -420,7 +438,7 @@ impl Vcpu {
 
     /// Look at what the controller asked; park while paused. Returns the
     /// exit reason if the loop must end.
-    fn handle_request(&self, control: &Control) -> Option<ExitReason> {
+    fn handle_request(&mut self, control: &Control) -> Option<ExitReason> {
         let mut st = control.lock();
         loop {
             match st.request {
@@ -437,10 +455,81 @@ impl Vcpu {
                         st.paused = true;
                         control.cv.notify_all();
                     }
+                    // Snapshots read the vCPU's state here, on its own
+                    // thread, while it is parked.
+                    if let SaveSlot::Requested(msrs) = &st.save {
+                        let msrs = msrs.clone();
+                        st.save = SaveSlot::Done(Box::new(self.save_state(&msrs)));
+                        control.cv.notify_all();
+                        continue;
+                    }
                     st = control.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
             }
         }
+    }
+
+    /// Save this vCPU's KVM state (it must not be running: parked by a
+    /// pause, stopped, or never started), with the MSRs in `msrs`
+    /// ([`Vm::msrs_to_save`]).
+    ///
+    /// An IO or MMIO exit is only complete once KVM is entered again (KVM
+    /// writes an `in`'s data to the register and moves RIP past the
+    /// instruction then), so first enter with `immediate_exit` set: KVM
+    /// completes the instruction and returns EINTR without running guest
+    /// code. A string instruction may exit again; those exits are served.
+    pub fn save_state(&mut self, msrs: &[u32]) -> Result<VcpuState, VcpuError> {
+        self.complete_pending_exit()?;
+        Ok(persist::save_vcpu(&self.fd, self.index, msrs)?)
+    }
+
+    fn complete_pending_exit(&mut self) -> Result<(), VcpuError> {
+        const MAX_EXITS: usize = 64;
+        for _ in 0..MAX_EXITS {
+            self.fd.set_kvm_immediate_exit(1);
+            let exit = match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    return Err(VcpuError::Run(e));
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.pio_bus.read(u64::from(port), data);
+                    Some(())
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    self.pio_bus.write(u64::from(port), data);
+                    Some(())
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    self.mmio_bus.read(addr, data);
+                    Some(())
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.mmio_bus.write(addr, data);
+                    Some(())
+                }
+                Ok(VcpuExit::Intr) => None,
+                Ok(other) => {
+                    let what = format!("{other:?} while completing an exit for a snapshot");
+                    self.fd.set_kvm_immediate_exit(0);
+                    return Err(VcpuError::UnexpectedExit(what));
+                }
+            };
+            self.fd.set_kvm_immediate_exit(0);
+            if exit.is_none() {
+                return Ok(());
+            }
+        }
+        Err(VcpuError::UnexpectedExit(format!(
+            "more than {MAX_EXITS} exits while completing an instruction for a snapshot"
+        )))
+    }
+
+    /// Put a freshly created vCPU (never run, not configured) into a saved
+    /// state instead of [`Vcpu::configure`]'s boot state.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        Ok(persist::restore_vcpu(&self.fd, state)?)
     }
 
     fn internal_error(&mut self) -> VcpuError {
@@ -533,6 +622,39 @@ impl VcpuHandle {
     /// Stop running guest code; returns once the vCPU is parked.
     pub fn pause(&self, timeout: Duration) -> Result<(), VcpuError> {
         self.request_and_wait(Request::Pause, "pause", timeout, |s| s.paused)
+    }
+
+    /// Save the state of a paused vCPU (see [`Vcpu::save_state`]); the
+    /// vCPU thread does it and stays parked.
+    pub fn save_state(&self, msrs: &[u32], timeout: Duration) -> Result<VcpuState, VcpuError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.control.lock();
+        if !st.paused || st.request != Request::Pause {
+            return Err(VcpuError::NotPaused);
+        }
+        st.save = SaveSlot::Requested(msrs.to_vec());
+        self.control.cv.notify_all();
+        loop {
+            if matches!(st.save, SaveSlot::Done(_))
+                && let SaveSlot::Done(r) = std::mem::replace(&mut st.save, SaveSlot::Idle)
+            {
+                return *r;
+            }
+            if st.finished {
+                return Err(VcpuError::AlreadyExited);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                st.save = SaveSlot::Idle;
+                return Err(VcpuError::Timeout("save state", timeout));
+            }
+            st = self
+                .control
+                .cv
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
     }
 
     /// Let a paused vCPU run again.

@@ -43,6 +43,13 @@ pub enum VmError {
     CreateIrqchip(kvm_ioctls::Error),
     #[error("KVM_CREATE_PIT2 failed: {0}")]
     CreatePit(kvm_ioctls::Error),
+    #[error("KVM_GET_MSR_INDEX_LIST failed: {0}")]
+    MsrIndexList(kvm_ioctls::Error),
+    #[error("KVM_GET_DIRTY_LOG for slot {slot} failed: {source}")]
+    DirtyLog {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
     #[error("KVM_IRQFD for GSI {gsi} failed: {source}")]
     RegisterIrqfd { gsi: u32, source: kvm_ioctls::Error },
 }
@@ -66,6 +73,10 @@ pub struct Vm {
     fd: VmFd,
     supported_cpuid: CpuId,
     max_memslots: usize,
+    /// The MSRs a snapshot saves (from KVM_GET_MSR_INDEX_LIST).
+    msrs_to_save: Vec<u32>,
+    /// Whether the memory slots log dirty pages.
+    track_dirty: std::sync::atomic::AtomicBool,
 }
 
 impl Vm {
@@ -80,11 +91,15 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmError::SupportedCpuid)?;
         let max_memslots = kvm.get_nr_memslots();
+        let msr_index_list = kvm.get_msr_index_list().map_err(VmError::MsrIndexList)?;
+        let msrs_to_save = super::persist::msrs_to_save(msr_index_list.as_slice());
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         Ok(Self {
             fd,
             supported_cpuid,
             max_memslots,
+            msrs_to_save,
+            track_dirty: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -95,6 +110,31 @@ impl Vm {
     /// `KVM_GET_SUPPORTED_CPUID` of this host, unfiltered.
     pub fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
+    }
+
+    /// The MSRs a vCPU snapshot saves, TSC first.
+    pub fn msrs_to_save(&self) -> &[u32] {
+        &self.msrs_to_save
+    }
+
+    /// Whether KVM logs guest writes to memory (diff snapshots possible).
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.track_dirty.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The pages the guest wrote since the last call, one bitmap per slot
+    /// (bit i = page i of the region), and clear KVM's log. Only
+    /// meaningful with dirty tracking on.
+    pub fn take_dirty_log(&self, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {
+        mem.iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let slot = slot as u32;
+                self.fd
+                    .get_dirty_log(slot, region.len() as usize)
+                    .map_err(|source| VmError::DirtyLog { slot, source })
+            })
+            .collect()
     }
 
     /// Register every region of `mem` as a KVM memory slot (slot i = region
@@ -127,6 +167,8 @@ impl Vm {
             unsafe { self.fd.set_user_memory_region(region_def) }
                 .map_err(|source| VmError::SetMemoryRegion { slot, source })?;
         }
+        self.track_dirty
+            .store(track_dirty, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 

@@ -70,6 +70,47 @@ impl SerialDevice {
         })
     }
 
+    /// A UART in a snapshot's `state` (registers and receive FIFO) writing
+    /// to `out`. A pending interrupt is raised again. The state came from
+    /// a file: vm-superio refuses a FIFO longer than the UART's.
+    pub fn from_state(state: &schema::snapshot::SerialState, out: SerialOut) -> io::Result<Self> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial =
+            Serial::from_state(&state, EventFdTrigger::new(evt), NoEvents, out).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("serial state: {e:?}"))
+            })?;
+        Ok(Self { serial, errors: 0 })
+    }
+
+    /// The state to snapshot.
+    pub fn save(&self) -> schema::snapshot::SerialState {
+        let s = self.serial.state();
+        schema::snapshot::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
     /// The interrupt line, to register as an irqfd for [`COM1_GSI`].
     pub fn interrupt_evt(&self) -> &EventFd {
         self.serial.interrupt_evt().event_fd()
@@ -169,6 +210,29 @@ mod tests {
         let mut d = [0u8];
         s.read(THR, &mut d);
         assert_eq!(d[0], b'h');
+    }
+
+    #[test]
+    fn state_roundtrips_registers_and_fifo_and_rejects_an_oversized_fifo() {
+        let mut s = SerialDevice::new(Box::new(io::sink())).expect("serial");
+        s.write(3, &[0x80]); // DLAB
+        s.write(0, &[0x0c]); // divisor low
+        s.write(3, &[0x03]); // 8N1, DLAB off
+        s.write(7, &[0x5a]); // scratch
+        s.write(IER, &[0x01]); // RX data interrupt
+        assert_eq!(s.enqueue_input(b"ab"), 2);
+        let state = s.save();
+        assert_eq!((state.baud_divisor_low, state.scratch), (0x0c, 0x5a));
+        assert_eq!(state.in_buffer, b"ab");
+        let mut r = SerialDevice::from_state(&state, Box::new(io::sink())).expect("restore");
+        assert_eq!(r.save(), state);
+        assert!(r.interrupt_evt().read().expect("pending irq raised again") >= 1);
+        let mut d = [0u8];
+        r.read(THR, &mut d);
+        assert_eq!(d[0], b'a');
+        let mut big = state.clone();
+        big.in_buffer = vec![0; 4096];
+        assert!(SerialDevice::from_state(&big, Box::new(io::sink())).is_err());
     }
 
     #[test]

@@ -390,16 +390,8 @@ impl MmioTransport {
 }
 
 /// The transport's snapshot state (the device's own is saved by the
-/// device's `persist.rs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct MmioTransportState {
-    pub device_features_sel: u32,
-    pub driver_features_sel: u32,
-    pub driver_features: u64,
-    pub queue_sel: u32,
-    pub status: u32,
-    pub config_generation: u32,
-}
+/// device's `persist.rs`); the type is part of the state file format.
+pub use schema::snapshot::MmioTransportState;
 
 impl MmioTransport {
     pub fn save(&self) -> MmioTransportState {

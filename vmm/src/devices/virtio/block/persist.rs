@@ -1,34 +1,46 @@
 //! The snapshot state of a virtio-blk device.
 //!
-//! Plain serializable data: the negotiated features, each queue's
-//! addresses and ring indices, whether the device was activated, the
-//! pending interrupt bits, and where its disk's overlay lives. Guest
+//! Plain data (`schema::snapshot::BlockState`, part of the versioned state
+//! file): the negotiated features, each queue's addresses and ring
+//! indices, whether the device was activated, the pending interrupt bits,
+//! and where its disk's overlay lives. Guest
 //! memory and the disk itself are not part of it: the restorer maps the
 //! memory snapshot and reopens the overlay (`CowDisk::open` on the recorded
 //! paths) and passes both to [`Block::restore`]. Everything here is
 //! validated on restore as if it came from the guest (it came from a file).
 
+use schema::snapshot::{bytes_path, path_bytes};
+
 use super::cow::CowPaths;
 use super::device::{Block, BlockCounters};
 use super::{BlockBackend, NUM_QUEUES, SECTOR_SIZE};
 use crate::devices::virtio::IrqType;
-use crate::devices::virtio::persist::{QueueSnapshot, restore_queues};
+use crate::devices::virtio::persist::{queue_snapshot, restore_queues};
 use crate::vstate::memory::GuestMemoryMmap;
 
-/// A virtio-blk device's state.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BlockState {
-    pub id: Vec<u8>,
-    pub read_only: bool,
-    /// Capacity in sectors when saved; the restored disk must match.
-    pub capacity: u64,
-    pub avail_features: u64,
-    pub acked_features: u64,
-    pub activated: bool,
-    pub interrupt_status: u32,
-    pub queues: Vec<QueueSnapshot>,
-    /// The overlay map reference, for a copy-on-write disk.
-    pub overlay: Option<CowPaths>,
+/// A virtio-blk device's state (a `schema::snapshot` type: part of the
+/// versioned state file).
+pub use schema::snapshot::{BlockState, DiskPaths};
+
+impl From<&CowPaths> for DiskPaths {
+    fn from(p: &CowPaths) -> Self {
+        DiskPaths {
+            base: path_bytes(&p.base),
+            overlay: path_bytes(&p.overlay),
+            map: path_bytes(&p.map),
+        }
+    }
+}
+
+impl CowPaths {
+    /// The paths a snapshot recorded.
+    pub fn from_state(p: &DiskPaths) -> Self {
+        CowPaths {
+            base: bytes_path(&p.base),
+            overlay: bytes_path(&p.overlay),
+            map: bytes_path(&p.map),
+        }
+    }
 }
 
 /// Errors restoring a device.
@@ -59,9 +71,20 @@ impl Block {
             acked_features: self.acked_features,
             activated: self.mem.is_some(),
             interrupt_status: self.irq.status(),
-            queues: self.queues.iter().map(|q| q.state().into()).collect(),
-            overlay: self.backend.cow_paths().cloned(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| queue_snapshot(q.state()))
+                .collect(),
+            overlay: self.backend.cow_paths().map(DiskPaths::from),
         }
+    }
+
+    /// Make the disk durable for a snapshot: a copy-on-write disk syncs
+    /// its overlay and writes its cluster map, so the overlay on disk is
+    /// exactly what the snapshotted guest wrote.
+    pub fn flush_for_snapshot(&mut self) -> std::io::Result<()> {
+        self.backend.flush()
     }
 
     /// A device in `state` over `backend` (reopened from `state.overlay`)

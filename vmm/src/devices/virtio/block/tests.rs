@@ -482,7 +482,12 @@ fn copy_on_write_disk_behind_the_device() {
 
     // Snapshot state: serializable, and a restored device carries on.
     let state: BlockState = h.dev.lock().expect("dev").save();
-    assert_eq!(state.overlay.as_ref(), Some(&paths));
+    assert_eq!(
+        state.overlay.as_ref(),
+        Some(&crate::devices::virtio::block::persist::DiskPaths::from(
+            &paths
+        ))
+    );
     assert!(state.activated);
     let json = serde_json::to_string(&state).expect("json");
     let state: BlockState = serde_json::from_str(&json).expect("json");

@@ -9,25 +9,15 @@
 //! every socket of the transport and re-reads the CID). The state is
 //! validated on restore as if it came from the guest.
 
-use std::path::PathBuf;
-
 use super::NUM_QUEUES;
 use super::device::{Vsock, VsockError};
-use crate::devices::virtio::persist::{QueueSnapshot, restore_queues};
+use crate::devices::virtio::persist::{queue_snapshot, restore_queues};
 use crate::devices::virtio::{IrqType, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use crate::vstate::memory::GuestMemoryMmap;
 
-/// A virtio-vsock device's state.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VsockState {
-    pub guest_cid: u64,
-    pub uds_path: PathBuf,
-    pub avail_features: u64,
-    pub acked_features: u64,
-    pub activated: bool,
-    pub interrupt_status: u32,
-    pub queues: Vec<QueueSnapshot>,
-}
+/// A virtio-vsock device's state (a `schema::snapshot` type: part of the
+/// versioned state file).
+pub use schema::snapshot::VsockState;
 
 /// Errors restoring a device.
 #[derive(Debug, thiserror::Error)]
@@ -49,12 +39,16 @@ impl Vsock {
     pub fn save(&self) -> VsockState {
         VsockState {
             guest_cid: self.guest_cid,
-            uds_path: self.muxer.uds_path().to_owned(),
+            uds_path: schema::snapshot::path_bytes(self.muxer.uds_path()),
             avail_features: self.avail_features,
             acked_features: self.acked_features,
             activated: self.mem.is_some(),
             interrupt_status: self.irq.status(),
-            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| queue_snapshot(q.state()))
+                .collect(),
         }
     }
 
