@@ -23,6 +23,7 @@ use crate::devices::virtio::block::{Block, CowDisk, CowPaths};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::vsock::event_handler::spawn_host_poller;
 use crate::guest_kernel::{self, KernelImageError};
+use crate::jail::{self, HostDisks, JailConfig, JailError};
 use crate::vstate::exit::ExitReason;
 use crate::vstate::vcpu::VcpuError;
 
@@ -51,6 +52,10 @@ pub struct VmmConfig {
     pub guest_cid: u64,
     pub control: PathBuf,
     pub console_log: PathBuf,
+    /// Run jailed (see [`crate::jail`]). The sockets are then plain file
+    /// names, created inside the jail (at `<jail dir>/root/<name>` on the
+    /// host), and [`run`] returns only in the jailed process.
+    pub jail: Option<JailConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +91,8 @@ pub enum RunError {
     Control(std::io::Error),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Jail(#[from] JailError),
 }
 
 fn path_err(what: &'static str, path: &Path, reason: impl ToString) -> RunError {
@@ -159,8 +166,18 @@ pub fn validate(cfg: &VmmConfig) -> Result<Vec<u8>, RunError> {
     {
         regular_file("overlay", overlay)?;
     }
-    free_path("vsock socket", &cfg.vsock_uds)?;
-    free_path("control socket", &cfg.control)?;
+    match &cfg.jail {
+        // The jail directory is new, so names inside it are free.
+        Some(j) => {
+            jail::validate(j)?;
+            jail::socket_name("vsock socket", &cfg.vsock_uds)?;
+            jail::socket_name("control socket", &cfg.control)?;
+        }
+        None => {
+            free_path("vsock socket", &cfg.vsock_uds)?;
+            free_path("control socket", &cfg.control)?;
+        }
+    }
     if let Some(p) = cfg.console_log.parent()
         && !p.as_os_str().is_empty()
         && !p.is_dir()
@@ -197,6 +214,14 @@ fn cmdline(cfg: &VmmConfig, fragments: &[String]) -> Result<Cmdline, RunError> {
     Ok(c)
 }
 
+/// The paths the VMM opens: the host's, or the jail's.
+struct RunPaths {
+    rootfs: PathBuf,
+    overlay: Option<PathBuf>,
+    vsock_uds: PathBuf,
+    control: PathBuf,
+}
+
 /// Removes a temporary overlay (and its map) at exit.
 struct TempOverlay(Option<CowPaths>);
 impl Drop for TempOverlay {
@@ -209,11 +234,41 @@ impl Drop for TempOverlay {
 }
 
 /// Boot and run the microVM until it ends; returns why.
+///
+/// With [`VmmConfig::jail`], `/dev/kvm` and the console log are opened
+/// first, then the process forks into the jail: the calling process
+/// supervises the jailed child and exits with its status (it does not
+/// return), while the child goes on below with jail-relative paths and
+/// locks itself down before it starts any thread.
 pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
     let image = validate(cfg)?;
     let kvm = Kvm::new().map_err(RunError::Kvm)?;
     let console =
         File::create(&cfg.console_log).map_err(|e| path_err("console log", &cfg.console_log, e))?;
+    let paths = match &cfg.jail {
+        Some(j) => {
+            let inside = jail::enter(
+                j,
+                &HostDisks {
+                    rootfs: cfg.rootfs.clone(),
+                    overlay: cfg.overlay.clone(),
+                },
+            )?;
+            // Validated as plain file names.
+            RunPaths {
+                rootfs: inside.rootfs,
+                overlay: Some(inside.overlay),
+                vsock_uds: Path::new("/").join(&cfg.vsock_uds),
+                control: Path::new("/").join(&cfg.control),
+            }
+        }
+        None => RunPaths {
+            rootfs: cfg.rootfs.clone(),
+            overlay: cfg.overlay.clone(),
+            vsock_uds: cfg.vsock_uds.clone(),
+            control: cfg.control.clone(),
+        },
+    };
     let mem_size = cfg.memory_mib << 20;
     let mut machine = Machine::new(
         &kvm,
@@ -221,24 +276,24 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
         Box::new(console),
     )?;
 
-    let (overlay_path, mut temp) = match &cfg.overlay {
+    let (overlay_path, mut temp) = match &paths.overlay {
         Some(p) => (p.clone(), TempOverlay(None)),
         None => (
             std::env::temp_dir().join(format!("sandmesh-overlay-{}", std::process::id())),
             TempOverlay(None),
         ),
     };
-    let paths = CowPaths::new(&cfg.rootfs, &overlay_path);
+    let disk_paths = CowPaths::new(&paths.rootfs, &overlay_path);
     if cfg.overlay.is_none() {
-        temp.0 = Some(paths.clone());
+        temp.0 = Some(disk_paths.clone());
     }
-    let disk = CowDisk::create(paths).map_err(|e| RunError::Disk(e.to_string()))?;
+    let disk = CowDisk::create(disk_paths).map_err(|e| RunError::Disk(e.to_string()))?;
     let block = Block::new("sandmesh-root", Box::new(disk), false)
         .map_err(|e| RunError::Disk(e.to_string()))?;
     let blk_slot = machine.add_virtio_mmio_device(Arc::new(Mutex::new(block)))?;
 
     let vsock =
-        Vsock::new(cfg.guest_cid, &cfg.vsock_uds).map_err(|e| RunError::Vsock(e.to_string()))?;
+        Vsock::new(cfg.guest_cid, &paths.vsock_uds).map_err(|e| RunError::Vsock(e.to_string()))?;
     let vsock = Arc::new(Mutex::new(vsock));
     let vsock_slot = machine.add_virtio_mmio_device(vsock.clone())?;
 
@@ -249,6 +304,11 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
     let kernel = machine.load_kernel(&image, &cmdline)?;
     let vcpus = machine.create_vcpus(kernel.entry, EntryMode::Kernel)?;
 
+    // Everything is open: from here on only the seccomp allowlist, and
+    // every thread started below inherits it.
+    if let Some(j) = &cfg.jail {
+        jail::lock_down(j)?;
+    }
     let stop_poller = Arc::new(AtomicBool::new(false));
     let poller = spawn_host_poller(vsock, Duration::from_millis(2), stop_poller.clone())
         .map_err(|e| RunError::Vsock(e.to_string()))?;
@@ -261,7 +321,7 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
         cfg.memory_mib,
         machine.exit.clone(),
     ));
-    let server = ControlServer::spawn(&cfg.control, controller.clone());
+    let server = ControlServer::spawn(&paths.control, controller.clone());
     let result = match server {
         Ok(server) => {
             let r = controller.run_until_exit();
