@@ -141,6 +141,13 @@ fn host_memory_mib() -> u64 {
 
 /// Check every input; returns the kernel image.
 pub fn validate(cfg: &VmmConfig) -> Result<Vec<u8>, RunError> {
+    // First, so that a caller without root hears that before anything else.
+    // The jail directory is new, so socket names inside it are free.
+    if let Some(j) = &cfg.jail {
+        jail::validate(j)?;
+        jail::socket_name("vsock socket", &cfg.vsock_uds)?;
+        jail::socket_name("control socket", &cfg.control)?;
+    }
     if !VCPUS.contains(&cfg.vcpus) {
         return Err(RunError::Vcpus(cfg.vcpus));
     }
@@ -166,17 +173,9 @@ pub fn validate(cfg: &VmmConfig) -> Result<Vec<u8>, RunError> {
     {
         regular_file("overlay", overlay)?;
     }
-    match &cfg.jail {
-        // The jail directory is new, so names inside it are free.
-        Some(j) => {
-            jail::validate(j)?;
-            jail::socket_name("vsock socket", &cfg.vsock_uds)?;
-            jail::socket_name("control socket", &cfg.control)?;
-        }
-        None => {
-            free_path("vsock socket", &cfg.vsock_uds)?;
-            free_path("control socket", &cfg.control)?;
-        }
+    if cfg.jail.is_none() {
+        free_path("vsock socket", &cfg.vsock_uds)?;
+        free_path("control socket", &cfg.control)?;
     }
     if let Some(p) = cfg.console_log.parent()
         && !p.as_os_str().is_empty()
@@ -245,19 +244,22 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
     let kvm = Kvm::new().map_err(RunError::Kvm)?;
     let console =
         File::create(&cfg.console_log).map_err(|e| path_err("console log", &cfg.console_log, e))?;
+    let mut inside = None;
     let paths = match &cfg.jail {
         Some(j) => {
-            let inside = jail::enter(
+            let entered = jail::enter(
                 j,
                 &HostDisks {
                     rootfs: cfg.rootfs.clone(),
                     overlay: cfg.overlay.clone(),
                 },
             )?;
+            let in_jail = entered.paths.clone();
+            inside = Some(entered);
             // Validated as plain file names.
             RunPaths {
-                rootfs: inside.rootfs,
-                overlay: Some(inside.overlay),
+                rootfs: in_jail.rootfs,
+                overlay: Some(in_jail.overlay),
                 vsock_uds: Path::new("/").join(&cfg.vsock_uds),
                 control: Path::new("/").join(&cfg.control),
             }
@@ -306,8 +308,8 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
 
     // Everything is open: from here on only the seccomp allowlist, and
     // every thread started below inherits it.
-    if let Some(j) = &cfg.jail {
-        jail::lock_down(j)?;
+    if let (Some(j), Some(inside)) = (&cfg.jail, &inside) {
+        jail::lock_down(j, inside)?;
     }
     let stop_poller = Arc::new(AtomicBool::new(false));
     let poller = spawn_host_poller(vsock, Duration::from_millis(2), stop_poller.clone())

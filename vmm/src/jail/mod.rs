@@ -99,6 +99,14 @@ pub struct HostDisks {
     pub overlay: Option<PathBuf>,
 }
 
+/// What the jailed process gets from [`enter`]: its paths, and its link
+/// to the supervisor, which [`lock_down`] needs.
+#[derive(Debug)]
+pub struct Inside {
+    pub paths: JailPaths,
+    supervisor: process::SupervisorLink,
+}
+
 /// Paths as the jailed VMM sees them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailPaths {
@@ -227,7 +235,7 @@ pub fn socket_name<'a>(what: &'static str, path: &'a Path) -> Result<&'a str, Ja
 /// calling process becomes the supervisor and **does not return**: it exits
 /// with the VMM's status once the VMM has ended and the jail is cleaned up.
 /// An error before the fork is returned (and nothing is left behind).
-pub fn enter(cfg: &JailConfig, disks: &HostDisks) -> Result<JailPaths, JailError> {
+pub fn enter(cfg: &JailConfig, disks: &HostDisks) -> Result<Inside, JailError> {
     validate(cfg)?;
     let threads = process::thread_count()?;
     if threads != 1 {
@@ -246,13 +254,16 @@ pub fn enter(cfg: &JailConfig, disks: &HostDisks) -> Result<JailPaths, JailError
     };
     match process::fork_into_pid_namespace() {
         Ok(process::Forked::Child(release)) => {
-            release.wait()?;
+            let supervisor = release.wait()?;
             namespaces::unshare_rest()?;
             namespaces::make_mounts_private()?;
             namespaces::set_hostname()?;
             dir.mount_disks(disks)?;
             fs::pivot_into(&dir.root)?;
-            Ok(dir.jail_paths())
+            Ok(Inside {
+                paths: dir.jail_paths(),
+                supervisor,
+            })
         }
         Ok(process::Forked::Parent(child)) => process::supervise(child, dir, cgroup),
         Err(e) => {
@@ -269,7 +280,12 @@ pub fn enter(cfg: &JailConfig, disks: &HostDisks) -> Result<JailPaths, JailError
 /// jailed VMM after it has opened everything it needs and before it starts
 /// any thread, so every thread inherits the filter (it is also installed
 /// with TSYNC, which fails rather than leave a thread unfiltered).
-pub fn lock_down(cfg: &JailConfig) -> Result<(), JailError> {
+///
+/// The kernel clears the parent-death signal when credentials change, so
+/// it is set again here, and the supervisor checked to be still alive
+/// (had it died in between, no signal would ever come).
+pub fn lock_down(cfg: &JailConfig, inside: &Inside) -> Result<(), JailError> {
     creds::drop_privileges(cfg.uid, cfg.gid)?;
+    inside.supervisor.die_with_it()?;
     seccomp::install()
 }

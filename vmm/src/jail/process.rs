@@ -22,7 +22,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::JailError;
 use super::cgroup::Cgroup;
@@ -57,15 +57,44 @@ pub struct Release(File);
 impl Release {
     /// Wait until the supervisor has placed this process; fails if the
     /// supervisor is gone.
-    pub fn wait(mut self) -> Result<(), JailError> {
+    pub fn wait(mut self) -> Result<SupervisorLink, JailError> {
         let mut b = [0u8];
         loop {
             match self.0.read(&mut b) {
-                Ok(1) if b[0] == GO => return Ok(()),
+                Ok(1) if b[0] == GO => return Ok(SupervisorLink(self.0)),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 _ => return Err(JailError::SupervisorGone),
             }
         }
+    }
+}
+
+/// The jailed child's read end of the start-up pipe, kept open: the
+/// supervisor holds the write end for as long as it lives, so the pipe
+/// hangs up exactly when the supervisor is gone.
+#[derive(Debug)]
+pub struct SupervisorLink(File);
+
+impl SupervisorLink {
+    /// (Re-)arm SIGKILL on the supervisor's death and check it is alive.
+    /// Needed after every credential change, which clears the setting.
+    pub fn die_with_it(&self) -> Result<(), JailError> {
+        // SAFETY: plain prctl.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+            return Err(JailError::last_os("PR_SET_PDEATHSIG"));
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; zero timeout.
+        let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if r != 0 {
+            // Hung up (or, against the protocol, readable): gone.
+            return Err(JailError::SupervisorGone);
+        }
+        Ok(())
     }
 }
 
