@@ -19,6 +19,8 @@ const UID: u32 = 64123;
 const GID: u32 = 64124;
 const VCPUS: u8 = 2;
 const MEMORY_MIB: u64 = 128;
+/// A descriptor the tests leave open in `sandmesh vmm` (not CLOEXEC).
+const LEAKED_FD: i32 = 57;
 
 fn skip_reason() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
@@ -36,10 +38,20 @@ fn skip_reason() -> Option<String> {
     None
 }
 
-/// A minimal x86-64 ELF executable whose one segment at 1 MiB is
-/// `cli; hlt; jmp $-3`.
-fn halting_elf() -> Vec<u8> {
-    let code = [0xfa, 0xf4, 0xeb, 0xfd];
+/// `cli; hlt; jmp $-3`: the vCPU halts for good.
+const HALT: &[u8] = &[0xfa, 0xf4, 0xeb, 0xfd];
+/// Write "J\n" to COM1, then ask the i8042 for a reset.
+const SERIAL_THEN_RESET: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'J', 0xee, // mov al, 'J'; out dx, al
+    0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+    0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
+    0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt; jmp $-3
+];
+
+/// A minimal x86-64 ELF executable: one segment at 1 MiB holding `code`,
+/// entered there.
+fn tiny_elf(code: &[u8]) -> Vec<u8> {
     let paddr: u64 = 0x10_0000;
     let mut e = vec![0u8; 64 + 56];
     e[0..4].copy_from_slice(b"\x7fELF");
@@ -63,7 +75,7 @@ fn halting_elf() -> Vec<u8> {
     e[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
     e[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
     e[ph + 48..ph + 56].copy_from_slice(&0x1000u64.to_le_bytes());
-    e.extend_from_slice(&code);
+    e.extend_from_slice(code);
     e
 }
 
@@ -74,7 +86,7 @@ impl Scratch {
         let d = std::env::temp_dir().join(format!("smjail-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("vmlinux"), halting_elf()).unwrap();
+        std::fs::write(d.join("vmlinux"), tiny_elf(HALT)).unwrap();
         std::fs::write(d.join("rootfs.ext4"), vec![0u8; 1 << 20]).unwrap();
         Self(d)
     }
@@ -116,7 +128,20 @@ struct Jailed {
 
 impl Jailed {
     fn start(s: &Scratch, vm: &str, extra: &[&str]) -> Self {
-        let supervisor = vmm_command(s, vm, extra)
+        let mut cmd = vmm_command(s, vm, extra);
+        // Leak a descriptor to the VMM, as a careless caller would.
+        let leak = std::fs::File::open(s.p("vmlinux")).unwrap();
+        let leak_fd = std::os::fd::AsRawFd::as_raw_fd(&leak);
+        // SAFETY: dup2 is async-signal-safe; the child gets fd LEAKED_FD.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::dup2(leak_fd, LEAKED_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let supervisor = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -314,6 +339,21 @@ fn jailed_vmm_is_confined_controllable_and_cleaned_up() {
         ids("NSpid")
     );
 
+    // Nothing inherited reaches the jail.
+    assert!(
+        !a.proc(&format!("fd/{LEAKED_FD}")).exists(),
+        "inherited fd in the jail"
+    );
+    // Its network namespace has nothing but loopback.
+    let net = std::fs::read_to_string(a.proc("net/dev")).unwrap();
+    let ifaces: Vec<&str> = net
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(ifaces, ["lo"], "{net}");
+
     // Namespaces: all five differ from ours and from the other VM's.
     for ns in ["mnt", "pid", "ipc", "uts", "net"] {
         let theirs = std::fs::read_link(a.proc(&format!("ns/{ns}"))).unwrap();
@@ -421,6 +461,29 @@ fn jailed_vmm_is_confined_controllable_and_cleaned_up() {
     assert_eq!(call(&mut c, Request::Shutdown).unwrap(), Response::Ok);
     assert!(b.wait().success());
     assert!(!b.jail.exists());
+}
+
+#[test]
+fn guest_io_and_reset_work_under_the_filter() {
+    const TEST: &str = "guest_io_and_reset_work_under_the_filter";
+    if let Some(reason) = skip_reason() {
+        return eprintln!("SKIP {TEST}: {reason}");
+    }
+    // The vCPU's port-IO exits, the serial console's writes and irqfd, the
+    // reset and the whole exit path, all after the filter is on.
+    let s = Scratch::new("io");
+    std::fs::write(s.p("vmlinux"), tiny_elf(SERIAL_THEN_RESET)).unwrap();
+    let name = format!("io{}", std::process::id());
+    let out = vmm_command(&s, &name, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let console = std::fs::read_to_string(s.p(&format!("{name}.console"))).unwrap();
+    assert_eq!(console, "J\n");
+    assert!(!s.p(&name).exists(), "jail directory left");
 }
 
 #[test]

@@ -234,12 +234,16 @@ impl Drop for TempOverlay {
 
 /// Boot and run the microVM until it ends; returns why.
 ///
-/// With [`VmmConfig::jail`], `/dev/kvm` and the console log are opened
-/// first, then the process forks into the jail: the calling process
+/// With [`VmmConfig::jail`], descriptors inherited above stderr are
+/// closed (so the process must hold none it still needs), `/dev/kvm` and
+/// the console log are opened, then the process forks into the jail: the calling process
 /// supervises the jailed child and exits with its status (it does not
 /// return), while the child goes on below with jail-relative paths and
 /// locks itself down before it starts any thread.
 pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
+    if cfg.jail.is_some() {
+        jail::process::close_inherited_fds()?;
+    }
     let image = validate(cfg)?;
     let kvm = Kvm::new().map_err(RunError::Kvm)?;
     let console =

@@ -2,12 +2,12 @@
 //!
 //! Chosen by probing, in order:
 //! 1. cgroup v2, when our own cgroup on the unified hierarchy offers both
-//!   `cpu` and `memory` (enabled for children through
-//!   `cgroup.subtree_control` if need be): `sandmesh-<vm>` below it, with
-//!   `cpu.max` and `memory.max`.
+//!    `cpu` and `memory` (enabled for children through
+//!    `cgroup.subtree_control` if need be): `sandmesh-<vm>` below it, with
+//!    `cpu.max` and `memory.max`.
 //! 2. cgroup v1 (hybrid hosts): `sandmesh-<vm>` below our own cgroup in the
-//!   `cpu` hierarchy (`cpu.cfs_quota_us`/`cpu.cfs_period_us`) and the
-//!   `memory` hierarchy (`memory.limit_in_bytes`), each where writable.
+//!    `cpu` hierarchy (`cpu.cfs_quota_us`/`cpu.cfs_period_us`) and the
+//!    `memory` hierarchy (`memory.limit_in_bytes`), each where writable.
 //! 3. Neither writable: a warning, and the VMM runs unlimited.
 //!
 //! The group sits below the supervisor's own cgroup, so the VMM stays

@@ -289,3 +289,81 @@ pub fn lock_down(cfg: &JailConfig, inside: &Inside) -> Result<(), JailError> {
     inside.supervisor.die_with_it()?;
     seccomp::install()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_names_must_be_plain_and_free() {
+        assert_eq!(
+            socket_name("control socket", Path::new("c.sock")).ok(),
+            Some("c.sock")
+        );
+        for bad in ["/tmp/c.sock", "a/c.sock", "..", ".", ""] {
+            let e = socket_name("control socket", Path::new(bad)).unwrap_err();
+            assert!(e.to_string().contains("plain file name"), "{bad}: {e}");
+        }
+        let e = socket_name("vsock socket", Path::new("overlay.map")).unwrap_err();
+        assert!(e.to_string().contains("taken by the jail"), "{e}");
+    }
+
+    #[test]
+    fn the_jail_dir_names_the_vm_and_holds_the_root() {
+        let cfg = JailConfig {
+            dir: PathBuf::from("/run/sandmesh/jails/vm-1"),
+            uid: 1000,
+            gid: 1000,
+            cgroup: None,
+        };
+        assert_eq!(cfg.vm_name().unwrap(), "vm-1");
+        assert_eq!(cfg.root_dir(), Path::new("/run/sandmesh/jails/vm-1/root"));
+        assert_eq!(
+            cfg.host_path("c.sock"),
+            Path::new("/run/sandmesh/jails/vm-1/root/c.sock")
+        );
+        let root = JailConfig {
+            dir: PathBuf::from("/"),
+            ..cfg
+        };
+        assert!(matches!(root.vm_name(), Err(JailError::DirName(_))));
+    }
+
+    #[test]
+    fn limits_follow_the_vm_shape() {
+        let l = CgroupLimits::for_vm(2, 512);
+        assert_eq!(l.cpu_quota_us, 200_000);
+        assert_eq!(l.memory_bytes, (512 + cgroup::VMM_OVERHEAD_MIB) << 20);
+    }
+
+    #[test]
+    fn refuses_root_ids_and_existing_dirs() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            let cfg = JailConfig {
+                dir: std::env::temp_dir().join("smjail-unit-none"),
+                uid: 1000,
+                gid: 1000,
+                cgroup: None,
+            };
+            assert!(matches!(validate(&cfg), Err(JailError::NotRoot(_))));
+            return;
+        }
+        let mut cfg = JailConfig {
+            dir: std::env::temp_dir().join(format!("smjail-unit-{}", std::process::id())),
+            uid: 0,
+            gid: 1000,
+            cgroup: None,
+        };
+        assert!(matches!(
+            validate(&cfg),
+            Err(JailError::PrivilegedIds { .. })
+        ));
+        cfg.uid = 1000;
+        assert!(validate(&cfg).is_ok());
+        cfg.dir = std::env::temp_dir();
+        assert!(matches!(validate(&cfg), Err(JailError::DirExists(_))));
+        cfg.dir = PathBuf::from("/nonexistent-smjail/x");
+        assert!(matches!(validate(&cfg), Err(JailError::DirParent(_))));
+    }
+}
