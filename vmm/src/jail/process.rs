@@ -82,6 +82,11 @@ impl Release {
     /// Wait until the supervisor has placed this process; fails if the
     /// supervisor is gone.
     pub fn wait(mut self) -> Result<SupervisorLink, JailError> {
+        // SAFETY: plain prctl. Armed before the wait: a supervisor dying
+        // from here on kills us; one dead already shows as EOF below.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+            return Err(JailError::last_os("PR_SET_PDEATHSIG"));
+        }
         let mut b = [0u8];
         loop {
             match self.0.read(&mut b) {
@@ -187,12 +192,10 @@ pub fn fork_into_pid_namespace() -> Result<Forked, JailError> {
             Err(e)
         }
         0 => {
+            // Nothing here may fail: an error would send the child into
+            // the caller's clean-up, which is the supervisor's job.
             restore(&old);
             drop(write_end);
-            // SAFETY: plain prctl.
-            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
-                return Err(JailError::last_os("PR_SET_PDEATHSIG"));
-            }
             Ok(Forked::Child(Release(File::from(read_end))))
         }
         pid => {

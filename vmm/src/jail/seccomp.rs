@@ -8,9 +8,12 @@
 //! writes with timeouts), the vsock muxer (connect to `<uds>_<port>`,
 //! non-blocking reads and writes), the copy-on-write disk (positional
 //! reads and writes, fsync, the map's create+rename), thread creation and
-//! the allocator. The list was measured with `strace -f` on a jailed VMM
-//! driven through every control request and checked by the tests in
-//! `node/tests/vmm_jail.rs`.
+//! the allocator. 33 of the calls were seen under `strace -f` on a jailed
+//! VMM running a tiny guest (port IO to the serial console, an i8042
+//! reset, every control request; `node/tests/vmm_jail.rs` runs the same
+//! under the filter); the others serve paths only a Linux guest drives
+//! (virtio-blk reads, writes and FLUSH with the map's rename, vsock
+//! connections), read off the code rather than measured.
 //!
 //! Arguments are checked where it closes a door: `socket` only for
 //! `AF_UNIX` (no network), `clone` only for threads (no new processes),
