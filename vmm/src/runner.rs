@@ -236,10 +236,10 @@ impl Drop for TempOverlay {
 ///
 /// With [`VmmConfig::jail`], descriptors inherited above stderr are
 /// closed (so the process must hold none it still needs), `/dev/kvm` and
-/// the console log are opened, then the process forks into the jail: the calling process
-/// supervises the jailed child and exits with its status (it does not
-/// return), while the child goes on below with jail-relative paths and
-/// locks itself down before it starts any thread.
+/// the console log are opened, then the process forks into the jail: the
+/// calling process supervises the jailed child and exits with its status
+/// (it does not return), while the child goes on below with jail-relative
+/// paths and locks itself down before it starts any thread.
 pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
     if cfg.jail.is_some() {
         jail::process::close_inherited_fds()?;
@@ -258,15 +258,15 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
                     overlay: cfg.overlay.clone(),
                 },
             )?;
-            let in_jail = entered.paths.clone();
-            inside = Some(entered);
-            // Validated as plain file names.
-            RunPaths {
-                rootfs: in_jail.rootfs,
-                overlay: Some(in_jail.overlay),
+            // The socket names were validated as plain file names.
+            let paths = RunPaths {
+                rootfs: entered.paths.rootfs.clone(),
+                overlay: Some(entered.paths.overlay.clone()),
                 vsock_uds: Path::new("/").join(&cfg.vsock_uds),
                 control: Path::new("/").join(&cfg.control),
-            }
+            };
+            inside = Some(entered);
+            paths
         }
         None => RunPaths {
             rootfs: cfg.rootfs.clone(),

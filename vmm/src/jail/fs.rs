@@ -14,7 +14,10 @@
 //!   the overlay is temporary, else the caller's overlay bind-mounted; its
 //!   map `overlay.map` is always written inside the jail and copied back
 //!   beside the caller's overlay at the end.
-//! - the sockets, under the names given on the command line.
+//! - the sockets, under the names given on the command line. Host-side
+//!   listeners for guest-initiated vsock connections (`<vsock name>_<port>`)
+//!   belong here too, and the jailed uid must be able to connect to them
+//!   (own them, or mode 0777: connecting needs write permission).
 //!
 //! The kernel is not in the jail: it is read into memory before.
 
