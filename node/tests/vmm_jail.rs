@@ -339,6 +339,26 @@ fn jailed_vmm_is_confined_controllable_and_cleaned_up() {
         ids("NSpid")
     );
 
+    // Every thread (vCPUs, control, vsock poller) is filtered and unprivileged.
+    let tasks = names(&a.proc("task"));
+    assert!(tasks.len() >= 1 + usize::from(VCPUS), "{tasks:?}");
+    for tid in &tasks {
+        let st = std::fs::read_to_string(a.proc(&format!("task/{tid}/status"))).unwrap();
+        assert_eq!(status_field(&st, "Seccomp"), "2", "thread {tid}");
+        // Seccomp_filters: since Linux 5.9.
+        if st.contains("Seccomp_filters:") {
+            assert_eq!(status_field(&st, "Seccomp_filters"), "2", "thread {tid}");
+        }
+        assert_eq!(
+            status_field(&st, "CapEff"),
+            "0000000000000000",
+            "thread {tid}"
+        );
+        assert!(
+            status_field(&st, "Uid").starts_with(&UID.to_string()),
+            "thread {tid}"
+        );
+    }
     // Nothing inherited reaches the jail.
     assert!(
         !a.proc(&format!("fd/{LEAKED_FD}")).exists(),
