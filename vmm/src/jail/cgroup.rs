@@ -294,3 +294,131 @@ impl Cgroup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The probing and the files written, on a fake hierarchy in a
+    //! temporary directory (this development host has no cgroup v2
+    //! controllers to try the real thing on; `node/tests/vmm_jail.rs`
+    //! checks the real v1 limits).
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("smjail-cg-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn mount(point: &Path, fstype: &str, options: &[&str]) -> Mount {
+        Mount {
+            point: point.to_owned(),
+            fstype: fstype.into(),
+            options: options.iter().map(|o| o.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn v2_delegates_and_writes_cpu_max_and_memory_max() {
+        let root = scratch("v2");
+        let own = root.join("node.slice");
+        std::fs::create_dir_all(&own).unwrap();
+        std::fs::write(
+            own.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        std::fs::write(own.join("cgroup.subtree_control"), "").unwrap();
+        let limits = CgroupLimits::for_vm(2, 256);
+        let cg = Cgroup::create_v2(
+            "sandmesh-vm1",
+            &limits,
+            &[mount(&root, "cgroup2", &["rw"])],
+            &[(Vec::new(), "/node.slice".into())],
+        )
+        .unwrap()
+        .expect("a v2 group");
+        let dir = own.join("sandmesh-vm1");
+        assert_eq!(cg.version, 2);
+        assert_eq!(cg.dirs, [dir.clone()]);
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(read("cpu.max"), "200000 100000");
+        assert_eq!(
+            read("memory.max"),
+            ((256 + VMM_OVERHEAD_MIB) << 20).to_string()
+        );
+        // The controllers were enabled for children.
+        let subtree = std::fs::read_to_string(own.join("cgroup.subtree_control")).unwrap();
+        assert_eq!(subtree, "+cpu +memory");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn v2_without_the_controllers_is_not_used() {
+        let root = scratch("v2none");
+        std::fs::write(root.join("cgroup.controllers"), "pids\n").unwrap();
+        let got = Cgroup::create_v2(
+            "sandmesh-vm1",
+            &CgroupLimits::for_vm(1, 128),
+            &[mount(&root, "cgroup2", &["rw"])],
+            &[(Vec::new(), "/".into())],
+        )
+        .unwrap();
+        assert!(got.is_none());
+        assert!(!root.join("sandmesh-vm1").exists());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn v1_writes_cfs_quota_and_memory_limit_below_our_own_groups() {
+        let root = scratch("v1");
+        let (cpu, memory) = (root.join("cpu,cpuacct"), root.join("memory"));
+        std::fs::create_dir_all(cpu.join("a")).unwrap();
+        std::fs::create_dir_all(memory.join("b/c")).unwrap();
+        let limits = CgroupLimits::for_vm(3, 1024);
+        let cg = Cgroup::create_v1(
+            "sandmesh-vm2",
+            &limits,
+            &[
+                mount(&cpu, "cgroup", &["rw", "cpu", "cpuacct"]),
+                mount(&memory, "cgroup", &["rw", "memory"]),
+            ],
+            &[
+                (vec!["cpu".into(), "cpuacct".into()], "/a".into()),
+                (vec!["memory".into()], "/b/c".into()),
+            ],
+        )
+        .unwrap()
+        .expect("a v1 group");
+        let (c, m) = (cpu.join("a/sandmesh-vm2"), memory.join("b/c/sandmesh-vm2"));
+        assert_eq!(cg.dirs, [c.clone(), m.clone()]);
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(c.join("cpu.cfs_period_us")), "100000");
+        assert_eq!(read(c.join("cpu.cfs_quota_us")), "300000");
+        assert_eq!(
+            read(m.join("memory.limit_in_bytes")),
+            ((1024 + VMM_OVERHEAD_MIB) << 20).to_string()
+        );
+        // A second VM of the same name is refused, and says what to do.
+        let again = Cgroup::create_v1(
+            "sandmesh-vm2",
+            &limits,
+            &[mount(&cpu, "cgroup", &["rw", "cpu"])],
+            &[(vec!["cpu".into()], "/a".into())],
+        );
+        assert!(again.unwrap_err().to_string().contains("rmdir it"));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn own_cgroup_and_mount_tables_parse() {
+        // Whatever this host has: parsing must not fail, and a cgroup
+        // mount, where one is listed, has a mount point.
+        for m in mounts().iter().filter(|m| m.fstype.starts_with("cgroup")) {
+            assert!(m.point.is_absolute(), "{}", m.point.display());
+        }
+        for (_, path) in own_cgroups() {
+            assert!(path.starts_with('/'), "{path}");
+        }
+    }
+}
