@@ -340,7 +340,7 @@ mod tests {
         .expect("a v2 group");
         let dir = own.join("sandmesh-vm1");
         assert_eq!(cg.version, 2);
-        assert_eq!(cg.dirs, [dir.clone()]);
+        assert_eq!(cg.dirs, std::slice::from_ref(&dir));
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
         assert_eq!(read("cpu.max"), "200000 100000");
         assert_eq!(
