@@ -133,6 +133,23 @@ struct VmmArgs {
     /// Where the serial console goes.
     #[arg(long)]
     console_log: PathBuf,
+    /// Jail the VMM (needs root): its own mount, PID, IPC, UTS and network
+    /// namespaces, `pivot_root` into `<DIR>/root`, --uid/--gid, a seccomp
+    /// allowlist, and a cgroup with a CPU quota of --vcpus CPUs and
+    /// --memory-mib plus 128 MiB. DIR must not exist; it is created and
+    /// removed at exit. --control and --vsock-uds must then be plain file
+    /// names: the sockets appear at `<DIR>/root/<name>`.
+    #[arg(long, value_name = "DIR")]
+    jail_dir: Option<PathBuf>,
+    /// The unprivileged user the jailed VMM runs as.
+    #[arg(long, requires = "jail_dir")]
+    uid: Option<u32>,
+    /// The unprivileged group the jailed VMM runs as.
+    #[arg(long, requires = "jail_dir")]
+    gid: Option<u32>,
+    /// Jail without a cgroup (no CPU or memory limit).
+    #[arg(long, requires = "jail_dir")]
+    no_cgroup: bool,
 }
 
 #[derive(Subcommand)]
@@ -185,6 +202,9 @@ fn kernel_check(path: &std::path::Path) -> Result<()> {
 fn vmm_run(args: VmmArgs) -> Result<()> {
     use vmm::vstate::exit::ExitReason;
     if let Some(snapshot) = args.restore {
+        if args.jail_dir.is_some() {
+            bail!("--restore cannot run jailed yet: restore without --jail-dir");
+        }
         let cfg = vmm::runner::RestoreConfig {
             snapshot,
             overlay: args.overlay,
@@ -201,6 +221,23 @@ fn vmm_run(args: VmmArgs) -> Result<()> {
     let (Some(kernel), Some(rootfs)) = (args.kernel, args.rootfs) else {
         bail!("--kernel and --rootfs are required (or --restore)");
     };
+    let jail = match args.jail_dir {
+        Some(dir) => {
+            let (Some(uid), Some(gid)) = (args.uid, args.gid) else {
+                bail!(
+                    "--jail-dir needs --uid and --gid: the unprivileged user and group the VMM runs as"
+                );
+            };
+            Some(vmm::jail::JailConfig {
+                dir,
+                uid,
+                gid,
+                cgroup: (!args.no_cgroup)
+                    .then(|| vmm::jail::CgroupLimits::for_vm(args.vcpus, args.memory_mib)),
+            })
+        }
+        None => None,
+    };
     let cfg = vmm::runner::VmmConfig {
         kernel,
         rootfs,
@@ -212,6 +249,7 @@ fn vmm_run(args: VmmArgs) -> Result<()> {
         guest_cid: args.guest_cid,
         control: args.control,
         console_log: args.console_log,
+        jail,
     };
     match vmm::runner::run(&cfg)? {
         ExitReason::Reset | ExitReason::Poweroff | ExitReason::Stopped => Ok(()),

@@ -10,6 +10,7 @@ pub mod builder;
 pub mod control;
 pub mod devices;
 pub mod guest_kernel;
+pub mod jail;
 pub mod loader;
 pub mod probe;
 pub mod runner;

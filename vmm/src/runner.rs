@@ -23,6 +23,7 @@ use crate::devices::virtio::block::{Block, CowDisk, CowPaths};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::vsock::event_handler::spawn_host_poller;
 use crate::guest_kernel::{self, KernelImageError};
+use crate::jail::{self, HostDisks, JailConfig, JailError};
 use crate::vstate::exit::ExitReason;
 use crate::vstate::vcpu::VcpuError;
 
@@ -51,6 +52,10 @@ pub struct VmmConfig {
     pub guest_cid: u64,
     pub control: PathBuf,
     pub console_log: PathBuf,
+    /// Run jailed (see [`crate::jail`]). The sockets are then plain file
+    /// names, created inside the jail (at `<jail dir>/root/<name>` on the
+    /// host), and [`run`] returns only in the jailed process.
+    pub jail: Option<JailConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +93,8 @@ pub enum RunError {
     Snapshot(String),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Jail(#[from] JailError),
 }
 
 fn path_err(what: &'static str, path: &Path, reason: impl ToString) -> RunError {
@@ -136,6 +143,13 @@ fn host_memory_mib() -> u64 {
 
 /// Check every input; returns the kernel image.
 pub fn validate(cfg: &VmmConfig) -> Result<Vec<u8>, RunError> {
+    // First, so that a caller without root hears that before anything else.
+    // The jail directory is new, so socket names inside it are free.
+    if let Some(j) = &cfg.jail {
+        jail::validate(j)?;
+        jail::socket_name("vsock socket", &cfg.vsock_uds)?;
+        jail::socket_name("control socket", &cfg.control)?;
+    }
     if !VCPUS.contains(&cfg.vcpus) {
         return Err(RunError::Vcpus(cfg.vcpus));
     }
@@ -161,8 +175,10 @@ pub fn validate(cfg: &VmmConfig) -> Result<Vec<u8>, RunError> {
     {
         regular_file("overlay", overlay)?;
     }
-    free_path("vsock socket", &cfg.vsock_uds)?;
-    free_path("control socket", &cfg.control)?;
+    if cfg.jail.is_none() {
+        free_path("vsock socket", &cfg.vsock_uds)?;
+        free_path("control socket", &cfg.control)?;
+    }
     if let Some(p) = cfg.console_log.parent()
         && !p.as_os_str().is_empty()
         && !p.is_dir()
@@ -199,6 +215,14 @@ fn cmdline(cfg: &VmmConfig, fragments: &[String]) -> Result<Cmdline, RunError> {
     Ok(c)
 }
 
+/// The paths the VMM opens: the host's, or the jail's.
+struct RunPaths {
+    rootfs: PathBuf,
+    overlay: Option<PathBuf>,
+    vsock_uds: PathBuf,
+    control: PathBuf,
+}
+
 /// Removes a temporary overlay (and its map) at exit.
 struct TempOverlay(Option<CowPaths>);
 impl Drop for TempOverlay {
@@ -211,11 +235,48 @@ impl Drop for TempOverlay {
 }
 
 /// Boot and run the microVM until it ends; returns why.
+///
+/// With [`VmmConfig::jail`], descriptors inherited above stderr are
+/// closed (so the process must hold none it still needs), `/dev/kvm` and
+/// the console log are opened, then the process forks into the jail: the
+/// calling process supervises the jailed child and exits with its status
+/// (it does not return), while the child goes on below with jail-relative
+/// paths and locks itself down before it starts any thread.
 pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
+    if cfg.jail.is_some() {
+        jail::process::close_inherited_fds()?;
+    }
     let image = validate(cfg)?;
     let kvm = Kvm::new().map_err(RunError::Kvm)?;
     let console =
         File::create(&cfg.console_log).map_err(|e| path_err("console log", &cfg.console_log, e))?;
+    let mut inside = None;
+    let paths = match &cfg.jail {
+        Some(j) => {
+            let entered = jail::enter(
+                j,
+                &HostDisks {
+                    rootfs: cfg.rootfs.clone(),
+                    overlay: cfg.overlay.clone(),
+                },
+            )?;
+            // The socket names were validated as plain file names.
+            let paths = RunPaths {
+                rootfs: entered.paths.rootfs.clone(),
+                overlay: Some(entered.paths.overlay.clone()),
+                vsock_uds: Path::new("/").join(&cfg.vsock_uds),
+                control: Path::new("/").join(&cfg.control),
+            };
+            inside = Some(entered);
+            paths
+        }
+        None => RunPaths {
+            rootfs: cfg.rootfs.clone(),
+            overlay: cfg.overlay.clone(),
+            vsock_uds: cfg.vsock_uds.clone(),
+            control: cfg.control.clone(),
+        },
+    };
     let mem_size = cfg.memory_mib << 20;
     let mut machine = Machine::new(
         &kvm,
@@ -223,24 +284,24 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
         Box::new(console),
     )?;
 
-    let (overlay_path, mut temp) = match &cfg.overlay {
+    let (overlay_path, mut temp) = match &paths.overlay {
         Some(p) => (p.clone(), TempOverlay(None)),
         None => (
             std::env::temp_dir().join(format!("sandmesh-overlay-{}", std::process::id())),
             TempOverlay(None),
         ),
     };
-    let paths = CowPaths::new(&cfg.rootfs, &overlay_path);
+    let disk_paths = CowPaths::new(&paths.rootfs, &overlay_path);
     if cfg.overlay.is_none() {
-        temp.0 = Some(paths.clone());
+        temp.0 = Some(disk_paths.clone());
     }
-    let disk = CowDisk::create(paths).map_err(|e| RunError::Disk(e.to_string()))?;
+    let disk = CowDisk::create(disk_paths).map_err(|e| RunError::Disk(e.to_string()))?;
     let block = Block::new("sandmesh-root", Box::new(disk), false)
         .map_err(|e| RunError::Disk(e.to_string()))?;
     let blk_slot = machine.add_block_device(Arc::new(Mutex::new(block)))?;
 
     let vsock =
-        Vsock::new(cfg.guest_cid, &cfg.vsock_uds).map_err(|e| RunError::Vsock(e.to_string()))?;
+        Vsock::new(cfg.guest_cid, &paths.vsock_uds).map_err(|e| RunError::Vsock(e.to_string()))?;
     let vsock = Arc::new(Mutex::new(vsock));
     let vsock_slot = machine.add_vsock_device(vsock.clone())?;
 
@@ -250,12 +311,17 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
     )?;
     let kernel = machine.load_kernel(&image, &cmdline)?;
     let vcpus = machine.create_vcpus(kernel.entry, EntryMode::Kernel)?;
+    // Everything is open: from here on only the seccomp allowlist, and
+    // every thread `serve` starts inherits it.
+    if let (Some(j), Some(inside)) = (&cfg.jail, &inside) {
+        jail::lock_down(j, inside)?;
+    }
     serve(
         Arc::new(machine),
         vcpus,
         Some(vsock),
         cfg.memory_mib,
-        &cfg.control,
+        &paths.control,
     )
 }
 
