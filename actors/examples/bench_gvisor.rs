@@ -54,6 +54,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let base = Template {
         id: TemplateId::new("base")?,
         rootfs_dir: artifacts.rootfs_dir.clone(),
+        rootfs_image: None,
         snapshot: None,
     };
     let template = rt.prepare_template(&base).await?;

@@ -89,6 +89,7 @@ fn env(test: &str) -> Option<Env> {
     let base = Template {
         id: TemplateId::new("base").unwrap(),
         rootfs_dir: artifacts.rootfs_dir.clone(),
+        rootfs_image: None,
         snapshot: None,
     };
     Some(Env { rt, base, data })
@@ -637,6 +638,7 @@ fn stub_template(env: &Env) -> Template {
     Template {
         id: TemplateId::new("stub").unwrap(),
         rootfs_dir: root,
+        rootfs_image: None,
         snapshot: None,
     }
 }
@@ -793,10 +795,10 @@ fn runtime_selection_reports_its_reason() {
     use actors::runtime::select::{RuntimeChoice, select};
     let data = std::env::temp_dir().join(format!("sandmesh-select-{}", std::process::id()));
     let started = std::time::Instant::now();
-    let microvm = select(RuntimeChoice::Microvm, &data);
+    let microvm = select(RuntimeChoice::Microvm, &data, None);
     let err = microvm
         .err()
-        .expect("microvm is not available in this build");
+        .expect("microvm needs a guest kernel, and KVM that runs it");
     let msg = err.to_string();
     assert!(msg.contains("microvm runtime unavailable"), "{msg}");
     assert!(
@@ -808,7 +810,7 @@ fn runtime_selection_reports_its_reason() {
     if vmm::probe::probe_kvm().native {
         return eprintln!("SKIP the gvisor half: this host runs guest kernels natively");
     }
-    match select(RuntimeChoice::Auto, &data) {
+    match select(RuntimeChoice::Auto, &data, None) {
         Ok(selected) => {
             assert_eq!(
                 selected.runtime.kind(),

@@ -72,6 +72,10 @@ struct NodeArgs {
     /// Sandboxes this node runs at most; creates beyond it get 429.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_sandboxes: u64,
+    /// Guest kernel of the microvm runtime. Default: the one `cargo xtask
+    /// guest` built.
+    #[arg(long, env = "SANDMESH_KERNEL")]
+    kernel: Option<PathBuf>,
     /// Kill every sandbox when the node stops (SIGTERM/Ctrl-C). By default
     /// sandboxes outlive the node and a restarted node re-adopts them.
     #[arg(long)]
@@ -286,28 +290,33 @@ fn node_run(args: NodeArgs) -> Result<()> {
         );
     }
     let mut templates = args.templates;
-    let base_rootfs = match args.base_rootfs {
+    let manifest = std::env::var_os(schema::guest::ARTIFACTS_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/sandmesh-guest-artifacts.json"));
+    let artifacts = schema::guest::GuestArtifacts::load(&manifest).ok();
+    let base = match (args.base_rootfs, &artifacts) {
         _ if templates.iter().any(|t| t.name == "base") => None,
-        Some(p) => Some(p),
-        None => Some({
-            let manifest = std::env::var_os(schema::guest::ARTIFACTS_ENV)
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("target/sandmesh-guest-artifacts.json"));
-            schema::guest::GuestArtifacts::load(&manifest)
-                .context("no --base-rootfs given and no guest artifacts found")?
-                .rootfs_dir
-        }),
+        (Some(dir), _) => Some((dir, None)),
+        (None, Some(a)) => Some((a.rootfs_dir.clone(), Some(a.rootfs_image.clone()))),
+        (None, None) => anyhow::bail!(
+            "no --base-rootfs given and no guest artifacts found at {} (build them with `cargo xtask guest`)",
+            manifest.display()
+        ),
     };
-    if let Some(dir) = base_rootfs {
+    if let Some((dir, image)) = base {
         templates.insert(
             0,
             node::templates::TemplateSpec {
                 name: "base".into(),
                 rootfs_dir: dir,
+                rootfs_image: image,
                 limits: actors::runtime::Limits::default(),
             },
         );
     }
+    let guest_kernel = args
+        .kernel
+        .or_else(|| artifacts.as_ref().map(|a| a.kernel.clone()));
     let mut names = std::collections::HashSet::new();
     if let Some(t) = templates.iter().find(|t| !names.insert(t.name.clone())) {
         anyhow::bail!("template {:?} is given twice", t.name);
@@ -331,6 +340,7 @@ fn node_run(args: NodeArgs) -> Result<()> {
             listen: args.listen,
             runtime,
             templates,
+            guest_kernel,
             config,
         })
         .await?;

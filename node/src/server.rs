@@ -122,6 +122,8 @@ pub struct NodeOptions {
     /// The templates this node serves (`base` among them, normally the
     /// guest artifacts' root tree).
     pub templates: Vec<crate::templates::TemplateSpec>,
+    /// The microvm runtime's guest kernel (`None`: microvm unavailable).
+    pub guest_kernel: Option<PathBuf>,
     pub config: Config,
 }
 
@@ -138,7 +140,20 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<Node> {
     // Install the recorder before anything records.
     crate::metrics::handle();
     let store = Store::open(&opts.data_dir)?;
-    let selected = select(opts.runtime, &opts.data_dir)?;
+    let microvm = match (&opts.guest_kernel, std::env::current_exe()) {
+        (Some(kernel), Ok(vmm_bin)) => Some(actors::runtime::microvm::MicrovmConfig {
+            vmm_bin,
+            kernel: kernel.clone(),
+            // `nobody`: the jailed VMMs own nothing on the host.
+            confinement: actors::runtime::microvm::Confinement::Jailed {
+                uid: 65534,
+                gid: 65534,
+            },
+            ready_timeout: actors::runtime::microvm::READY_TIMEOUT,
+        }),
+        _ => None,
+    };
+    let selected = select(opts.runtime, &opts.data_dir, microvm)?;
     tracing::info!("runtime: {}", selected.reason);
     let config = Config {
         snapshots_dir: opts.data_dir.join("snapshots"),

@@ -22,11 +22,14 @@ use crate::sandboxes::SandboxError;
 pub const VCPUS: std::ops::RangeInclusive<u32> = 1..=16;
 pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 128..=32768;
 
-/// One `--template NAME=DIR[,cpu=N][,memory-mb=N]`.
+/// One `--template NAME=DIR[,cpu=N][,memory-mb=N][,image=EXT4]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TemplateSpec {
     pub name: String,
+    /// The root tree (gvisor).
     pub rootfs_dir: PathBuf,
+    /// The same tree as an ext4 image (microvm).
+    pub rootfs_image: Option<PathBuf>,
     pub limits: Limits,
 }
 
@@ -34,7 +37,7 @@ impl FromStr for TemplateSpec {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let usage = "use NAME=ROOT_DIR[,cpu=N][,memory-mb=N]";
+        let usage = "use NAME=ROOT_DIR[,cpu=N][,memory-mb=N][,image=EXT4_IMAGE]";
         let (name, rest) = s
             .split_once('=')
             .ok_or_else(|| format!("template {s:?}: {usage}"))?;
@@ -45,6 +48,7 @@ impl FromStr for TemplateSpec {
         }
         actors::runtime::TemplateId::new(name).map_err(|e| e.to_string())?;
         let mut limits = Limits::default();
+        let mut rootfs_image = None;
         for part in parts {
             let (k, v) = part
                 .split_once('=')
@@ -70,12 +74,14 @@ impl FromStr for TemplateSpec {
                             )
                         })?
                 }
+                "image" if !v.is_empty() => rootfs_image = Some(PathBuf::from(v)),
                 _ => return Err(format!("template {name}: unknown key {k:?}; {usage}")),
             }
         }
         Ok(Self {
             name: name.to_owned(),
             rootfs_dir: PathBuf::from(dir),
+            rootfs_image,
             limits,
         })
     }
@@ -244,6 +250,9 @@ mod tests {
         );
         let t: TemplateSpec = "base=/r".parse().unwrap();
         assert_eq!(t.limits, Limits::default());
+        assert_eq!(t.rootfs_image, None);
+        let t: TemplateSpec = "base=/r,image=/r.ext4".parse().unwrap();
+        assert_eq!(t.rootfs_image, Some(PathBuf::from("/r.ext4")));
         for bad in [
             "base",
             "=/r",

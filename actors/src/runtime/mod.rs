@@ -66,6 +66,7 @@
 //! overlap: the SandboxActor that owns the id serializes them.
 
 pub mod gvisor;
+pub mod microvm;
 pub mod select;
 
 use std::fmt;
@@ -254,6 +255,10 @@ pub struct Template {
     /// The root tree (for gvisor the lower layer of every sandbox's overlay;
     /// never written). It must hold `/usr/local/bin/envd` and `/usr/bin/tini`.
     pub rootfs_dir: PathBuf,
+    /// The same tree as an ext4 image: the root disk a microVM boots
+    /// (read-only, under a per-sandbox copy-on-write overlay).
+    #[serde(default)]
+    pub rootfs_image: Option<PathBuf>,
     /// The template snapshot: envd booted and healthy. When set, `create`
     /// restores it instead of booting.
     pub snapshot: Option<Snapshot>,
@@ -402,8 +407,65 @@ impl RuntimeError {
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
 
+/// The last `max` bytes of a file (all of it when shorter), from the first
+/// line start in them; a missing file is empty. (Consoles and logs.)
+pub fn file_tail_lines(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::{Read, Seek};
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let cut = len > max;
+    if cut {
+        file.seek(std::io::SeekFrom::Start(len - max))?;
+    }
+    let mut buf = Vec::new();
+    file.take(max).read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    Ok(match (cut, text.find('\n')) {
+        (true, Some(nl)) => text[nl + 1..].to_owned(),
+        _ => text.into_owned(),
+    })
+}
+
+/// One `GET <path>` over a fresh stream into a guest; the HTTP status.
+/// (How both runtimes wait for envd's `/health`.)
+pub(crate) async fn http_status<S>(stream: &mut S, path: &str) -> std::io::Result<u16>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: sandbox\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut chunk))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&buf);
+    line.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "not an HTTP answer: {:?}",
+                line.lines().next().unwrap_or("")
+            ))
+        })
+}
+
 /// What a SandboxActor drives. Implemented by the gvisor runtime
-/// ([`gvisor::GvisorRuntime`]) and, with the VMM issue, the microvm runtime.
+/// ([`gvisor::GvisorRuntime`]) and the microvm runtime
+/// ([`microvm::MicrovmRuntime`]).
 /// See the module documentation for states and guarantees.
 pub trait Runtime: Send + Sync {
     fn kind(&self) -> RuntimeKind;

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::gvisor::GvisorRuntime;
+use super::microvm::{MicrovmConfig, MicrovmRuntime};
 use super::{Result, Runtime, RuntimeError, RuntimeKind};
 
 /// What the operator asked for.
@@ -25,34 +26,56 @@ pub struct Selected {
     pub reason: String,
 }
 
-/// The reason the microvm runtime cannot be used on this host, if any.
-fn microvm_unavailable() -> Option<String> {
+/// The microvm runtime, or why it cannot run here.
+fn microvm(
+    data_dir: &Path,
+    config: Option<MicrovmConfig>,
+) -> std::result::Result<MicrovmRuntime, String> {
     let probe = vmm::probe::probe_kvm();
     if !probe.native {
-        return Some(probe.reason);
+        return Err(probe.reason);
     }
-    // The VMM boots guests, but the runtime that drives `sandmesh vmm`
-    // processes behind the contract has not landed yet: say so rather
-    // than pretend.
-    Some(format!(
-        "{}, but the microvm runtime is not part of this build yet",
-        probe.reason
-    ))
+    let config = config.ok_or_else(|| {
+        format!(
+            "{}, but no guest kernel was given (build it with `cargo xtask guest` or pass --kernel)",
+            probe.reason
+        )
+    })?;
+    MicrovmRuntime::new(data_dir, config).map_err(|e| format!("{}, but {e}", probe.reason))
 }
 
 /// Open the runtime `choice` names, keeping its state under `data_dir`.
-pub fn select(choice: RuntimeChoice, data_dir: &Path) -> Result<Selected> {
+/// `microvm` is what the microvm runtime needs (kernel, VMM binary).
+pub fn select(
+    choice: RuntimeChoice,
+    data_dir: &Path,
+    microvm_config: Option<MicrovmConfig>,
+) -> Result<Selected> {
     match choice {
-        RuntimeChoice::Microvm => Err(RuntimeError::Unavailable {
-            runtime: RuntimeKind::Microvm,
-            reason: microvm_unavailable().unwrap_or_default(),
-        }),
+        RuntimeChoice::Microvm => match microvm(data_dir, microvm_config) {
+            Ok(rt) => Ok(Selected {
+                runtime: Arc::new(rt),
+                reason: "microvm was requested (--runtime microvm)".into(),
+            }),
+            Err(reason) => Err(RuntimeError::Unavailable {
+                runtime: RuntimeKind::Microvm,
+                reason,
+            }),
+        },
         RuntimeChoice::Gvisor => Ok(Selected {
             runtime: Arc::new(GvisorRuntime::new(data_dir)?),
             reason: "gvisor was requested (--runtime gvisor)".into(),
         }),
         RuntimeChoice::Auto => {
-            let why_not_microvm = microvm_unavailable().unwrap_or_default();
+            let why_not_microvm = match microvm(data_dir, microvm_config) {
+                Ok(rt) => {
+                    return Ok(Selected {
+                        runtime: Arc::new(rt),
+                        reason: "microvm, because KVM runs guest kernels natively here".into(),
+                    });
+                }
+                Err(reason) => reason,
+            };
             match GvisorRuntime::new(data_dir) {
                 Ok(gvisor) => Ok(Selected {
                     runtime: Arc::new(gvisor),

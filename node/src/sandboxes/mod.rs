@@ -302,6 +302,7 @@ impl Sandboxes {
             let t = Template {
                 id,
                 rootfs_dir: spec.rootfs_dir,
+                rootfs_image: spec.rootfs_image,
                 snapshot: None,
             };
             let started = std::time::Instant::now();

@@ -107,17 +107,20 @@ pub async fn node_with(test: &str, max_sandboxes: usize) -> Option<TestNode> {
             node::templates::TemplateSpec {
                 name: "base".into(),
                 rootfs_dir: artifacts.rootfs_dir.clone(),
+                rootfs_image: Some(artifacts.rootfs_image.clone()),
                 limits: Default::default(),
             },
             node::templates::TemplateSpec {
                 name: "small".into(),
                 rootfs_dir: artifacts.rootfs_dir,
+                rootfs_image: None,
                 limits: actors::runtime::Limits {
                     vcpus: 1,
                     memory_mib: 256,
                 },
             },
         ],
+        guest_kernel: None,
         config: Config {
             max_sandboxes,
             domain: Some("sandmesh.test".into()),

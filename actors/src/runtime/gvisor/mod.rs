@@ -49,7 +49,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use self::network::NetnsPair;
 use self::runsc::{Enter, RUNSC_TIMEOUT, Runsc};
@@ -229,40 +228,16 @@ impl GvisorRuntime {
         }
     }
 
-    /// One `GET /health` to envd; the HTTP status.
+    /// One `GET /health` to envd; the HTTP status. Dropping the stream
+    /// resets the connection (SO_LINGER 0).
     async fn health(&self, id: &SandboxId) -> Result<u16> {
         let mut stream = self.connect(id, ENVD_PORT).await?;
-        let io = |e: std::io::Error| RuntimeError::Connect {
-            id: id.clone(),
-            port: ENVD_PORT,
-            source: e,
-        };
-        stream
-            .write_all(b"GET /health HTTP/1.1\r\nHost: sandbox\r\n\r\n")
+        super::http_status(&mut stream, "/health")
             .await
-            .map_err(io)?;
-        let mut buf = Vec::with_capacity(256);
-        let mut chunk = [0u8; 256];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-            let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut chunk))
-                .await
-                .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?
-                .map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        // Dropping the stream resets the connection (SO_LINGER 0).
-        let line = String::from_utf8_lossy(&buf);
-        line.split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                io(std::io::Error::other(format!(
-                    "not an HTTP answer: {:?}",
-                    line.lines().next().unwrap_or("")
-                )))
+            .map_err(|e| RuntimeError::Connect {
+                id: id.clone(),
+                port: ENVD_PORT,
+                source: e,
             })
     }
 }
@@ -395,7 +370,7 @@ impl Runtime for GvisorRuntime {
                     return Err(RuntimeError::NotFound(id));
                 }
                 let path = dir.join("console.log");
-                runsc::file_tail_lines(&path, max_bytes)
+                super::file_tail_lines(&path, max_bytes)
                     .map_err(|e| RuntimeError::io("reading", &path, e))
             })
             .await
@@ -1166,6 +1141,7 @@ mod tests {
         let t = Template {
             id: TemplateId::new("t").unwrap(),
             rootfs_dir: dir.clone(),
+            rootfs_image: None,
             snapshot: None,
         };
         let err = check_template(&t).unwrap_err().to_string();

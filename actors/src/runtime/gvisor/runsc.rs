@@ -271,29 +271,6 @@ pub fn tail(bytes: &[u8]) -> String {
 }
 
 /// The last `max` bytes of a file (for the console log of a failed start).
-/// The last `max` bytes of a file (all of it when shorter), from the
-/// first line start in them; a missing file is empty.
-pub fn file_tail_lines(path: &Path, max: u64) -> std::io::Result<String> {
-    use std::io::Seek;
-    let mut file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
-        Err(e) => return Err(e),
-    };
-    let len = file.metadata()?.len();
-    let cut = len > max;
-    if cut {
-        file.seek(std::io::SeekFrom::Start(len - max))?;
-    }
-    let mut buf = Vec::new();
-    file.take(max).read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    Ok(match (cut, text.find('\n')) {
-        (true, Some(nl)) => text[nl + 1..].to_owned(),
-        _ => text.into_owned(),
-    })
-}
-
 pub fn file_tail(path: &Path, max: u64) -> String {
     let Ok(mut file) = File::open(path) else {
         return String::new();

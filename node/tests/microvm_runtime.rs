@@ -1,0 +1,163 @@
+//! The microvm runtime behind the runtime contract, with the real
+//! `sandmesh vmm` (jailed) and the built guest.
+//!
+//! Where KVM runs guest kernels natively the whole lifecycle runs: template
+//! snapshot, create by restore, envd over vsock, checkpoint, restore under
+//! a new id, kill. On nested-PVM hosts (this project's CI) the guest kernel
+//! cannot boot: there the test checks that a create fails with the reason
+//! and leaves nothing behind (no process, no jail, no directory).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use actors::runtime::microvm::{Confinement, MicrovmConfig, MicrovmRuntime};
+use actors::runtime::{Limits, Runtime, RuntimeError, SandboxId, Template, TemplateId};
+use schema::guest::GuestArtifacts;
+
+fn config(artifacts: &GuestArtifacts, ready_timeout: Duration) -> MicrovmConfig {
+    MicrovmConfig {
+        vmm_bin: PathBuf::from(env!("CARGO_BIN_EXE_sandmesh")),
+        kernel: artifacts.kernel.clone(),
+        confinement: Confinement::Jailed {
+            uid: 65534,
+            gid: 65534,
+        },
+        ready_timeout,
+    }
+}
+
+fn template(artifacts: &GuestArtifacts) -> Template {
+    Template {
+        id: TemplateId::new("base").unwrap(),
+        rootfs_dir: artifacts.rootfs_dir.clone(),
+        rootfs_image: Some(artifacts.rootfs_image.clone()),
+        snapshot: None,
+    }
+}
+
+fn processes_naming(id: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if entry.file_name().to_string_lossy().parse::<u32>().is_err() {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(id) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+fn setup(test: &str) -> Option<(GuestArtifacts, PathBuf)> {
+    let artifacts = GuestArtifacts::for_test(test)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("SKIP {test}: needs root and /dev/kvm (jailed VMMs)");
+        return None;
+    }
+    let data = std::env::temp_dir().join(format!("smh-mvm-{}-{}", &test[..6], std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    Some((artifacts, data))
+}
+
+#[tokio::test]
+async fn a_guest_that_cannot_boot_fails_the_create_and_leaves_nothing() {
+    let test = "a_guest_that_cannot_boot_fails_the_create_and_leaves_nothing";
+    let Some((artifacts, data)) = setup(test) else {
+        return;
+    };
+    if vmm::probe::probe_kvm().native {
+        return eprintln!(
+            "SKIP {test}: KVM runs guest kernels here (the lifecycle test covers it)"
+        );
+    }
+    let rt =
+        MicrovmRuntime::new_unprobed(&data, config(&artifacts, Duration::from_secs(5))).unwrap();
+    let id = SandboxId::new("microvmnoboot1").unwrap();
+    let started = std::time::Instant::now();
+    let err = rt
+        .create(&id, &template(&artifacts), Limits::default())
+        .await
+        .expect_err("the guest kernel cannot boot under KVM's emulated kernel mode");
+    eprintln!("create failed after {:?}: {err}", started.elapsed());
+    assert!(matches!(err, RuntimeError::NotReady { .. }), "{err}");
+    assert!(rt.list().await.unwrap().is_empty());
+    assert!(
+        !rt.sandbox_dir(&id).exists(),
+        "sandbox directory left behind"
+    );
+    assert_eq!(processes_naming(id.as_str()), Vec::<String>::new());
+    // A template without an image is refused before anything starts.
+    let no_image = Template {
+        rootfs_image: None,
+        ..template(&artifacts)
+    };
+    let err = rt
+        .create(&id, &no_image, Limits::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("ext4 image"), "{err}");
+    assert!(!rt.sandbox_dir(&id).exists());
+    // kill of an absent id succeeds.
+    rt.kill(&id).await.unwrap();
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[tokio::test]
+async fn lifecycle_on_native_kvm() {
+    let test = "lifecycle_on_native_kvm";
+    let Some((artifacts, data)) = setup(test) else {
+        return;
+    };
+    let probe = vmm::probe::probe_kvm();
+    if !probe.native {
+        return eprintln!("SKIP {test}: {}", probe.reason);
+    }
+    let rt = MicrovmRuntime::new(&data, config(&artifacts, Duration::from_secs(30))).unwrap();
+    let t0 = std::time::Instant::now();
+    let tpl = rt.prepare_template(&template(&artifacts)).await.unwrap();
+    eprintln!("template snapshot in {:?}", t0.elapsed());
+    assert!(tpl.snapshot.is_some());
+
+    let a = SandboxId::new("microvmlife1").unwrap();
+    let inst = rt.create(&a, &tpl, Limits::default()).await.unwrap();
+    eprintln!(
+        "create from the template snapshot: {:?} (VMM spawn {:?})",
+        inst.ready_after, inst.runtime_start
+    );
+    let health = |id: SandboxId| {
+        let rt = rt.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = rt.connect(&id, schema::envd::ENVD_PORT).await.unwrap();
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.unwrap();
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    assert!(health(a.clone()).await.starts_with("HTTP/1.1 204"));
+    let usage = rt.usage(&a).await.unwrap();
+    eprintln!("usage: {usage:?}");
+
+    let snap = data.join("snap-a");
+    let saved = rt.checkpoint(&a, &snap).await.unwrap();
+    assert!(
+        rt.list().await.unwrap().is_empty(),
+        "a checkpoint stops the VM"
+    );
+    let b = SandboxId::new("microvmlife2").unwrap();
+    rt.restore(&b, &tpl, &saved, Limits::default())
+        .await
+        .unwrap();
+    assert!(health(b.clone()).await.starts_with("HTTP/1.1 204"));
+    rt.kill(&b).await.unwrap();
+    assert!(rt.list().await.unwrap().is_empty());
+    assert_eq!(processes_naming("microvmlife"), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&data);
+}
