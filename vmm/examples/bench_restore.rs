@@ -113,7 +113,34 @@ fn child(kvm: &Kvm, dir: &Path) -> Result<(), String> {
     let at = first.lock().map_err(|x| e(&x))?.ok_or("no first exit")?;
     let ago = at.elapsed().as_nanos() as u64;
     println!("CHILD first_exit_mono_ns={}", mono_ns() - ago);
+    use vm_memory::GuestMemoryBackend;
+    if let Ok(host) = r.machine.memory.get_host_address(GuestAddress(0)) {
+        println!("CHILD rss_overhead_kib={}", rss_overhead_kib(host as u64));
+    }
     Ok(())
+}
+
+/// This process's resident memory minus the resident part of the guest
+/// memory mapping that starts at `guest_start` (what the VMM costs beyond
+/// the memory its guest touched), in KiB.
+fn rss_overhead_kib(guest_start: u64) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let (mut total, mut guest, mut in_guest) = (0u64, 0u64, false);
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, _)) = first.split_once('-')
+            && let Ok(lo) = u64::from_str_radix(lo, 16)
+        {
+            in_guest = lo == guest_start;
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            total += kib;
+            if in_guest {
+                guest += kib;
+            }
+        }
+    }
+    total - guest
 }
 
 fn main() {
@@ -247,9 +274,31 @@ fn bench(kvm: &Kvm, root: &Path) -> Result<(), String> {
         let at = first.lock().map_err(|x| e(&x))?.ok_or("no first exit")?;
         restore_to_first_exit.push(at - t0);
     }
+    // Cold: a new machine from nothing to its first guest instruction.
+    let mut cold = Vec::new();
+    for _ in 0..SAMPLES {
+        let t0 = Instant::now();
+        let mut m = Machine::new(kvm, MachineConfig::new(1, MEM), Box::new(std::io::sink()))
+            .map_err(|x| e(&x))?;
+        let first = add_tick(&mut m, true)?;
+        m.memory
+            .write_slice(&[0xe6, TICK_PORT as u8, 0xeb, 0xfc], GuestAddress(CODE))
+            .map_err(|x| e(&x))?;
+        let mut handles = m
+            .create_vcpus(GuestAddress(CODE), EntryMode::User)
+            .map_err(|x| e(&x))?
+            .into_iter()
+            .map(|v| v.start())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|x| e(&x))?;
+        handles.remove(0).wait(TIMEOUT).map_err(|x| e(&x))?;
+        let at = first.lock().map_err(|x| e(&x))?.ok_or("no first exit")?;
+        cold.push(at - t0);
+    }
     // From a fresh process.
     let exe = std::env::current_exe().map_err(|x| e(&x))?;
     let mut spawned = Vec::new();
+    let mut overhead_kib = Vec::new();
     for _ in 0..SAMPLES {
         let t0 = mono_ns();
         let out = std::process::Command::new(&exe)
@@ -270,6 +319,25 @@ fn bench(kvm: &Kvm, root: &Path) -> Result<(), String> {
                 )
             })?;
         spawned.push(Duration::from_nanos(at.saturating_sub(t0)));
+        if let Some(kib) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("CHILD rss_overhead_kib="))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            overhead_kib.push(kib);
+        }
+    }
+    json(
+        "vmm cold start: machine set-up to first guest instruction (tiny guest, 128 MiB, in process)",
+        &cold,
+    );
+    if !overhead_kib.is_empty() {
+        overhead_kib.sort();
+        println!(
+            r#"{{"name":"vmm process RSS minus guest-touched memory (restored tiny guest)","runtime":"microvm","value":"{:.1} MiB (median of {})"}}"#,
+            overhead_kib[overhead_kib.len() / 2] as f64 / 1024.0,
+            overhead_kib.len()
+        );
     }
     json("vmm restore tiny guest", &restore_to_first_exit);
     json(

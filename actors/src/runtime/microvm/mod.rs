@@ -361,14 +361,18 @@ impl Inner {
                 cmd.arg("--restore").arg(&vm);
             }
             None => {
-                let image = template.rootfs_image.as_ref().ok_or_else(|| {
-                    RuntimeError::BadTemplate {
+                let image =
+                    template
+                        .rootfs_image
+                        .as_ref()
+                        .ok_or_else(|| {
+                            RuntimeError::BadTemplate {
                         template: template.id.clone(),
                         reason:
                             "it has no root disk image (the microvm runtime boots an ext4 image)"
                                 .into(),
                     }
-                })?;
+                        })?;
                 cmd.arg("--kernel")
                     .arg(&self.config.kernel)
                     .arg("--rootfs")
