@@ -34,7 +34,9 @@ def read_state(sbx, after=0, timeout=10):
         parts = r.stdout.split()
         if len(parts) == 3 and int(parts[2]) > after:
             return parts[0], parts[1], int(parts[2])
-        assert time.monotonic() < deadline, f"counter state not advancing past {after}: {r.stdout!r}"
+        if time.monotonic() > deadline:
+            ps = sbx.commands.run("ps -eo pid,stat,wchan:20,etime,args || true").stdout
+            raise AssertionError(f"counter state not advancing past {after}: {r.stdout!r}; processes:\n{ps}")
         time.sleep(0.1)
 
 
