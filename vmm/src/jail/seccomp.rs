@@ -48,6 +48,18 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_fcntl,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
+    // Snapshots: the directory created (`create_dir_all`) and canonicalised
+    // (`realpath`), cleared of a killed writer's leftovers (`read_dir`);
+    // the memory file sized (`set_len`) and stat'ed, the state file read
+    // back (`read_to_end` sizes its buffer by fstat and lseek).
+    libc::SYS_mkdir,
+    libc::SYS_ftruncate,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    libc::SYS_getdents64,
+    libc::SYS_readlink,
     // The overlay map: a temporary file renamed over the map; sockets
     // removed at exit.
     libc::SYS_openat,
@@ -96,16 +108,67 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_exit_group,
 ];
 
-/// `_IOR(type, nr, size)`.
-const fn ior(ty: u64, nr: u64, size: usize) -> u64 {
-    (2 << 30) | ((size as u64) << 16) | (ty << 8) | nr
+/// `_IOC(dir, KVMIO, nr, size)`.
+const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
 }
-/// The ioctls of the running VMM: the vCPU loop, the register dump of a
-/// KVM internal error, and `set_nonblocking` on sockets. (Every other KVM
-/// ioctl is made during set-up, before the filter.)
-const KVM_RUN: u64 = 0xAE80;
-const KVM_GET_REGS: u64 = ior(0xAE, 0x81, std::mem::size_of::<kvm_bindings::kvm_regs>());
-const IOCTLS: [u64; 3] = [KVM_RUN, KVM_GET_REGS, libc::FIONBIO];
+/// `_IO(KVMIO, nr)`.
+const fn kvm_io(nr: u64) -> u64 {
+    kvm_ioc(0, nr, 0)
+}
+/// `_IOW(KVMIO, nr, T)`.
+const fn kvm_iow<T>(nr: u64) -> u64 {
+    kvm_ioc(1, nr, std::mem::size_of::<T>())
+}
+/// `_IOR(KVMIO, nr, T)`.
+const fn kvm_ior<T>(nr: u64) -> u64 {
+    kvm_ioc(2, nr, std::mem::size_of::<T>())
+}
+/// `_IOWR(KVMIO, nr, T)`.
+const fn kvm_iowr<T>(nr: u64) -> u64 {
+    kvm_ioc(3, nr, std::mem::size_of::<T>())
+}
+
+use kvm_bindings as kb;
+
+/// The ioctls of the running VMM. (Every other KVM ioctl — creating the
+/// VM, its memory slots, vCPUs and devices, and every `KVM_SET_*` of a
+/// restore — is made during set-up, before the filter.)
+const KVM_RUN: u64 = kvm_io(0x80);
+/// `KVM_GET_REGS`: the register dump of a KVM internal error, and part of
+/// a vCPU's snapshot.
+const KVM_GET_REGS: u64 = kvm_ior::<kb::kvm_regs>(0x81);
+/// A vCPU saving its state for a snapshot (`persist::save_vcpu`).
+const VCPU_STATE_GET: [u64; 10] = [
+    kvm_ior::<kb::kvm_sregs>(0x83),       // KVM_GET_SREGS
+    kvm_iowr::<kb::kvm_msrs>(0x88),       // KVM_GET_MSRS
+    kvm_ior::<kb::kvm_lapic_state>(0x8e), // KVM_GET_LAPIC
+    kvm_iowr::<kb::kvm_cpuid2>(0x91),     // KVM_GET_CPUID2
+    kvm_ior::<kb::kvm_mp_state>(0x98),    // KVM_GET_MP_STATE
+    kvm_ior::<kb::kvm_vcpu_events>(0x9f), // KVM_GET_VCPU_EVENTS
+    kvm_ior::<kb::kvm_debugregs>(0xa1),   // KVM_GET_DEBUGREGS
+    kvm_io(0xa3),                         // KVM_GET_TSC_KHZ
+    kvm_ior::<kb::kvm_xsave>(0xa4),       // KVM_GET_XSAVE
+    kvm_ior::<kb::kvm_xcrs>(0xa6),        // KVM_GET_XCRS
+];
+/// The VM's state for a snapshot (`persist::save_vm`).
+const VM_STATE_GET: [u64; 3] = [
+    kvm_iowr::<kb::kvm_irqchip>(0x62),   // KVM_GET_IRQCHIP
+    kvm_ior::<kb::kvm_clock_data>(0x7c), // KVM_GET_CLOCK
+    kvm_ior::<kb::kvm_pit_state2>(0x9f), // KVM_GET_PIT2
+];
+/// The pages the guest wrote since the last snapshot (a diff, and the
+/// reset of tracking by a full one).
+const KVM_GET_DIRTY_LOG: u64 = kvm_iow::<kb::kvm_dirty_log>(0x42);
+
+/// Every ioctl request the filter lets through; `FIONBIO` is
+/// `set_nonblocking` on sockets.
+fn ioctls() -> Vec<u64> {
+    let mut all = vec![KVM_RUN, KVM_GET_REGS, KVM_GET_DIRTY_LOG, libc::FIONBIO];
+    all.extend(VCPU_STATE_GET);
+    all.extend(VM_STATE_GET);
+    all
+}
 
 /// A rule of one condition. Integer (`int`) arguments are compared on
 /// their low 32 bits, as the kernel reads them.
@@ -141,9 +204,9 @@ pub fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, JailError> {
     );
     rules.insert(
         libc::SYS_ioctl,
-        IOCTLS
-            .iter()
-            .map(|&req| cond(1, Dword, SeccompCmpOp::Eq, req))
+        ioctls()
+            .into_iter()
+            .map(|req| cond(1, Dword, SeccompCmpOp::Eq, req))
             .collect::<Result<_, _>>()?,
     );
     Ok(rules)
