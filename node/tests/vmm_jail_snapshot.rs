@@ -289,9 +289,16 @@ fn jailed_vmm_snapshots_and_restores_jailed() {
     }
     vm_a.snapshot("/snap", SnapshotKind::Full);
     let in_jail = vm_a.root().join("snap");
+    let first = snapshot_files(&in_jail);
+    assert!(first.iter().any(|f| f == "state"), "{first:?}");
+    // A second one replaces it (the writer reads the old state back and
+    // removes the old memory file).
+    vm_a.snapshot("/snap", SnapshotKind::Full);
     let files = snapshot_files(&in_jail);
+    assert_eq!(files.len(), 2, "{files:?}");
     assert!(files.iter().any(|f| f == "state"), "{files:?}");
     assert!(files.iter().any(|f| f.starts_with("memory-")), "{files:?}");
+    assert_ne!(files, first, "a new memory file");
     // Still alive under the filter (a missing call would have been SIGSYS).
     assert_eq!(vm_a.state(), VmState::Paused);
     assert!(!vm_a.console().contains('D'), "snapshotted after the spin");
