@@ -27,6 +27,11 @@
 //! shared. The VM is then rebuilt in a fresh KVM VM: memory slots (with
 //! dirty logging, so the restored VM can take a diff), irqchip, PIT and
 //! clock state, devices, and vCPUs in their saved state.
+//!
+//! A diff names its base by the path its VMM saw; a base missing there is
+//! looked for beside the diff under the same directory name, so a chain
+//! written by a jailed VMM (which sees jail paths) and moved out as
+//! sibling directories restores, jailed or not.
 
 use std::fs::File;
 use std::io::Write;
@@ -762,4 +767,32 @@ fn check_ranges(ranges: &[PageRange], len: u64) -> Result<(), SnapshotError> {
         end = stop;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A base is taken at its recorded path when a snapshot is there, else
+    /// beside the diff under the same name (a jailed VMM records jail
+    /// paths such as `/snap`), else left as recorded (to fail by name).
+    #[test]
+    fn a_missing_base_is_found_beside_its_diff() {
+        let root = std::env::temp_dir().join(format!("smsnap-locate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for d in ["moved/snap", "moved/diff", "there/base"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+            std::fs::write(root.join(d).join(format::STATE_FILE), b"x").unwrap();
+        }
+        let diff = root.join("moved/diff");
+        assert_eq!(
+            locate_base(&diff, Path::new("/snap")),
+            root.join("moved/snap")
+        );
+        let there = root.join("there/base");
+        assert_eq!(locate_base(&diff, &there), there);
+        let gone = Path::new("/nonexistent-smsnap/other");
+        assert_eq!(locate_base(&diff, gone), gone);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

@@ -35,6 +35,12 @@
 //! ([`creds`]) and the seccomp filter is installed last, so every thread the
 //! VMM later starts (vCPUs, control socket, vsock poller) inherits it.
 //!
+//! A restore (`runner::restore`) goes the same way: its snapshot chain is
+//! mounted read-only under `/snapshots/`, the whole VM is rebuilt inside
+//! the jail (every `KVM_SET_*` made, memory mapped `MAP_PRIVATE`), then
+//! [`lock_down`], then the vCPUs start. Snapshots the jailed VMM takes are
+//! written inside its root and go with the jail directory when it ends.
+//!
 //! Mounts are made only in the child's private mount namespace, so they
 //! disappear with it: nothing mounted can leak on the host.
 
