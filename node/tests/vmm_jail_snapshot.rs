@@ -312,6 +312,7 @@ fn jailed_vmm_snapshots_and_restores_jailed() {
     //    and runs the spin to its end.
     copy_overlay(&s, &a, &b);
     let snap = s.p("snap").display().to_string();
+    let started = Instant::now();
     let mut vm_b = Jailed::start(&s, &b, &["--restore", &snap, "--rootfs", &rootfs]);
     assert_eq!(vm_b.state(), VmState::Running);
     let dirty = vm_b.snapshot("/diff", SnapshotKind::Diff);
@@ -323,6 +324,10 @@ fn jailed_vmm_snapshots_and_restores_jailed() {
     link_out(&in_jail, &s.p("diff"));
     assert_eq!(vm_b.call(Request::Resume), Response::Ok);
     let st = vm_b.wait(300);
+    eprintln!(
+        "  restored jailed guest finished its spin {:?} after the restore started",
+        started.elapsed()
+    );
     assert!(st.success(), "{st:?}");
     let console = vm_b.console();
     assert_eq!(
@@ -335,8 +340,13 @@ fn jailed_vmm_snapshots_and_restores_jailed() {
     //    found beside it and restored in a third jail.
     copy_overlay(&s, &b, &c);
     let diff = s.p("diff").display().to_string();
+    let started = Instant::now();
     let mut vm_c = Jailed::start(&s, &c, &["--restore", &diff, "--rootfs", &rootfs]);
     let st = vm_c.wait(300);
+    eprintln!(
+        "  the diff restored jailed finished {:?} after the restore started",
+        started.elapsed()
+    );
     assert!(st.success(), "{st:?}");
     assert_eq!(vm_c.console(), "D\n");
 }
