@@ -102,17 +102,20 @@ enum ApikeyCommand {
 struct VmmArgs {
     /// Restore the microVM snapshotted in this directory instead of booting
     /// a kernel (the snapshot fixes vCPUs, memory, kernel and disk).
-    #[arg(long, conflicts_with_all = ["kernel", "rootfs", "vcpus", "memory_mib", "cmdline_extra", "guest_cid"])]
+    #[arg(long, conflicts_with_all = ["kernel", "vcpus", "memory_mib", "cmdline_extra", "guest_cid"])]
     restore: Option<PathBuf>,
     /// Uncompressed x86-64 ELF vmlinux.
     #[arg(long, required_unless_present = "restore")]
     kernel: Option<PathBuf>,
     /// Root filesystem image (never written: writes go to the overlay).
+    /// With --restore (jailed only): the snapshot's base image, when the
+    /// snapshot was taken jailed (it then saved the jail's /rootfs).
     #[arg(long, required_unless_present = "restore")]
     rootfs: Option<PathBuf>,
     /// Copy-on-write overlay for the root disk (created; a temporary file
     /// removed at exit when absent). With --restore: this VM's copy of the
-    /// snapshot's overlay (the snapshot's own when absent).
+    /// snapshot's overlay, its .map beside it (the snapshot's own when
+    /// absent; needed with --jail-dir).
     #[arg(long)]
     overlay: Option<PathBuf>,
     /// vCPUs (1..=16).
@@ -142,7 +145,11 @@ struct VmmArgs {
     /// allowlist, and a cgroup with a CPU quota of --vcpus CPUs and
     /// --memory-mib plus 128 MiB. DIR must not exist; it is created and
     /// removed at exit. --control and --vsock-uds must then be plain file
-    /// names: the sockets appear at `<DIR>/root/<name>`.
+    /// names: the sockets appear at `<DIR>/root/<name>`. Snapshots the
+    /// jailed VMM takes go to paths inside the jail (`/snap` is
+    /// `<DIR>/root/snap`) and are removed with DIR: move them out before
+    /// the VMM ends. With --restore, the snapshot (and its diff chain's
+    /// bases) is mounted read-only into the jail.
     #[arg(long, value_name = "DIR")]
     jail_dir: Option<PathBuf>,
     /// The unprivileged user the jailed VMM runs as.
@@ -205,26 +212,6 @@ fn kernel_check(path: &std::path::Path) -> Result<()> {
 
 fn vmm_run(args: VmmArgs) -> Result<()> {
     use vmm::vstate::exit::ExitReason;
-    if let Some(snapshot) = args.restore {
-        if args.jail_dir.is_some() {
-            bail!("--restore cannot run jailed yet: restore without --jail-dir");
-        }
-        let cfg = vmm::runner::RestoreConfig {
-            snapshot,
-            overlay: args.overlay,
-            vsock_uds: args.vsock_uds,
-            control: args.control,
-            console_log: args.console_log,
-        };
-        return match vmm::runner::restore(&cfg)? {
-            ExitReason::Reset | ExitReason::Poweroff | ExitReason::Stopped => Ok(()),
-            other => bail!("the guest stopped abnormally: {other:?}"),
-        };
-    }
-    // clap requires both without --restore.
-    let (Some(kernel), Some(rootfs)) = (args.kernel, args.rootfs) else {
-        bail!("--kernel and --rootfs are required (or --restore)");
-    };
     let jail = match args.jail_dir {
         Some(dir) => {
             let (Some(uid), Some(gid)) = (args.uid, args.gid) else {
@@ -241,6 +228,26 @@ fn vmm_run(args: VmmArgs) -> Result<()> {
             })
         }
         None => None,
+    };
+    if let Some(snapshot) = args.restore {
+        // The runner sizes a restore's cgroup by the snapshot.
+        let cfg = vmm::runner::RestoreConfig {
+            snapshot,
+            overlay: args.overlay,
+            rootfs: args.rootfs,
+            vsock_uds: args.vsock_uds,
+            control: args.control,
+            console_log: args.console_log,
+            jail,
+        };
+        return match vmm::runner::restore(&cfg)? {
+            ExitReason::Reset | ExitReason::Poweroff | ExitReason::Stopped => Ok(()),
+            other => bail!("the guest stopped abnormally: {other:?}"),
+        };
+    }
+    // clap requires both without --restore.
+    let (Some(kernel), Some(rootfs)) = (args.kernel, args.rootfs) else {
+        bail!("--kernel and --rootfs are required (or --restore)");
     };
     let cfg = vmm::runner::VmmConfig {
         kernel,

@@ -258,6 +258,8 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
                 &HostDisks {
                     rootfs: cfg.rootfs.clone(),
                     overlay: cfg.overlay.clone(),
+                    keep_overlay: false,
+                    snapshots: Vec::new(),
                 },
             )?;
             // The socket names were validated as plain file names.
@@ -373,26 +375,102 @@ fn serve(
 #[derive(Debug, Clone)]
 pub struct RestoreConfig {
     pub snapshot: PathBuf,
-    /// This VM's root-disk overlay (a copy of the snapshot's); the
-    /// snapshot's own overlay when absent.
+    /// This VM's root-disk overlay (a copy of the snapshot's, with its
+    /// `.map` beside it); the snapshot's own overlay when absent. Needed
+    /// jailed.
     pub overlay: Option<PathBuf>,
+    /// The root disk's base image; the path the snapshot saved when
+    /// absent. Only jailed (a jailed snapshot saves the jail's `/rootfs`).
+    pub rootfs: Option<PathBuf>,
     pub vsock_uds: PathBuf,
     pub control: PathBuf,
     pub console_log: PathBuf,
+    /// Run jailed, as [`VmmConfig::jail`]. The snapshot directory and the
+    /// bases of its diff chain are bind-mounted read-only into the jail;
+    /// the cgroup's limits follow the snapshot's shape.
+    pub jail: Option<JailConfig>,
+}
+
+fn no_jailed_overlay(cfg: &RestoreConfig) -> RunError {
+    path_err(
+        "snapshot",
+        &cfg.snapshot,
+        "a jailed --restore needs --overlay: this VM's copy of the snapshot's overlay, its .map beside it",
+    )
+}
+
+/// The host-side inputs of a jailed restore: the snapshot chain and the
+/// base image.
+fn jailed_restore_disks(
+    cfg: &RestoreConfig,
+    state: &schema::snapshot::SnapshotState,
+) -> Result<HostDisks, RunError> {
+    let overlay = cfg.overlay.clone().ok_or_else(|| no_jailed_overlay(cfg))?;
+    regular_file("overlay", &overlay)?;
+    let rootfs = match &cfg.rootfs {
+        Some(r) => r.clone(),
+        None => state
+            .devices
+            .virtio
+            .iter()
+            .find_map(|d| match &d.device {
+                schema::snapshot::VirtioDeviceState::Block(b) => b.overlay.as_ref(),
+                _ => None,
+            })
+            .map(|p| schema::snapshot::bytes_path(&p.base))
+            .ok_or_else(|| path_err("snapshot", &cfg.snapshot, "has no copy-on-write root disk"))?,
+    };
+    regular_file(
+        "root disk (give --rootfs: the snapshot's base image)",
+        &rootfs,
+    )?;
+    let snapshots = crate::snapshot::chain_dirs(&cfg.snapshot)
+        .map_err(|e| RunError::Snapshot(e.to_string()))?;
+    Ok(HostDisks {
+        rootfs,
+        overlay: Some(overlay),
+        keep_overlay: true,
+        snapshots,
+    })
 }
 
 /// Restore the microVM snapshotted in `cfg.snapshot` and run it until it
 /// ends; returns why. Memory is mapped copy-on-write from the snapshot's
 /// memory file; dirty pages are logged so the VM can take diff snapshots.
+///
+/// Jailed, the order is [`run`]'s: inputs checked and `/dev/kvm` and the
+/// console opened on the host, the jail entered (the calling process
+/// becomes its supervisor and does not return), then the whole VM restored
+/// inside it with jail paths — every `KVM_SET_*` made — and only then
+/// [`jail::lock_down`], before any thread starts.
 pub fn restore(cfg: &RestoreConfig) -> Result<ExitReason, RunError> {
+    if cfg.jail.is_some() {
+        jail::process::close_inherited_fds()?;
+    }
     if !cfg.snapshot.is_dir() {
         return Err(path_err("snapshot", &cfg.snapshot, "not a directory"));
     }
-    if let Some(overlay) = &cfg.overlay {
-        regular_file("overlay", overlay)?;
+    if let Some(j) = &cfg.jail {
+        jail::validate(j)?;
+        jail::socket_name("vsock socket", &cfg.vsock_uds)?;
+        jail::socket_name("control socket", &cfg.control)?;
+        if cfg.overlay.is_none() {
+            return Err(no_jailed_overlay(cfg));
+        }
+    } else {
+        if let Some(overlay) = &cfg.overlay {
+            regular_file("overlay", overlay)?;
+        }
+        if let Some(rootfs) = &cfg.rootfs {
+            return Err(path_err(
+                "root disk",
+                rootfs,
+                "--rootfs goes with --restore only jailed",
+            ));
+        }
+        free_path("vsock socket", &cfg.vsock_uds)?;
+        free_path("control socket", &cfg.control)?;
     }
-    free_path("vsock socket", &cfg.vsock_uds)?;
-    free_path("control socket", &cfg.control)?;
     if cfg.vsock_uds == cfg.control {
         return Err(path_err(
             "control socket",
@@ -401,35 +479,75 @@ pub fn restore(cfg: &RestoreConfig) -> Result<ExitReason, RunError> {
         ));
     }
     // The state file is checked before anything is created.
-    crate::snapshot::load_state(&cfg.snapshot).map_err(|e| RunError::Snapshot(e.to_string()))?;
+    let (state, _) = crate::snapshot::load_state(&cfg.snapshot)
+        .map_err(|e| RunError::Snapshot(e.to_string()))?;
+    let jailed = match &cfg.jail {
+        Some(j) => {
+            let mut j = j.clone();
+            if j.cgroup.is_some() {
+                j.cgroup = Some(jail::CgroupLimits::for_vm(
+                    state.machine.vcpus,
+                    state.machine.mem_size >> 20,
+                ));
+            }
+            Some((j, jailed_restore_disks(cfg, &state)?))
+        }
+        None => None,
+    };
     let kvm = Kvm::new().map_err(RunError::Kvm)?;
     let console_existed = cfg.console_log.exists();
     let console =
         File::create(&cfg.console_log).map_err(|e| path_err("console log", &cfg.console_log, e))?;
-    let options = crate::snapshot::RestoreOptions {
-        track_dirty_pages: true,
-        vsock_uds: Some(cfg.vsock_uds.clone()),
-        block_overlay: cfg.overlay.clone(),
+    let mut inside = None;
+    let (snapshot, options, control) = match &jailed {
+        Some((j, disks)) => {
+            let entered = jail::enter(j, disks)?;
+            let top = entered.paths.snapshots.last().cloned().ok_or_else(|| {
+                path_err("snapshot", &cfg.snapshot, "has no snapshot chain (a bug)")
+            })?;
+            let options = crate::snapshot::RestoreOptions {
+                track_dirty_pages: true,
+                vsock_uds: Some(Path::new("/").join(&cfg.vsock_uds)),
+                block_overlay: Some(entered.paths.overlay.clone()),
+                block_base: Some(entered.paths.rootfs.clone()),
+            };
+            inside = Some(entered);
+            (top, options, Path::new("/").join(&cfg.control))
+        }
+        None => (
+            cfg.snapshot.clone(),
+            crate::snapshot::RestoreOptions {
+                track_dirty_pages: true,
+                vsock_uds: Some(cfg.vsock_uds.clone()),
+                block_overlay: cfg.overlay.clone(),
+                block_base: None,
+            },
+            cfg.control.clone(),
+        ),
     };
-    let restored = crate::snapshot::restore(&kvm, &cfg.snapshot, Box::new(console), &options)
+    let restored = crate::snapshot::restore(&kvm, &snapshot, Box::new(console), &options)
         .and_then(|r| Ok((r.create_vcpus()?, r)));
     let (vcpus, restored) = match restored {
         Ok(r) => r,
         Err(e) => {
             // A failed restore leaves nothing behind (the vsock socket of
             // a half-restored device went with it).
-            if !console_existed {
+            if !console_existed && inside.is_none() {
                 let _ = std::fs::remove_file(&cfg.console_log);
             }
             return Err(RunError::Snapshot(e.to_string()));
         }
     };
+    // Everything is restored: from here on only the seccomp allowlist.
+    if let (Some((j, _)), Some(inside)) = (&jailed, &inside) {
+        jail::lock_down(j, inside)?;
+    }
     let memory_mib = restored.machine.config.mem_size >> 20;
     serve(
         Arc::new(restored.machine),
         vcpus,
         restored.vsock,
         memory_mib,
-        &cfg.control,
+        &control,
     )
 }

@@ -27,6 +27,11 @@
 //! shared. The VM is then rebuilt in a fresh KVM VM: memory slots (with
 //! dirty logging, so the restored VM can take a diff), irqchip, PIT and
 //! clock state, devices, and vCPUs in their saved state.
+//!
+//! A diff names its base by the path its VMM saw; a base missing there is
+//! looked for beside the diff under the same directory name, so a chain
+//! written by a jailed VMM (which sees jail paths) and moved out as
+//! sibling directories restores, jailed or not.
 
 use std::fs::File;
 use std::io::Write;
@@ -508,6 +513,34 @@ fn open_memory(dir: &Path, state: &SnapshotState) -> Result<File, SnapshotError>
     Ok(file)
 }
 
+/// Where the base a diff in `diff_dir` recorded as `recorded` is now: at
+/// the recorded path if a snapshot is there, else beside the diff under
+/// the same directory name. A snapshot written by a jailed VMM records
+/// its base by a path inside that jail (`/snap`), which means nothing
+/// outside it: a chain moved out of the jail as sibling directories (and
+/// a chain mounted into a restoring jail, `/snapshots/<name>`) is found
+/// by name. The base's state digest is checked either way.
+fn locate_base(diff_dir: &Path, recorded: &Path) -> PathBuf {
+    if recorded.join(format::STATE_FILE).is_file() {
+        return recorded.to_owned();
+    }
+    match (diff_dir.parent(), recorded.file_name()) {
+        (Some(parent), Some(name)) if parent.join(name).join(format::STATE_FILE).is_file() => {
+            parent.join(name)
+        }
+        _ => recorded.to_owned(),
+    }
+}
+
+/// The directories of the snapshot chain ending in `dir`, from the full
+/// snapshot at the bottom to `dir`, each checked as a restore checks it
+/// (state digests, shapes, memory file lengths).
+pub fn chain_dirs(dir: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
+    let dir = dir.canonicalize().map_err(dir_err(dir))?;
+    let (top, _) = load_state(&dir)?;
+    Ok(load_chain(&dir, top)?.into_iter().map(|l| l.dir).collect())
+}
+
 /// The chain from the full snapshot at the bottom to `dir` at the top.
 fn load_chain(dir: &Path, top: SnapshotState) -> Result<Vec<Layer>, SnapshotError> {
     let mut chain = Vec::new();
@@ -529,7 +562,7 @@ fn load_chain(dir: &Path, top: SnapshotState) -> Result<Vec<Layer>, SnapshotErro
             file,
         });
         let Some(base) = next else { break };
-        let base_dir = base.dir_path();
+        let base_dir = locate_base(&dir, &base.dir_path());
         let (base_state, digest) = load_state(&base_dir)?;
         if digest != base.state_sha256 {
             return Err(SnapshotError::BaseChanged {
@@ -558,6 +591,9 @@ pub struct RestoreOptions {
     /// VMs restored from one snapshot do not share one overlay), instead of
     /// the saved path.
     pub block_overlay: Option<PathBuf>,
+    /// The root disk's base image, instead of the saved path (a jailed
+    /// restore finds it at `/rootfs`).
+    pub block_base: Option<PathBuf>,
 }
 
 impl Default for RestoreOptions {
@@ -566,6 +602,7 @@ impl Default for RestoreOptions {
             track_dirty_pages: true,
             vsock_uds: None,
             block_overlay: None,
+            block_base: None,
         }
     }
 }
@@ -663,9 +700,13 @@ pub fn restore(
                         what: what("virtio-blk"),
                         reason: "only copy-on-write disks can be restored".into(),
                     })?;
-                    let paths = match &options.block_overlay {
-                        None => CowPaths::from_state(paths),
-                        Some(o) => CowPaths::new(format::bytes_path(&paths.base), o),
+                    let saved = CowPaths::from_state(paths);
+                    let paths = match (&options.block_base, &options.block_overlay) {
+                        (None, None) => saved,
+                        (base, overlay) => CowPaths::new(
+                            base.clone().unwrap_or(saved.base),
+                            overlay.clone().unwrap_or(saved.overlay),
+                        ),
                     };
                     let disk = CowDisk::open(paths).map_err(|e| dev_err(what("virtio-blk"))(&e))?;
                     let block = Block::restore(b, Box::new(disk), machine.memory.clone())
@@ -726,4 +767,32 @@ fn check_ranges(ranges: &[PageRange], len: u64) -> Result<(), SnapshotError> {
         end = stop;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A base is taken at its recorded path when a snapshot is there, else
+    /// beside the diff under the same name (a jailed VMM records jail
+    /// paths such as `/snap`), else left as recorded (to fail by name).
+    #[test]
+    fn a_missing_base_is_found_beside_its_diff() {
+        let root = std::env::temp_dir().join(format!("smsnap-locate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for d in ["moved/snap", "moved/diff", "there/base"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+            std::fs::write(root.join(d).join(format::STATE_FILE), b"x").unwrap();
+        }
+        let diff = root.join("moved/diff");
+        assert_eq!(
+            locate_base(&diff, Path::new("/snap")),
+            root.join("moved/snap")
+        );
+        let there = root.join("there/base");
+        assert_eq!(locate_base(&diff, &there), there);
+        let gone = Path::new("/nonexistent-smsnap/other");
+        assert_eq!(locate_base(&diff, gone), gone);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

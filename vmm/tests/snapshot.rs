@@ -684,9 +684,11 @@ fn runner_restores_and_snapshots_over_the_control_socket() {
     let cfg = vmm::runner::RestoreConfig {
         snapshot: base.clone(),
         overlay: None,
+        rootfs: None,
         vsock_uds: work.join("v.sock"),
         control: work.join("control.sock"),
         console_log: work.join("console.log"),
+        jail: None,
     };
     let runner_cfg = cfg.clone();
     let runner = std::thread::spawn(move || vmm::runner::restore(&runner_cfg));

@@ -14,6 +14,12 @@
 //!   the overlay is temporary, else the caller's overlay bind-mounted; its
 //!   map `overlay.map` is always written inside the jail and copied back
 //!   beside the caller's overlay at the end.
+//! - `<dir>/root/snapshots/<name>` a restore's snapshot directories (the
+//!   snapshot and the bases of its diff chain), each bind-mounted
+//!   read-only; the memory files are mapped `MAP_PRIVATE` from there.
+//! - snapshots the VMM takes, wherever the control request puts them
+//!   (e.g. `/snap`, on the host `<dir>/root/snap`). They go with the jail
+//!   directory when the VMM ends: move or hard-link them out first.
 //! - the sockets, under the names given on the command line. Host-side
 //!   listeners for guest-initiated vsock connections (`<vsock name>_<port>`)
 //!   belong here too, and the jailed uid must be able to connect to them
@@ -34,6 +40,8 @@ use super::{HostDisks, JailConfig, JailError, JailPaths};
 pub const ROOTFS_NAME: &str = "rootfs";
 /// The overlay's name in the jail.
 pub const OVERLAY_NAME: &str = "overlay";
+/// The directory holding a restore's snapshot directories in the jail.
+pub const SNAPSHOTS_NAME: &str = "snapshots";
 /// Largest overlay map copied back (a 2 TiB disk's map is 64 MiB).
 const MAX_MAP_BYTES: u64 = 64 << 20;
 
@@ -44,6 +52,26 @@ pub struct JailDir {
     pub root: PathBuf,
     /// The caller's overlay, whose map is copied back at the end.
     host_overlay: Option<PathBuf>,
+    /// The snapshot directories' names under `/snapshots`.
+    snapshot_names: Vec<String>,
+}
+
+fn dir_name(dir: &Path) -> Option<&str> {
+    dir.file_name().and_then(|n| n.to_str())
+}
+
+/// Snapshot directories must have distinct UTF-8 names (each is mounted at
+/// `/snapshots/<name>`).
+pub fn check_snapshot_names(dirs: &[PathBuf]) -> Result<(), JailError> {
+    for (i, a) in dirs.iter().enumerate() {
+        if dir_name(a).is_none() {
+            return Err(JailError::DirName(a.clone()));
+        }
+        if let Some(b) = dirs[..i].iter().find(|b| dir_name(b) == dir_name(a)) {
+            return Err(JailError::SnapshotNames(b.clone(), a.clone()));
+        }
+    }
+    Ok(())
 }
 
 fn cpath(path: &Path) -> Result<CString, JailError> {
@@ -73,8 +101,13 @@ impl JailDir {
             dir: cfg.dir.clone(),
             root: cfg.root_dir(),
             host_overlay: disks.overlay.clone(),
+            snapshot_names: disks
+                .snapshots
+                .iter()
+                .filter_map(|d| dir_name(d).map(str::to_owned))
+                .collect(),
         };
-        match jail.populate(cfg) {
+        match jail.populate(cfg, disks.keep_overlay) {
             Ok(()) => Ok(jail),
             Err(e) => {
                 jail.remove();
@@ -83,7 +116,7 @@ impl JailDir {
         }
     }
 
-    fn populate(&self, cfg: &JailConfig) -> Result<(), JailError> {
+    fn populate(&self, cfg: &JailConfig, keep_overlay: bool) -> Result<(), JailError> {
         DirBuilder::new()
             .mode(0o700)
             .create(&self.root)
@@ -91,10 +124,39 @@ impl JailDir {
         chown(&self.root, cfg.uid, cfg.gid)?;
         let mut targets = vec![ROOTFS_NAME];
         if let Some(overlay) = &self.host_overlay {
-            // The VMM starts every overlay afresh (as `CowDisk::create`).
-            File::create(overlay)
-                .map_err(|e| JailError::io("cannot create overlay", overlay, e))?;
+            if keep_overlay {
+                // A restore: the overlay goes on where the snapshot left
+                // it, and its map is the jail's copy, owned by the VMM
+                // (which rewrites it by rename).
+                let mut src = overlay.as_os_str().to_owned();
+                src.push(".map");
+                let src = PathBuf::from(src);
+                let dst = self.root.join("overlay.map");
+                if src.exists() {
+                    std::fs::copy(&src, &dst)
+                        .map_err(|e| JailError::io("cannot copy the overlay map", &src, e))?;
+                    chown(&dst, cfg.uid, cfg.gid)?;
+                }
+            } else {
+                // The VMM starts every overlay afresh (as `CowDisk::create`).
+                File::create(overlay)
+                    .map_err(|e| JailError::io("cannot create overlay", overlay, e))?;
+            }
             targets.push(OVERLAY_NAME);
+        }
+        if !self.snapshot_names.is_empty() {
+            let dir = self.root.join(SNAPSHOTS_NAME);
+            DirBuilder::new()
+                .mode(0o755)
+                .create(&dir)
+                .map_err(|e| JailError::io("cannot create a mount point", &dir, e))?;
+            for name in &self.snapshot_names {
+                let target = dir.join(name);
+                DirBuilder::new()
+                    .mode(0o500)
+                    .create(&target)
+                    .map_err(|e| JailError::io("cannot create a mount point", &target, e))?;
+            }
         }
         for name in targets {
             let target = self.root.join(name);
@@ -114,6 +176,13 @@ impl JailDir {
         if let Some(overlay) = &disks.overlay {
             bind(overlay, &self.root.join(OVERLAY_NAME), 0)?;
         }
+        for (dir, name) in disks.snapshots.iter().zip(&self.snapshot_names) {
+            bind(
+                dir,
+                &self.root.join(SNAPSHOTS_NAME).join(name),
+                libc::MS_RDONLY,
+            )?;
+        }
         Ok(())
     }
 
@@ -122,6 +191,11 @@ impl JailDir {
         JailPaths {
             rootfs: Path::new("/").join(ROOTFS_NAME),
             overlay: Path::new("/").join(OVERLAY_NAME),
+            snapshots: self
+                .snapshot_names
+                .iter()
+                .map(|n| Path::new("/").join(SNAPSHOTS_NAME).join(n))
+                .collect(),
         }
     }
 

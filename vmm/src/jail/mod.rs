@@ -35,6 +35,12 @@
 //! ([`creds`]) and the seccomp filter is installed last, so every thread the
 //! VMM later starts (vCPUs, control socket, vsock poller) inherits it.
 //!
+//! A restore (`runner::restore`) goes the same way: its snapshot chain is
+//! mounted read-only under `/snapshots/`, the whole VM is rebuilt inside
+//! the jail (every `KVM_SET_*` made, memory mapped `MAP_PRIVATE`), then
+//! [`lock_down`], then the vCPUs start. Snapshots the jailed VMM takes are
+//! written inside its root and go with the jail directory when it ends.
+//!
 //! Mounts are made only in the child's private mount namespace, so they
 //! disappear with it: nothing mounted can leak on the host.
 
@@ -97,6 +103,14 @@ pub struct HostDisks {
     /// the host, bind-mounted at `/overlay`, and its map copied back beside
     /// it when the VMM ends. `None`: a temporary overlay inside the jail.
     pub overlay: Option<PathBuf>,
+    /// Keep the caller's overlay as it is (a restore: a copy of the
+    /// snapshot's overlay) instead of starting it empty; its map
+    /// `<overlay>.map` is copied into the jail as `overlay.map`.
+    pub keep_overlay: bool,
+    /// Snapshot directories (a restore's chain), each bind-mounted
+    /// read-only at `/snapshots/<its name>`. (The restore opens their
+    /// files before privileges are dropped.)
+    pub snapshots: Vec<PathBuf>,
 }
 
 /// What the jailed process gets from [`enter`]: its paths, and its link
@@ -112,6 +126,8 @@ pub struct Inside {
 pub struct JailPaths {
     pub rootfs: PathBuf,
     pub overlay: PathBuf,
+    /// [`HostDisks::snapshots`], in the same order.
+    pub snapshots: Vec<PathBuf>,
 }
 
 /// File names inside the jail root that belong to the jail itself; socket
@@ -119,6 +135,7 @@ pub struct JailPaths {
 pub const RESERVED_NAMES: &[&str] = &[
     fs::ROOTFS_NAME,
     fs::OVERLAY_NAME,
+    fs::SNAPSHOTS_NAME,
     "overlay.map",
     "overlay.map.tmp",
 ];
@@ -163,6 +180,10 @@ pub enum JailError {
     Cgroup { path: PathBuf, source: io::Error },
     #[error("the jail's supervisor went away before the VMM was released")]
     SupervisorGone,
+    #[error(
+        "snapshot directories {} and {} have the same name: a restoring jail mounts each at /snapshots/<name> (rename one, and restore from the renamed chain)", .0.display(), .1.display()
+    )]
+    SnapshotNames(PathBuf, PathBuf),
     #[error("the seccomp filter: {0}")]
     Seccomp(String),
 }
@@ -241,6 +262,7 @@ pub fn enter(cfg: &JailConfig, disks: &HostDisks) -> Result<Inside, JailError> {
     if threads != 1 {
         return Err(JailError::Threads(threads));
     }
+    fs::check_snapshot_names(&disks.snapshots)?;
     let dir = fs::JailDir::create(cfg, disks)?;
     let cgroup = match &cfg.cgroup {
         Some(limits) => match cgroup::Cgroup::create(&cfg.vm_name()?, limits) {

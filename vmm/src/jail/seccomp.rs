@@ -2,15 +2,19 @@
 //! *running* VMM makes, everything else kills the process.
 //!
 //! The filter goes on after set-up (every file, the KVM VM, its vCPUs and
-//! devices exist; credentials are dropped), so it only needs what the
+//! devices exist — for a restore, the whole VM is rebuilt, every
+//! `KVM_SET_*` made; credentials are dropped), so it only needs what the
 //! threads started afterwards do: the vCPU loop (`KVM_RUN` and friends,
 //! its kick signal), the control socket (bind, accept, framed reads and
 //! writes with timeouts), the vsock muxer (connect to `<uds>_<port>`,
 //! non-blocking reads and writes), the copy-on-write disk (positional
-//! reads and writes, fsync, the map's create+rename), thread creation and
-//! the allocator. The list holds 55 calls; 40 of them were seen under
-//! `strace -f` after the filter went on: a jailed VMM running a tiny guest
-//! (port IO to the serial console, an i8042 reset, every control request)
+//! reads and writes, fsync, the map's create+rename), snapshots (the vCPU
+//! and VM state `KVM_GET_*`s, the dirty log, the writer's files), thread
+//! creation and the allocator. The list holds 61 calls; 46 of them were
+//! seen under `strace -f` after the filter went on: a jailed VMM running a
+//! tiny guest (port IO to the serial console, an i8042 reset, every
+//! control request), jailed VMMs taking full and diff snapshots
+//! (`node/tests/vmm_jail_snapshot.rs`, which also restores them jailed),
 //! and this module's tests (the copy-on-write disk's reads, copy-up writes
 //! and FLUSH; threads; a unix socket server and client). The rest are
 //! equivalents a different libc may pick (`renameat2` for `rename`,
@@ -19,8 +23,9 @@
 //!
 //! Arguments are checked where it closes a door: `socket` only for
 //! `AF_UNIX` (no network), `clone` only for threads (no new processes),
-//! `prctl` only to name a thread, `ioctl` only `KVM_RUN`, `KVM_GET_REGS`
-//! and `FIONBIO` (no new VM, vCPU or memory slot, no terminal ioctls).
+//! `prctl` only to name a thread, `ioctl` only `KVM_RUN`, `FIONBIO` and
+//! the 15 `KVM_GET_*` a snapshot makes, by exact request number (no new
+//! VM, vCPU or memory slot, no `KVM_SET_*`, no terminal ioctls).
 //! `clone3` takes its flags in memory a filter cannot read, so a first
 //! filter answers it `ENOSYS` (glibc then falls back to `clone`, whose
 //! flags the allowlist checks); of two filters the kernel applies the
@@ -48,6 +53,17 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_fcntl,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
+    // Snapshots (a control request, on the control thread): the directory
+    // created (`create_dir_all`: mkdir), canonicalised (`realpath`:
+    // readlink) and listed for a killed writer's leftovers (`read_dir`:
+    // newfstatat, getdents64); the memory file sized (`set_len`:
+    // ftruncate) and its length read (`metadata`: statx).
+    libc::SYS_mkdir,
+    libc::SYS_readlink,
+    libc::SYS_newfstatat,
+    libc::SYS_getdents64,
+    libc::SYS_ftruncate,
+    libc::SYS_statx,
     // The overlay map: a temporary file renamed over the map; sockets
     // removed at exit.
     libc::SYS_openat,
@@ -96,16 +112,67 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_exit_group,
 ];
 
-/// `_IOR(type, nr, size)`.
-const fn ior(ty: u64, nr: u64, size: usize) -> u64 {
-    (2 << 30) | ((size as u64) << 16) | (ty << 8) | nr
+/// `_IOC(dir, KVMIO, nr, size)`.
+const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
 }
-/// The ioctls of the running VMM: the vCPU loop, the register dump of a
-/// KVM internal error, and `set_nonblocking` on sockets. (Every other KVM
-/// ioctl is made during set-up, before the filter.)
-const KVM_RUN: u64 = 0xAE80;
-const KVM_GET_REGS: u64 = ior(0xAE, 0x81, std::mem::size_of::<kvm_bindings::kvm_regs>());
-const IOCTLS: [u64; 3] = [KVM_RUN, KVM_GET_REGS, libc::FIONBIO];
+/// `_IO(KVMIO, nr)`.
+const fn kvm_io(nr: u64) -> u64 {
+    kvm_ioc(0, nr, 0)
+}
+/// `_IOW(KVMIO, nr, T)`.
+const fn kvm_iow<T>(nr: u64) -> u64 {
+    kvm_ioc(1, nr, std::mem::size_of::<T>())
+}
+/// `_IOR(KVMIO, nr, T)`.
+const fn kvm_ior<T>(nr: u64) -> u64 {
+    kvm_ioc(2, nr, std::mem::size_of::<T>())
+}
+/// `_IOWR(KVMIO, nr, T)`.
+const fn kvm_iowr<T>(nr: u64) -> u64 {
+    kvm_ioc(3, nr, std::mem::size_of::<T>())
+}
+
+use kvm_bindings as kb;
+
+/// The ioctls of the running VMM. (Every other KVM ioctl — creating the
+/// VM, its memory slots, vCPUs and devices, and every `KVM_SET_*` of a
+/// restore — is made during set-up, before the filter.)
+const KVM_RUN: u64 = kvm_io(0x80);
+/// `KVM_GET_REGS`: the register dump of a KVM internal error, and part of
+/// a vCPU's snapshot.
+const KVM_GET_REGS: u64 = kvm_ior::<kb::kvm_regs>(0x81);
+/// A vCPU saving its state for a snapshot (`persist::save_vcpu`).
+const VCPU_STATE_GET: [u64; 10] = [
+    kvm_ior::<kb::kvm_sregs>(0x83),       // KVM_GET_SREGS
+    kvm_iowr::<kb::kvm_msrs>(0x88),       // KVM_GET_MSRS
+    kvm_ior::<kb::kvm_lapic_state>(0x8e), // KVM_GET_LAPIC
+    kvm_iowr::<kb::kvm_cpuid2>(0x91),     // KVM_GET_CPUID2
+    kvm_ior::<kb::kvm_mp_state>(0x98),    // KVM_GET_MP_STATE
+    kvm_ior::<kb::kvm_vcpu_events>(0x9f), // KVM_GET_VCPU_EVENTS
+    kvm_ior::<kb::kvm_debugregs>(0xa1),   // KVM_GET_DEBUGREGS
+    kvm_io(0xa3),                         // KVM_GET_TSC_KHZ
+    kvm_ior::<kb::kvm_xsave>(0xa4),       // KVM_GET_XSAVE
+    kvm_ior::<kb::kvm_xcrs>(0xa6),        // KVM_GET_XCRS
+];
+/// The VM's state for a snapshot (`persist::save_vm`).
+const VM_STATE_GET: [u64; 3] = [
+    kvm_iowr::<kb::kvm_irqchip>(0x62),   // KVM_GET_IRQCHIP
+    kvm_ior::<kb::kvm_clock_data>(0x7c), // KVM_GET_CLOCK
+    kvm_ior::<kb::kvm_pit_state2>(0x9f), // KVM_GET_PIT2
+];
+/// The pages the guest wrote since the last snapshot (a diff, and the
+/// reset of tracking by a full one).
+const KVM_GET_DIRTY_LOG: u64 = kvm_iow::<kb::kvm_dirty_log>(0x42);
+
+/// Every ioctl request the filter lets through; `FIONBIO` is
+/// `set_nonblocking` on sockets.
+fn ioctls() -> Vec<u64> {
+    let mut all = vec![KVM_RUN, KVM_GET_REGS, KVM_GET_DIRTY_LOG, libc::FIONBIO];
+    all.extend(VCPU_STATE_GET);
+    all.extend(VM_STATE_GET);
+    all
+}
 
 /// A rule of one condition. Integer (`int`) arguments are compared on
 /// their low 32 bits, as the kernel reads them.
@@ -141,9 +208,9 @@ pub fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, JailError> {
     );
     rules.insert(
         libc::SYS_ioctl,
-        IOCTLS
-            .iter()
-            .map(|&req| cond(1, Dword, SeccompCmpOp::Eq, req))
+        ioctls()
+            .into_iter()
+            .map(|req| cond(1, Dword, SeccompCmpOp::Eq, req))
             .collect::<Result<_, _>>()?,
     );
     Ok(rules)
@@ -384,10 +451,68 @@ mod tests {
         );
     }
 
+    /// The request numbers, as `<linux/kvm.h>` gives them on x86-64.
+    #[test]
+    fn snapshot_ioctls_have_the_kernel_numbers() {
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_GET_DIRTY_LOG, 0x4010_ae42);
+        assert_eq!(
+            VCPU_STATE_GET,
+            [
+                0x8138_ae83, // KVM_GET_SREGS
+                0xc008_ae88, // KVM_GET_MSRS
+                0x8400_ae8e, // KVM_GET_LAPIC
+                0xc008_ae91, // KVM_GET_CPUID2
+                0x8004_ae98, // KVM_GET_MP_STATE
+                0x8040_ae9f, // KVM_GET_VCPU_EVENTS
+                0x8080_aea1, // KVM_GET_DEBUGREGS
+                0xaea3,      // KVM_GET_TSC_KHZ
+                0x9000_aea4, // KVM_GET_XSAVE
+                0x8188_aea6, // KVM_GET_XCRS
+            ]
+        );
+        assert_eq!(VM_STATE_GET, [0xc208_ae62, 0x8030_ae7c, 0x8070_ae9f]);
+    }
+
+    /// The snapshot's `KVM_GET_*` pass (on a bad descriptor: EBADF, not
+    /// SIGSYS); a `KVM_SET_*` of a restore kills — restores happen before
+    /// the filter.
+    #[test]
+    fn snapshot_gets_pass_and_sets_kill() {
+        let status = in_filtered_child(|| {
+            for req in ioctls().into_iter().filter(|&r| r != KVM_RUN) {
+                // SAFETY: an ioctl on a descriptor that is not open.
+                let r = unsafe { libc::ioctl(-1, req as _, 0) };
+                // SAFETY: reading errno.
+                if r != -1 || unsafe { *libc::__errno_location() } != libc::EBADF {
+                    return 1;
+                }
+            }
+            0
+        });
+        assert!(exited_ok(status), "status {status:#x}");
+        // KVM_SET_REGS: _IOW(KVMIO, 0x82, struct kvm_regs).
+        let set_regs = kvm_iow::<kb::kvm_regs>(0x82);
+        // SAFETY: as above.
+        let status = in_filtered_child(|| unsafe {
+            libc::ioctl(-1, set_regs as _, 0);
+            0
+        });
+        assert!(killed_by_sigsys(status), "KVM_SET_REGS: status {status:#x}");
+    }
+
     #[test]
     fn the_allowlist_is_small() {
         let n = allowlist_len();
         eprintln!("seccomp allowlist: {n} system calls");
-        assert_eq!(n, 55, "update the module docs with the new count");
+        // 55 for the running VMM, + 6 file calls of the snapshot writer.
+        assert_eq!(n, 61, "update the module docs with the new count");
+        // KVM_RUN, FIONBIO, KVM_GET_REGS, 10 more vCPU state gets, 3 VM
+        // state gets, the dirty log: nothing that creates or sets.
+        let ioctls = ioctls();
+        assert_eq!(ioctls.len(), 17);
+        let set: std::collections::BTreeSet<u64> = ioctls.iter().copied().collect();
+        assert_eq!(set.len(), ioctls.len(), "no duplicates");
     }
 }
