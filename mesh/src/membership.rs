@@ -260,7 +260,9 @@ impl Membership {
     }
 
     /// The member list, updated when a member joins, dies, comes back or
-    /// changes its info (heartbeats alone do not wake it).
+    /// changes its info (heartbeats alone do not wake it). As with any
+    /// tokio watch, do not hold a borrow of it across an await: the
+    /// updater waits for it.
     pub fn watch(&self) -> watch::Receiver<Arc<Vec<Member>>> {
         self.members.clone()
     }
@@ -387,5 +389,208 @@ async fn monitor(
                 false
             }
         });
+    }
+}
+
+/// Helpers shared by these tests and the simulation in `tests/`.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+
+    /// A loopback UDP port free right now (chitchat must know its port
+    /// before binding it).
+    pub fn free_udp_port() -> u16 {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0)
+    }
+
+    pub fn info(id: &str, generation: u64) -> NodeInfo {
+        NodeInfo {
+            id: id.to_owned(),
+            generation,
+            quic_addr: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            rest_addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            state: schema::mesh::NodeState::Ready,
+            free_vcpus: 4,
+            free_memory_mib: 8192,
+            sandboxes: 0,
+            templates: vec!["base".to_owned()],
+        }
+    }
+
+    pub fn config(id: &str, port: u16, generation: u64, seeds: &[u16]) -> MembershipConfig {
+        let mut c = MembershipConfig::new("test", id, SocketAddr::from(([127, 0, 0, 1], port)));
+        c.generation = generation;
+        c.seeds = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use schema::mesh::NodeState;
+
+    use super::testing::*;
+    use super::*;
+
+    async fn start(id: &str, port: u16, generation: u64, seeds: &[u16]) -> Membership {
+        Membership::start(config(id, port, generation, seeds), &info(id, generation))
+            .await
+            .unwrap()
+    }
+
+    /// Poll `cond` every 20 ms for up to `limit`; the time it took.
+    async fn within<F: AsyncFnMut() -> bool>(limit: Duration, mut cond: F) -> Option<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if cond().await {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    async fn sees(m: &Membership, id: &str, live: bool) -> bool {
+        m.members()
+            .await
+            .iter()
+            .any(|x| x.info.id == id && x.live == live)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_members_converge_detect_death_and_rejoin() {
+        let (pa, pb, pc) = (free_udp_port(), free_udp_port(), free_udp_port());
+        let a = start("node-a", pa, 1, &[]).await;
+        let b = start("node-b", pb, 1, &[pa]).await;
+        let c = start("node-c", pc, 1, &[pa]).await;
+        let all = [&a, &b, &c];
+        let converged = within(Duration::from_secs(10), async || {
+            for m in all {
+                let members = m.members().await;
+                if members.len() != 3 || !members.iter().all(|x| x.live) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .expect("3 members did not converge in 10 s");
+
+        // Info changes reach the others (through the watch, too).
+        let mut watch = a.watch();
+        let mut draining = info("node-b", 1);
+        draining.state = NodeState::Draining;
+        draining.sandboxes = 7;
+        b.set_info(&draining).await.unwrap();
+        // (The borrow `wait_for` returns is dropped at once: a held watch
+        // borrow blocks the sender.)
+        let seen = tokio::time::timeout(
+            Duration::from_secs(5),
+            watch.wait_for(|ms| ms.iter().any(|m| m.info == draining)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        assert!(seen, "a never saw b draining");
+        assert!(matches!(
+            b.set_info(&info("node-z", 1)).await,
+            Err(MembershipError::WrongNode { .. })
+        ));
+
+        c.shutdown().await;
+        let detected = within(Duration::from_secs(10), async || {
+            sees(&a, "node-c", false).await && sees(&b, "node-c", false).await
+        })
+        .await
+        .expect("death of node-c not detected in 10 s");
+
+        // Restarted on the same address with a new generation: rejoins,
+        // and the new generation replaces the old one in the view.
+        let c2 = start("node-c", pc, 2, &[pa]).await;
+        let rejoined = within(Duration::from_secs(10), async || {
+            a.members()
+                .await
+                .iter()
+                .any(|m| m.info.id == "node-c" && m.live && m.info.generation == 2)
+        })
+        .await
+        .expect("node-c did not rejoin");
+        let cs: Vec<_> = a
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| m.info.id == "node-c")
+            .collect();
+        assert_eq!(cs.len(), 1);
+        eprintln!(
+            "3 members: converged in {converged:?}, death detected by both in {detected:?}, restart rejoined in {rejoined:?}"
+        );
+        assert!(detected <= Duration::from_secs(5), "detection took {detected:?}");
+        for m in [a, b, c2] {
+            m.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn duplicate_node_id_newest_generation_wins() {
+        let (pa, p1, p2) = (free_udp_port(), free_udp_port(), free_udp_port());
+        let a = start("node-a", pa, 1, &[]).await;
+        let old = start("node-x", p1, 100, &[pa]).await;
+        let new = start("node-x", p2, 200, &[pa]).await;
+        let resolved = within(Duration::from_secs(10), async || {
+            let ms = a.members().await;
+            let xs: Vec<_> = ms.iter().filter(|m| m.info.id == "node-x").collect();
+            xs.len() == 1 && xs[0].info.generation == 200 && xs[0].gossip_addr.port() == p2
+        })
+        .await;
+        assert!(resolved.is_some(), "a did not settle on the newest node-x");
+        let superseded = within(Duration::from_secs(10), async || old.is_superseded()).await;
+        assert!(superseded.is_some(), "the older node-x never saw itself superseded");
+        assert!(!new.is_superseded());
+        for m in [a, old, new] {
+            m.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unreachable_seed_serves_alone_then_joins_when_it_appears() {
+        let (pa, pseed) = (free_udp_port(), free_udp_port());
+        let a = start("node-a", pa, 1, &[pseed]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let alone = a.members().await;
+        assert_eq!(alone.len(), 1);
+        assert!(alone[0].live && alone[0].info.id == "node-a");
+        // The seed comes up late: chitchat has kept gossiping to it.
+        let seed = start("node-s", pseed, 1, &[]).await;
+        let joined = within(Duration::from_secs(10), async || {
+            sees(&a, "node-s", true).await && sees(&seed, "node-a", true).await
+        })
+        .await;
+        assert!(joined.is_some(), "late seed never joined");
+        a.shutdown().await;
+        seed.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn bad_configs_are_refused() {
+        let c = config("Bad_Id", free_udp_port(), 1, &[]);
+        assert!(matches!(
+            Membership::start(c, &info("Bad_Id", 1)).await,
+            Err(MembershipError::NodeId(_))
+        ));
+        let c = config("node-a", 0, 1, &[]);
+        assert!(matches!(
+            Membership::start(c, &info("node-a", 1)).await,
+            Err(MembershipError::NoPort(_))
+        ));
+        let c = config("node-a", free_udp_port(), 1, &[]);
+        assert!(matches!(
+            Membership::start(c, &info("node-b", 1)).await,
+            Err(MembershipError::WrongNode { .. })
+        ));
     }
 }

@@ -631,3 +631,364 @@ async fn serve_stream<H: Handler>(
         ),
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use schema::mesh::{Header, NodeInfo, NodeState, RestRequest, RestResponse};
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::tls::ClusterCa;
+
+    /// Answers pings and echoes REST calls; counts raw-stream bytes.
+    #[derive(Default)]
+    pub(crate) struct Echo {
+        pub calls: AtomicUsize,
+        pub from_node_a: AtomicUsize,
+    }
+
+    pub(crate) fn info(id: &str) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            generation: 1,
+            quic_addr: "127.0.0.1:1".parse().unwrap(),
+            rest_addr: "127.0.0.1:2".parse().unwrap(),
+            state: NodeState::Ready,
+            free_vcpus: 2,
+            free_memory_mib: 1024,
+            sandboxes: 0,
+            templates: vec![],
+        }
+    }
+
+    impl Handler for Echo {
+        async fn request(&self, peer: Peer, request: Request) -> Response {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if peer.is_node("node-a") {
+                self.from_node_a.fetch_add(1, Ordering::SeqCst);
+            }
+            match request {
+                Request::Ping { sent_unix_ms } => Response::Pong {
+                    info: info("node-b"),
+                    unix_ms: sent_unix_ms,
+                },
+                Request::Rest(r) => Response::Rest(RestResponse {
+                    status: 200,
+                    headers: r.headers,
+                    body: r.body,
+                }),
+                _ => Response::Error {
+                    kind: ErrorKind::BadRequest,
+                    message: "unsupported".into(),
+                },
+            }
+        }
+
+        /// Port 0 is refused; any other port counts the bytes it gets,
+        /// in 64 KiB reads, and answers the count.
+        async fn stream(&self, _peer: Peer, stream: IncomingStream) {
+            if stream.header().port == 0 {
+                return stream.reject(ErrorKind::NotFound, "no such port").await;
+            }
+            let Ok((mut send, mut recv)) = stream.accept().await else {
+                return;
+            };
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            while let Ok(Some(n)) = recv.read(&mut buf).await {
+                total += n as u64;
+            }
+            let _ = send.write_all(&total.to_be_bytes()).await;
+            let _ = send.finish();
+        }
+    }
+
+    pub(crate) fn node(ca: &ClusterCa, id: &str, config: TransportConfig) -> (Transport, Arc<Echo>) {
+        let handler = Arc::new(Echo::default());
+        let t = Transport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &ca.issue(id).unwrap(),
+            &ca.trust_root(),
+            config,
+            handler.clone(),
+        )
+        .unwrap();
+        (t, handler)
+    }
+
+    fn quick() -> TransportConfig {
+        TransportConfig {
+            connect_timeout: Duration::from_secs(2),
+            call_timeout: Duration::from_secs(5),
+            first_frame_timeout: Duration::from_secs(2),
+            ..TransportConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn call_round_trips() {
+        let ca = ClusterCa::generate().unwrap();
+        let (a, _) = node(&ca, "node-a", quick());
+        let (b, hb) = node(&ca, "node-b", quick());
+        let b_addr = b.local_addr().unwrap();
+        let pong = a
+            .call(b_addr, "node-b", &Request::Ping { sent_unix_ms: 42 })
+            .await
+            .unwrap();
+        assert_eq!(
+            pong,
+            Response::Pong {
+                info: info("node-b"),
+                unix_ms: 42
+            }
+        );
+        let rest = RestRequest {
+            method: "POST".into(),
+            path: "/sandboxes/x/timeout".into(),
+            query: String::new(),
+            headers: vec![Header {
+                name: "content-type".into(),
+                value: b"application/json".to_vec(),
+            }],
+            body: vec![7; 1 << 20],
+        };
+        let Response::Rest(r) = a.call(b_addr, "node-b", &Request::Rest(rest.clone())).await.unwrap()
+        else {
+            panic!("not a REST answer");
+        };
+        assert_eq!((r.status, r.headers, r.body), (200, rest.headers, rest.body));
+        // Both calls rode one connection, and the server knew who called.
+        assert_eq!(a.inner.conns.lock().unwrap().len(), 1);
+        assert_eq!(hb.from_node_a.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn server_must_be_the_node_dialled() {
+        let ca = ClusterCa::generate().unwrap();
+        let (a, _) = node(&ca, "node-a", quick());
+        let (b, hb) = node(&ca, "node-b", quick());
+        let err = a
+            .call(b.local_addr().unwrap(), "node-c", &Request::Ping { sent_unix_ms: 0 })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Refused { .. }), "{err}");
+        assert_eq!(hb.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn node_of_another_ca_cannot_call_or_be_called() {
+        let ca = ClusterCa::generate().unwrap();
+        let rogue_ca = ClusterCa::generate().unwrap();
+        let (b, hb) = node(&ca, "node-b", quick());
+        // Same node id as a real member, but signed by another CA.
+        let (rogue, hr) = node(&rogue_ca, "node-a", quick());
+        let err = rogue
+            .call(b.local_addr().unwrap(), "node-b", &Request::Ping { sent_unix_ms: 0 })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Refused { .. }), "{err}");
+        let err = b
+            .call(rogue.local_addr().unwrap(), "node-a", &Request::Ping { sent_unix_ms: 0 })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Refused { .. }), "{err}");
+        assert_eq!(hb.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(hr.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn client_without_certificate_is_refused() {
+        let ca = ClusterCa::generate().unwrap();
+        let (b, hb) = node(&ca, "node-b", quick());
+        let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(client_config(None, &ca.trust_root(), &quick()).unwrap());
+        let b_addr = b.local_addr().unwrap();
+        // The client may see its handshake finish (TLS 1.3 checks the
+        // client's certificate last); the server refuses right after, so
+        // the first exchange fails.
+        let result = async {
+            let conn = endpoint
+                .connect(b_addr, "node-b")
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let frame = Request::Ping { sent_unix_ms: 0 }.encode().unwrap();
+            send.write_all(&frame).await.map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            recv.read_to_end(1 << 20).await.map_err(|e| format!("{e:?}"))
+        };
+        let err = tokio::time::timeout(Duration::from_secs(5), result)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(err.contains("certificate") || err.contains("116"), "{err}");
+        assert_eq!(hb.calls.load(Ordering::SeqCst), 0);
+    }
+
+    /// Write raw bytes on a fresh stream of a real (authenticated)
+    /// connection and return what the server answered, or its error.
+    async fn send_raw(conn: &Connection, bytes: &[u8]) -> Result<Vec<u8>, String> {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        // The server may reset before taking it all: not an error here.
+        let _ = send.write_all(bytes).await;
+        let _ = send.finish();
+        tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 20))
+            .await
+            .map_err(|_| "timeout".to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn malformed_frames_are_refused_and_the_server_keeps_serving() {
+        let ca = ClusterCa::generate().unwrap();
+        let (a, _) = node(&ca, "node-a", quick());
+        let (b, hb) = node(&ca, "node-b", quick());
+        let b_addr = b.local_addr().unwrap();
+        let conn = a.connection(b_addr, "node-b").await.unwrap();
+        let good = Request::Ping { sent_unix_ms: 1 }.encode().unwrap();
+
+        let mut random = vec![0u8; 4096];
+        let mut x = 0x9e37_79b9_u32;
+        for b in &mut random {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        let mut garbage_archive = good[..4 + mesh::HEADER_LEN].to_vec();
+        garbage_archive[..4].copy_from_slice(&(mesh::HEADER_LEN as u32 + 64).to_be_bytes());
+        garbage_archive.extend_from_slice(&random[..64]);
+        let oversized = u32::MAX.to_be_bytes().to_vec();
+        let truncated = good[..good.len() - 3].to_vec();
+        let mut wrong_kind = good.clone();
+        wrong_kind[4 + 4] = FrameKind::Response as u8;
+
+        for (name, bytes) in [
+            ("random", &random),
+            ("garbage archive", &garbage_archive),
+            ("oversized length", &oversized),
+            ("truncated", &truncated),
+            ("wrong kind", &wrong_kind),
+        ] {
+            match send_raw(&conn, bytes).await {
+                Err(e) => assert!(e.contains("reset") || e.contains("stopped"), "{name}: {e}"),
+                Ok(answer) => panic!("{name}: answered {answer:?}"),
+            }
+        }
+
+        // Another version is answered with ours, and the caller's error
+        // says so.
+        let mut newer = good.clone();
+        newer[4 + 2..4 + 4].copy_from_slice(&(PROTOCOL_VERSION + 1).to_be_bytes());
+        let answer = send_raw(&conn, &newer).await.unwrap();
+        assert_eq!(answer, mesh::version_mismatch_frame());
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&newer).await.unwrap();
+        let err = read_message::<Response>(b_addr, &mut recv).await.unwrap_err();
+        assert!(
+            matches!(err, TransportError::VersionMismatch { theirs, .. } if theirs == PROTOCOL_VERSION),
+            "{err}"
+        );
+
+        // None of it reached the handler, and the server still serves,
+        // on the same connection and on a new one.
+        assert_eq!(hb.calls.load(Ordering::SeqCst), 0);
+        assert!(send_raw(&conn, &good).await.is_ok());
+        let (c, _) = node(&ca, "node-a", quick());
+        assert!(matches!(
+            c.call(b_addr, "node-b", &Request::Ping { sent_unix_ms: 2 }).await,
+            Ok(Response::Pong { unix_ms: 2, .. })
+        ));
+        assert_eq!(hb.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn silent_stream_is_dropped_after_the_first_frame_timeout() {
+        let ca = ClusterCa::generate().unwrap();
+        let config = TransportConfig {
+            first_frame_timeout: Duration::from_millis(200),
+            ..quick()
+        };
+        let (a, _) = node(&ca, "node-a", config.clone());
+        let (b, _) = node(&ca, "node-b", config);
+        let conn = a.connection(b.local_addr().unwrap(), "node-b").await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0, 0]).await.unwrap(); // half a length prefix
+        let err = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(16))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("reset"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn unreachable_peer_times_out() {
+        let ca = ClusterCa::generate().unwrap();
+        let config = TransportConfig {
+            connect_timeout: Duration::from_millis(300),
+            ..quick()
+        };
+        let (a, _) = node(&ca, "node-a", config);
+        // A bound UDP socket that never answers.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let err = a
+            .call(silent.local_addr().unwrap(), "node-b", &Request::Ping { sent_unix_ms: 0 })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
+    }
+
+    fn rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn raw_stream_carries_100_mib_in_bounded_memory() {
+        const TOTAL: u64 = 100 << 20;
+        let ca = ClusterCa::generate().unwrap();
+        let (a, _) = node(&ca, "node-a", quick());
+        let (b, _) = node(&ca, "node-b", quick());
+        let b_addr = b.local_addr().unwrap();
+
+        let refused = a
+            .open_stream(b_addr, "node-b", &StreamHeader { sandbox_id: "s".into(), port: 0 })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, TransportError::Rejected { kind: ErrorKind::NotFound, .. }),
+            "{refused}"
+        );
+
+        let header = StreamHeader {
+            sandbox_id: "sbx-1".into(),
+            port: 49983,
+        };
+        let (mut send, mut recv) = a.open_stream(b_addr, "node-b", &header).await.unwrap();
+        let before = rss_kib();
+        let chunk = vec![0x5a; 64 * 1024];
+        let started = std::time::Instant::now();
+        for _ in 0..TOTAL / chunk.len() as u64 {
+            send.write_all(&chunk).await.unwrap();
+        }
+        send.shutdown().await.unwrap();
+        let mut count = [0u8; 8];
+        recv.read_exact(&mut count).await.unwrap();
+        let elapsed = started.elapsed();
+        let grown = rss_kib().saturating_sub(before);
+        eprintln!(
+            "100 MiB raw stream: {:.1} MB/s, RSS grew {grown} KiB",
+            TOTAL as f64 / 1e6 / elapsed.as_secs_f64()
+        );
+        assert_eq!(u64::from_be_bytes(count), TOTAL);
+        // Flow-control windows (a few MiB), not the 100 MiB sent.
+        assert!(grown < 32 * 1024, "RSS grew {grown} KiB");
+    }
+}
