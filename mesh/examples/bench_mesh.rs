@@ -129,7 +129,10 @@ async fn main() {
 
     let ping = Request::Ping { sent_unix_ms: 0 };
     time_calls(&a, b_addr, &ping, 200).await; // warm up
-    row("mesh rpc ping round trip", &time_calls(&a, b_addr, &ping, 2000).await);
+    row(
+        "mesh rpc ping round trip",
+        &time_calls(&a, b_addr, &ping, 2000).await,
+    );
 
     let rest = Request::Rest(RestRequest {
         method: "POST".into(),
@@ -138,7 +141,10 @@ async fn main() {
         headers: vec![],
         body: vec![1; 16 * 1024],
     });
-    row("mesh rpc 16 KiB REST echo", &time_calls(&a, b_addr, &rest, 1000).await);
+    row(
+        "mesh rpc 16 KiB REST echo",
+        &time_calls(&a, b_addr, &rest, 1000).await,
+    );
 
     let mut connects = Vec::new();
     for _ in 0..50 {

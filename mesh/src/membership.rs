@@ -317,14 +317,15 @@ fn compute_members(chitchat: &Chitchat, cache: &InfoCache) -> Vec<Member> {
         let parsed = match cache.get(cid) {
             Some((v, parsed)) if *v == version => parsed.clone(),
             _ => {
-                let parsed =
-                    match NodeInfo::from_gossip(&cid.node_id, cid.generation_id, |k| state.get(k)) {
-                        Ok(parsed) => Some(parsed),
-                        Err(e) => {
-                            debug!(member = ?cid, error = %e, "member info incomplete");
-                            None
-                        }
-                    };
+                let parsed = match NodeInfo::from_gossip(&cid.node_id, cid.generation_id, |k| {
+                    state.get(k)
+                }) {
+                    Ok(parsed) => Some(parsed),
+                    Err(e) => {
+                        debug!(member = ?cid, error = %e, "member info incomplete");
+                        None
+                    }
+                };
                 cache.insert(cid.clone(), (version, parsed.clone()));
                 parsed
             }
@@ -566,7 +567,10 @@ mod tests {
         eprintln!(
             "3 members: converged in {converged:?}, death detected by both in {detected:?}, restart rejoined in {rejoined:?}"
         );
-        assert!(detected <= Duration::from_secs(5), "detection took {detected:?}");
+        assert!(
+            detected <= Duration::from_secs(5),
+            "detection took {detected:?}"
+        );
         for m in [a, b, c2] {
             m.shutdown().await;
         }
@@ -588,7 +592,10 @@ mod tests {
         .await;
         assert!(resolved.is_some(), "a did not settle on the newest node-x");
         let superseded = within(Duration::from_secs(10), async || old.is_superseded()).await;
-        assert!(superseded.is_some(), "the older node-x never saw itself superseded");
+        assert!(
+            superseded.is_some(),
+            "the older node-x never saw itself superseded"
+        );
         assert!(!new.is_superseded());
         for m in [a, old, new] {
             m.shutdown().await;

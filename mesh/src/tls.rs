@@ -153,7 +153,11 @@ impl ClusterCa {
     pub fn save(&self, dir: &Path) -> Result<(), TlsError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         write_file(&dir.join(CA_CERT_FILE), self.cert_pem.as_bytes(), 0o644)?;
-        write_file(&dir.join(CA_KEY_FILE), self.key.serialize_pem().as_bytes(), 0o600)
+        write_file(
+            &dir.join(CA_KEY_FILE),
+            self.key.serialize_pem().as_bytes(),
+            0o600,
+        )
     }
 
     /// Read a CA written by [`ClusterCa::save`].
@@ -311,10 +315,8 @@ pub(crate) fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(root.store()?);
     let mut cfg = match identity {
-        Some(id) => builder.with_client_auth_cert(
-            id.chain.clone(),
-            PrivateKeyDer::Pkcs8(id.key.clone_key()),
-        )?,
+        Some(id) => builder
+            .with_client_auth_cert(id.chain.clone(), PrivateKeyDer::Pkcs8(id.key.clone_key()))?,
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![ALPN.to_vec()];
@@ -331,7 +333,10 @@ fn read_cert(path: &Path) -> Result<CertificateDer<'static>, TlsError> {
 /// A key file is refused if others may read it, as ssh does: a readable
 /// cluster key is a leaked cluster.
 fn read_key_file(path: &Path) -> Result<String, TlsError> {
-    let mode = fs::metadata(path).map_err(io_err(path))?.permissions().mode();
+    let mode = fs::metadata(path)
+        .map_err(io_err(path))?
+        .permissions()
+        .mode();
     if mode & 0o077 != 0 {
         return Err(TlsError::KeyPermissions {
             path: path.to_owned(),

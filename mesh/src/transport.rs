@@ -143,12 +143,10 @@ fn is_crypto(code: quinn::TransportErrorCode) -> bool {
 
 fn conn_error(peer: SocketAddr, e: quinn::ConnectionError) -> TransportError {
     match &e {
-        quinn::ConnectionError::TransportError(t) if is_crypto(t.code) => {
-            TransportError::Refused {
-                peer,
-                reason: e.to_string(),
-            }
-        }
+        quinn::ConnectionError::TransportError(t) if is_crypto(t.code) => TransportError::Refused {
+            peer,
+            reason: e.to_string(),
+        },
         quinn::ConnectionError::ConnectionClosed(c) if is_crypto(c.error_code) => {
             TransportError::Refused {
                 peer,
@@ -282,8 +280,8 @@ impl Transport {
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server.transport_config(Arc::new(quic_transport(&config, config.max_streams)?));
-        let endpoint =
-            Endpoint::server(server, addr).map_err(|source| TransportError::Bind { addr, source })?;
+        let endpoint = Endpoint::server(server, addr)
+            .map_err(|source| TransportError::Bind { addr, source })?;
         let client = client_config(Some(identity), root, &config)?;
         let inner = Arc::new(Inner {
             endpoint: endpoint.clone(),
@@ -311,10 +309,8 @@ impl Transport {
         let after = self.inner.config.call_timeout;
         tokio::time::timeout(after, async {
             let conn = self.connection(peer_addr, peer_id).await?;
-            let (mut send, mut recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| conn_error(peer_addr, e))?;
+            let (mut send, mut recv) =
+                conn.open_bi().await.map_err(|e| conn_error(peer_addr, e))?;
             send.write_all(&frame)
                 .await
                 .map_err(|e| write_error(peer_addr, e))?;
@@ -341,10 +337,8 @@ impl Transport {
         let after = self.inner.config.call_timeout;
         tokio::time::timeout(after, async {
             let conn = self.connection(peer_addr, peer_id).await?;
-            let (mut send, mut recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| conn_error(peer_addr, e))?;
+            let (mut send, mut recv) =
+                conn.open_bi().await.map_err(|e| conn_error(peer_addr, e))?;
             send.write_all(&frame)
                 .await
                 .map_err(|e| write_error(peer_addr, e))?;
@@ -478,7 +472,8 @@ async fn read_message<M: Message>(
     recv: &mut RecvStream,
 ) -> Result<M, TransportError> {
     let body = read_frame(peer, recv).await?;
-    let header = FrameHeader::parse(&body).map_err(|source| TransportError::Frame { peer, source })?;
+    let header =
+        FrameHeader::parse(&body).map_err(|source| TransportError::Frame { peer, source })?;
     if header.version != PROTOCOL_VERSION || header.kind == FrameKind::VersionMismatch {
         return Err(TransportError::VersionMismatch {
             peer,
@@ -705,7 +700,11 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn node(ca: &ClusterCa, id: &str, config: TransportConfig) -> (Transport, Arc<Echo>) {
+    pub(crate) fn node(
+        ca: &ClusterCa,
+        id: &str,
+        config: TransportConfig,
+    ) -> (Transport, Arc<Echo>) {
         let handler = Arc::new(Echo::default());
         let t = Transport::bind(
             "127.0.0.1:0".parse().unwrap(),
@@ -754,11 +753,17 @@ pub(crate) mod tests {
             }],
             body: vec![7; 1 << 20],
         };
-        let Response::Rest(r) = a.call(b_addr, "node-b", &Request::Rest(rest.clone())).await.unwrap()
+        let Response::Rest(r) = a
+            .call(b_addr, "node-b", &Request::Rest(rest.clone()))
+            .await
+            .unwrap()
         else {
             panic!("not a REST answer");
         };
-        assert_eq!((r.status, r.headers, r.body), (200, rest.headers, rest.body));
+        assert_eq!(
+            (r.status, r.headers, r.body),
+            (200, rest.headers, rest.body)
+        );
         // Both calls rode one connection, and the server knew who called.
         assert_eq!(a.inner.conns.lock().unwrap().len(), 1);
         assert_eq!(hb.from_node_a.load(Ordering::SeqCst), 2);
@@ -770,7 +775,11 @@ pub(crate) mod tests {
         let (a, _) = node(&ca, "node-a", quick());
         let (b, hb) = node(&ca, "node-b", quick());
         let err = a
-            .call(b.local_addr().unwrap(), "node-c", &Request::Ping { sent_unix_ms: 0 })
+            .call(
+                b.local_addr().unwrap(),
+                "node-c",
+                &Request::Ping { sent_unix_ms: 0 },
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, TransportError::Refused { .. }), "{err}");
@@ -785,12 +794,20 @@ pub(crate) mod tests {
         // Same node id as a real member, but signed by another CA.
         let (rogue, hr) = node(&rogue_ca, "node-a", quick());
         let err = rogue
-            .call(b.local_addr().unwrap(), "node-b", &Request::Ping { sent_unix_ms: 0 })
+            .call(
+                b.local_addr().unwrap(),
+                "node-b",
+                &Request::Ping { sent_unix_ms: 0 },
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, TransportError::Refused { .. }), "{err}");
         let err = b
-            .call(rogue.local_addr().unwrap(), "node-a", &Request::Ping { sent_unix_ms: 0 })
+            .call(
+                rogue.local_addr().unwrap(),
+                "node-a",
+                &Request::Ping { sent_unix_ms: 0 },
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, TransportError::Refused { .. }), "{err}");
@@ -803,7 +820,8 @@ pub(crate) mod tests {
         let ca = ClusterCa::generate().unwrap();
         let (b, hb) = node(&ca, "node-b", quick());
         let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(client_config(None, &ca.trust_root(), &quick()).unwrap());
+        endpoint
+            .set_default_client_config(client_config(None, &ca.trust_root(), &quick()).unwrap());
         let b_addr = b.local_addr().unwrap();
         // The client may see its handshake finish (TLS 1.3 checks the
         // client's certificate last); the server refuses right after, so
@@ -818,7 +836,9 @@ pub(crate) mod tests {
             let frame = Request::Ping { sent_unix_ms: 0 }.encode().unwrap();
             send.write_all(&frame).await.map_err(|e| e.to_string())?;
             let _ = send.finish();
-            recv.read_to_end(1 << 20).await.map_err(|e| format!("{e:?}"))
+            recv.read_to_end(1 << 20)
+                .await
+                .map_err(|e| format!("{e:?}"))
         };
         let err = tokio::time::timeout(Duration::from_secs(5), result)
             .await
@@ -887,7 +907,9 @@ pub(crate) mod tests {
         assert_eq!(answer, mesh::version_mismatch_frame());
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(&newer).await.unwrap();
-        let err = read_message::<Response>(b_addr, &mut recv).await.unwrap_err();
+        let err = read_message::<Response>(b_addr, &mut recv)
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, TransportError::VersionMismatch { theirs, .. } if theirs == PROTOCOL_VERSION),
             "{err}"
@@ -899,7 +921,8 @@ pub(crate) mod tests {
         assert!(send_raw(&conn, &good).await.is_ok());
         let (c, _) = node(&ca, "node-a", quick());
         assert!(matches!(
-            c.call(b_addr, "node-b", &Request::Ping { sent_unix_ms: 2 }).await,
+            c.call(b_addr, "node-b", &Request::Ping { sent_unix_ms: 2 })
+                .await,
             Ok(Response::Pong { unix_ms: 2, .. })
         ));
         assert_eq!(hb.calls.load(Ordering::SeqCst), 2);
@@ -914,7 +937,10 @@ pub(crate) mod tests {
         };
         let (a, _) = node(&ca, "node-a", config.clone());
         let (b, _) = node(&ca, "node-b", config);
-        let conn = a.connection(b.local_addr().unwrap(), "node-b").await.unwrap();
+        let conn = a
+            .connection(b.local_addr().unwrap(), "node-b")
+            .await
+            .unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(&[0, 0]).await.unwrap(); // half a length prefix
         let err = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(16))
@@ -935,7 +961,11 @@ pub(crate) mod tests {
         // A bound UDP socket that never answers.
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let err = a
-            .call(silent.local_addr().unwrap(), "node-b", &Request::Ping { sent_unix_ms: 0 })
+            .call(
+                silent.local_addr().unwrap(),
+                "node-b",
+                &Request::Ping { sent_unix_ms: 0 },
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
@@ -959,11 +989,24 @@ pub(crate) mod tests {
         let b_addr = b.local_addr().unwrap();
 
         let refused = a
-            .open_stream(b_addr, "node-b", &StreamHeader { sandbox_id: "s".into(), port: 0 })
+            .open_stream(
+                b_addr,
+                "node-b",
+                &StreamHeader {
+                    sandbox_id: "s".into(),
+                    port: 0,
+                },
+            )
             .await
             .unwrap_err();
         assert!(
-            matches!(&refused, TransportError::Rejected { kind: ErrorKind::NotFound, .. }),
+            matches!(
+                &refused,
+                TransportError::Rejected {
+                    kind: ErrorKind::NotFound,
+                    ..
+                }
+            ),
             "{refused}"
         );
 

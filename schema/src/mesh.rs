@@ -475,10 +475,16 @@ pub enum ErrorKind {
 /// What a node answers.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Response {
-    Pong { info: NodeInfo, unix_ms: u64 },
+    Pong {
+        info: NodeInfo,
+        unix_ms: u64,
+    },
     Rest(RestResponse),
     /// The request could not be served at all (no REST answer to relay).
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 /// First frame of a raw bidirectional stream: which sandbox port the bytes
@@ -533,7 +539,10 @@ mod tests {
             }],
             body: b"{\"timeout\":30}".to_vec(),
         });
-        assert_eq!(decode_body::<Request>(body(&req.encode().unwrap())), Ok(req));
+        assert_eq!(
+            decode_body::<Request>(body(&req.encode().unwrap())),
+            Ok(req)
+        );
         let resp = Response::Pong {
             info: info(),
             unix_ms: 5,
@@ -546,12 +555,18 @@ mod tests {
             sandbox_id: "sbx".into(),
             port: 49983,
         };
-        assert_eq!(decode_body::<StreamHeader>(body(&h.encode().unwrap())), Ok(h));
+        assert_eq!(
+            decode_body::<StreamHeader>(body(&h.encode().unwrap())),
+            Ok(h)
+        );
         let r = StreamReply::Rejected {
             kind: ErrorKind::NotFound,
             reason: "no such sandbox".into(),
         };
-        assert_eq!(decode_body::<StreamReply>(body(&r.encode().unwrap())), Ok(r));
+        assert_eq!(
+            decode_body::<StreamReply>(body(&r.encode().unwrap())),
+            Ok(r)
+        );
     }
 
     #[test]
