@@ -67,6 +67,9 @@ pub const DEFAULT_DEAD_NODE_GRACE: Duration = Duration::from_secs(3600);
 const FIRST_ALONE_NOTICE: Duration = Duration::from_secs(2);
 const MAX_ALONE_NOTICE: Duration = Duration::from_secs(60);
 
+/// Least time between two rebuilds of the watched member list.
+const WATCH_PAUSE: Duration = Duration::from_millis(50);
+
 #[derive(Debug, Clone)]
 pub struct MembershipConfig {
     /// Nodes of other clusters are refused (chitchat's only check).
@@ -416,6 +419,11 @@ async fn monitor(
                 false
             }
         });
+        // While members join, the live-nodes watch fires on every key
+        // change of every member; one rebuild per pause is enough and
+        // leaves the CPU to gossip (100 members share a core in the
+        // simulation).
+        tokio::time::sleep(WATCH_PAUSE).await;
     }
 }
 
