@@ -63,7 +63,11 @@ fn node_bench(root: &Path, manifest_path: &Path, python: &Path) -> Result<Vec<Ro
 
 /// Benchmark programs elsewhere in the workspace (run in release with the
 /// artifact manifest); each prints JSON lines, see [`parse_rows`].
-const PROGRAMS: &[(&str, &str)] = &[("actors", "bench_gvisor"), ("vmm", "bench_restore")];
+const PROGRAMS: &[(&str, &str)] = &[
+    ("actors", "bench_gvisor"),
+    ("vmm", "bench_restore"),
+    ("mesh", "bench_mesh"),
+];
 
 pub fn run(
     root: &Path,

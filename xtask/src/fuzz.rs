@@ -1,9 +1,11 @@
 //! `cargo xtask fuzz`: libFuzzer targets of the parsers of untrusted bytes
-//! (`envd/fuzz/`: Connect envelopes and messages, `/files` multipart).
+//! (`envd/fuzz/`: Connect envelopes and messages, `/files` multipart;
+//! `mesh/fuzz/`: mesh frames; `vmm/fuzz/`: a malicious guest's virtqueues
+//! against virtio-blk).
 //!
 //! cargo-fuzz needs the sanitizer flags of a nightly compiler; the stable
 //! toolchain accepts them with `RUSTC_BOOTSTRAP=1`, which we set for these
-//! builds only. Seeds live in `envd/fuzz/corpus/<target>/`; runs grow a copy
+//! builds only. Seeds live in `<crate>/fuzz/corpus/<target>/`; runs grow a copy
 //! in the cache (`target-fuzz/corpus/`) so the checkout stays clean.
 
 use std::path::Path;
@@ -14,7 +16,13 @@ use anyhow::{Result, bail};
 use crate::cache::Cache;
 use crate::run;
 
-pub const TARGETS: &[&str] = &["connect_envelope", "files_multipart"];
+/// Each target with the cargo-fuzz crate that holds it.
+pub const TARGETS: &[(&str, &str)] = &[
+    ("connect_envelope", "envd/fuzz"),
+    ("files_multipart", "envd/fuzz"),
+    ("mesh_frame", "mesh/fuzz"),
+    ("virtio_blk_queue", "vmm/fuzz"),
+];
 
 fn ensure_cargo_fuzz() -> Result<()> {
     let installed = Command::new("cargo")
@@ -37,14 +45,15 @@ fn ensure_cargo_fuzz() -> Result<()> {
 /// Run each of `targets` for `seconds`; fail on the first crash.
 pub fn run(cache: &Cache, root: &Path, targets: &[String], seconds: u32) -> Result<()> {
     ensure_cargo_fuzz()?;
-    let fuzz_dir = root.join("envd/fuzz");
     // Outside the checkout, shared by every clone: the sanitizer build of
     // the dependencies is the slow part and rarely changes.
     let target_dir = cache.root().join("target-fuzz");
     for t in targets {
-        if !TARGETS.contains(&t.as_str()) {
-            bail!("unknown fuzz target {t:?}; targets: {}", TARGETS.join(", "));
-        }
+        let Some((_, dir)) = TARGETS.iter().find(|(name, _)| name == t) else {
+            let names: Vec<&str> = TARGETS.iter().map(|(name, _)| *name).collect();
+            bail!("unknown fuzz target {t:?}; targets: {}", names.join(", "));
+        };
+        let fuzz_dir = root.join(dir);
         let corpus = target_dir.join("corpus").join(t);
         std::fs::create_dir_all(&corpus)?;
         std::fs::create_dir_all(target_dir.join("artifacts"))?;

@@ -80,7 +80,7 @@ fn run_task(cli: Cli) -> Result<()> {
         Task::Bench => bench(&root),
         Task::Fuzz { seconds, targets } => {
             let targets = if targets.is_empty() {
-                fuzz::TARGETS.iter().map(|t| t.to_string()).collect()
+                fuzz::TARGETS.iter().map(|(t, _)| t.to_string()).collect()
             } else {
                 targets
             };
@@ -240,7 +240,7 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
 
     // A short fuzz run of every target: they build, and the seeds and a few
     // seconds of mutation find no crash. Longer runs: `cargo xtask fuzz`.
-    let targets: Vec<String> = fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
+    let targets: Vec<String> = fuzz::TARGETS.iter().map(|(t, _)| t.to_string()).collect();
     fuzz::run(&cache, root, &targets, 10)?;
 
     println!(
