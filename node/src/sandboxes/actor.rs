@@ -191,13 +191,17 @@ impl SandboxState {
         };
         let restored = async {
             let rt = &self.shared.runtime;
-            let i = match rt.restore(&self.id, &template.template, &snapshot, limits).await {
+            let i = match rt
+                .restore(&self.id, &template.template, &snapshot, limits)
+                .await
+            {
                 // The restored guest died before envd answered (runsc
                 // 2022-12 does this now and then): a failed restore undoes
                 // itself and leaves the snapshot unchanged, so try once more.
                 Err(e @ RuntimeError::NotReady { .. }) => {
                     tracing::warn!(sandbox = %self.id, "restore failed, retrying once: {e}");
-                    rt.restore(&self.id, &template.template, &snapshot, limits).await?
+                    rt.restore(&self.id, &template.template, &snapshot, limits)
+                        .await?
                 }
                 r => r?,
             };
