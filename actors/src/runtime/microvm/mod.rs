@@ -359,6 +359,13 @@ impl Inner {
                 copy_sparse(&vm.join("overlay"), &overlay)?;
                 copy_sparse(&vm.join("overlay.map"), &dir.join("overlay.map"))?;
                 cmd.arg("--restore").arg(&vm);
+                // A jailed snapshot names its base image by the jail's
+                // `/rootfs`; the jailed restore mounts this one there.
+                if let (Confinement::Jailed { .. }, Some(image)) =
+                    (self.config.confinement, &template.rootfs_image)
+                {
+                    cmd.arg("--rootfs").arg(image);
+                }
             }
             None => {
                 let image =
