@@ -71,6 +71,10 @@ pub fn run(cache: &Cache, root: &Path, targets: &[String], seconds: u32) -> Resu
                 .arg(&corpus)
                 .arg("--")
                 .arg(format!("-max_total_time={seconds}"))
+                // An input that runs this long is a hang (a malicious
+                // guest or peer keeping us busy): a finding, reported at
+                // once rather than after libFuzzer's 20-minute default.
+                .arg("-timeout=10")
                 .arg("-print_funcs=0")
                 .arg(format!(
                     "-artifact_prefix={}/",

@@ -118,7 +118,16 @@ pub fn process_queue(
     disk: &mut DiskContext<'_>,
 ) -> ProcessOutcome {
     let mut outcome = ProcessOutcome::default();
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+    // At most one queue's worth per call: a guest can lay its used ring
+    // over its available ring, so that every completion offers one more
+    // request, and a loop until the ring is empty would never end (found
+    // by the virtio_blk_queue fuzz target). The rest waits for the next
+    // notification, as a real device's would.
+    let mut budget = queue.size();
+    while budget > 0
+        && let Some(chain) = queue.pop_descriptor_chain(mem)
+    {
+        budget -= 1;
         let head = chain.head_index();
         // At most queue-size descriptors (virtio_queue's chain TTL).
         let descs: Vec<Descriptor> = chain.collect();

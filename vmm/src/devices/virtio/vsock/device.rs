@@ -147,7 +147,11 @@ impl Vsock {
     fn process_tx(&mut self, mem: &GuestMemoryMmap) -> (u64, bool) {
         let mut used = 0u64;
         let queue = &mut self.queues[TXQ];
-        while !self.muxer.rx_backlogged() {
+        // One queue's worth per call: a guest whose used ring overlaps its
+        // available ring must not keep the device busy forever.
+        let mut budget = queue.size();
+        while budget > 0 && !self.muxer.rx_backlogged() {
+            budget -= 1;
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };
@@ -175,7 +179,9 @@ impl Vsock {
     fn process_rx(&mut self, mem: &GuestMemoryMmap) -> (u64, bool) {
         let mut used = 0u64;
         let queue = &mut self.queues[RXQ];
-        while self.muxer.has_rx() {
+        let mut budget = queue.size();
+        while budget > 0 && self.muxer.has_rx() {
+            budget -= 1;
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };
