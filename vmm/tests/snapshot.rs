@@ -733,7 +733,13 @@ fn runner_restores_and_snapshots_over_the_control_socket() {
     else {
         panic!("{r:?}")
     };
-    assert!(paused && memory_bytes == MEM && (1..=4).contains(&dirty_pages));
+    // Only what the guest dirtied since the restore: a handful of pages, or
+    // none when the snapshot came before the restored guest's first write
+    // (seen on a loaded CI host).
+    assert!(
+        paused && memory_bytes == MEM && dirty_pages <= 4,
+        "paused {paused}, memory {memory_bytes}, dirty pages {dirty_pages}"
+    );
     match call(&mut s, Request::GetState).expect("state") {
         Response::State { state, .. } => assert_eq!(state, VmState::Paused),
         other => panic!("{other:?}"),
