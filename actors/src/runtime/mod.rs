@@ -74,7 +74,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -406,6 +406,32 @@ impl RuntimeError {
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| RuntimeError::io("reading", path, e))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| RuntimeError::io("parsing", path, std::io::Error::other(e.to_string())))
+}
+
+/// Write `value` to `path` atomically (temporary file, fsync, rename):
+/// runtimes write their manifests with it, last.
+pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| RuntimeError::io("encoding", path, std::io::Error::other(e.to_string())))?;
+    let mut f = std::fs::File::create(&tmp).map_err(|e| RuntimeError::io("creating", &tmp, e))?;
+    f.write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| RuntimeError::io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| RuntimeError::io("renaming", &tmp, e))
+}
 
 /// The last `max` bytes of a file (all of it when shorter), from the first
 /// line start in them; a missing file is empty. (Consoles and logs.)

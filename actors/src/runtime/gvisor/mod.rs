@@ -46,7 +46,7 @@ mod runsc;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -54,7 +54,8 @@ use self::network::NetnsPair;
 use self::runsc::{Enter, RUNSC_TIMEOUT, Runsc};
 use super::{
     BoxFuture, BoxStream, ENVD_PORT, Instance, Limits, Result, Runtime, RuntimeError, RuntimeKind,
-    SandboxId, SandboxRecord, SandboxState, Snapshot, Template, TemplateId, Usage,
+    SandboxId, SandboxRecord, SandboxState, Snapshot, Template, TemplateId, Usage, now_unix,
+    read_json, write_json,
 };
 
 /// How long `create` and `restore` wait for envd's `/health`.
@@ -1094,27 +1095,6 @@ fn wait_child(
             Err(e) => return Err(format!("waiting for it: {e}")),
         }
     }
-}
-
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_vec_pretty(value)
-        .map_err(|e| RuntimeError::io("encoding", path, std::io::Error::other(e)))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).map_err(|e| RuntimeError::io("writing", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| RuntimeError::io("writing", path, e))
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read(path).map_err(|e| RuntimeError::io("reading", path, e))?;
-    serde_json::from_slice(&text)
-        .map_err(|e| RuntimeError::io("parsing", path, std::io::Error::other(e)))
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -34,14 +34,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
     BoxFuture, BoxStream, ENVD_PORT, Instance, Limits, Result, Runtime, RuntimeError, RuntimeKind,
-    SandboxId, SandboxRecord, SandboxState, Snapshot, Template, TemplateId, Usage,
+    SandboxId, SandboxRecord, SandboxState, Snapshot, Template, TemplateId, Usage, now_unix,
+    read_json, write_json,
 };
 
 /// How long `create` and `restore` wait for envd's `/health`.
@@ -105,31 +106,6 @@ struct Manifest {
     source: SandboxId,
     limits: Limits,
     created_unix: u64,
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let bytes = std::fs::read(path).map_err(|e| RuntimeError::io("reading", path, e))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| RuntimeError::io("parsing", path, std::io::Error::other(e.to_string())))
-}
-
-/// Write `value` to `path` atomically (temporary file, fsync, rename).
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let bytes = serde_json::to_vec_pretty(value)
-        .map_err(|e| RuntimeError::io("encoding", path, std::io::Error::other(e.to_string())))?;
-    let mut f = std::fs::File::create(&tmp).map_err(|e| RuntimeError::io("creating", &tmp, e))?;
-    f.write_all(&bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| RuntimeError::io("writing", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| RuntimeError::io("renaming", &tmp, e))
 }
 
 /// Copy a (sparse) file keeping its holes: `cp --sparse=always`.
