@@ -75,6 +75,7 @@ fn bind(ca: &ClusterCa, id: &str) -> Transport {
                 free_vcpus: 2,
                 free_memory_mib: 4096,
                 sandboxes: 0,
+                max_sandboxes: 64,
                 templates: vec!["base".into()],
             },
         }),

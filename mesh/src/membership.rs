@@ -460,6 +460,7 @@ pub mod testing {
             free_vcpus: 4,
             free_memory_mib: 8192,
             sandboxes: 0,
+            max_sandboxes: 64,
             templates: vec!["base".to_owned()],
         }
     }

@@ -654,6 +654,7 @@ pub(crate) mod tests {
             free_vcpus: 2,
             free_memory_mib: 1024,
             sandboxes: 0,
+            max_sandboxes: 64,
             templates: vec![],
         }
     }

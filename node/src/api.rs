@@ -489,13 +489,14 @@ struct ListQuery {
     next_token: Option<String>,
 }
 
-const MAX_LIMIT: usize = 100;
+/// Most sandboxes one `GET /v2/sandboxes` page lists.
+pub(crate) const MAX_LIST_LIMIT: usize = 100;
 
 fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
     let mut q = ListQuery {
         metadata: BTreeMap::new(),
         states: None,
-        limit: MAX_LIMIT,
+        limit: MAX_LIST_LIMIT,
         next_token: None,
     };
     for (k, v) in query_pairs(raw.unwrap_or("")) {
@@ -520,10 +521,10 @@ fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
                 q.limit = v
                     .parse::<usize>()
                     .ok()
-                    .filter(|l| (1..=MAX_LIMIT).contains(l))
+                    .filter(|l| (1..=MAX_LIST_LIMIT).contains(l))
                     .ok_or_else(|| {
                         ApiError::bad_request(format!(
-                            "limit {v:?} must be a number from 1 to {MAX_LIMIT}"
+                            "limit {v:?} must be a number from 1 to {MAX_LIST_LIMIT}"
                         ))
                     })?;
             }

@@ -3,7 +3,9 @@
 //! `sandmesh node` command runs.
 
 pub mod api;
+pub mod cluster;
 pub mod metrics;
+pub mod ops;
 pub mod proxy;
 pub mod sandboxes;
 pub mod server;

@@ -1,7 +1,8 @@
 //! `sandmesh`: the one binary every host runs.
 //!
 //! Subcommands arrive with their issues; each one that is listed works:
-//! `node`, `apikey create`, `vmm`, `kernel check`.
+//! `node` (and `node drain`), `status`, `cluster init|join-token|join`,
+//! `apikey create|add`, `vmm`, `kernel check`.
 
 use std::path::PathBuf;
 
@@ -24,8 +25,28 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node: the E2B-compatible REST API and the sandbox-traffic
-    /// proxy on one port, with this host's sandboxes.
-    Node(NodeArgs),
+    /// proxy on one port, with this host's sandboxes, as a member of the
+    /// cluster (`--seed` joins one; without, it starts its own).
+    #[command(args_conflicts_with_subcommands = true)]
+    Node {
+        #[command(subcommand)]
+        command: Option<NodeCommand>,
+        #[command(flatten)]
+        args: Box<NodeArgs>,
+    },
+    /// Show the cluster as a node sees it: nodes, state, capacity,
+    /// sandboxes, templates.
+    Status {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The cluster's certificates: every node needs one signed by the
+    /// cluster CA to join.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// API keys for the REST API (stored hashed in the data directory).
     #[command(subcommand)]
     Apikey(ApikeyCommand),
@@ -36,6 +57,62 @@ enum Command {
     /// with the root disk, serves vsock and the control socket, and exits
     /// when the guest resets or powers off (status 0) or is shut down.
     Vmm(VmmArgs),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Stop placing new sandboxes on a node (its running sandboxes stay);
+    /// `--undo` makes it ready again. Kept across restarts of the node.
+    Drain {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Make the node ready again.
+        #[arg(long)]
+        undo: bool,
+    },
+}
+
+/// How an operator command reaches a node.
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// REST address of the node to ask.
+    #[arg(long, env = "SANDMESH_URL", default_value = "http://127.0.0.1:3000")]
+    url: String,
+    /// An API key of the cluster.
+    #[arg(long, env = "E2B_API_KEY", hide_env_values = true)]
+    api_key: String,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Make a new cluster: its CA (`<data-dir>/cluster/ca-key.pem`: keep it
+    /// safe) and this node's certificate. A node started with no cluster
+    /// and no --seed does this itself.
+    Init {
+        #[arg(long, env = "SANDMESH_DATA_DIR", default_value = "./.sandmesh")]
+        data_dir: PathBuf,
+        /// This node's id (default: the host name).
+        #[arg(long, env = "SANDMESH_NODE_ID")]
+        node_id: Option<String>,
+    },
+    /// Issue a certificate for a new node and print it as a join token
+    /// (run where the cluster was initialised). The token holds the new
+    /// node's private key: pass it over a secure channel, once.
+    JoinToken {
+        #[arg(long, env = "SANDMESH_DATA_DIR", default_value = "./.sandmesh")]
+        data_dir: PathBuf,
+        /// Id of the node that will join (a DNS label of at most 40).
+        #[arg(long)]
+        node_id: String,
+    },
+    /// Install a join token on the new node (into `<data-dir>/cluster`);
+    /// then start it with `sandmesh node --seed HOST:PORT`.
+    Join {
+        #[arg(long, env = "SANDMESH_DATA_DIR", default_value = "./.sandmesh")]
+        data_dir: PathBuf,
+        #[arg(long, env = "SANDMESH_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -80,6 +157,26 @@ struct NodeArgs {
     /// sandboxes outlive the node and a restarted node re-adopts them.
     #[arg(long)]
     kill_sandboxes_on_exit: bool,
+    /// This node's id in the cluster; it ends every sandbox id made here.
+    /// Default: the id in `<data-dir>/cluster`, else the host name.
+    #[arg(long, env = "SANDMESH_NODE_ID")]
+    node_id: Option<String>,
+    /// Gossip address of a cluster member to join through (repeatable).
+    /// Without, the node starts (or keeps) its own cluster.
+    #[arg(long = "seed", value_name = "HOST:PORT", env = "SANDMESH_SEEDS", value_delimiter = ',')]
+    seeds: Vec<String>,
+    /// UDP address of cluster gossip. Default: the --listen host, port
+    /// 7946 (a free port when --listen's port is 0).
+    #[arg(long, env = "SANDMESH_GOSSIP_LISTEN")]
+    gossip_listen: Option<std::net::SocketAddr>,
+    /// UDP address of the mesh's QUIC transport. Default: the --listen
+    /// host, port 7947 (a free port when --listen's port is 0).
+    #[arg(long, env = "SANDMESH_QUIC_LISTEN")]
+    quic_listen: Option<std::net::SocketAddr>,
+    /// The address other nodes reach this one at. Default: the --listen
+    /// host (give it when listening on 0.0.0.0).
+    #[arg(long, env = "SANDMESH_ADVERTISE")]
+    advertise: Option<std::net::IpAddr>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -93,6 +190,12 @@ enum RuntimeArg {
 enum ApikeyCommand {
     /// Create an API key and print it (only its hash is stored: keep it).
     Create {
+        #[arg(long, env = "SANDMESH_DATA_DIR", default_value = "./.sandmesh")]
+        data_dir: PathBuf,
+    },
+    /// Accept an existing key too (read from standard input): every node of
+    /// a cluster needs the keys its clients use.
+    Add {
         #[arg(long, env = "SANDMESH_DATA_DIR", default_value = "./.sandmesh")]
         data_dir: PathBuf,
     },
@@ -177,8 +280,19 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Kernel(KernelCommand::Check { vmlinux }) => kernel_check(&vmlinux),
         Command::Vmm(args) => vmm_run(args),
-        Command::Node(args) => node_run(args),
+        Command::Node {
+            command: Some(NodeCommand::Drain { remote, undo }),
+            ..
+        } => remote_run(|| async move {
+            node::ops::drain(&remote.url, &remote.api_key, undo).await
+        }),
+        Command::Node { command: None, args } => node_run(*args),
+        Command::Status { remote, json } => remote_run(|| async move {
+            node::ops::status(&remote.url, &remote.api_key, json).await
+        }),
+        Command::Cluster(c) => cluster_command(c),
         Command::Apikey(ApikeyCommand::Create { data_dir }) => apikey_create(&data_dir),
+        Command::Apikey(ApikeyCommand::Add { data_dir }) => apikey_add(&data_dir),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -268,15 +382,143 @@ fn vmm_run(args: VmmArgs) -> Result<()> {
     }
 }
 
-fn apikey_create(data_dir: &std::path::Path) -> Result<()> {
+/// Run an operator command against a node and print what it returns.
+fn remote_run<F, Fut>(f: F) -> Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<String>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let out = rt.block_on(f())?;
+    println!("{}", out.trim_end());
+    Ok(())
+}
+
+/// The host name as a node id: lowercase, other characters as '-'.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut id: String = host
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(schema::mesh::MAX_NODE_ID_LEN)
+        .collect();
+    id = id.trim_matches('-').to_owned();
+    if schema::mesh::validate_node_id(&id).is_ok() {
+        id
+    } else {
+        "node".into()
+    }
+}
+
+fn cluster_command(c: ClusterCommand) -> Result<()> {
+    use node::cluster::certs;
+    match c {
+        ClusterCommand::Init { data_dir, node_id } => {
+            let dir = certs::cluster_dir(&data_dir);
+            let id = node_id.unwrap_or_else(default_node_id);
+            certs::init(&dir, &id)?;
+            println!(
+                "made a new cluster in {}: this node is {id}.
+Add a node: `sandmesh cluster join-token --node-id NAME` here, `sandmesh cluster join --token TOKEN` there.",
+                dir.display()
+            );
+        }
+        ClusterCommand::JoinToken { data_dir, node_id } => {
+            println!("{}", certs::join_token(&certs::cluster_dir(&data_dir), &node_id)?);
+        }
+        ClusterCommand::Join { data_dir, token } => {
+            let dir = certs::cluster_dir(&data_dir);
+            let id = certs::join(&dir, token.trim())?;
+            println!(
+                "installed the certificate of node {id} in {}.
+Start it with `sandmesh node --data-dir {} --seed HOST:7946`.",
+                dir.display(),
+                data_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn apikey_add(data_dir: &std::path::Path) -> Result<()> {
+    let mut key = String::new();
+    std::io::stdin()
+        .read_line(&mut key)
+        .context("reading the key from standard input")?;
+    let store = open_store(data_dir)?;
+    store.add_api_key(key.trim())?;
+    println!("added");
+    Ok(())
+}
+
+fn open_store(data_dir: &std::path::Path) -> Result<node::store::Store> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    let store = node::store::Store::open(data_dir).with_context(|| {
+    node::store::Store::open(data_dir).with_context(|| {
         format!(
             "opening {} (is a node running on it? stop it first)",
             data_dir.display()
         )
-    })?;
+    })
+}
+
+/// How this node joins the mesh: its certificate (a new cluster's when it
+/// has none and names no seed) and addresses.
+fn mesh_options(args: &NodeArgs) -> Result<node::cluster::MeshOptions> {
+    use node::cluster::certs;
+    let dir = certs::cluster_dir(&args.data_dir);
+    let files = match certs::load(&dir)? {
+        Some(files) => files,
+        None if !args.seeds.is_empty() => bail!(
+            "this node has no cluster certificate in {}: on the node where the cluster was made, run `sandmesh cluster join-token --node-id {}`, then here `sandmesh cluster join --token TOKEN`",
+            dir.display(),
+            args.node_id.clone().unwrap_or_else(default_node_id)
+        ),
+        None => {
+            let id = args.node_id.clone().unwrap_or_else(default_node_id);
+            certs::init(&dir, &id)?;
+            tracing::info!(node = %id, "made a new cluster (CA in {}); add nodes with `sandmesh cluster join-token`", dir.display());
+            certs::load(&dir)?.context("the cluster just made cannot be read back")?
+        }
+    };
+    if let Some(id) = &args.node_id
+        && *id != files.node_id
+    {
+        bail!(
+            "--node-id {id} but the certificate in {} is node {}'s: drop --node-id, or use another --data-dir",
+            dir.display(),
+            files.node_id
+        );
+    }
+    let ip = args.listen.ip();
+    let advertise = match args.advertise {
+        Some(a) => a,
+        None if ip.is_unspecified() => {
+            tracing::warn!("--listen is {ip}: advertising 127.0.0.1; give --advertise so that other hosts can reach this node");
+            std::net::IpAddr::from([127, 0, 0, 1])
+        }
+        None => ip,
+    };
+    let port = |p: u16| if args.listen.port() == 0 { 0 } else { p };
+    Ok(node::cluster::MeshOptions {
+        gossip_listen: args
+            .gossip_listen
+            .unwrap_or_else(|| std::net::SocketAddr::new(ip, port(7946))),
+        quic_listen: args
+            .quic_listen
+            .unwrap_or_else(|| std::net::SocketAddr::new(ip, port(7947))),
+        advertise,
+        seeds: args.seeds.clone(),
+        files,
+    })
+}
+
+fn apikey_create(data_dir: &std::path::Path) -> Result<()> {
+    let store = open_store(data_dir)?;
     println!("{}", store.create_api_key()?);
     Ok(())
 }
@@ -296,6 +538,7 @@ fn node_run(args: NodeArgs) -> Result<()> {
             args.max_timeout
         );
     }
+    let mesh = mesh_options(&args)?;
     let mut templates = args.templates;
     let manifest = std::env::var_os(schema::guest::ARTIFACTS_ENV)
         .map(PathBuf::from)
@@ -340,6 +583,10 @@ fn node_run(args: NodeArgs) -> Result<()> {
         RuntimeArg::Microvm => RuntimeChoice::Microvm,
         RuntimeArg::Gvisor => RuntimeChoice::Gvisor,
     };
+    let config = node::sandboxes::Config {
+        node_id: mesh.files.node_id.clone(),
+        ..config
+    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let node = node::server::start(node::server::NodeOptions {
@@ -349,10 +596,15 @@ fn node_run(args: NodeArgs) -> Result<()> {
             templates,
             guest_kernel,
             config,
+            mesh: Some(mesh),
         })
         .await?;
-        // Machine-readable readiness line (tests and scripts wait for it).
+        // Machine-readable readiness lines (tests and scripts wait for the
+        // first; the second says where other nodes join: `--seed`).
         println!("listening on {}", node.addr);
+        if let Some(gossip) = node.cluster.gossip_addr() {
+            println!("gossip on {gossip} as node {}", node.cluster.node_id());
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = node.server => r??,
@@ -367,6 +619,7 @@ fn node_run(args: NodeArgs) -> Result<()> {
                 }
             }
         }
+        node.cluster.shutdown().await;
         Ok(())
     })
 }

@@ -177,18 +177,69 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn not_found(sandboxes: &Sandboxes, id: &str) -> Response<Body> {
-    // The SDK maps a 502 whose message says "was not found" to
-    // SandboxNotRunningException.
-    metrics::counter!(crate::metrics::PROXY_REQUESTS, "outcome" => "not_found").increment(1);
+/// Why sandbox traffic cannot reach its port: the message of the 502 the
+/// client gets (the SDK maps a 502 whose message says "was not found" to
+/// SandboxNotRunningException) and the metric outcome.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub message: String,
+    pub outcome: &'static str,
+    /// Whether the sandbox is unknown here (as opposed to paused, or its
+    /// port closed).
+    pub not_found: bool,
+}
+
+fn not_found(sandboxes: &Sandboxes, id: &str) -> Refusal {
     let why = match sandboxes.not_found(id) {
         SandboxError::Lost(_, reason) => format!(" (it was lost: {reason})"),
         _ => String::new(),
     };
-    error_response(
-        StatusCode::BAD_GATEWAY,
-        format!("The sandbox {id} was not found{why}"),
-    )
+    Refusal {
+        message: format!("The sandbox {id} was not found{why}"),
+        outcome: "not_found",
+        not_found: true,
+    }
+}
+
+/// A fresh stream to port `port` of sandbox `id` on this node, and the
+/// watch that turns `true` when the sandbox is paused or killed (the
+/// stream must then be cut).
+pub async fn open_local(
+    sandboxes: &Sandboxes,
+    id: &str,
+    port: u16,
+) -> Result<(BoxStream, tokio::sync::watch::Receiver<bool>), Refusal> {
+    let cut = match sandboxes.route(id) {
+        Ok((_, cut)) => cut,
+        Err(SandboxError::Paused(id)) => {
+            return Err(Refusal {
+                message: format!(
+                    "The sandbox {id} is paused: resume it with Sandbox.connect() first"
+                ),
+                outcome: "paused",
+                not_found: false,
+            });
+        }
+        Err(_) => return Err(not_found(sandboxes, id)),
+    };
+    let Ok(sid) = SandboxId::new(id.to_owned()) else {
+        return Err(not_found(sandboxes, id));
+    };
+    match sandboxes.runtime().connect(&sid, port).await {
+        Ok(stream) => Ok((stream, cut)),
+        Err(e) => {
+            tracing::debug!(sandbox = %sid, port, "connect failed: {e}");
+            // Gone between the lookup and the connect?
+            if sandboxes.get(id).is_none() {
+                return Err(not_found(sandboxes, id));
+            }
+            Err(Refusal {
+                message: format!("The sandbox {id} is running but port {port} is not open: {e}"),
+                outcome: "unreachable",
+                not_found: false,
+            })
+        }
+    }
 }
 
 /// `body`, counting its bytes into the proxy metric as they stream.
@@ -223,52 +274,29 @@ pub fn closing(mut resp: Response<Body>) -> Response<Body> {
 
 /// Forward `req` to `target`.
 pub async fn forward(sandboxes: &Sandboxes, target: Target, req: Request<Body>) -> Response<Body> {
-    let resp = forward_inner(sandboxes, target, req).await;
-    if resp.status() == StatusCode::BAD_GATEWAY {
-        closing(resp)
-    } else {
-        resp
+    closing_if_502(forward_inner(sandboxes, target, req).await)
+}
+
+async fn forward_inner(sandboxes: &Sandboxes, target: Target, req: Request<Body>) -> Response<Body> {
+    match open_local(sandboxes, &target.sandbox_id, target.port).await {
+        Ok((stream, cut)) => relay(stream, Some(cut), target, req).await,
+        Err(r) => {
+            metrics::counter!(crate::metrics::PROXY_REQUESTS, "outcome" => r.outcome).increment(1);
+            error_response(StatusCode::BAD_GATEWAY, r.message)
+        }
     }
 }
 
-async fn forward_inner(
-    sandboxes: &Sandboxes,
+/// Send `req` for `target` over `stream` (to the sandbox port, or to the
+/// owner node that pipes it there) and relay the answer, bodies streamed
+/// both ways.
+pub async fn relay(
+    stream: BoxStream,
+    cut: Option<tokio::sync::watch::Receiver<bool>>,
     target: Target,
     mut req: Request<Body>,
 ) -> Response<Body> {
-    let cut = match sandboxes.route(&target.sandbox_id) {
-        Ok((_, cut)) => cut,
-        Err(SandboxError::Paused(id)) => {
-            metrics::counter!(crate::metrics::PROXY_REQUESTS, "outcome" => "paused").increment(1);
-            return error_response(
-                StatusCode::BAD_GATEWAY,
-                format!("The sandbox {id} is paused: resume it with Sandbox.connect() first"),
-            );
-        }
-        Err(_) => return not_found(sandboxes, &target.sandbox_id),
-    };
-    let Ok(id) = SandboxId::new(target.sandbox_id.clone()) else {
-        return not_found(sandboxes, &target.sandbox_id);
-    };
-    let stream = match sandboxes.runtime().connect(&id, target.port).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(sandbox = %id, port = target.port, "connect failed: {e}");
-            // Gone between the lookup and the connect?
-            if sandboxes.get(id.as_str()).is_none() {
-                return not_found(sandboxes, id.as_str());
-            }
-            metrics::counter!(crate::metrics::PROXY_REQUESTS, "outcome" => "unreachable")
-                .increment(1);
-            return error_response(
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "The sandbox {id} is running but port {} is not open: {e}",
-                    target.port
-                ),
-            );
-        }
-    };
+    let id = &target.sandbox_id;
     strip_hop_by_hop(req.headers_mut());
     // Only path and query go upstream (origin form).
     let pq = req
@@ -279,21 +307,29 @@ async fn forward_inner(
     *req.uri_mut() = pq.parse().unwrap_or_else(|_| "/".parse().unwrap());
     *req.version_mut() = axum::http::Version::HTTP_11;
     let req = req.map(|b| Body::new(counted(b, "to_sandbox")));
-    match send_until(stream, req, Some(cut)).await {
+    match send_until(stream, req, cut).await {
         Ok(resp) => {
             metrics::counter!(crate::metrics::PROXY_REQUESTS, "outcome" => "forwarded")
                 .increment(1);
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, Body::new(counted(body, "from_sandbox")))
+            closing_if_502(Response::from_parts(parts, Body::new(counted(body, "from_sandbox"))))
         }
-        Err(e) => error_response(
+        Err(e) => closing(error_response(
             StatusCode::BAD_GATEWAY,
             format!(
                 "The sandbox {id} did not answer on port {}: {e}",
                 target.port
             ),
-        ),
+        )),
+    }
+}
+
+fn closing_if_502(resp: Response<Body>) -> Response<Body> {
+    if resp.status() == StatusCode::BAD_GATEWAY {
+        closing(resp)
+    } else {
+        resp
     }
 }
 

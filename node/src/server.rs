@@ -14,6 +14,7 @@ use axum::response::Response;
 use actors::runtime::select::{RuntimeChoice, select};
 
 use crate::api::{error_response, router};
+use crate::cluster::{Cluster, MeshOptions};
 use crate::proxy;
 use crate::sandboxes::{Config, Sandboxes};
 use crate::store::Store;
@@ -21,26 +22,31 @@ use crate::store::Store;
 #[derive(Clone)]
 struct Front {
     sandboxes: Sandboxes,
+    cluster: Cluster,
     store: Store,
     domain: Option<Arc<str>>,
 }
 
 /// The whole HTTP app of a node.
-pub fn app(sandboxes: Sandboxes) -> Router {
+pub fn app(cluster: Cluster) -> Router {
+    let sandboxes = cluster.sandboxes().clone();
     let front = Front {
         store: sandboxes.store().clone(),
         domain: sandboxes.config().domain.as_deref().map(Arc::from),
         sandboxes: sandboxes.clone(),
+        cluster: cluster.clone(),
     };
     // `layer` wraps every route and the fallback, so every request passes
     // through `front` first.
-    router(sandboxes).layer(middleware::from_fn_with_state(front, front_door))
+    router(sandboxes)
+        .merge(crate::cluster::admin::routes(cluster))
+        .layer(middleware::from_fn_with_state(front, front_door))
 }
 
 async fn front_door(State(f): State<Front>, req: Request, next: Next) -> Response {
     match proxy::target(req.headers(), f.domain.as_deref()) {
         Err(msg) => error_response(StatusCode::BAD_REQUEST, msg),
-        Ok(Some(target)) => proxy::forward(&f.sandboxes, target, req).await,
+        Ok(Some(target)) => crate::cluster::front::traffic(&f.cluster, target, req).await,
         Ok(None) if req.uri().path() == "/files" && req.uri().query().is_some() => {
             let records = f.sandboxes.list();
             let tokens = records
@@ -69,7 +75,8 @@ async fn front_door(State(f): State<Front>, req: Request, next: Next) -> Respons
     }
 }
 
-/// A REST call: check `X-API-KEY`, then the API.
+/// A REST call: check `X-API-KEY`, then serve it here or on the node
+/// whose call it is.
 async fn rest(f: &Front, req: Request, next: Next) -> Response {
     let key = req
         .headers()
@@ -80,7 +87,7 @@ async fn rest(f: &Front, req: Request, next: Next) -> Response {
         return error_response(StatusCode::UNAUTHORIZED, "missing X-API-KEY header");
     }
     match f.store.verify_api_key(key) {
-        Ok(true) => next.run(req).await,
+        Ok(true) => crate::cluster::front::route(&f.cluster, req, next).await,
         Ok(false) => error_response(StatusCode::UNAUTHORIZED, "invalid API key"),
         Err(e) => {
             tracing::error!("checking an API key: {e}");
@@ -125,12 +132,15 @@ pub struct NodeOptions {
     /// The microvm runtime's guest kernel (`None`: microvm unavailable).
     pub guest_kernel: Option<PathBuf>,
     pub config: Config,
+    /// Join a mesh; `None`: a cluster of one (tests, embedding).
+    pub mesh: Option<MeshOptions>,
 }
 
 /// A started node.
 pub struct Node {
     pub addr: SocketAddr,
     pub sandboxes: Sandboxes,
+    pub cluster: Cluster,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -162,11 +172,19 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<Node> {
     let sandboxes = Sandboxes::start(selected.runtime, store, opts.templates, config).await?;
     let listener = tokio::net::TcpListener::bind(opts.listen).await?;
     let addr = listener.local_addr()?;
-    let app = app(sandboxes.clone());
+    // Peers reach the REST front at the advertised address.
+    let rest_addr = match &opts.mesh {
+        Some(m) if addr.ip().is_unspecified() => SocketAddr::new(m.advertise, addr.port()),
+        _ => addr,
+    };
+    let cluster = Cluster::start(sandboxes.clone(), rest_addr, opts.mesh).await?;
+    let app = app(cluster.clone());
+    cluster.set_app(app.clone());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(Node {
         addr,
         sandboxes,
+        cluster,
         server,
     })
 }

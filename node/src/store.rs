@@ -10,9 +10,13 @@ use sha2::{Digest, Sha256};
 
 const API_KEYS: &str = "api_keys";
 const SANDBOXES: &str = "sandboxes";
+/// Key in the default tree, present while the node is drained.
+const DRAINING: &[u8] = b"draining";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("an API key must be at least 16 printable ASCII characters")]
+    WeakKey,
     #[error("opening the node database {path}: {source} (is another node using this data dir?)")]
     Open { path: String, source: sled::Error },
     #[error("node database: {0}")]
@@ -102,14 +106,41 @@ impl Store {
     /// A new API key (`e2b_` + 40 hex digits); only its hash is stored.
     pub fn create_api_key(&self) -> Result<String, StoreError> {
         let key = format!("e2b_{}", hex::encode(random_bytes(20)?));
+        self.add_api_key(&key)?;
+        Ok(key)
+    }
+
+    /// Accept `key` too (its hash is stored). Every node of a cluster
+    /// needs the keys its clients use: any node may be asked, and the
+    /// owner of a sandbox checks the key again on a forwarded call.
+    pub fn add_api_key(&self, key: &str) -> Result<(), StoreError> {
+        if key.len() < 16 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(StoreError::WeakKey);
+        }
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis()
             .to_string();
-        self.keys.insert(key_hash(&key), created.as_bytes())?;
+        self.keys.insert(key_hash(key), created.as_bytes())?;
         self.db.flush()?;
-        Ok(key)
+        Ok(())
+    }
+
+    /// Whether the node was drained (`sandmesh node drain`): it stays
+    /// drained across restarts until it is made ready again.
+    pub fn draining(&self) -> Result<bool, StoreError> {
+        Ok(self.db.get(DRAINING)?.is_some())
+    }
+
+    pub fn set_draining(&self, draining: bool) -> Result<(), StoreError> {
+        if draining {
+            self.db.insert(DRAINING, b"1")?;
+        } else {
+            self.db.remove(DRAINING)?;
+        }
+        self.db.flush()?;
+        Ok(())
     }
 
     pub fn verify_api_key(&self, key: &str) -> Result<bool, StoreError> {

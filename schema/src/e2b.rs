@@ -390,6 +390,41 @@ pub fn format_rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// Unix milliseconds of a [`format_rfc3339`] string (exactly that shape:
+/// UTC, three fraction digits); `None` for anything else.
+pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() != 24 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':'
+        || b[16] != b':' || b[19] != b'.' || b[23] != b'Z'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(r)?;
+        part.bytes().all(|c| c.is_ascii_digit()).then(|| part.parse().ok())?
+    };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss, ms) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..23)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 59 {
+        return None;
+    }
+    let days = days_from_civil(y, m as u32, d as u32);
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    u64::try_from(secs * 1000 + ms).ok()
+}
+
+/// (year, month, day) to days since 1970-01-01: the inverse of
+/// [`civil_from_days`].
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
 /// (Howard Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -408,6 +443,17 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_parses_back() {
+        for ms in [0u64, 1, 951_782_400_123, 1_795_000_000_999, 4_102_444_800_000] {
+            let s = format_rfc3339(UNIX_EPOCH + Duration::from_millis(ms));
+            assert_eq!(parse_rfc3339_ms(&s), Some(ms), "{s}");
+        }
+        for bad in ["", "2024-01-01T00:00:00Z", "2024-13-01T00:00:00.000Z", "2024-01-01T00:00:00.00aZ", "2024-01-01 00:00:00.000Z"] {
+            assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
+    }
     use serde_json::json;
 
     #[test]

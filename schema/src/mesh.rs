@@ -27,7 +27,7 @@ use rkyv::util::AlignedVec;
 
 /// The version of the frame format and of every message in it. Bump it on
 /// any change to a type in this module (rkyv has no schema evolution).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// First bytes of every frame header: catches a peer speaking something
 /// else entirely before the version is even looked at.
@@ -44,9 +44,12 @@ pub const HEADER_LEN: usize = 8;
 /// limit.
 pub const MAX_FRAME: usize = 8 << 20;
 
-/// Longest node id: one DNS label, because the id is the DNS name in the
-/// node's certificate (and TLS checks the peer against it).
-pub const MAX_NODE_ID_LEN: usize = 63;
+/// Longest node id. The id is the DNS name in the node's certificate (so
+/// one DNS label), and it ends every sandbox id the node makes
+/// (`<16 random>-<node id>`), which must fit a DNS label after the port
+/// prefix of a sandbox host name (`49983-<sandbox id>.<domain>`):
+/// 6 + 16 + 1 + 40 = 63.
+pub const MAX_NODE_ID_LEN: usize = 40;
 
 /// At most this many template ids are gossiped per node: a node's whole
 /// state has to fit in one UDP datagram (about 64 KiB) next to everyone
@@ -264,6 +267,9 @@ pub struct NodeInfo {
     pub free_vcpus: u32,
     pub free_memory_mib: u64,
     pub sandboxes: u32,
+    /// Sandboxes the node runs at most (`--max-sandboxes`): placement skips
+    /// a node with no room left rather than have it answer 429.
+    pub max_sandboxes: u32,
     /// Templates with a snapshot cached on this node (placement prefers
     /// them). At most [`MAX_GOSSIP_TEMPLATES`] are gossiped.
     pub templates: Vec<String>,
@@ -313,7 +319,7 @@ impl std::str::FromStr for NodeState {
 /// A node id is refused unless it is one lowercase DNS label: it is the
 /// DNS name in the node's certificate, and a gossip/log token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid node id {0:?}: want 1-63 of a-z, 0-9 and '-', not starting or ending with '-'")]
+#[error("invalid node id {0:?}: want 1-40 of a-z, 0-9 and '-', not starting or ending with '-'")]
 pub struct InvalidNodeId(pub String);
 
 pub fn validate_node_id(id: &str) -> Result<(), InvalidNodeId> {
@@ -340,6 +346,7 @@ pub const KEY_STATE: &str = "state";
 pub const KEY_FREE_VCPUS: &str = "free_vcpus";
 pub const KEY_FREE_MEMORY_MIB: &str = "free_memory_mib";
 pub const KEY_SANDBOXES: &str = "sandboxes";
+pub const KEY_MAX_SANDBOXES: &str = "max_sandboxes";
 pub const KEY_TEMPLATES: &str = "templates";
 
 /// A member's gossiped keys that do not make a [`NodeInfo`]: a node that
@@ -372,6 +379,7 @@ impl NodeInfo {
             (KEY_FREE_VCPUS.into(), self.free_vcpus.to_string()),
             (KEY_FREE_MEMORY_MIB.into(), self.free_memory_mib.to_string()),
             (KEY_SANDBOXES.into(), self.sandboxes.to_string()),
+            (KEY_MAX_SANDBOXES.into(), self.max_sandboxes.to_string()),
             (KEY_TEMPLATES.into(), templates.join(",")),
         ]
     }
@@ -411,6 +419,7 @@ impl NodeInfo {
             free_vcpus: parse(get, KEY_FREE_VCPUS)?,
             free_memory_mib: parse(get, KEY_FREE_MEMORY_MIB)?,
             sandboxes: parse(get, KEY_SANDBOXES)?,
+            max_sandboxes: parse(get, KEY_MAX_SANDBOXES)?,
             templates,
         };
         Ok((info, parse(get, KEY_PROTOCOL)?))
@@ -451,14 +460,10 @@ pub enum Request {
     /// Liveness and clock: the answer carries the peer's info and wall
     /// clock, so a caller can measure round trip and clock skew.
     Ping { sent_unix_ms: u64 },
-    /// Create a sandbox here: placement already chose this node. `body`
-    /// is the E2B `POST /sandboxes` JSON; answered with [`Response::Rest`].
-    CreateSandbox { body: Vec<u8> },
-    /// The sandboxes this node owns, for a cluster-wide `GET /sandboxes`;
-    /// `query` is the client's query string. Answered with
-    /// [`Response::Rest`] (a JSON array).
-    ListSandboxes { query: String },
-    /// Any other REST call on a sandbox this node owns.
+    /// An E2B REST call for this node to serve itself, answered with
+    /// [`Response::Rest`]: a call on a sandbox it owns, a create placement
+    /// chose it for, or its share of a cluster-wide list. The receiver
+    /// checks the client's API key again and never forwards it further.
     Rest(RestRequest),
 }
 
@@ -517,6 +522,7 @@ mod tests {
             free_vcpus: 12,
             free_memory_mib: 4096,
             sandboxes: 3,
+            max_sandboxes: 64,
             templates: vec!["base".into(), "code-interpreter".into()],
         }
     }
@@ -658,7 +664,7 @@ mod tests {
     #[test]
     fn node_ids_are_dns_labels() {
         assert!(validate_node_id("node-1").is_ok());
-        for bad in ["", "-a", "a-", "Node", "a.b", "a_b", &"a".repeat(64)] {
+        for bad in ["", "-a", "a-", "Node", "a.b", "a_b", &"a".repeat(41)] {
             assert!(validate_node_id(bad).is_err(), "{bad:?}");
         }
     }

@@ -127,7 +127,9 @@ pub struct InvalidId {
 pub struct SandboxId(String);
 
 impl SandboxId {
-    pub const MAX_LEN: usize = 40;
+    /// A sandbox id is the E2B sandbox id, which a host name carries as
+    /// `<port>-<id>.<domain>`: 57 keeps that first label within DNS's 63.
+    pub const MAX_LEN: usize = 57;
 
     pub fn new(id: impl Into<String>) -> Result<Self, InvalidId> {
         let id = id.into();
@@ -142,7 +144,7 @@ impl SandboxId {
             Err(InvalidId {
                 what: "sandbox",
                 id,
-                rule: "1 to 40 characters of a-z, 0-9 and -",
+                rule: "1 to 57 characters of a-z, 0-9 and -",
             })
         }
     }
@@ -556,8 +558,8 @@ mod tests {
     #[test]
     fn sandbox_ids_are_validated() {
         assert!(SandboxId::new("abc-123").is_ok());
-        assert!(SandboxId::new("a".repeat(40)).is_ok());
-        for bad in ["", "A", "a_b", "a/b", "..", "a b", &"a".repeat(41)] {
+        assert!(SandboxId::new("a".repeat(57)).is_ok());
+        for bad in ["", "A", "a_b", "a/b", "..", "a b", &"a".repeat(58)] {
             let err = SandboxId::new(bad).unwrap_err();
             assert!(err.to_string().contains("a-z, 0-9 and -"), "{err}");
         }

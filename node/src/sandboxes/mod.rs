@@ -54,8 +54,10 @@ pub struct Config {
     pub default_timeout: Duration,
     /// The longest timeout a create or `set_timeout` may ask for.
     pub max_timeout: Duration,
-    /// `clientID` in every response: this node's name.
-    pub client_id: String,
+    /// This node's id in the cluster: it ends every sandbox id made here
+    /// (so any node can tell a sandbox's owner from its id) and is the
+    /// `clientID` of every response.
+    pub node_id: String,
     /// `domain` in the create response; `None` lets the SDK use its own.
     pub domain: Option<String>,
     /// Sandboxes this node runs at most (running + being created; paused
@@ -72,7 +74,7 @@ impl Default for Config {
         Self {
             default_timeout: Duration::from_secs(300),
             max_timeout: Duration::from_secs(24 * 3600),
-            client_id: "sandmesh".into(),
+            node_id: "local".into(),
             domain: None,
             max_sandboxes: 64,
             snapshots_dir: "./.sandmesh/snapshots".into(),
@@ -271,19 +273,38 @@ pub(crate) fn rfc3339_ms(ms: u64) -> String {
     e2b::format_rfc3339(UNIX_EPOCH + Duration::from_millis(ms))
 }
 
-/// A new sandbox id: 20 of `[a-z0-9]`, uniformly drawn.
-fn new_sandbox_id() -> Result<String, StoreError> {
+/// Random characters at the start of a sandbox id: 36^16 (about 2^82)
+/// ids per node.
+const SANDBOX_ID_RANDOM: usize = 16;
+
+/// A new sandbox id owned by `node_id`: 16 of `[a-z0-9]`, uniformly
+/// drawn, then `-` and the node id. The owner in the id is what lets any
+/// node route a sandbox's calls and traffic in one hop without asking
+/// anyone ([`owner_of`]).
+fn new_sandbox_id(node_id: &str) -> Result<String, StoreError> {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut id = String::with_capacity(20);
-    while id.len() < 20 {
+    let mut id = String::with_capacity(SANDBOX_ID_RANDOM + 1 + node_id.len());
+    while id.len() < SANDBOX_ID_RANDOM {
         for b in random_bytes(32)? {
             // 252 = 7 * 36: reject the rest so every letter is equally likely.
-            if b < 252 && id.len() < 20 {
+            if b < 252 && id.len() < SANDBOX_ID_RANDOM {
                 id.push(ALPHABET[(b % 36) as usize] as char);
             }
         }
     }
+    id.push('-');
+    id.push_str(node_id);
     Ok(id)
+}
+
+/// The node that owns sandbox `id` (the one that made it), read
+/// from the id; `None` for an id not of that shape.
+pub fn owner_of(id: &str) -> Option<&str> {
+    let (random, owner) = id.split_at_checked(SANDBOX_ID_RANDOM)?;
+    let owner = owner.strip_prefix('-')?;
+    (random.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && schema::mesh::validate_node_id(owner).is_ok())
+    .then_some(owner)
 }
 
 impl Sandboxes {
@@ -436,7 +457,7 @@ impl Sandboxes {
         };
         let _slot = self.reserve_slot()?;
         let started = std::time::Instant::now();
-        let id = new_sandbox_id()?;
+        let id = new_sandbox_id(&self.inner.config.node_id)?;
         let token = hex::encode(random_bytes(24)?);
         let record = SandboxRecord {
             id: id.clone(),
@@ -511,7 +532,7 @@ impl Sandboxes {
         e2b::Sandbox {
             template_id: r.template.clone(),
             sandbox_id: r.id.clone(),
-            client_id: self.inner.config.client_id.clone(),
+            client_id: self.inner.config.node_id.clone(),
             envd_version: schema::envd::ENVD_VERSION.into(),
             envd_access_token: Some(r.envd_access_token.clone()),
             domain: self.inner.config.domain.clone(),
@@ -523,7 +544,7 @@ impl Sandboxes {
         e2b::SandboxDetail {
             template_id: r.template.clone(),
             sandbox_id: r.id.clone(),
-            client_id: self.inner.config.client_id.clone(),
+            client_id: self.inner.config.node_id.clone(),
             started_at: rfc3339_ms(r.started_at_ms),
             end_at: rfc3339_ms(r.end_at_ms),
             envd_version: schema::envd::ENVD_VERSION.into(),
@@ -835,16 +856,28 @@ mod tests {
 
     #[test]
     fn ids_have_the_e2b_shape() {
-        let a = new_sandbox_id().unwrap();
-        let b = new_sandbox_id().unwrap();
+        let a = new_sandbox_id("node-7").unwrap();
+        let b = new_sandbox_id("node-7").unwrap();
         assert_ne!(a, b);
         for id in [a, b] {
-            assert_eq!(id.len(), 20);
-            assert!(
-                id.bytes()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-            );
+            assert_eq!(id.len(), 16 + 1 + 6);
+            assert!(id[..16].bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+            assert_eq!(owner_of(&id), Some("node-7"));
             assert!(SandboxId::new(id).is_ok());
+        }
+        // The longest node id still makes an id that fits a host label.
+        let long = "n".repeat(schema::mesh::MAX_NODE_ID_LEN);
+        let id = new_sandbox_id(&long).unwrap();
+        assert!(SandboxId::new(id.clone()).is_ok());
+        assert!(format!("49983-{id}").len() <= 63);
+    }
+
+    #[test]
+    fn owners_are_read_from_ids() {
+        assert_eq!(owner_of("abcdefghij012345-a"), Some("a"));
+        assert_eq!(owner_of("abcdefghij012345-node-2"), Some("node-2"));
+        for none in ["", "abc", "abcdefghij0123456789", "abcdefghij012345-", "abcdefghij012345_a", "ABCDEFGHIJ012345-a", "abcdefghij012345--a"] {
+            assert_eq!(owner_of(none), None, "{none}");
         }
     }
 }

@@ -126,6 +126,7 @@ pub async fn node_with(test: &str, max_sandboxes: usize) -> Option<TestNode> {
             domain: Some("sandmesh.test".into()),
             ..Config::default()
         },
+        mesh: None,
     })
     .await
     {

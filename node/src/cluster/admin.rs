@@ -1,0 +1,115 @@
+//! Operator endpoints (API key required, like every REST call):
+//! `GET /cluster` (what `sandmesh status` prints) and `POST`/`DELETE
+//! /node/drain` (what `sandmesh node drain` calls).
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+
+use super::Cluster;
+use crate::api::error_response;
+
+/// One node in `GET /cluster`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    #[serde(rename = "nodeID")]
+    pub node_id: String,
+    pub generation: u64,
+    /// `ready`, `draining`, `unhealthy`, or `dead` (the failure detector
+    /// gave up on it).
+    pub state: String,
+    /// The node that answered.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+    pub rest_address: String,
+    pub quic_address: String,
+    pub gossip_address: String,
+    pub protocol_version: u16,
+    pub free_vcpus: u32,
+    #[serde(rename = "freeMemoryMiB")]
+    pub free_memory_mib: u64,
+    pub sandboxes: u32,
+    pub max_sandboxes: u32,
+    pub templates: Vec<String>,
+}
+
+/// `GET /cluster`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    /// `None` for a node without a mesh.
+    #[serde(rename = "clusterID")]
+    pub cluster_id: Option<String>,
+    #[serde(rename = "nodeID")]
+    pub node_id: String,
+    pub nodes: Vec<NodeStatus>,
+}
+
+pub fn routes(cluster: Cluster) -> Router {
+    Router::new()
+        .route("/cluster", get(status))
+        .route("/node/drain", post(drain).delete(undrain))
+        .with_state(cluster)
+}
+
+pub async fn cluster_status(cluster: &Cluster) -> ClusterStatus {
+    let nodes = cluster
+        .members()
+        .await
+        .into_iter()
+        .map(|m| NodeStatus {
+            is_self: m.info.id == cluster.node_id(),
+            node_id: m.info.id,
+            generation: m.info.generation,
+            state: if m.live {
+                m.info.state.to_string()
+            } else {
+                "dead".into()
+            },
+            rest_address: m.info.rest_addr.to_string(),
+            quic_address: m.info.quic_addr.to_string(),
+            gossip_address: m.gossip_addr.to_string(),
+            protocol_version: m.protocol_version,
+            free_vcpus: m.info.free_vcpus,
+            free_memory_mib: m.info.free_memory_mib,
+            sandboxes: m.info.sandboxes,
+            max_sandboxes: m.info.max_sandboxes,
+            templates: m.info.templates,
+        })
+        .collect();
+    ClusterStatus {
+        cluster_id: cluster.cluster_id().map(str::to_owned),
+        node_id: cluster.node_id().to_owned(),
+        nodes,
+    }
+}
+
+async fn status(State(cluster): State<Cluster>) -> Response {
+    axum::Json(cluster_status(&cluster).await).into_response()
+}
+
+async fn set(cluster: &Cluster, draining: bool) -> Response {
+    match cluster.set_draining(draining).await {
+        Ok(()) => axum::Json(serde_json::json!({
+            "nodeID": cluster.node_id(),
+            "state": cluster.state().to_string(),
+        }))
+        .into_response(),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("saving the drain flag: {e}"),
+        ),
+    }
+}
+
+async fn drain(State(cluster): State<Cluster>) -> Response {
+    set(&cluster, true).await
+}
+
+async fn undrain(State(cluster): State<Cluster>) -> Response {
+    set(&cluster, false).await
+}

@@ -1,0 +1,573 @@
+//! The REST front's cluster half: which node serves a call, and carrying
+//! it there.
+//!
+//! Called by the front door after the API key was checked. A call on a
+//! sandbox goes to the owner named in its id; a create goes where
+//! [`super::placement`] ranks first (the next on refusal); a list asks
+//! every live node and merges. What reaches the owner is the client's
+//! request as it came (headers, API key included: the owner checks it
+//! again), and what comes back is relayed as is.
+//!
+//! Sandbox traffic (envd, ports) is not a REST call: [`traffic`] opens a
+//! raw QUIC stream to the owner, which pipes it to the sandbox port, so a
+//! body of any size streams through with QUIC flow control bounding what
+//! is in flight.
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use schema::mesh::{self as wire, ErrorKind, NodeInfo, NodeState, PROTOCOL_VERSION};
+
+use super::{Cluster, Forwarded, Owner, placement};
+use crate::api::error_response;
+use crate::proxy::{self, Target};
+
+/// Largest REST request body carried to another node. E2B's REST bodies
+/// are small JSON documents (files go through envd, as traffic).
+pub const MAX_REST_BODY: usize = 1 << 20;
+
+/// Largest REST response body carried back: what fits a mesh frame.
+pub const MAX_REST_RESPONSE: usize = wire::MAX_FRAME - (64 << 10);
+
+/// Nodes a create is offered to before giving up.
+pub const MAX_PLACEMENT_TRIES: usize = 3;
+
+/// What a REST call is, for routing.
+#[derive(Debug, PartialEq, Eq)]
+enum Call {
+    /// Served by whichever node got it (templates, cluster status, ...).
+    Local,
+    Create,
+    List,
+    Sandbox(String),
+}
+
+fn classify(method: &Method, path: &str) -> Call {
+    let Some(rest) = path
+        .strip_prefix("/v2/sandboxes")
+        .or_else(|| path.strip_prefix("/sandboxes"))
+    else {
+        return Call::Local;
+    };
+    match rest {
+        "" | "/" if method == Method::POST => Call::Create,
+        "" | "/" if method == Method::GET => Call::List,
+        _ => match rest.strip_prefix('/').and_then(|r| r.split('/').next()) {
+            Some(id) if !id.is_empty() => Call::Sandbox(id.to_owned()),
+            _ => Call::Local,
+        },
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// Route an authenticated REST call.
+pub async fn route(cluster: &Cluster, req: Request, next: Next) -> Response {
+    let call = classify(req.method(), req.uri().path());
+    if req.extensions().get::<Forwarded>().is_some() {
+        // Placement chose this node, or it owns the sandbox: serve here.
+        if call == Call::Create && cluster.state() != NodeState::Ready {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "node {} is {}: it takes no new sandboxes",
+                    cluster.node_id(),
+                    cluster.state()
+                ),
+            );
+        }
+        return next.run(req).await;
+    }
+    match call {
+        Call::Local => next.run(req).await,
+        Call::Create => create(cluster, req).await,
+        Call::List => list(cluster, req).await,
+        Call::Sandbox(id) => match cluster.owner(&id) {
+            Owner::Local => next.run(req).await,
+            Owner::Remote(info) => {
+                let rest = match to_rest(req).await {
+                    Ok(r) => r,
+                    Err(resp) => return resp,
+                };
+                match cluster.dispatch(&info, rest).await {
+                    Ok(resp) => resp,
+                    Err(e) => owner_unreachable(&id, &info.id, &e),
+                }
+            }
+            Owner::Dead(info) => owner_dead(&id, &info.id),
+            Owner::Unknown(node) => error_response(
+                StatusCode::NOT_FOUND,
+                format!("sandbox {id} not found: its node {node} is not a member of this cluster"),
+            ),
+        },
+    }
+}
+
+fn owner_dead(id: &str, node: &str) -> Response {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "sandbox {id} is on node {node}, which is dead (it stopped answering the cluster); the sandbox is reachable again if that node comes back"
+        ),
+    )
+}
+
+fn owner_unreachable(id: &str, node: &str, e: &str) -> Response {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("sandbox {id} is on node {node}, which did not answer: {e}"),
+    )
+}
+
+/// The request as a mesh message (body read, at most [`MAX_REST_BODY`]).
+async fn to_rest(req: Request) -> Result<wire::RestRequest, Response> {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, MAX_REST_BODY).await.map_err(|_| {
+        proxy::closing(error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_REST_BODY} bytes"),
+        ))
+    })?;
+    Ok(wire::RestRequest {
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().unwrap_or("").to_owned(),
+        headers: parts
+            .headers
+            .iter()
+            .filter(|(n, _)| !is_hop_by_hop(n))
+            .map(|(n, v)| wire::Header {
+                name: n.as_str().to_owned(),
+                value: v.as_bytes().to_vec(),
+            })
+            .collect(),
+        body: body.to_vec(),
+    })
+}
+
+/// A mesh message back into a request for this node's app, marked as
+/// forwarded so it is served here.
+pub(crate) fn from_rest(rest: wire::RestRequest, from: String) -> Result<Request, String> {
+    let uri = if rest.query.is_empty() {
+        rest.path
+    } else {
+        format!("{}?{}", rest.path, rest.query)
+    };
+    let mut builder = axum::http::Request::builder()
+        .method(rest.method.as_str())
+        .uri(uri);
+    for h in rest.headers {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| e.to_string())?;
+        if is_hop_by_hop(&name) {
+            continue;
+        }
+        let value = HeaderValue::from_bytes(&h.value).map_err(|e| e.to_string())?;
+        builder = builder.header(name, value);
+    }
+    let mut req = builder
+        .body(Body::from(rest.body))
+        .map_err(|e| e.to_string())?;
+    req.extensions_mut().insert(Forwarded { from });
+    Ok(req)
+}
+
+/// A response of this node's app as a mesh message.
+pub(crate) async fn to_rest_response(resp: Response) -> wire::Response {
+    let (parts, body) = resp.into_parts();
+    match axum::body::to_bytes(body, MAX_REST_RESPONSE).await {
+        Ok(body) => wire::Response::Rest(wire::RestResponse {
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .filter(|(n, _)| !is_hop_by_hop(n))
+                .map(|(n, v)| wire::Header {
+                    name: n.as_str().to_owned(),
+                    value: v.as_bytes().to_vec(),
+                })
+                .collect(),
+            body: body.to_vec(),
+        }),
+        Err(e) => wire::Response::Error {
+            kind: ErrorKind::Internal,
+            message: format!("the answer is too large to forward (over {MAX_REST_RESPONSE} bytes): {e}"),
+        },
+    }
+}
+
+/// A mesh answer as the response to relay to the client.
+fn from_rest_response(r: wire::RestResponse) -> Response {
+    let mut resp = Response::new(Body::from(r.body));
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    for h in r.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(&h.value),
+        ) && !is_hop_by_hop(&n)
+        {
+            resp.headers_mut().append(n, v);
+        }
+    }
+    resp
+}
+
+pub(crate) fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// Whether a call may be sent again after the connection failed under it
+/// (the peer may have restarted): true for calls whose repetition does no
+/// harm.
+fn idempotent(rest: &wire::RestRequest) -> bool {
+    matches!(rest.method.as_str(), "GET" | "HEAD" | "DELETE")
+        || rest.path.ends_with("/timeout")
+        || rest.path.ends_with("/refreshes")
+}
+
+impl Cluster {
+    /// Have node `info` serve `rest` (this node serves it itself).
+    /// `Err`: the node could not be asked or did not answer.
+    pub(crate) async fn dispatch(
+        &self,
+        info: &NodeInfo,
+        rest: wire::RestRequest,
+    ) -> Result<Response, String> {
+        if info.id == self.node_id() {
+            return Ok(self.serve_local(rest, self.node_id().to_owned()).await);
+        }
+        let Some(transport) = self.transport() else {
+            return Err("this node is not in a mesh".into());
+        };
+        let retry = idempotent(&rest);
+        let request = wire::Request::Rest(rest);
+        let mut answer = transport.call(info.quic_addr, &info.id, &request).await;
+        if retry && matches!(answer, Err(mesh::transport::TransportError::Connection { .. })) {
+            // A connection cached from before the peer restarted fails
+            // once; the call redials.
+            answer = transport.call(info.quic_addr, &info.id, &request).await;
+        }
+        match answer {
+            Ok(wire::Response::Rest(r)) => Ok(from_rest_response(r)),
+            Ok(wire::Response::Error { kind, message }) => Ok(error_response(status_of(kind), message)),
+            Ok(wire::Response::Pong { .. }) => Err("answered a REST call with a pong".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Serve `rest` through this node's own app, as a forwarded call.
+    pub(crate) async fn serve_local(&self, rest: wire::RestRequest, from: String) -> Response {
+        use tower::ServiceExt;
+        let Some(app) = self.app() else {
+            return error_response(StatusCode::SERVICE_UNAVAILABLE, "the node is starting");
+        };
+        match from_rest(rest, from) {
+            Ok(req) => match app.oneshot(req).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            },
+            Err(e) => error_response(StatusCode::BAD_REQUEST, format!("malformed forwarded call: {e}")),
+        }
+    }
+}
+
+/// `POST /sandboxes`: offer the create to the best-ranked nodes in turn.
+async fn create(cluster: &Cluster, req: Request) -> Response {
+    let rest = match to_rest(req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    // A body that is not JSON is the chosen node's to refuse (400).
+    let template = serde_json::from_slice::<serde_json::Value>(&rest.body)
+        .ok()
+        .and_then(|v| v.get("templateID").and_then(|t| t.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| "base".to_owned());
+    let memory = match cluster.sandboxes().template(&template).await {
+        Ok(Some(entry)) => u64::from(entry.limits.memory_mib),
+        _ => 0,
+    };
+    let members = cluster.members().await;
+    let ranked = placement::rank(&members, &template, memory);
+    if ranked.is_empty() {
+        return no_room(&members);
+    }
+    let mut last: Option<Response> = None;
+    let mut failures = Vec::new();
+    for info in ranked.into_iter().take(MAX_PLACEMENT_TRIES) {
+        match cluster.dispatch(info, rest.clone()).await {
+            // Full or draining since it was gossiped, or without this
+            // template: the next node may take it.
+            Ok(resp)
+                if matches!(
+                    resp.status(),
+                    StatusCode::TOO_MANY_REQUESTS
+                        | StatusCode::SERVICE_UNAVAILABLE
+                        | StatusCode::NOT_FOUND
+                ) =>
+            {
+                tracing::debug!(node = %info.id, status = %resp.status(), "placement: node refused the create");
+                last = Some(resp);
+            }
+            Ok(resp) => return resp,
+            Err(e) => {
+                tracing::warn!(node = %info.id, "placement: node did not answer a create: {e}");
+                failures.push(format!("{}: {e}", info.id));
+            }
+        }
+    }
+    last.unwrap_or_else(|| {
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no node could take the sandbox: {}", failures.join("; ")),
+        )
+    })
+}
+
+/// The answer when placement finds no node at all.
+fn no_room(members: &[mesh::membership::Member]) -> Response {
+    let states: Vec<String> = members
+        .iter()
+        .map(|m| {
+            let i = &m.info;
+            let state = if !m.live {
+                "dead".to_owned()
+            } else if m.protocol_version != PROTOCOL_VERSION {
+                format!("speaks mesh protocol {}", m.protocol_version)
+            } else if i.state != NodeState::Ready {
+                i.state.to_string()
+            } else {
+                format!("{}/{} sandboxes", i.sandboxes, i.max_sandboxes)
+            };
+            format!("{} {state}", i.id)
+        })
+        .collect();
+    let any_ready = members
+        .iter()
+        .any(|m| m.live && m.protocol_version == PROTOCOL_VERSION && m.info.state == NodeState::Ready);
+    let (status, what) = if any_ready {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            "every ready node is at its sandbox limit or out of memory",
+        )
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no node takes new sandboxes")
+    };
+    error_response(status, format!("{what} ({})", states.join(", ")))
+}
+
+/// `GET /sandboxes` and `/v2/sandboxes`: every live node's list, merged in
+/// the order of one node's (start time, then id), paged over the merge.
+async fn list(cluster: &Cluster, req: Request) -> Response {
+    let v2 = req.uri().path().starts_with("/v2/");
+    let limit = crate::api::query_pairs(req.uri().query().unwrap_or(""))
+        .into_iter()
+        .find(|(k, _)| k == "limit")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(crate::api::MAX_LIST_LIMIT);
+    let rest = match to_rest(req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let members: Vec<NodeInfo> = cluster
+        .members()
+        .await
+        .into_iter()
+        .filter(|m| m.live && m.protocol_version == PROTOCOL_VERSION)
+        .map(|m| m.info)
+        .collect();
+    let mut asks = tokio::task::JoinSet::new();
+    for info in members {
+        let (c, rest) = (cluster.clone(), rest.clone());
+        asks.spawn(async move {
+            let answer = c.dispatch(&info, rest).await;
+            (info.id, answer)
+        });
+    }
+    let mut items: Vec<serde_json::Value> = Vec::new();
+    let mut more = false;
+    let mut missing = Vec::new();
+    while let Some(joined) = asks.join_next().await {
+        let Ok((node, answer)) = joined else { continue };
+        let resp = match answer {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(%node, "listing sandboxes: node did not answer: {e}");
+                missing.push(node);
+                continue;
+            }
+        };
+        if resp.status() != StatusCode::OK {
+            // A bad query is refused the same way by every node.
+            return resp;
+        }
+        more |= resp.headers().contains_key("x-next-token");
+        let body = match axum::body::to_bytes(resp.into_body(), MAX_REST_RESPONSE).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(%node, "listing sandboxes: reading the answer: {e}");
+                missing.push(node);
+                continue;
+            }
+        };
+        match serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
+            Ok(list) => items.extend(list),
+            Err(e) => {
+                tracing::warn!(%node, "listing sandboxes: not a JSON list: {e}");
+                missing.push(node);
+            }
+        }
+    }
+    let key = |v: &serde_json::Value| {
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
+        (s("startedAt"), s("sandboxID"))
+    };
+    items.sort_by_key(key);
+    let mut next = None;
+    if v2 {
+        more |= items.len() > limit;
+        items.truncate(limit);
+        if more && let Some(last) = items.last() {
+            let (started, id) = key(last);
+            if let Some(ms) = schema::e2b::parse_rfc3339_ms(&started) {
+                next = Some(format!("{ms}.{id}"));
+            }
+        }
+    }
+    let mut resp = axum::response::IntoResponse::into_response(axum::Json(items));
+    if let Some(next) = next.and_then(|n| HeaderValue::from_str(&n).ok()) {
+        resp.headers_mut().insert("x-next-token", next);
+    }
+    if !missing.is_empty() {
+        missing.sort();
+        if let Ok(v) = HeaderValue::from_str(&missing.join(",")) {
+            // The list lacks these nodes' sandboxes.
+            resp.headers_mut().insert("x-sandmesh-unreachable-nodes", v);
+        }
+    }
+    resp
+}
+
+/// Sandbox traffic for `target`: to the sandbox here, or over a raw mesh
+/// stream to its owner.
+pub async fn traffic(cluster: &Cluster, target: Target, req: Request) -> Response {
+    match cluster.owner(&target.sandbox_id) {
+        Owner::Local => proxy::forward(cluster.sandboxes(), target, req).await,
+        Owner::Dead(info) => proxy::closing(owner_dead(&target.sandbox_id, &info.id)),
+        Owner::Unknown(node) => proxy::closing(error_response(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "The sandbox {} was not found: its node {node} is not a member of this cluster",
+                target.sandbox_id
+            ),
+        )),
+        Owner::Remote(info) => {
+            let Some(transport) = cluster.transport() else {
+                return proxy::closing(owner_unreachable(&target.sandbox_id, &info.id, "no mesh"));
+            };
+            let header = wire::StreamHeader {
+                sandbox_id: target.sandbox_id.clone(),
+                port: target.port,
+            };
+            let mut opened = transport.open_stream(info.quic_addr, &info.id, &header).await;
+            if matches!(opened, Err(mesh::transport::TransportError::Connection { .. })) {
+                // Nothing was sent on a failed connection: dial again.
+                opened = transport.open_stream(info.quic_addr, &info.id, &header).await;
+            }
+            match opened {
+                Ok((send, recv)) => {
+                    let stream: actors::runtime::BoxStream = Box::new(tokio::io::join(recv, send));
+                    proxy::relay(stream, None, target, req).await
+                }
+                Err(mesh::transport::TransportError::Rejected { reason, .. }) => {
+                    proxy::closing(error_response(StatusCode::BAD_GATEWAY, reason))
+                }
+                Err(e) => proxy::closing(owner_unreachable(
+                    &target.sandbox_id,
+                    &info.id,
+                    &e.to_string(),
+                )),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_classified() {
+        let get = Method::GET;
+        let post = Method::POST;
+        assert_eq!(classify(&post, "/sandboxes"), Call::Create);
+        assert_eq!(classify(&post, "/v2/sandboxes"), Call::Create);
+        assert_eq!(classify(&get, "/sandboxes"), Call::List);
+        assert_eq!(classify(&get, "/v2/sandboxes/"), Call::List);
+        assert_eq!(classify(&get, "/sandboxes/abc-n1"), Call::Sandbox("abc-n1".into()));
+        assert_eq!(
+            classify(&post, "/v2/sandboxes/abc-n1/connect"),
+            Call::Sandbox("abc-n1".into())
+        );
+        assert_eq!(classify(&Method::DELETE, "/sandboxes"), Call::Local);
+        assert_eq!(classify(&get, "/sandboxesx"), Call::Local);
+        assert_eq!(classify(&get, "/templates"), Call::Local);
+        assert_eq!(classify(&get, "/sandboxes//x"), Call::Local);
+    }
+
+    #[test]
+    fn rest_round_trips_into_a_forwarded_request() {
+        let rest = wire::RestRequest {
+            method: "POST".into(),
+            path: "/sandboxes/x-n1/timeout".into(),
+            query: "a=1".into(),
+            headers: vec![
+                wire::Header {
+                    name: "x-api-key".into(),
+                    value: b"k".to_vec(),
+                },
+                wire::Header {
+                    name: "host".into(),
+                    value: b"evil".to_vec(),
+                },
+            ],
+            body: b"{}".to_vec(),
+        };
+        let req = from_rest(rest, "n2".into()).unwrap();
+        assert_eq!(req.uri(), "/sandboxes/x-n1/timeout?a=1");
+        assert_eq!(req.headers()["x-api-key"], "k");
+        assert!(req.headers().get("host").is_none());
+        assert_eq!(req.extensions().get::<Forwarded>().unwrap().from, "n2");
+        let bad = wire::RestRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            query: String::new(),
+            headers: vec![wire::Header {
+                name: "bad name".into(),
+                value: vec![],
+            }],
+            body: vec![],
+        };
+        assert!(from_rest(bad, "n2".into()).is_err());
+    }
+}

@@ -1,0 +1,412 @@
+//! This node as a member of the cluster: what it gossips about itself,
+//! who owns a sandbox, where a new one goes, and how calls and sandbox
+//! traffic reach the owner in one hop.
+//!
+//! Every node runs the same code and the REST front on every node takes
+//! any call. A sandbox id ends with its owner's node id
+//! ([`crate::sandboxes::owner_of`]), so a node routes without asking
+//! anyone: a call on a sandbox it owns is served here, any other is sent
+//! over the mesh (QUIC, mutual TLS, see `mesh`) to the owner, which serves
+//! it as its own and never forwards it again. Creates go where
+//! [`placement`] says; lists ask every live node.
+//!
+//! A node started without a mesh (tests, embedding) is a cluster of one:
+//! the same code paths, with itself as the only member.
+
+pub mod admin;
+pub mod certs;
+pub mod front;
+pub mod placement;
+pub mod serve;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use mesh::membership::{Member, Membership, MembershipConfig};
+use mesh::transport::{Transport, TransportConfig};
+use schema::mesh::{NodeInfo, NodeState, PROTOCOL_VERSION};
+
+use crate::sandboxes::Sandboxes;
+
+/// How often a node republishes its capacity (only changed keys travel).
+pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+
+/// How a node joins the mesh.
+#[derive(Clone)]
+pub struct MeshOptions {
+    /// UDP address of gossip; port 0 picks a free one.
+    pub gossip_listen: SocketAddr,
+    /// UDP address of the QUIC transport; port 0 picks a free one.
+    pub quic_listen: SocketAddr,
+    /// The address peers reach this node at (gossip, QUIC and REST).
+    pub advertise: std::net::IpAddr,
+    /// Gossip addresses (`host:port`) of nodes to join through.
+    pub seeds: Vec<String>,
+    pub files: certs::ClusterFiles,
+}
+
+impl std::fmt::Debug for MeshOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the files: they hold the node's private key.
+        f.debug_struct("MeshOptions")
+            .field("gossip_listen", &self.gossip_listen)
+            .field("quic_listen", &self.quic_listen)
+            .field("advertise", &self.advertise)
+            .field("seeds", &self.seeds)
+            .field("node_id", &self.files.node_id)
+            .finish()
+    }
+}
+
+/// Marks a request that another node (or this node's own placement)
+/// handed to this node to serve itself: it must not be forwarded again.
+/// An extension, not a header, so a client cannot set it.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    /// The node it came from.
+    pub from: String,
+}
+
+/// Where a sandbox lives, as this node sees the cluster.
+#[derive(Debug, Clone)]
+pub enum Owner {
+    /// This node (or an id without an owner: made before ids carried one).
+    Local,
+    /// A live member.
+    Remote(NodeInfo),
+    /// A member the failure detector declared dead.
+    Dead(NodeInfo),
+    /// No member of that id is known (never was, or forgotten).
+    Unknown(String),
+}
+
+struct MeshParts {
+    membership: Membership,
+    transport: Transport,
+    quic_addr: SocketAddr,
+    cluster_id: String,
+}
+
+struct Inner {
+    node_id: String,
+    generation: u64,
+    rest_addr: SocketAddr,
+    sandboxes: Sandboxes,
+    draining: AtomicBool,
+    mesh: Option<MeshParts>,
+    /// The node's whole HTTP app: forwarded calls are served through it,
+    /// so they pass the same API-key check and handlers as direct ones.
+    app: OnceLock<Router>,
+}
+
+/// This node's view of, and part in, the cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("binding the mesh's QUIC endpoint on {addr}: {source}")]
+    Transport {
+        addr: SocketAddr,
+        source: mesh::transport::TransportError,
+    },
+    #[error("joining the mesh's gossip on {addr}: {source}")]
+    Gossip {
+        addr: SocketAddr,
+        source: mesh::membership::MembershipError,
+    },
+    #[error("no free UDP port on {0}: {1}")]
+    NoPort(std::net::IpAddr, std::io::Error),
+}
+
+/// `addr`, with a free port picked when it names port 0 (gossip needs its
+/// port before binding: the address is part of the member's identity).
+fn with_port(addr: SocketAddr) -> Result<SocketAddr, ClusterError> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|e| ClusterError::NoPort(addr.ip(), e))?;
+    socket
+        .local_addr()
+        .map_err(|e| ClusterError::NoPort(addr.ip(), e))
+}
+
+impl Cluster {
+    /// Join the mesh (or be a cluster of one when `mesh` is `None`) and
+    /// start publishing this node's state. `rest_addr` is where peers send
+    /// clients' REST calls (advertised as is).
+    pub async fn start(
+        sandboxes: Sandboxes,
+        rest_addr: SocketAddr,
+        mesh: Option<MeshOptions>,
+    ) -> Result<Self, ClusterError> {
+        let node_id = sandboxes.config().node_id.clone();
+        let draining = sandboxes.store().draining().unwrap_or_else(|e| {
+            tracing::error!("reading the drain flag: {e}; starting ready");
+            false
+        });
+        let generation = mesh::membership::unix_millis();
+        let handler = Arc::new(serve::MeshHandler::default());
+        let mesh = match mesh {
+            None => None,
+            Some(opts) => {
+                let quic_listen = opts.quic_listen;
+                let transport = Transport::bind(
+                    quic_listen,
+                    &opts.files.identity,
+                    &opts.files.root,
+                    TransportConfig::default(),
+                    handler.clone(),
+                )
+                .map_err(|source| ClusterError::Transport {
+                    addr: quic_listen,
+                    source,
+                })?;
+                let quic_port = transport
+                    .local_addr()
+                    .map_err(|e| ClusterError::NoPort(quic_listen.ip(), e))?
+                    .port();
+                let gossip_listen = with_port(opts.gossip_listen)?;
+                let mut config = MembershipConfig::new(
+                    &opts.files.cluster_id,
+                    &node_id,
+                    gossip_listen,
+                );
+                config.generation = generation;
+                config.advertise_addr = SocketAddr::new(opts.advertise, gossip_listen.port());
+                config.seeds = opts.seeds.clone();
+                let quic_addr = SocketAddr::new(opts.advertise, quic_port);
+                let info = NodeInfo {
+                    id: node_id.clone(),
+                    generation,
+                    quic_addr,
+                    rest_addr,
+                    state: if draining {
+                        NodeState::Draining
+                    } else {
+                        NodeState::Ready
+                    },
+                    free_vcpus: 0,
+                    free_memory_mib: 0,
+                    sandboxes: 0,
+                    max_sandboxes: 0,
+                    templates: Vec::new(),
+                };
+                let membership = Membership::start(config, &info).await.map_err(|source| {
+                    ClusterError::Gossip {
+                        addr: gossip_listen,
+                        source,
+                    }
+                })?;
+                Some(MeshParts {
+                    membership,
+                    transport,
+                    quic_addr,
+                    cluster_id: opts.files.cluster_id.clone(),
+                })
+            }
+        };
+        let cluster = Self {
+            inner: Arc::new(Inner {
+                node_id,
+                generation,
+                rest_addr,
+                sandboxes,
+                draining: AtomicBool::new(draining),
+                mesh,
+                app: OnceLock::new(),
+            }),
+        };
+        handler.attach(cluster.clone());
+        if cluster.inner.mesh.is_some() {
+            cluster.publish().await;
+            let weak = Arc::downgrade(&cluster.inner);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(PUBLISH_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { break };
+                    Cluster { inner }.publish().await;
+                }
+            });
+        }
+        Ok(cluster)
+    }
+
+    /// Give the cluster the node's HTTP app (built after the cluster,
+    /// since the app routes through it).
+    pub fn set_app(&self, app: Router) {
+        let _ = self.inner.app.set(app);
+    }
+
+    pub(crate) fn app(&self) -> Option<Router> {
+        self.inner.app.get().cloned()
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    /// The gossip address peers join through (`--seed`); `None` without a
+    /// mesh.
+    pub fn gossip_addr(&self) -> Option<SocketAddr> {
+        self.inner.mesh.as_ref().map(|m| m.membership.gossip_addr())
+    }
+
+    pub fn sandboxes(&self) -> &Sandboxes {
+        &self.inner.sandboxes
+    }
+
+    /// The cluster id (derived from the CA), `None` without a mesh.
+    pub fn cluster_id(&self) -> Option<&str> {
+        self.inner.mesh.as_ref().map(|m| m.cluster_id.as_str())
+    }
+
+    pub fn state(&self) -> NodeState {
+        if self.inner.draining.load(Ordering::Relaxed) {
+            NodeState::Draining
+        } else {
+            NodeState::Ready
+        }
+    }
+
+    /// Drain (take no new sandboxes; running ones stay) or make ready
+    /// again. Kept across restarts; gossiped at once.
+    pub async fn set_draining(&self, draining: bool) -> Result<(), crate::store::StoreError> {
+        self.inner.sandboxes.store().set_draining(draining)?;
+        self.inner.draining.store(draining, Ordering::Relaxed);
+        tracing::info!(
+            node = %self.inner.node_id,
+            "node is now {}",
+            self.state()
+        );
+        self.publish().await;
+        Ok(())
+    }
+
+    /// What this node says about itself now.
+    pub async fn local_info(&self) -> NodeInfo {
+        let s = &self.inner.sandboxes;
+        let (running, creating, _paused) = s.counts();
+        let mut templates: Vec<String> = match s.templates().await {
+            Ok(entries) => entries.iter().map(|t| t.name().to_owned()).collect(),
+            Err(e) => {
+                tracing::warn!("listing templates to gossip: {e}");
+                Vec::new()
+            }
+        };
+        templates.sort();
+        NodeInfo {
+            id: self.inner.node_id.clone(),
+            generation: self.inner.generation,
+            quic_addr: self
+                .inner
+                .mesh
+                .as_ref()
+                .map_or(self.inner.rest_addr, |m| m.quic_addr),
+            rest_addr: self.inner.rest_addr,
+            state: self.state(),
+            free_vcpus: host_vcpus(),
+            free_memory_mib: host_available_memory_mib().unwrap_or(0),
+            sandboxes: u32::try_from(running + creating).unwrap_or(u32::MAX),
+            max_sandboxes: u32::try_from(s.config().max_sandboxes).unwrap_or(u32::MAX),
+            templates,
+        }
+    }
+
+    async fn publish(&self) {
+        let Some(mesh) = &self.inner.mesh else { return };
+        let info = self.local_info().await;
+        if let Err(e) = mesh.membership.set_info(&info).await {
+            tracing::error!("publishing this node's state: {e}");
+        }
+        if mesh.membership.is_superseded() {
+            tracing::error!(
+                node = %self.inner.node_id,
+                "another node with this node id and a newer start time is live: two hosts share the id, or this process is a stale copy; stop one of them"
+            );
+        }
+    }
+
+    /// Every member known, this node included (with its current state),
+    /// live and dead, sorted by id.
+    pub async fn members(&self) -> Vec<Member> {
+        let me = Member {
+            info: self.local_info().await,
+            gossip_addr: self
+                .inner
+                .mesh
+                .as_ref()
+                .map_or(self.inner.rest_addr, |m| m.membership.gossip_addr()),
+            live: true,
+            protocol_version: PROTOCOL_VERSION,
+        };
+        let mut members: Vec<Member> = match &self.inner.mesh {
+            None => Vec::new(),
+            Some(m) => m
+                .membership
+                .watch()
+                .borrow()
+                .iter()
+                .filter(|x| x.info.id != self.inner.node_id)
+                .cloned()
+                .collect(),
+        };
+        members.push(me);
+        members.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+        members
+    }
+
+    /// Who owns sandbox `id`.
+    pub fn owner(&self, id: &str) -> Owner {
+        let Some(owner) = crate::sandboxes::owner_of(id) else {
+            return Owner::Local;
+        };
+        if owner == self.inner.node_id {
+            return Owner::Local;
+        }
+        let Some(mesh) = &self.inner.mesh else {
+            return Owner::Unknown(owner.to_owned());
+        };
+        let members = mesh.membership.watch();
+        let members = members.borrow();
+        match members.iter().find(|m| m.info.id == owner) {
+            Some(m) if m.live => Owner::Remote(m.info.clone()),
+            Some(m) => Owner::Dead(m.info.clone()),
+            None => Owner::Unknown(owner.to_owned()),
+        }
+    }
+
+    pub(crate) fn transport(&self) -> Option<&Transport> {
+        self.inner.mesh.as_ref().map(|m| &m.transport)
+    }
+
+    /// Leave: stop gossip (peers notice through their failure detector)
+    /// and close connections.
+    pub async fn shutdown(&self) {
+        if let Some(m) = &self.inner.mesh {
+            m.transport.close().await;
+        }
+    }
+}
+
+/// CPUs of the host: what a node can give sandboxes (vCPUs overcommit, so
+/// this is gossiped for operators, not used to refuse).
+fn host_vcpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+/// `MemAvailable` of /proc/meminfo, in MiB.
+fn host_available_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}

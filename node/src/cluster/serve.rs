@@ -1,0 +1,88 @@
+//! What this node does with what peers send it over the mesh: answer
+//! pings, serve forwarded REST calls as its own, and pipe raw streams to
+//! its sandboxes' ports.
+
+use std::sync::OnceLock;
+
+use mesh::transport::{Handler, IncomingStream, Peer};
+use schema::mesh::{ErrorKind, Request, Response};
+
+use super::Cluster;
+
+/// The mesh handler; bound before the cluster exists (the transport is
+/// part of it), attached right after.
+#[derive(Default)]
+pub struct MeshHandler {
+    cluster: OnceLock<Cluster>,
+}
+
+impl MeshHandler {
+    pub(crate) fn attach(&self, cluster: Cluster) {
+        let _ = self.cluster.set(cluster);
+    }
+}
+
+impl Handler for MeshHandler {
+    async fn request(&self, peer: Peer, request: Request) -> Response {
+        let Some(cluster) = self.cluster.get() else {
+            return Response::Error {
+                kind: ErrorKind::Unavailable,
+                message: "the node is starting".into(),
+            };
+        };
+        match request {
+            Request::Ping { .. } => Response::Pong {
+                info: cluster.local_info().await,
+                unix_ms: mesh::membership::unix_millis(),
+            },
+            Request::Rest(rest) => {
+                tracing::debug!(peer = %peer.addr, method = %rest.method, path = %rest.path, "forwarded call");
+                let resp = cluster.serve_local(rest, peer.addr.to_string()).await;
+                super::front::to_rest_response(resp).await
+            }
+        }
+    }
+
+    async fn stream(&self, peer: Peer, incoming: IncomingStream) {
+        let Some(cluster) = self.cluster.get() else {
+            incoming
+                .reject(ErrorKind::Unavailable, "the node is starting")
+                .await;
+            return;
+        };
+        let header = incoming.header().clone();
+        let opened =
+            crate::proxy::open_local(cluster.sandboxes(), &header.sandbox_id, header.port).await;
+        let (mut sandbox, mut cut) = match opened {
+            Ok(o) => o,
+            Err(r) => {
+                let kind = if r.not_found {
+                    ErrorKind::NotFound
+                } else {
+                    ErrorKind::Unavailable
+                };
+                incoming.reject(kind, &r.message).await;
+                return;
+            }
+        };
+        let (send, recv) = match incoming.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(peer = %peer.addr, "accepting a traffic stream: {e}");
+                return;
+            }
+        };
+        let mut mesh_side = tokio::io::join(recv, send);
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut mesh_side, &mut sandbox) => {
+                if let Err(e) = r {
+                    tracing::debug!(sandbox = %header.sandbox_id, "traffic stream ended: {e}");
+                }
+            }
+            // Paused or killed: dropping both ends resets the stream.
+            _ = cut.wait_for(|c| *c) => {
+                tracing::debug!(sandbox = %header.sandbox_id, "traffic stream cut (pause or kill)");
+            }
+        }
+    }
+}
