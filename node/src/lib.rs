@@ -3,6 +3,7 @@
 //! `sandmesh node` command runs.
 
 pub mod api;
+pub mod cluster;
 pub mod metrics;
 pub mod proxy;
 pub mod sandboxes;
