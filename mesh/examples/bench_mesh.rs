@@ -20,7 +20,7 @@ use mesh::transport::IncomingStream;
 use mesh::{
     ClusterCa, Handler, NodeInfo, NodeState, Peer, Request, Response, Transport, TransportConfig,
 };
-use schema::mesh::{ErrorKind, RestRequest, RestResponse, StreamHeader};
+use schema::mesh::{RestRequest, RestResponse, StreamHeader};
 use tokio::io::AsyncWriteExt;
 
 struct Bench {
@@ -39,10 +39,6 @@ impl Handler for Bench {
                 headers: r.headers,
                 body: r.body,
             }),
-            _ => Response::Error {
-                kind: ErrorKind::BadRequest,
-                message: String::new(),
-            },
         }
     }
 

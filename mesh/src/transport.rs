@@ -675,10 +675,6 @@ pub(crate) mod tests {
                     headers: r.headers,
                     body: r.body,
                 }),
-                _ => Response::Error {
-                    kind: ErrorKind::BadRequest,
-                    message: "unsupported".into(),
-                },
             }
         }
 

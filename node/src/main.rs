@@ -163,7 +163,12 @@ struct NodeArgs {
     node_id: Option<String>,
     /// Gossip address of a cluster member to join through (repeatable).
     /// Without, the node starts (or keeps) its own cluster.
-    #[arg(long = "seed", value_name = "HOST:PORT", env = "SANDMESH_SEEDS", value_delimiter = ',')]
+    #[arg(
+        long = "seed",
+        value_name = "HOST:PORT",
+        env = "SANDMESH_SEEDS",
+        value_delimiter = ','
+    )]
     seeds: Vec<String>,
     /// UDP address of cluster gossip. Default: the --listen host, port
     /// 7946 (a free port when --listen's port is 0).
@@ -283,13 +288,18 @@ fn main() -> std::process::ExitCode {
         Command::Node {
             command: Some(NodeCommand::Drain { remote, undo }),
             ..
-        } => remote_run(|| async move {
-            node::ops::drain(&remote.url, &remote.api_key, undo).await
-        }),
-        Command::Node { command: None, args } => node_run(*args),
-        Command::Status { remote, json } => remote_run(|| async move {
-            node::ops::status(&remote.url, &remote.api_key, json).await
-        }),
+        } => {
+            remote_run(|| async move { node::ops::drain(&remote.url, &remote.api_key, undo).await })
+        }
+        Command::Node {
+            command: None,
+            args,
+        } => node_run(*args),
+        Command::Status { remote, json } => {
+            remote_run(
+                || async move { node::ops::status(&remote.url, &remote.api_key, json).await },
+            )
+        }
         Command::Cluster(c) => cluster_command(c),
         Command::Apikey(ApikeyCommand::Create { data_dir }) => apikey_create(&data_dir),
         Command::Apikey(ApikeyCommand::Add { data_dir }) => apikey_add(&data_dir),
@@ -428,7 +438,10 @@ Add a node: `sandmesh cluster join-token --node-id NAME` here, `sandmesh cluster
             );
         }
         ClusterCommand::JoinToken { data_dir, node_id } => {
-            println!("{}", certs::join_token(&certs::cluster_dir(&data_dir), &node_id)?);
+            println!(
+                "{}",
+                certs::join_token(&certs::cluster_dir(&data_dir), &node_id)?
+            );
         }
         ClusterCommand::Join { data_dir, token } => {
             let dir = certs::cluster_dir(&data_dir);
@@ -498,7 +511,9 @@ fn mesh_options(args: &NodeArgs) -> Result<node::cluster::MeshOptions> {
     let advertise = match args.advertise {
         Some(a) => a,
         None if ip.is_unspecified() => {
-            tracing::warn!("--listen is {ip}: advertising 127.0.0.1; give --advertise so that other hosts can reach this node");
+            tracing::warn!(
+                "--listen is {ip}: advertising 127.0.0.1; give --advertise so that other hosts can reach this node"
+            );
             std::net::IpAddr::from([127, 0, 0, 1])
         }
         None => ip,

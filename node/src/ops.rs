@@ -31,7 +31,9 @@ async fn call(url: &str, method: &str, path: &str, api_key: &str) -> Result<(u16
     let io = tokio::time::timeout(TIMEOUT, tokio::net::TcpStream::connect(&authority))
         .await
         .with_context(|| format!("connecting to {authority}: timed out"))?
-        .with_context(|| format!("connecting to the node at {authority} (is it running? see --url)"))?;
+        .with_context(|| {
+            format!("connecting to the node at {authority} (is it running? see --url)")
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(conn);
     let req = hyper::Request::builder()
@@ -53,7 +55,9 @@ fn api_error(status: u16, body: &[u8]) -> anyhow::Error {
         .map(|e| e.message)
         .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
     if status == 401 {
-        anyhow::anyhow!("the node refused the API key ({message}): pass --api-key or set E2B_API_KEY")
+        anyhow::anyhow!(
+            "the node refused the API key ({message}): pass --api-key or set E2B_API_KEY"
+        )
     } else {
         anyhow::anyhow!("the node answered {status}: {message}")
     }
@@ -65,7 +69,8 @@ pub async fn cluster_status(url: &str, api_key: &str) -> Result<ClusterStatus> {
     if status != 200 {
         return Err(api_error(status, &body));
     }
-    serde_json::from_slice(&body).context("the node's /cluster answer is not what this sandmesh expects")
+    serde_json::from_slice(&body)
+        .context("the node's /cluster answer is not what this sandmesh expects")
 }
 
 /// `sandmesh status`: the table (or the JSON with `json`).
@@ -153,7 +158,10 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(authority("http://127.0.0.1:3000/").unwrap(), "127.0.0.1:3000");
+        assert_eq!(
+            authority("http://127.0.0.1:3000/").unwrap(),
+            "127.0.0.1:3000"
+        );
         assert_eq!(authority("127.0.0.1:3000").unwrap(), "127.0.0.1:3000");
         assert!(authority("https://x:1").is_err());
         assert!(authority("http://x:1/path").is_err());

@@ -277,7 +277,11 @@ pub async fn forward(sandboxes: &Sandboxes, target: Target, req: Request<Body>) 
     closing_if_502(forward_inner(sandboxes, target, req).await)
 }
 
-async fn forward_inner(sandboxes: &Sandboxes, target: Target, req: Request<Body>) -> Response<Body> {
+async fn forward_inner(
+    sandboxes: &Sandboxes,
+    target: Target,
+    req: Request<Body>,
+) -> Response<Body> {
     match open_local(sandboxes, &target.sandbox_id, target.port).await {
         Ok((stream, cut)) => relay(stream, Some(cut), target, req).await,
         Err(r) => {
@@ -313,7 +317,10 @@ pub async fn relay(
                 .increment(1);
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            closing_if_502(Response::from_parts(parts, Body::new(counted(body, "from_sandbox"))))
+            closing_if_502(Response::from_parts(
+                parts,
+                Body::new(counted(body, "from_sandbox")),
+            ))
         }
         Err(e) => closing(error_response(
             StatusCode::BAD_GATEWAY,

@@ -394,14 +394,22 @@ pub fn format_rfc3339(t: SystemTime) -> String {
 /// UTC, three fraction digits); `None` for anything else.
 pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
     let b = s.as_bytes();
-    if b.len() != 24 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':'
-        || b[16] != b':' || b[19] != b'.' || b[23] != b'Z'
+    if b.len() != 24
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'.'
+        || b[23] != b'Z'
     {
         return None;
     }
     let num = |r: std::ops::Range<usize>| -> Option<i64> {
         let part = s.get(r)?;
-        part.bytes().all(|c| c.is_ascii_digit()).then(|| part.parse().ok())?
+        part.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| part.parse().ok())?
     };
     let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hh, mm, ss, ms) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..23)?);
@@ -446,11 +454,23 @@ mod tests {
 
     #[test]
     fn rfc3339_parses_back() {
-        for ms in [0u64, 1, 951_782_400_123, 1_795_000_000_999, 4_102_444_800_000] {
+        for ms in [
+            0u64,
+            1,
+            951_782_400_123,
+            1_795_000_000_999,
+            4_102_444_800_000,
+        ] {
             let s = format_rfc3339(UNIX_EPOCH + Duration::from_millis(ms));
             assert_eq!(parse_rfc3339_ms(&s), Some(ms), "{s}");
         }
-        for bad in ["", "2024-01-01T00:00:00Z", "2024-13-01T00:00:00.000Z", "2024-01-01T00:00:00.00aZ", "2024-01-01 00:00:00.000Z"] {
+        for bad in [
+            "",
+            "2024-01-01T00:00:00Z",
+            "2024-13-01T00:00:00.000Z",
+            "2024-01-01T00:00:00.00aZ",
+            "2024-01-01 00:00:00.000Z",
+        ] {
             assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
         }
     }

@@ -139,12 +139,14 @@ fn owner_unreachable(id: &str, node: &str, e: &str) -> Response {
 /// The request as a mesh message (body read, at most [`MAX_REST_BODY`]).
 async fn to_rest(req: Request) -> Result<wire::RestRequest, Response> {
     let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, MAX_REST_BODY).await.map_err(|_| {
-        proxy::closing(error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body larger than {MAX_REST_BODY} bytes"),
-        ))
-    })?;
+    let body = axum::body::to_bytes(body, MAX_REST_BODY)
+        .await
+        .map_err(|_| {
+            proxy::closing(error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {MAX_REST_BODY} bytes"),
+            ))
+        })?;
     Ok(wire::RestRequest {
         method: parts.method.as_str().to_owned(),
         path: parts.uri.path().to_owned(),
@@ -207,7 +209,9 @@ pub(crate) async fn to_rest_response(resp: Response) -> wire::Response {
         }),
         Err(e) => wire::Response::Error {
             kind: ErrorKind::Internal,
-            message: format!("the answer is too large to forward (over {MAX_REST_RESPONSE} bytes): {e}"),
+            message: format!(
+                "the answer is too large to forward (over {MAX_REST_RESPONSE} bytes): {e}"
+            ),
         },
     }
 }
@@ -263,14 +267,21 @@ impl Cluster {
         let retry = idempotent(&rest);
         let request = wire::Request::Rest(rest);
         let mut answer = transport.call(info.quic_addr, &info.id, &request).await;
-        if retry && matches!(answer, Err(mesh::transport::TransportError::Connection { .. })) {
+        if retry
+            && matches!(
+                answer,
+                Err(mesh::transport::TransportError::Connection { .. })
+            )
+        {
             // A connection cached from before the peer restarted fails
             // once; the call redials.
             answer = transport.call(info.quic_addr, &info.id, &request).await;
         }
         match answer {
             Ok(wire::Response::Rest(r)) => Ok(from_rest_response(r)),
-            Ok(wire::Response::Error { kind, message }) => Ok(error_response(status_of(kind), message)),
+            Ok(wire::Response::Error { kind, message }) => {
+                Ok(error_response(status_of(kind), message))
+            }
             Ok(wire::Response::Pong { .. }) => Err("answered a REST call with a pong".into()),
             Err(e) => Err(e.to_string()),
         }
@@ -287,7 +298,10 @@ impl Cluster {
                 Ok(resp) => resp,
                 Err(never) => match never {},
             },
-            Err(e) => error_response(StatusCode::BAD_REQUEST, format!("malformed forwarded call: {e}")),
+            Err(e) => error_response(
+                StatusCode::BAD_REQUEST,
+                format!("malformed forwarded call: {e}"),
+            ),
         }
     }
 }
@@ -301,10 +315,14 @@ async fn create(cluster: &Cluster, req: Request) -> Response {
     // A body that is not JSON is the chosen node's to refuse (400).
     let template = serde_json::from_slice::<serde_json::Value>(&rest.body)
         .ok()
-        .and_then(|v| v.get("templateID").and_then(|t| t.as_str()).map(str::to_owned))
+        .and_then(|v| {
+            v.get("templateID")
+                .and_then(|t| t.as_str())
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| "base".to_owned());
     let memory = match cluster.sandboxes().template(&template).await {
-        Ok(Some(entry)) => u64::from(entry.limits.memory_mib),
+        Ok(Some(entry)) => entry.limits.memory_mib,
         _ => 0,
     };
     let members = cluster.members().await;
@@ -362,16 +380,19 @@ fn no_room(members: &[mesh::membership::Member]) -> Response {
             format!("{} {state}", i.id)
         })
         .collect();
-    let any_ready = members
-        .iter()
-        .any(|m| m.live && m.protocol_version == PROTOCOL_VERSION && m.info.state == NodeState::Ready);
+    let any_ready = members.iter().any(|m| {
+        m.live && m.protocol_version == PROTOCOL_VERSION && m.info.state == NodeState::Ready
+    });
     let (status, what) = if any_ready {
         (
             StatusCode::TOO_MANY_REQUESTS,
             "every ready node is at its sandbox limit or out of memory",
         )
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no node takes new sandboxes")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no node takes new sandboxes",
+        )
     };
     error_response(status, format!("{what} ({})", states.join(", ")))
 }
@@ -489,10 +510,17 @@ pub async fn traffic(cluster: &Cluster, target: Target, req: Request) -> Respons
                 sandbox_id: target.sandbox_id.clone(),
                 port: target.port,
             };
-            let mut opened = transport.open_stream(info.quic_addr, &info.id, &header).await;
-            if matches!(opened, Err(mesh::transport::TransportError::Connection { .. })) {
+            let mut opened = transport
+                .open_stream(info.quic_addr, &info.id, &header)
+                .await;
+            if matches!(
+                opened,
+                Err(mesh::transport::TransportError::Connection { .. })
+            ) {
                 // Nothing was sent on a failed connection: dial again.
-                opened = transport.open_stream(info.quic_addr, &info.id, &header).await;
+                opened = transport
+                    .open_stream(info.quic_addr, &info.id, &header)
+                    .await;
             }
             match opened {
                 Ok((send, recv)) => {
@@ -524,7 +552,10 @@ mod tests {
         assert_eq!(classify(&post, "/v2/sandboxes"), Call::Create);
         assert_eq!(classify(&get, "/sandboxes"), Call::List);
         assert_eq!(classify(&get, "/v2/sandboxes/"), Call::List);
-        assert_eq!(classify(&get, "/sandboxes/abc-n1"), Call::Sandbox("abc-n1".into()));
+        assert_eq!(
+            classify(&get, "/sandboxes/abc-n1"),
+            Call::Sandbox("abc-n1".into())
+        );
         assert_eq!(
             classify(&post, "/v2/sandboxes/abc-n1/connect"),
             Call::Sandbox("abc-n1".into())

@@ -130,8 +130,7 @@ fn with_port(addr: SocketAddr) -> Result<SocketAddr, ClusterError> {
     if addr.port() != 0 {
         return Ok(addr);
     }
-    let socket =
-        std::net::UdpSocket::bind(addr).map_err(|e| ClusterError::NoPort(addr.ip(), e))?;
+    let socket = std::net::UdpSocket::bind(addr).map_err(|e| ClusterError::NoPort(addr.ip(), e))?;
     socket
         .local_addr()
         .map_err(|e| ClusterError::NoPort(addr.ip(), e))
@@ -173,11 +172,8 @@ impl Cluster {
                     .map_err(|e| ClusterError::NoPort(quic_listen.ip(), e))?
                     .port();
                 let gossip_listen = with_port(opts.gossip_listen)?;
-                let mut config = MembershipConfig::new(
-                    &opts.files.cluster_id,
-                    &node_id,
-                    gossip_listen,
-                );
+                let mut config =
+                    MembershipConfig::new(&opts.files.cluster_id, &node_id, gossip_listen);
                 config.generation = generation;
                 config.advertise_addr = SocketAddr::new(opts.advertise, gossip_listen.port());
                 config.seeds = opts.seeds.clone();

@@ -302,7 +302,9 @@ fn new_sandbox_id(node_id: &str) -> Result<String, StoreError> {
 pub fn owner_of(id: &str) -> Option<&str> {
     let (random, owner) = id.split_at_checked(SANDBOX_ID_RANDOM)?;
     let owner = owner.strip_prefix('-')?;
-    (random.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    (random
+        .bytes()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
         && schema::mesh::validate_node_id(owner).is_ok())
     .then_some(owner)
 }
@@ -861,7 +863,11 @@ mod tests {
         assert_ne!(a, b);
         for id in [a, b] {
             assert_eq!(id.len(), 16 + 1 + 6);
-            assert!(id[..16].bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+            assert!(
+                id[..16]
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            );
             assert_eq!(owner_of(&id), Some("node-7"));
             assert!(SandboxId::new(id).is_ok());
         }
@@ -876,7 +882,15 @@ mod tests {
     fn owners_are_read_from_ids() {
         assert_eq!(owner_of("abcdefghij012345-a"), Some("a"));
         assert_eq!(owner_of("abcdefghij012345-node-2"), Some("node-2"));
-        for none in ["", "abc", "abcdefghij0123456789", "abcdefghij012345-", "abcdefghij012345_a", "ABCDEFGHIJ012345-a", "abcdefghij012345--a"] {
+        for none in [
+            "",
+            "abc",
+            "abcdefghij0123456789",
+            "abcdefghij012345-",
+            "abcdefghij012345_a",
+            "ABCDEFGHIJ012345-a",
+            "abcdefghij012345--a",
+        ] {
             assert_eq!(owner_of(none), None, "{none}");
         }
     }

@@ -44,21 +44,33 @@ def p50(xs):
 
 
 class Node:
-    def __init__(self, data):
+    """A node on `data`. `key`: an API key to accept (a new one when None);
+    `ip`, `seeds`: where it listens and which gossip addresses it joins."""
+
+    def __init__(self, data, key=None, ip="127.0.0.1", seeds=()):
         self.data = data
-        self.key = subprocess.run(
-            [SANDMESH, "apikey", "create", "--data-dir", data], check=True, capture_output=True, text=True
-        ).stdout.strip()
+        os.makedirs(data, exist_ok=True)
+        if key is None:
+            key = subprocess.run(
+                [SANDMESH, "apikey", "create", "--data-dir", data], check=True, capture_output=True, text=True
+            ).stdout.strip()
+        else:
+            subprocess.run([SANDMESH, "apikey", "add", "--data-dir", data], input=key + "\n", check=True,
+                           capture_output=True, text=True)
+        self.key = key
         self.log = open(os.path.join(data, "node.log"), "w")
-        self.proc = subprocess.Popen(
-            [SANDMESH, "node", "--data-dir", data, "--listen", "127.0.0.1:0", "--runtime", RUNTIME,
-             "--kill-sandboxes-on-exit", "--max-sandboxes", "100"],
-            stdout=subprocess.PIPE, stderr=self.log, text=True,
-        )
+        cmd = [SANDMESH, "node", "--data-dir", data, "--listen", f"{ip}:0", "--runtime", RUNTIME,
+               "--kill-sandboxes-on-exit", "--max-sandboxes", "100"]
+        for seed in seeds:
+            cmd += ["--seed", seed]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline().strip()
         if not line.startswith("listening on "):
             raise SystemExit(f"the node did not start: {line!r} (log: {data}/node.log)")
         self.url = "http://" + line.rsplit(" ", 1)[1]
+        # "gossip on ADDR as node ID"
+        words = self.proc.stdout.readline().split()
+        self.gossip, self.node_id = words[2], words[-1]
         self.http = httpx.Client(base_url=self.url, headers={"X-API-KEY": self.key}, timeout=120)
 
     def created_event(self, sandbox_id):
@@ -201,22 +213,95 @@ def sustained_creates(node, seconds=30, workers=4):
     )
 
 
+def cluster_hop(node):
+    """The cost of the mesh hop: the same sandboxes used through their
+    owner and through a second node that forwards over QUIC. The second
+    node is drained, so every create through it lands on the owner."""
+    from e2b import Sandbox
+
+    other_dir = os.path.join(os.path.dirname(node.data), "second")
+    token = subprocess.run([SANDMESH, "cluster", "join-token", "--data-dir", node.data, "--node-id", "second"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run([SANDMESH, "cluster", "join", "--data-dir", other_dir, "--token", token],
+                   check=True, capture_output=True, text=True)
+    other = Node(other_dir, key=node.key, ip="127.0.0.2", seeds=[node.gossip])
+    try:
+        other.http.post("/node/drain").raise_for_status()
+        deadline = time.monotonic() + 30
+        while True:
+            states = {n["nodeID"]: n["state"] for n in node.http.get("/cluster").json()["nodes"]}
+            if states.get("second") == "draining":
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the second node did not join: {states}")
+            time.sleep(0.2)
+
+        def point(n):
+            os.environ.update(E2B_API_URL=n.url, E2B_SANDBOX_URL=n.url)
+
+        creates = {"owner": [], "hop": []}
+        for _ in range(10):
+            for via, n in (("owner", node), ("hop", other)):
+                point(n)
+                t0 = time.perf_counter()
+                sbx = Sandbox.create()
+                creates[via].append(time.perf_counter() - t0)
+                assert sbx.sandbox_id.endswith("-" + node.node_id), sbx.sandbox_id
+                sbx.kill()
+        point(node)
+        sbx = Sandbox.create(timeout=600)
+        try:
+            sbx.commands.run("head -c 64M /dev/urandom > /tmp/big")
+            runs = {"owner": [], "hop": []}
+            reads = {"owner": [], "hop": []}
+            for via, n in (("owner", node), ("hop", other)):
+                point(n)
+                handle = Sandbox.connect(sbx.sandbox_id)
+                handle.commands.run("true")
+                for _ in range(50):
+                    t0 = time.perf_counter()
+                    handle.commands.run("true")
+                    runs[via].append(time.perf_counter() - t0)
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    data = handle.files.read("/tmp/big", format="bytes")
+                    reads[via].append(time.perf_counter() - t0)
+                    assert len(data) == 64 << 20
+        finally:
+            point(node)
+            sbx.kill()
+    finally:
+        other.stop()
+    emit_timed("cluster: SDK Sandbox.create() through the owner", creates["owner"])
+    emit_timed("cluster: SDK Sandbox.create() through another node (placement + QUIC hop)", creates["hop"])
+    emit_value("cluster: create through another node / through the owner, p50 ratio",
+               f"{p50(creates['hop']) / p50(creates['owner']):.2f}x")
+    emit_timed('cluster: SDK commands.run("true") through the owner', runs["owner"])
+    emit_timed('cluster: SDK commands.run("true") through another node', runs["hop"])
+    emit_value('cluster: commands.run("true") through another node / through the owner, p50 ratio',
+               f"{p50(runs['hop']) / p50(runs['owner']):.2f}x")
+    for via, label in (("owner", "the owner"), ("hop", "another node (raw QUIC stream)")):
+        emit_value(f"cluster: 64 MiB download (SDK files.read) through {label}",
+                   f"{64 / p50(reads[via]):.0f} MB/s (median of 3)")
+
+
 def main():
     if os.geteuid() != 0:
         raise SystemExit("bench_node needs root (gvisor runtime)")
-    data = tempfile.mkdtemp(prefix="smh-bench-node-")
+    base = tempfile.mkdtemp(prefix="smh-bench-node-")
+    data = os.path.join(base, "first")
     node = Node(data)
     for var in ("E2B_DEBUG", "E2B_DOMAIN", "E2B_ACCESS_TOKEN"):
         os.environ.pop(var, None)
     os.environ.update(E2B_API_URL=node.url, E2B_SANDBOX_URL=node.url, E2B_API_KEY=node.key,
                       NO_PROXY="127.0.0.1,localhost")
     try:
-        for bench in (sdk_create, sdk_run_true, rest_create, pause_dirty, sustained_creates):
+        for bench in (sdk_create, sdk_run_true, rest_create, pause_dirty, sustained_creates, cluster_hop):
             print(f"bench_node: {bench.__name__}", file=sys.stderr, flush=True)
             bench(node)
     finally:
         node.stop()
-        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

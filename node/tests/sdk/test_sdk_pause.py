@@ -46,7 +46,11 @@ def test_pause_resume_keeps_memory_and_files_50_times(sdk_env):
     try:
         sbx.files.write("/home/user/note.txt", "written before the first pause")
         sbx.files.write("/tmp/counter.py", COUNTER)
-        sbx.commands.run("python3 /tmp/counter.py", background=True)
+        # timeout=0: the SDK's default (60 s) is a deadline envd enforces by
+        # killing the process, as E2B's does, and the 50 cycles can take
+        # longer than that on a loaded machine (the guest's clock runs on
+        # across pauses).
+        sbx.commands.run("python3 /tmp/counter.py", background=True, timeout=0)
         pid, secret, n = read_state(sbx)
 
         pause_s, resume_s = [], []
