@@ -135,6 +135,38 @@ def test_core_cases_through_a_non_owner(via_non_owner):
         Sandbox.connect(sbx.sandbox_id)
 
 
+def peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_100_mib_each_way_through_a_non_owner_in_constant_memory(via_non_owner):
+    front = via_non_owner[0]
+    sbx = Sandbox.create(timeout=300)
+    try:
+        before = peak_rss_mib(front.proc.pid)
+        blob = os.urandom(100 << 20)
+        sbx.files.write("/tmp/up", blob)
+        assert sbx.commands.run("sha256sum /tmp/up").stdout.split()[0] == hashlib.sha256(blob).hexdigest()
+        del blob
+        sbx.commands.run("head -c 100M /dev/urandom > /tmp/down")
+        want = sbx.commands.run("sha256sum /tmp/down").stdout.split()[0]
+        digest, size = hashlib.sha256(), 0
+        for chunk in sbx.files.read("/tmp/down", format="stream"):
+            digest.update(chunk)
+            size += len(chunk)
+        assert (size, digest.hexdigest()) == (100 << 20, want)
+        grew = peak_rss_mib(front.proc.pid) - before
+        print(f"peak RSS of the forwarding node grew {grew:.1f} MiB for 100 MiB each way")
+        # Buffering either body whole would take 100 MiB or more.
+        assert grew < 32, f"the forwarding node's peak RSS grew {grew:.0f} MiB"
+    finally:
+        sbx.kill()
+
+
 def test_list_merges_every_node_and_pages(via_non_owner):
     tag = uuid.uuid4().hex
     made = [Sandbox.create(metadata={"tag": tag}, timeout=300) for _ in range(4)]
