@@ -386,7 +386,7 @@ fn no_room(members: &[mesh::membership::Member]) -> Response {
     let (status, what) = if any_ready {
         (
             StatusCode::TOO_MANY_REQUESTS,
-            "every ready node is at its sandbox limit or out of memory",
+            "every ready node is at capacity (its sandbox limit, or out of memory): kill a sandbox or retry later",
         )
     } else {
         (

@@ -96,6 +96,8 @@ struct Inner {
     rest_addr: SocketAddr,
     sandboxes: Sandboxes,
     draining: AtomicBool,
+    /// Whether the last self-check failed (to log changes only).
+    unhealthy: AtomicBool,
     mesh: Option<MeshParts>,
     /// The node's whole HTTP app: forwarded calls are served through it,
     /// so they pass the same API-key check and handlers as direct ones.
@@ -215,6 +217,7 @@ impl Cluster {
                 rest_addr,
                 sandboxes,
                 draining: AtomicBool::new(draining),
+                unhealthy: AtomicBool::new(false),
                 mesh,
                 app: OnceLock::new(),
             }),
@@ -265,6 +268,8 @@ impl Cluster {
         self.inner.mesh.as_ref().map(|m| m.cluster_id.as_str())
     }
 
+    /// Ready or draining, as set by the operator (see [`Cluster::local_info`]
+    /// for the state gossiped, which may also be unhealthy).
     pub fn state(&self) -> NodeState {
         if self.inner.draining.load(Ordering::Relaxed) {
             NodeState::Draining
@@ -291,14 +296,34 @@ impl Cluster {
     pub async fn local_info(&self) -> NodeInfo {
         let s = &self.inner.sandboxes;
         let (running, creating, _paused) = s.counts();
-        let mut templates: Vec<String> = match s.templates().await {
+        let listed = s.templates().await;
+        let mut templates: Vec<String> = match &listed {
             Ok(entries) => entries.iter().map(|t| t.name().to_owned()).collect(),
-            Err(e) => {
-                tracing::warn!("listing templates to gossip: {e}");
-                Vec::new()
-            }
+            Err(_) => Vec::new(),
         };
         templates.sort();
+        let sick = match listed {
+            Err(e) => Some(format!("its template cache does not answer: {e}")),
+            Ok(_) if templates.is_empty() => Some("it has no template prepared".to_owned()),
+            Ok(_) => match free_disk_mib(&s.config().snapshots_dir) {
+                Some(free) if free < MIN_FREE_DISK_MIB => Some(format!(
+                    "its data directory has {free} MiB free (under {MIN_FREE_DISK_MIB}): snapshots and sandbox disks need room"
+                )),
+                _ => None,
+            },
+        };
+        let was_sick = self.inner.unhealthy.swap(sick.is_some(), Ordering::Relaxed);
+        match (&sick, was_sick) {
+            (Some(why), false) => {
+                tracing::warn!(node = %self.inner.node_id, "node is unhealthy, placement avoids it: {why}")
+            }
+            (None, true) => tracing::info!(node = %self.inner.node_id, "node is healthy again"),
+            _ => {}
+        }
+        let state = match (self.state(), sick) {
+            (NodeState::Ready, Some(_)) => NodeState::Unhealthy,
+            (state, _) => state,
+        };
         NodeInfo {
             id: self.inner.node_id.clone(),
             generation: self.inner.generation,
@@ -308,7 +333,7 @@ impl Cluster {
                 .as_ref()
                 .map_or(self.inner.rest_addr, |m| m.quic_addr),
             rest_addr: self.inner.rest_addr,
-            state: self.state(),
+            state,
             free_vcpus: host_vcpus(),
             free_memory_mib: host_available_memory_mib().unwrap_or(0),
             sandboxes: u32::try_from(running + creating).unwrap_or(u32::MAX),
@@ -391,6 +416,27 @@ impl Cluster {
             m.transport.close().await;
         }
     }
+}
+
+/// A node whose data directory has less free space than this is unhealthy.
+pub const MIN_FREE_DISK_MIB: u64 = 512;
+
+/// Free space (for unprivileged users) of the file system holding `path`
+/// or its nearest existing ancestor, in MiB.
+fn free_disk_mib(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let c_path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer of the right type; the
+    // buffer is read only when the call succeeded.
+    let st = unsafe {
+        if libc::statvfs(c_path.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64) >> 20)
 }
 
 /// CPUs of the host: what a node can give sandboxes (vCPUs overcommit, so
