@@ -26,8 +26,9 @@ use rcgen::{
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
 
 /// ALPN of the mesh. The protocol version is not in it but in every frame
 /// header, so that a peer of another version gets a clear "version
@@ -69,6 +70,18 @@ pub enum TlsError {
     KeyPermissions { path: PathBuf, mode: u32 },
     #[error("{path}: certificate is not valid for node id {node_id:?}")]
     WrongNode { path: PathBuf, node_id: String },
+    /// PEM given as text (a join token, not a file) that does not parse.
+    #[error("{what}: not PEM of the expected kind: {reason}")]
+    PemText { what: &'static str, reason: String },
+    #[error("{what}: certificate is not valid for node id {node_id:?}")]
+    WrongNodeText { what: &'static str, node_id: String },
+    /// The private key is not the one the certificate was issued for.
+    #[error("{what}: private key does not match the certificate: {reason}")]
+    KeyMismatch { what: String, reason: String },
+    /// The node certificate was not signed by this CA (or is expired, or
+    /// not valid for client authentication).
+    #[error("certificate of node {node_id:?} is not valid under this cluster CA: {reason}")]
+    NotUnderCa { node_id: String, reason: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
@@ -121,7 +134,14 @@ impl ClusterCa {
     pub fn trust_root(&self) -> TrustRoot {
         TrustRoot {
             cert: self.cert.clone(),
+            cert_pem: self.cert_pem.clone(),
         }
+    }
+
+    /// The CA's private key, PEM. Secret: whoever holds it can admit any
+    /// node to the cluster.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
     }
 
     /// A certificate for `node_id`, valid as both TLS server and client
@@ -183,13 +203,62 @@ impl ClusterCa {
 #[derive(Clone)]
 pub struct TrustRoot {
     cert: CertificateDer<'static>,
+    /// Kept as read, so it can be handed on (in a join token) unchanged.
+    cert_pem: String,
 }
 
 impl TrustRoot {
     pub fn load(path: &Path) -> Result<Self, TlsError> {
+        let cert = read_cert(path)?;
+        let cert_pem = fs::read_to_string(path).map_err(io_err(path))?;
+        Ok(Self { cert, cert_pem })
+    }
+
+    /// A root from PEM text (as carried in a join token rather than a
+    /// file). The first certificate in it is the CA.
+    pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
+        let cert =
+            CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::PemText {
+                what: "CA certificate",
+                reason: e.to_string(),
+            })?;
         Ok(Self {
-            cert: read_cert(path)?,
+            cert,
+            cert_pem: pem.to_owned(),
         })
+    }
+
+    /// The CA certificate, DER: what identifies the cluster (two roots are
+    /// the same cluster exactly when these bytes are equal).
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// The CA certificate, PEM, as it was read or generated.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Check that `identity`'s certificate chains to this CA and is valid
+    /// now for client authentication, exactly as a peer's TLS handshake
+    /// will check it; so a bad certificate is refused when it is installed
+    /// rather than at the first connection.
+    pub fn verify(&self, identity: &NodeIdentity) -> Result<(), TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.store()?, provider()).build()?;
+        let Some((leaf, intermediates)) = identity.chain.split_first() else {
+            return Err(TlsError::NotUnderCa {
+                node_id: identity.node_id.clone(),
+                reason: "no certificate".into(),
+            });
+        };
+        verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| TlsError::NotUnderCa {
+                node_id: identity.node_id.clone(),
+                reason: e.to_string(),
+            })
     }
 
     fn store(&self) -> Result<Arc<RootCertStore>, TlsError> {
@@ -223,6 +292,73 @@ impl Clone for NodeIdentity {
 impl NodeIdentity {
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// The certificate chain, PEM, leaf first.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The private key, PEM (PKCS#8). Secret.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// An identity from PEM text (as carried in a join token rather than
+    /// files). Checks what [`NodeIdentity::load`] checks (the certificate
+    /// names `node_id`) and that the key is the certificate's; whether the
+    /// certificate chains to a CA is [`TrustRoot::verify`]'s business.
+    pub fn from_pem(node_id: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        schema::mesh::validate_node_id(node_id)?;
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::PemText {
+                what: "node certificate",
+                reason: e.to_string(),
+            })?;
+        let Some(leaf) = chain.first() else {
+            return Err(TlsError::PemText {
+                what: "node certificate",
+                reason: "no certificate".into(),
+            });
+        };
+        if !cert_names(leaf, node_id) {
+            return Err(TlsError::WrongNodeText {
+                what: "node certificate",
+                node_id: node_id.to_owned(),
+            });
+        }
+        let key = PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+            TlsError::PemText {
+                what: "node private key",
+                reason: e.to_string(),
+            }
+        })?;
+        let identity = Self {
+            node_id: node_id.to_owned(),
+            chain,
+            key,
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+        };
+        identity.check_key("node private key")?;
+        Ok(identity)
+    }
+
+    /// Whether the private key belongs to the leaf certificate: a
+    /// mismatched pair would fail every handshake with an obscure error.
+    fn check_key(&self, what: &str) -> Result<(), TlsError> {
+        let mismatch = |reason: String| TlsError::KeyMismatch {
+            what: what.to_owned(),
+            reason,
+        };
+        let signer = provider()
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(self.key.clone_key()))
+            .map_err(|e| mismatch(e.to_string()))?;
+        CertifiedKey::new(self.chain.clone(), signer)
+            .keys_match()
+            .map_err(|e| mismatch(e.to_string()))
     }
 
     /// Write `node.pem` and `node-key.pem` (mode 0600) into `dir`.
@@ -261,16 +397,18 @@ impl NodeIdentity {
         let key_pem = read_key_file(&key_path)?;
         let key =
             PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| TlsError::Pem {
-                path: key_path,
+                path: key_path.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Self {
+        let identity = Self {
             node_id: node_id.to_owned(),
             chain,
             key,
             cert_pem,
             key_pem,
-        })
+        };
+        identity.check_key(&key_path.display().to_string())?;
+        Ok(identity)
     }
 }
 
@@ -348,8 +486,9 @@ fn read_key_file(path: &Path) -> Result<String, TlsError> {
 
 /// Write through a temporary and rename, so a crash leaves the old file or
 /// the new one; the mode is set at creation so a key is never readable by
-/// others, not even briefly.
-fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
+/// others, not even briefly. Public so the node's cluster files (node id,
+/// certificates from a join token) are written the same way.
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = fs::OpenOptions::new()
@@ -406,6 +545,35 @@ mod tests {
         assert!(matches!(
             ClusterCa::load(dir.path()),
             Err(TlsError::KeyPermissions { .. })
+        ));
+    }
+
+    #[test]
+    fn pem_text_round_trips_and_chains_are_checked() {
+        let ca = ClusterCa::generate().unwrap();
+        let other = ClusterCa::generate().unwrap();
+        let node = ca.issue("node-a").unwrap();
+        let root = TrustRoot::from_pem(ca.trust_root().cert_pem()).unwrap();
+        assert_eq!(root.cert_der(), ca.trust_root().cert_der());
+        let again = NodeIdentity::from_pem("node-a", node.cert_pem(), node.key_pem()).unwrap();
+        root.verify(&again).unwrap();
+        assert!(matches!(
+            other.trust_root().verify(&again),
+            Err(TlsError::NotUnderCa { .. })
+        ));
+        assert!(matches!(
+            NodeIdentity::from_pem("node-b", node.cert_pem(), node.key_pem()),
+            Err(TlsError::WrongNodeText { .. })
+        ));
+        // Another node's key with this node's certificate.
+        let stranger = ca.issue("node-a").unwrap();
+        assert!(matches!(
+            NodeIdentity::from_pem("node-a", node.cert_pem(), stranger.key_pem()),
+            Err(TlsError::KeyMismatch { .. })
+        ));
+        assert!(matches!(
+            TrustRoot::from_pem("not pem"),
+            Err(TlsError::PemText { .. })
         ));
     }
 

@@ -94,10 +94,12 @@ async fn e2b_api_end_to_end() {
     eprintln!("create took {:?}", started.elapsed());
     let id = sbx["sandboxID"].as_str().unwrap().to_owned();
     let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
-    assert_eq!(id.len(), 20);
+    // 16 random characters, then the owner node's id.
+    assert_eq!(id.len(), 16 + "-local".len(), "{id}");
+    assert!(id.ends_with("-local"), "{id}");
     assert_eq!(sbx["templateID"], "base");
     assert_eq!(sbx["envdVersion"], schema::envd::ENVD_VERSION);
-    assert!(sbx["clientID"].is_string());
+    assert_eq!(sbx["clientID"], "local");
     assert_eq!(sbx["domain"], "sandmesh.test");
     assert_eq!(
         sbx["runtime"], "gvisor",

@@ -41,21 +41,41 @@ def _check_can_run():
 
 
 class NodeProcess:
-    """A node process on `data`; `url` and `key` once it serves."""
+    """A node process on `data`; `url` and `key` once it serves, `gossip`
+    (the address other nodes join through) and `node_id`.
 
-    def __init__(self, data, kill_on_exit=True):
+    `key`: the API key to use (added to this node's keys); a new one when
+    None. `ip`: the loopback address it listens on. `seeds`: gossip
+    addresses of nodes to join (the data dir must then hold a cluster
+    certificate: see `join_cluster`)."""
+
+    def __init__(self, data, kill_on_exit=True, key=None, ip="127.0.0.1", seeds=(), extra=()):
         env = dict(os.environ, SANDMESH_GUEST_ARTIFACTS=ARTIFACTS)
-        self.key = subprocess.run(
-            [SANDMESH, "apikey", "create", "--data-dir", str(data)],
-            check=True, capture_output=True, text=True, env=env,
-        ).stdout.strip()
-        cmd = [SANDMESH, "node", "--data-dir", str(data), "--listen", "127.0.0.1:0", "--runtime", "gvisor"]
+        if key is None:
+            self.key = subprocess.run(
+                [SANDMESH, "apikey", "create", "--data-dir", str(data)],
+                check=True, capture_output=True, text=True, env=env,
+            ).stdout.strip()
+        else:
+            subprocess.run(
+                [SANDMESH, "apikey", "add", "--data-dir", str(data)],
+                input=key + "\n", check=True, capture_output=True, text=True, env=env,
+            )
+            self.key = key
+        cmd = [SANDMESH, "node", "--data-dir", str(data), "--listen", f"{ip}:0", "--runtime", "gvisor"]
+        for seed in seeds:
+            cmd += ["--seed", seed]
+        cmd += list(extra)
         if kill_on_exit:
             cmd.append("--kill-sandboxes-on-exit")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline().strip()
         assert line.startswith("listening on "), f"node did not start: {line!r}"
         self.url = "http://" + line.rsplit(" ", 1)[1]
+        # "gossip on ADDR as node ID"
+        words = self.proc.stdout.readline().split()
+        assert words[:2] == ["gossip", "on"], f"no gossip line: {words!r}"
+        self.gossip, self.node_id = words[2], words[-1]
 
     def stop(self):
         """SIGTERM (kills the sandboxes when started with kill_on_exit)."""
@@ -102,6 +122,27 @@ def node_factory():
         if n.proc.poll() is None:
             n.stop()
     shutil.rmtree(data, ignore_errors=True)
+
+
+def init_cluster(data, node_id):
+    """Make a new cluster whose first node is `node_id` on `data`."""
+    subprocess.run(
+        [SANDMESH, "cluster", "init", "--data-dir", str(data), "--node-id", node_id],
+        check=True, capture_output=True, text=True,
+    )
+
+
+def join_cluster(first_data, data, node_id):
+    """Give the node on `data` a certificate of `first_data`'s cluster."""
+    token = subprocess.run(
+        [SANDMESH, "cluster", "join-token", "--data-dir", str(first_data), "--node-id", node_id],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    subprocess.run(
+        [SANDMESH, "cluster", "join", "--data-dir", str(data)],
+        env=dict(os.environ, SANDMESH_JOIN_TOKEN=token),
+        check=True, capture_output=True, text=True,
+    )
 
 
 def point_sdk_at(monkeypatch, url, key):

@@ -1,0 +1,164 @@
+"""The unmodified E2B SDK against a three-node cluster, through a node that
+owns none of the sandboxes: every REST call and every byte of sandbox
+traffic crosses the mesh (QUIC) to the owner.
+
+Three real `sandmesh node` processes on 127.0.0.1-3, joined through the
+first one's gossip address. The first node (the one the SDK talks to) is
+drained, so placement puts every sandbox on the other two.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.request
+import uuid
+
+import pytest
+from e2b import NotFoundException, Sandbox, SandboxQuery, SandboxState
+
+from conftest import NodeProcess, _check_can_run, init_cluster, join_cluster, point_sdk_at
+
+
+def rest(node, method, path, body=None):
+    req = urllib.request.Request(
+        node.url + path,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"X-API-KEY": node.key, "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        raw = resp.read()
+        return json.loads(raw) if raw else None
+
+
+def wait_for(what, check, timeout=30):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}: last saw {last!r}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    _check_can_run()
+    base = tempfile.mkdtemp(prefix="smh-sdk-cluster-")
+    dirs = [os.path.join(base, f"n{i}") for i in range(3)]
+    nodes = []
+    try:
+        init_cluster(dirs[0], "n0")
+        for i in (1, 2):
+            join_cluster(dirs[0], dirs[i], f"n{i}")
+        first = NodeProcess(dirs[0], ip="127.0.0.1")
+        nodes.append(first)
+        for i in (1, 2):
+            nodes.append(
+                NodeProcess(dirs[i], key=first.key, ip=f"127.0.0.{i + 1}", seeds=[first.gossip])
+            )
+
+        def all_ready():
+            views = [rest(n, "GET", "/cluster") for n in nodes]
+            return all(
+                sorted((x["nodeID"], x["state"]) for x in v["nodes"])
+                == [("n0", "ready"), ("n1", "ready"), ("n2", "ready")]
+                for v in views
+            ) and views
+
+        wait_for("three ready nodes in every node's view", all_ready)
+        assert rest(first, "POST", "/node/drain")["state"] == "draining"
+        wait_for(
+            "n0 seen draining by the others",
+            lambda: all(
+                {x["nodeID"]: x["state"] for x in rest(n, "GET", "/cluster")["nodes"]}["n0"]
+                == "draining"
+                for n in nodes[1:]
+            ),
+        )
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def via_non_owner(cluster, monkeypatch):
+    """The SDK pointed at n0, which owns no sandbox."""
+    point_sdk_at(monkeypatch, cluster[0].url, cluster[0].key)
+    return cluster
+
+
+def owner(sandbox_id):
+    assert sandbox_id[16] == "-", sandbox_id
+    return sandbox_id[17:]
+
+
+def test_core_cases_through_a_non_owner(via_non_owner):
+    tag = uuid.uuid4().hex
+    sbx = Sandbox.create(metadata={"suite": "cluster", "tag": tag}, envs={"GREETING": "hello"})
+    try:
+        assert owner(sbx.sandbox_id) in ("n1", "n2")
+        assert sbx.is_running()
+
+        r = sbx.commands.run("echo $GREETING; echo err >&2")
+        assert (r.exit_code, r.stdout, r.stderr) == (0, "hello\n", "err\n")
+        lines = []
+        sbx.commands.run("for i in 1 2 3; do echo line$i; sleep 0.1; done", on_stdout=lines.append)
+        assert "".join(lines) == "line1\nline2\nline3\n"
+
+        sbx.files.write("/tmp/x.txt", "through the mesh")
+        assert sbx.files.read("/tmp/x.txt") == "through the mesh"
+        assert "x.txt" in [e.name for e in sbx.files.list("/tmp")]
+
+        # 8 MiB each way through the QUIC pipe, checked end to end.
+        blob = os.urandom(8 << 20)
+        sbx.files.write("/tmp/blob", blob)
+        r = sbx.commands.run("sha256sum /tmp/blob")
+        assert r.stdout.split()[0] == hashlib.sha256(blob).hexdigest()
+        assert sbx.files.read("/tmp/blob", format="bytes") == blob
+
+        info = sbx.get_info()
+        assert info.sandbox_id == sbx.sandbox_id
+        assert info.metadata["tag"] == tag
+        listed = Sandbox.list(query=SandboxQuery(metadata={"tag": tag})).next_items()
+        assert [s.sandbox_id for s in listed] == [sbx.sandbox_id]
+        sbx.set_timeout(600)
+    finally:
+        assert sbx.kill()
+    with pytest.raises(NotFoundException):
+        Sandbox.connect(sbx.sandbox_id)
+
+
+def test_list_merges_every_node_and_pages(via_non_owner):
+    tag = uuid.uuid4().hex
+    made = [Sandbox.create(metadata={"tag": tag}, timeout=300) for _ in range(4)]
+    try:
+        assert {owner(s.sandbox_id) for s in made} <= {"n1", "n2"}
+        paginator = Sandbox.list(query=SandboxQuery(metadata={"tag": tag}), limit=3)
+        seen = paginator.next_items()
+        assert len(seen) == 3 and paginator.has_next
+        seen += paginator.next_items()
+        assert not paginator.has_next
+        assert sorted(s.sandbox_id for s in seen) == sorted(s.sandbox_id for s in made)
+    finally:
+        for s in made:
+            s.kill()
+
+
+def test_pause_and_resume_through_a_non_owner(via_non_owner):
+    sbx = Sandbox.create(timeout=300)
+    try:
+        sbx.commands.run("echo kept > /tmp/kept")
+        assert sbx.pause() is True
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
+        again = Sandbox.connect(sbx.sandbox_id, timeout=300)
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
+        assert again.files.read("/tmp/kept") == "kept\n"
+    finally:
+        sbx.kill()
