@@ -106,7 +106,12 @@ fn skip(test: &str) -> Option<()> {
 
 /// The loopback address of node `i`: `127.0.0.(i+1)`.
 pub fn node_ip(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, u8::try_from(i + 1).expect("< 255 nodes")))
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        0,
+        u8::try_from(i + 1).expect("< 255 nodes"),
+    ))
 }
 
 /// A UDP port free on `ip` now (bound, read and released).
@@ -240,7 +245,9 @@ impl Cluster {
     /// [`Cluster::wait_converged`]). `None` when the machine cannot run the
     /// suite (see the crate doc).
     pub async fn start(test: &str, n: usize) -> Option<Self> {
-        skip(test)?;
+        if skip(test).is_some() {
+            return None;
+        }
         assert!(n >= 1);
         let dir = std::env::temp_dir().join(format!("smh-chaos-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -272,11 +279,25 @@ impl Cluster {
                 let di = cluster.dir.join(&id);
                 let dis = di.to_str().expect("utf-8 path");
                 let token = sandmesh(
-                    &["cluster", "join-token", "--data-dir", &d0s, "--node-id", &id],
+                    &[
+                        "cluster",
+                        "join-token",
+                        "--data-dir",
+                        &d0s,
+                        "--node-id",
+                        &id,
+                    ],
                     None,
                 );
                 sandmesh(
-                    &["cluster", "join", "--data-dir", dis, "--token", token.trim()],
+                    &[
+                        "cluster",
+                        "join",
+                        "--data-dir",
+                        dis,
+                        "--token",
+                        token.trim(),
+                    ],
                     None,
                 );
                 sandmesh(&["apikey", "add", "--data-dir", dis], Some(&cluster.key));
@@ -397,10 +418,7 @@ impl Cluster {
             }
         }
         node.rest = rest.unwrap_or_else(|| {
-            panic!(
-                "node {} printed `gossip on` before `listening on`",
-                node.id
-            )
+            panic!("node {} printed `gossip on` before `listening on`", node.id)
         });
     }
 

@@ -17,7 +17,13 @@ fn owner(id: &str) -> &str {
 }
 
 /// Wait until node `viewer` shows node `id` in `state`; the time it took.
-async fn wait_state(c: &Cluster, viewer: usize, id: &str, state: &str, timeout: Duration) -> Duration {
+async fn wait_state(
+    c: &Cluster,
+    viewer: usize,
+    id: &str,
+    state: &str,
+    timeout: Duration,
+) -> Duration {
     match wait_until(timeout, || async {
         c.seen(viewer, id).await.is_some_and(|(s, _)| s == state)
     })
@@ -88,7 +94,9 @@ async fn three_nodes_gossip_detect_death_and_rejoin() {
     }
 
     // Restarted, n2 comes back ready with a newer generation.
+    let restarted = Instant::now();
     c.restart(2);
+    let startup = restarted.elapsed();
     let back = Instant::now();
     let r = wait_until(Duration::from_secs(30), || async {
         for i in [0, 1] {
@@ -107,7 +115,9 @@ async fn three_nodes_gossip_detect_death_and_rejoin() {
         c.seen(0, "n2").await,
         c.seen(1, "n2").await
     );
-    eprintln!("{test}: n2 restarted (readiness line printed) -> ready on n0 and n1 in {took:?}");
+    eprintln!(
+        "{test}: n2 restarted: process start -> readiness line {startup:?}, readiness line -> ready with a newer generation on n0 and n1 {took:?}"
+    );
     assert!(
         took <= Duration::from_secs(10),
         "{test}: rejoin took {took:?}, more than 10 s"
@@ -139,11 +149,19 @@ async fn drain_moves_creates_elsewhere() {
     let mut ids = Vec::new();
     for _ in 0..6 {
         let id = c.create(1).await;
-        assert_ne!(owner(&id), "n1", "{test}: {id} was placed on the draining n1");
+        assert_ne!(
+            owner(&id),
+            "n1",
+            "{test}: {id} was placed on the draining n1"
+        );
         ids.push(id);
     }
     let (status, list) = c.get(1, "/sandboxes").await;
-    assert_eq!(status, StatusCode::OK, "{test}: GET /sandboxes via n1: {list}");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{test}: GET /sandboxes via n1: {list}"
+    );
     let listed: Vec<&str> = list
         .as_array()
         .unwrap_or_else(|| panic!("{test}: GET /sandboxes is not an array: {list}"))
@@ -167,7 +185,10 @@ async fn drain_moves_creates_elsewhere() {
         "{test}: `sandmesh status` does not show n1 draining:\n{table}"
     );
     let js = tokio::task::block_in_place(|| {
-        sandmesh(&["status", "--url", &url1, "--api-key", &key, "--json"], None)
+        sandmesh(
+            &["status", "--url", &url1, "--api-key", &key, "--json"],
+            None,
+        )
     });
     let v: serde_json::Value = serde_json::from_str(&js)
         .unwrap_or_else(|e| panic!("{test}: `sandmesh status --json` is not JSON ({e}):\n{js}"));
@@ -210,7 +231,11 @@ async fn dead_owner_is_a_clear_503_and_traffic_through_a_non_owner_works() {
     wait_state(&c, 0, "n0", "draining", Duration::from_secs(10)).await;
     wait_state(&c, 0, "n1", "draining", Duration::from_secs(10)).await;
     let id = c.create(0).await;
-    assert_eq!(owner(&id), "n2", "{test}: with n0 and n1 draining, {id} is not on n2");
+    assert_eq!(
+        owner(&id),
+        "n2",
+        "{test}: with n0 and n1 draining, {id} is not on n2"
+    );
     for i in [0, 1] {
         let (s, b) = c.send(c.api(i, Method::DELETE, "/node/drain")).await;
         assert_eq!(s, StatusCode::OK, "{test}: DELETE /node/drain on n{i}: {b}");
@@ -256,13 +281,19 @@ async fn dead_owner_is_a_clear_503_and_traffic_through_a_non_owner_works() {
     );
     let body: serde_json::Value = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("{test}: the 503 body is not JSON ({e}): {text}"));
-    assert!(body["code"].is_number(), "{test}: 503 body without code: {body}");
+    assert!(
+        body["code"].is_number(),
+        "{test}: 503 body without code: {body}"
+    );
     assert!(
         body["message"].as_str().is_some_and(|m| m.contains("dead")),
         "{test}: 503 message does not say dead: {body}"
     );
     eprintln!("{test}: 503 for the dead owner's sandbox in {took:?}");
-    assert!(took < Duration::from_secs(5), "{test}: the 503 took {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "{test}: the 503 took {took:?}"
+    );
 
     let (s, b) = c.get(0, "/sandboxes/abcdefghij012345-nobody").await;
     assert_eq!(
@@ -297,7 +328,10 @@ async fn node_of_another_cluster_cannot_join() {
             .filter_map(|n| n["nodeID"].as_str())
             .collect();
         assert_eq!(ids0, ["n0", "n1"], "{test}: n0's view: {v0}");
-        let vs = c.cluster_view(s).await.expect("the stranger answers /cluster");
+        let vs = c
+            .cluster_view(s)
+            .await
+            .expect("the stranger answers /cluster");
         let idss: Vec<&str> = vs["nodes"]
             .as_array()
             .unwrap()
