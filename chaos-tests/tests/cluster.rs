@@ -1,0 +1,348 @@
+//! Multi-node tests: real `sandmesh node` processes on 127.0.0.1..3 (see
+//! the harness in `chaos_tests`). Each test starts its own cluster.
+
+use std::time::{Duration, Instant};
+
+use chaos_tests::{Cluster, Method, StatusCode, node_in, sandmesh, wait_until};
+use serde_json::json;
+
+/// How long gossip gets to converge after the nodes started.
+const CONVERGE: Duration = Duration::from_secs(30);
+/// The longest a dead node may take to be declared dead by every peer.
+const DEAD_WITHIN: Duration = Duration::from_secs(5);
+
+/// The owner suffix of a sandbox id.
+fn owner(id: &str) -> &str {
+    id.rsplit_once('-').map_or("", |(_, o)| o)
+}
+
+/// Wait until node `viewer` shows node `id` in `state`; the time it took.
+async fn wait_state(
+    c: &Cluster,
+    viewer: usize,
+    id: &str,
+    state: &str,
+    timeout: Duration,
+) -> Duration {
+    match wait_until(timeout, || async {
+        c.seen(viewer, id).await.is_some_and(|(s, _)| s == state)
+    })
+    .await
+    {
+        Ok(t) => t,
+        Err(_) => panic!(
+            "{}: node {} did not show {id} {state} within {timeout:?}; it shows {:?}",
+            c.test,
+            c.nodes[viewer].id,
+            c.cluster_view(viewer).await
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_nodes_gossip_detect_death_and_rejoin() {
+    let test = "three_nodes_gossip_detect_death_and_rejoin";
+    let Some(mut c) = Cluster::start(test, 3).await else {
+        return;
+    };
+    c.wait_converged(CONVERGE).await;
+    let (_, gen_before) = c.seen(0, "n2").await.expect("n0 lists n2");
+
+    // kill -9 n2: both others must call it dead, quickly.
+    c.kill9(2);
+    let killed = Instant::now();
+    let r = wait_until(Duration::from_secs(30), || async {
+        for i in [0, 1] {
+            if c.seen(i, "n2").await.is_none_or(|(s, _)| s != "dead") {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        r.is_ok(),
+        "{test}: n0 and n1 did not both show n2 dead within 30 s: n0 sees {:?}, n1 sees {:?}",
+        c.seen(0, "n2").await,
+        c.seen(1, "n2").await
+    );
+    eprintln!("{test}: n2 killed -> dead on n0 and n1 in {took:?}");
+    assert!(
+        took <= DEAD_WITHIN,
+        "{test}: dead detection took {took:?}, more than {DEAD_WITHIN:?}"
+    );
+
+    // Creates while n2 is dead never go there.
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let id = c.create(0).await;
+        assert_ne!(
+            owner(&id),
+            "n2",
+            "{test}: sandbox {id} was placed on the dead node n2"
+        );
+        assert!(
+            ["n0", "n1"].contains(&owner(&id)),
+            "{test}: sandbox id {id} does not end with -n0 or -n1"
+        );
+        ids.push(id);
+    }
+    for id in &ids {
+        let s = c.delete(0, id).await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{test}: deleting {id}");
+    }
+
+    // Restarted, n2 comes back ready with a newer generation.
+    let restarted = Instant::now();
+    c.restart(2);
+    let startup = restarted.elapsed();
+    let back = Instant::now();
+    let r = wait_until(Duration::from_secs(30), || async {
+        for i in [0, 1] {
+            match c.seen(i, "n2").await {
+                Some((s, g)) if s == "ready" && g > gen_before => {}
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await;
+    let took = back.elapsed();
+    assert!(
+        r.is_ok(),
+        "{test}: restarted n2 not ready with a generation > {gen_before} on n0 and n1 within 30 s: n0 sees {:?}, n1 sees {:?}",
+        c.seen(0, "n2").await,
+        c.seen(1, "n2").await
+    );
+    eprintln!(
+        "{test}: n2 restarted: process start -> readiness line {startup:?}, readiness line -> ready with a newer generation on n0 and n1 {took:?}"
+    );
+    assert!(
+        took <= Duration::from_secs(10),
+        "{test}: rejoin took {took:?}, more than 10 s"
+    );
+    // And it sees the whole cluster again itself.
+    c.wait_converged(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drain_moves_creates_elsewhere() {
+    let test = "drain_moves_creates_elsewhere";
+    let Some(c) = Cluster::start(test, 3).await else {
+        return;
+    };
+    let mut c = c;
+    c.wait_converged(CONVERGE).await;
+    let url1 = c.url(1);
+    let key = c.key.clone();
+    let out = tokio::task::block_in_place(|| {
+        sandmesh(&["node", "drain", "--url", &url1, "--api-key", &key], None)
+    });
+    assert!(
+        out.contains("n1") && out.contains("draining"),
+        "{test}: `sandmesh node drain` printed {out:?}"
+    );
+    wait_state(&c, 0, "n1", "draining", Duration::from_secs(10)).await;
+    wait_state(&c, 2, "n1", "draining", Duration::from_secs(10)).await;
+
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let id = c.create(1).await;
+        assert_ne!(
+            owner(&id),
+            "n1",
+            "{test}: {id} was placed on the draining n1"
+        );
+        ids.push(id);
+    }
+    let (status, list) = c.get(1, "/sandboxes").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{test}: GET /sandboxes via n1: {list}"
+    );
+    let listed: Vec<&str> = list
+        .as_array()
+        .unwrap_or_else(|| panic!("{test}: GET /sandboxes is not an array: {list}"))
+        .iter()
+        .filter_map(|s| s["sandboxID"].as_str())
+        .collect();
+    for id in &ids {
+        assert!(
+            listed.contains(&id.as_str()),
+            "{test}: GET /sandboxes via n1 lacks {id}: it lists {listed:?}"
+        );
+    }
+
+    let table = tokio::task::block_in_place(|| {
+        sandmesh(&["status", "--url", &url1, "--api-key", &key], None)
+    });
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some("n1") && l.contains("draining")),
+        "{test}: `sandmesh status` does not show n1 draining:\n{table}"
+    );
+    let js = tokio::task::block_in_place(|| {
+        sandmesh(
+            &["status", "--url", &url1, "--api-key", &key, "--json"],
+            None,
+        )
+    });
+    let v: serde_json::Value = serde_json::from_str(&js)
+        .unwrap_or_else(|e| panic!("{test}: `sandmesh status --json` is not JSON ({e}):\n{js}"));
+    assert_eq!(
+        node_in(&v, "n1").map(|(s, _)| s),
+        Some("draining".into()),
+        "{test}: status --json: {v}"
+    );
+    assert_eq!(v["nodes"].as_array().map(Vec::len), Some(3), "{test}: {v}");
+
+    let out = tokio::task::block_in_place(|| {
+        sandmesh(
+            &["node", "drain", "--url", &url1, "--api-key", &key, "--undo"],
+            None,
+        )
+    });
+    assert!(
+        out.contains("ready"),
+        "{test}: `sandmesh node drain --undo` printed {out:?}"
+    );
+    wait_state(&c, 0, "n1", "ready", Duration::from_secs(10)).await;
+    ids.push(c.create(1).await);
+    for id in &ids {
+        let s = c.delete(1, id).await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{test}: deleting {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_owner_is_a_clear_503_and_traffic_through_a_non_owner_works() {
+    let test = "dead_owner_is_a_clear_503_and_traffic_through_a_non_owner_works";
+    let Some(mut c) = Cluster::start(test, 3).await else {
+        return;
+    };
+    c.wait_converged(CONVERGE).await;
+    for i in [0, 1] {
+        let (s, b) = c.send(c.api(i, Method::POST, "/node/drain")).await;
+        assert_eq!(s, StatusCode::OK, "{test}: POST /node/drain on n{i}: {b}");
+    }
+    wait_state(&c, 0, "n0", "draining", Duration::from_secs(10)).await;
+    wait_state(&c, 0, "n1", "draining", Duration::from_secs(10)).await;
+    let id = c.create(0).await;
+    assert_eq!(
+        owner(&id),
+        "n2",
+        "{test}: with n0 and n1 draining, {id} is not on n2"
+    );
+    for i in [0, 1] {
+        let (s, b) = c.send(c.api(i, Method::DELETE, "/node/drain")).await;
+        assert_eq!(s, StatusCode::OK, "{test}: DELETE /node/drain on n{i}: {b}");
+    }
+
+    // Through the non-owners.
+    let (s, b) = c.get(0, &format!("/sandboxes/{id}")).await;
+    assert_eq!(s, StatusCode::OK, "{test}: GET /sandboxes/{id} via n0: {b}");
+    assert_eq!(b["sandboxID"], id.as_str(), "{test}: {b}");
+    let (s, b) = c
+        .send(c.sandbox_traffic(0, Method::GET, &id, 49983, "/health"))
+        .await;
+    assert!(
+        s == StatusCode::NO_CONTENT || s == StatusCode::OK,
+        "{test}: envd /health of {id} via n0 answered {s}: {b}"
+    );
+    let (s, b) = c
+        .send(
+            c.api(1, Method::POST, &format!("/sandboxes/{id}/timeout"))
+                .json(&json!({"timeout": 60})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{test}: set timeout via n1: {b}");
+
+    // The owner dies: a clear 503, not a hang.
+    c.kill9(2);
+    let dead_after = wait_state(&c, 0, "n2", "dead", Duration::from_secs(30)).await;
+    eprintln!("{test}: n0 saw n2 dead {dead_after:?} after the kill");
+    let asked = Instant::now();
+    let resp = c
+        .api(0, Method::GET, &format!("/sandboxes/{id}"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{test}: GET /sandboxes/{id} of a dead owner via n0: {e:?}"));
+    let took = asked.elapsed();
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{test}: GET of a sandbox on the dead n2 via n0 answered {status}: {text}"
+    );
+    let body: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{test}: the 503 body is not JSON ({e}): {text}"));
+    assert!(
+        body["code"].is_number(),
+        "{test}: 503 body without code: {body}"
+    );
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains("dead")),
+        "{test}: 503 message does not say dead: {body}"
+    );
+    eprintln!("{test}: 503 for the dead owner's sandbox in {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "{test}: the 503 took {took:?}"
+    );
+
+    let (s, b) = c.get(0, "/sandboxes/abcdefghij012345-nobody").await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "{test}: GET of a sandbox of a never-member node: {b}"
+    );
+
+    // Clean up: bring n2 back and remove the sandbox it kept.
+    c.restart(2);
+    wait_state(&c, 0, "n2", "ready", Duration::from_secs(20)).await;
+    let s = c.delete(0, &id).await;
+    eprintln!("{test}: deleting {id} after n2's restart: {s}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_of_another_cluster_cannot_join() {
+    let test = "node_of_another_cluster_cannot_join";
+    let Some(mut c) = Cluster::start(test, 2).await else {
+        return;
+    };
+    c.wait_converged(CONVERGE).await;
+    let s = c.start_stranger("stranger");
+    // Gossip has had plenty of rounds to let it in, were it let in.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for _ in 0..3 {
+        let v0 = c.cluster_view(0).await.expect("n0 answers /cluster");
+        let ids0: Vec<&str> = v0["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["nodeID"].as_str())
+            .collect();
+        assert_eq!(ids0, ["n0", "n1"], "{test}: n0's view: {v0}");
+        let vs = c
+            .cluster_view(s)
+            .await
+            .expect("the stranger answers /cluster");
+        let idss: Vec<&str> = vs["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["nodeID"].as_str())
+            .collect();
+        assert_eq!(idss, ["stranger"], "{test}: the stranger's view: {vs}");
+        assert_ne!(
+            v0["clusterID"], vs["clusterID"],
+            "{test}: two CAs, one cluster id"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
