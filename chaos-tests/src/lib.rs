@@ -235,7 +235,14 @@ pub struct Cluster {
     /// The cluster's API key (every node accepts it).
     pub key: String,
     http: reqwest::Client,
+    /// Held while this cluster lives: see [`ONE_CLUSTER_AT_A_TIME`].
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
+
+/// One cluster at a time per test binary, whatever `--test-threads` says:
+/// two clusters of three nodes on a small machine starve each other's
+/// gossip, and failure detection is timed.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Cluster {
     /// Start a cluster of `n` nodes `n0..n{n-1}`: `cluster init` on n0, a
@@ -249,6 +256,7 @@ impl Cluster {
             return None;
         }
         assert!(n >= 1);
+        let turn = ONE_CLUSTER_AT_A_TIME.lock().await;
         let dir = std::env::temp_dir().join(format!("smh-chaos-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the test directory");
@@ -262,6 +270,7 @@ impl Cluster {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .expect("an HTTP client"),
+            _turn: turn,
         };
         tokio::task::block_in_place(|| {
             let d0 = cluster.dir.join("n0");
