@@ -39,6 +39,7 @@ impl Handler for Bench {
                 headers: r.headers,
                 body: r.body,
             }),
+            Request::WhoSigned { .. } => Response::SignedBy { sandbox_id: None },
         }
     }
 

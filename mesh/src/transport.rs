@@ -675,6 +675,7 @@ pub(crate) mod tests {
                     headers: r.headers,
                     body: r.body,
                 }),
+                Request::WhoSigned { .. } => Response::SignedBy { sandbox_id: None },
             }
         }
 

@@ -59,10 +59,19 @@ async fn front_door(State(f): State<Front>, req: Request, next: Next) -> Respons
                 tokens,
             ) {
                 Some(Some(target)) => proxy::forward(&f.sandboxes, target, req).await,
-                Some(None) => proxy::closing(error_response(
-                    StatusCode::UNAUTHORIZED,
-                    "the signature matches no running sandbox",
-                )),
+                Some(None) => {
+                    let query = req.uri().query().unwrap_or("").to_owned();
+                    match crate::cluster::front::find_signed(&f.cluster, req.method(), &query).await
+                    {
+                        Some(target) => {
+                            crate::cluster::front::traffic(&f.cluster, target, req).await
+                        }
+                        None => proxy::closing(error_response(
+                            StatusCode::UNAUTHORIZED,
+                            "the signature matches no running sandbox",
+                        )),
+                    }
+                }
                 None => rest(&f, req, next).await,
             }
         }

@@ -465,6 +465,12 @@ pub enum Request {
     /// chose it for, or its share of a cluster-wide list. The receiver
     /// checks the client's API key again and never forwards it further.
     Rest(RestRequest),
+    /// Which of the receiver's sandboxes a signed `/files` URL (E2B's
+    /// `download_url()`/`upload_url()`, which names no sandbox) is for:
+    /// the signature is made with the sandbox's envd access token, which
+    /// only its owner holds. `query` is the URL's query string. Answered
+    /// with [`Response::SignedBy`].
+    WhoSigned { method: String, query: String },
 }
 
 /// Coarse class of a mesh-level failure, for mapping to an HTTP status.
@@ -485,6 +491,11 @@ pub enum Response {
         unix_ms: u64,
     },
     Rest(RestResponse),
+    /// The sandbox whose token makes a [`Request::WhoSigned`] signature
+    /// valid, if the receiver owns it.
+    SignedBy {
+        sandbox_id: Option<String>,
+    },
     /// The request could not be served at all (no REST answer to relay).
     Error {
         kind: ErrorKind,

@@ -282,7 +282,9 @@ impl Cluster {
             Ok(wire::Response::Error { kind, message }) => {
                 Ok(error_response(status_of(kind), message))
             }
-            Ok(wire::Response::Pong { .. }) => Err("answered a REST call with a pong".into()),
+            Ok(wire::Response::Pong { .. } | wire::Response::SignedBy { .. }) => {
+                Err("answered a REST call with something else".into())
+            }
             Err(e) => Err(e.to_string()),
         }
     }
@@ -487,6 +489,50 @@ async fn list(cluster: &Cluster, req: Request) -> Response {
         }
     }
     resp
+}
+
+/// The sandbox, on another node, that a signed `/files` URL is for (no
+/// sandbox of this node matched it): every live node is asked at once.
+pub async fn find_signed(cluster: &Cluster, method: &Method, query: &str) -> Option<Target> {
+    let transport = cluster.transport()?.clone();
+    let mut asks = tokio::task::JoinSet::new();
+    for m in cluster.members().await {
+        if !m.live || m.protocol_version != PROTOCOL_VERSION || m.info.id == cluster.node_id() {
+            continue;
+        }
+        let transport = transport.clone();
+        let request = wire::Request::WhoSigned {
+            method: method.as_str().to_owned(),
+            query: query.to_owned(),
+        };
+        asks.spawn(async move {
+            let answer = transport.call(m.info.quic_addr, &m.info.id, &request).await;
+            (m.info.id, answer)
+        });
+    }
+    while let Some(joined) = asks.join_next().await {
+        match joined {
+            Ok((
+                node,
+                Ok(wire::Response::SignedBy {
+                    sandbox_id: Some(id),
+                }),
+            )) if crate::sandboxes::owner_of(&id).is_none_or(|o| o == node) => {
+                // Let the other asks finish: aborting one mid-handshake
+                // would throw away a connection being made.
+                asks.detach_all();
+                return Some(Target {
+                    sandbox_id: id,
+                    port: schema::envd::ENVD_PORT,
+                });
+            }
+            Ok((node, Err(e))) => {
+                tracing::debug!(%node, "asking who signed a file URL: {e}");
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Sandbox traffic for `target`: to the sandbox here, or over a raw mesh

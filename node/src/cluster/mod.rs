@@ -98,6 +98,8 @@ struct Inner {
     draining: AtomicBool,
     /// Whether the last self-check failed (to log changes only).
     unhealthy: AtomicBool,
+    /// Whether "another node has this id" was logged (once is enough).
+    superseded_logged: AtomicBool,
     mesh: Option<MeshParts>,
     /// The node's whole HTTP app: forwarded calls are served through it,
     /// so they pass the same API-key check and handlers as direct ones.
@@ -218,6 +220,7 @@ impl Cluster {
                 sandboxes,
                 draining: AtomicBool::new(draining),
                 unhealthy: AtomicBool::new(false),
+                superseded_logged: AtomicBool::new(false),
                 mesh,
                 app: OnceLock::new(),
             }),
@@ -348,7 +351,9 @@ impl Cluster {
         if let Err(e) = mesh.membership.set_info(&info).await {
             tracing::error!("publishing this node's state: {e}");
         }
-        if mesh.membership.is_superseded() {
+        if mesh.membership.is_superseded()
+            && !self.inner.superseded_logged.swap(true, Ordering::Relaxed)
+        {
             tracing::error!(
                 node = %self.inner.node_id,
                 "another node with this node id and a newer start time is live: two hosts share the id, or this process is a stale copy; stop one of them"

@@ -40,6 +40,18 @@ impl Handler for MeshHandler {
                 let resp = cluster.serve_local(rest, peer.addr.to_string()).await;
                 super::front::to_rest_response(resp).await
             }
+            Request::WhoSigned { method, query } => {
+                let records = cluster.sandboxes().list();
+                let tokens = records
+                    .iter()
+                    .map(|r| (r.id.as_str(), r.envd_access_token.as_str()));
+                let method = method.parse().unwrap_or(axum::http::Method::GET);
+                let found =
+                    crate::proxy::signed_file_target(&method, "/files", Some(&query), tokens);
+                Response::SignedBy {
+                    sandbox_id: found.flatten().map(|t| t.sandbox_id),
+                }
+            }
         }
     }
 

@@ -16,6 +16,7 @@ import time
 import urllib.request
 import uuid
 
+import httpx
 import pytest
 from e2b import NotFoundException, Sandbox, SandboxQuery, SandboxState
 
@@ -122,6 +123,13 @@ def test_core_cases_through_a_non_owner(via_non_owner):
         r = sbx.commands.run("sha256sum /tmp/blob")
         assert r.stdout.split()[0] == hashlib.sha256(blob).hexdigest()
         assert sbx.files.read("/tmp/blob", format="bytes") == blob
+
+        # Signed URLs name no sandbox: n0 asks the other nodes whose it is.
+        up = sbx.upload_url("/tmp/signed.txt")
+        assert httpx.post(up, files={"file": ("f.txt", b"signed upload")}).status_code == 200
+        assert httpx.get(sbx.download_url("/tmp/signed.txt")).content == b"signed upload"
+        forged = sbx.download_url("/tmp/signed.txt").replace("signature=v1_", "signature=v1_0")
+        assert httpx.get(forged).status_code == 401
 
         info = sbx.get_info()
         assert info.sandbox_id == sbx.sandbox_id
