@@ -322,6 +322,29 @@ impl Cluster {
     /// Start a node of *another* cluster (its own `cluster init`, so its
     /// own CA and cluster id) as node index `nodes.len()`, with `--seed`
     /// node 0 and this cluster's API key. Returns its index.
+    /// Add node `id`, a member of this cluster (join token from n0, the
+    /// cluster's key), joining through `seed` (which need not answer).
+    pub fn start_joined(&mut self, id: &str, seed: SocketAddr) -> usize {
+        let i = self.nodes.len();
+        tokio::task::block_in_place(|| {
+            let d0 = self.dir.join("n0");
+            let d0s = d0.to_str().expect("utf-8 path");
+            let token = sandmesh(
+                &["cluster", "join-token", "--data-dir", d0s, "--node-id", id],
+                None,
+            );
+            let d = self.dir.join(id);
+            let ds = d.to_str().expect("utf-8 path");
+            sandmesh(
+                &["cluster", "join", "--data-dir", ds, "--token", token.trim()],
+                None,
+            );
+            sandmesh(&["apikey", "add", "--data-dir", ds], Some(&self.key));
+            self.add_node(i, id, Some(seed));
+        });
+        i
+    }
+
     pub fn start_stranger(&mut self, id: &str) -> usize {
         let i = self.nodes.len();
         tokio::task::block_in_place(|| {

@@ -346,3 +346,43 @@ async fn node_of_another_cluster_cannot_join() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_seed_node_serves_alone() {
+    let test = "unreachable_seed_node_serves_alone";
+    let Some(mut c) = Cluster::start(test, 1).await else {
+        return;
+    };
+    // A port nobody listens on: the seed never answers.
+    let ip = chaos_tests::node_ip(1);
+    let dead_seed = std::net::SocketAddr::new(ip, chaos_tests::free_udp_port(ip));
+    let lonely = c.start_joined("lonely", dead_seed);
+    let v = c
+        .cluster_view(lonely)
+        .await
+        .expect("the node answers /cluster");
+    let ids: Vec<&str> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["nodeID"].as_str())
+        .collect();
+    assert_eq!(ids, ["lonely"], "{test}: {v}");
+    // It serves alone: a create through it lands on it.
+    let id = c.create(lonely).await;
+    assert_eq!(owner(&id), "lonely", "{test}: {id}");
+    assert_eq!(c.delete(lonely, &id).await, StatusCode::NO_CONTENT);
+    // And says why it is alone, in a line an operator can act on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = c.nodes[lonely].log_tail(200);
+        if log.contains("no mesh peer reachable") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: no 'no mesh peer reachable' line in the log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -27,6 +27,15 @@ pub const PROXY_BYTES: &str = "sandmesh_proxy_bytes_total";
 /// Proxied requests by `outcome` (`forwarded`, `not_found`, `unreachable`).
 pub const PROXY_REQUESTS: &str = "sandmesh_proxy_requests_total";
 
+/// Calls and streams this node sent to another node, by `kind` (`rest`:
+/// a call on a sandbox, `create`, `list`, `traffic`, `signed`: a signed
+/// URL lookup) and `outcome` (`ok`, `unreachable`: the node did not
+/// answer, `dead`: gossip says it is dead).
+pub const MESH_FORWARDS: &str = "sandmesh_mesh_forwards_total";
+/// Members of the cluster as this node sees them, by `state` (`ready`,
+/// `draining`, `unhealthy`, `dead`), set when scraped.
+pub const MESH_MEMBERS: &str = "sandmesh_mesh_members";
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// The process-wide recorder, installed on first use. `None` if another
@@ -58,6 +67,11 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
                 "body bytes through the sandbox proxy"
             );
             metrics::describe_counter!(PROXY_REQUESTS, "proxied requests by outcome");
+            metrics::describe_counter!(
+                MESH_FORWARDS,
+                "calls and streams sent to other nodes, by kind and outcome"
+            );
+            metrics::describe_gauge!(MESH_MEMBERS, "cluster members seen by state");
             Some(handle)
         })
         .as_ref()

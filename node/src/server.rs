@@ -76,6 +76,7 @@ async fn front_door(State(f): State<Front>, req: Request, next: Next) -> Respons
             }
         }
         Ok(None) if req.uri().path() == "/metrics" && req.method() == axum::http::Method::GET => {
+            members_gauge(&f.cluster).await;
             metrics_page(&f.sandboxes)
         }
         // The API's description is public, as the API's own docs are.
@@ -102,6 +103,27 @@ async fn rest(f: &Front, req: Request, next: Next) -> Response {
             tracing::error!("checking an API key: {e}");
             error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
+    }
+}
+
+/// Set the cluster members gauge (by state) for a scrape.
+async fn members_gauge(cluster: &Cluster) {
+    let mut counts = std::collections::BTreeMap::from([
+        ("ready", 0u32),
+        ("draining", 0),
+        ("unhealthy", 0),
+        ("dead", 0),
+    ]);
+    for m in cluster.members().await {
+        let state = if m.live {
+            m.info.state.as_str()
+        } else {
+            "dead"
+        };
+        *counts.entry(state).or_insert(0) += 1;
+    }
+    for (state, n) in counts {
+        metrics::gauge!(crate::metrics::MESH_MEMBERS, "state" => state).set(f64::from(n));
     }
 }
 

@@ -107,17 +107,31 @@ pub async fn route(cluster: &Cluster, req: Request, next: Next) -> Response {
                     Err(resp) => return resp,
                 };
                 match cluster.dispatch(&info, rest).await {
-                    Ok(resp) => resp,
-                    Err(e) => owner_unreachable(&id, &info.id, &e),
+                    Ok(resp) => {
+                        count("rest", "ok");
+                        resp
+                    }
+                    Err(e) => {
+                        count("rest", "unreachable");
+                        owner_unreachable(&id, &info.id, &e)
+                    }
                 }
             }
-            Owner::Dead(info) => owner_dead(&id, &info.id),
+            Owner::Dead(info) => {
+                count("rest", "dead");
+                owner_dead(&id, &info.id)
+            }
             Owner::Unknown(node) => error_response(
                 StatusCode::NOT_FOUND,
                 format!("sandbox {id} not found: its node {node} is not a member of this cluster"),
             ),
         },
     }
+}
+
+fn count(kind: &'static str, outcome: &'static str) {
+    metrics::counter!(crate::metrics::MESH_FORWARDS, "kind" => kind, "outcome" => outcome)
+        .increment(1);
 }
 
 fn owner_dead(id: &str, node: &str) -> Response {
@@ -335,7 +349,12 @@ async fn create(cluster: &Cluster, req: Request) -> Response {
     let mut last: Option<Response> = None;
     let mut failures = Vec::new();
     for info in ranked.into_iter().take(MAX_PLACEMENT_TRIES) {
-        match cluster.dispatch(info, rest.clone()).await {
+        let remote = info.id != cluster.node_id();
+        let answer = cluster.dispatch(info, rest.clone()).await;
+        if remote {
+            count("create", if answer.is_ok() { "ok" } else { "unreachable" });
+        }
+        match answer {
             // Full or draining since it was gossiped, or without this
             // template: the next node may take it.
             Ok(resp)
@@ -424,6 +443,9 @@ async fn list(cluster: &Cluster, req: Request) -> Response {
         let (c, rest) = (cluster.clone(), rest.clone());
         asks.spawn(async move {
             let answer = c.dispatch(&info, rest).await;
+            if info.id != c.node_id() {
+                count("list", if answer.is_ok() { "ok" } else { "unreachable" });
+            }
             (info.id, answer)
         });
     }
@@ -507,6 +529,7 @@ pub async fn find_signed(cluster: &Cluster, method: &Method, query: &str) -> Opt
         };
         asks.spawn(async move {
             let answer = transport.call(m.info.quic_addr, &m.info.id, &request).await;
+            count("signed", if answer.is_ok() { "ok" } else { "unreachable" });
             (m.info.id, answer)
         });
     }
@@ -540,7 +563,10 @@ pub async fn find_signed(cluster: &Cluster, method: &Method, query: &str) -> Opt
 pub async fn traffic(cluster: &Cluster, target: Target, req: Request) -> Response {
     match cluster.owner(&target.sandbox_id) {
         Owner::Local => proxy::forward(cluster.sandboxes(), target, req).await,
-        Owner::Dead(info) => proxy::closing(owner_dead(&target.sandbox_id, &info.id)),
+        Owner::Dead(info) => {
+            count("traffic", "dead");
+            proxy::closing(owner_dead(&target.sandbox_id, &info.id))
+        }
         Owner::Unknown(node) => proxy::closing(error_response(
             StatusCode::BAD_GATEWAY,
             format!(
@@ -568,6 +594,19 @@ pub async fn traffic(cluster: &Cluster, target: Target, req: Request) -> Respons
                     .open_stream(info.quic_addr, &info.id, &header)
                     .await;
             }
+            count(
+                "traffic",
+                if opened.is_ok()
+                    || matches!(
+                        opened,
+                        Err(mesh::transport::TransportError::Rejected { .. })
+                    )
+                {
+                    "ok"
+                } else {
+                    "unreachable"
+                },
+            );
             match opened {
                 Ok((send, recv)) => {
                     let stream: actors::runtime::BoxStream = Box::new(tokio::io::join(recv, send));
