@@ -305,7 +305,15 @@ impl Cluster {
             Err(_) => Vec::new(),
         };
         templates.sort();
+        let superseded = self
+            .inner
+            .mesh
+            .as_ref()
+            .is_some_and(|m| m.membership.is_superseded());
         let sick = match listed {
+            // Two live nodes with one id would make sandbox ids ambiguous:
+            // the older one takes no new sandboxes.
+            _ if superseded => Some("a newer node with the same id is live".to_owned()),
             Err(e) => Some(format!("its template cache does not answer: {e}")),
             Ok(_) if templates.is_empty() => Some("it has no template prepared".to_owned()),
             Ok(_) => match free_disk_mib(&s.config().snapshots_dir) {
