@@ -345,6 +345,41 @@ impl Cluster {
         i
     }
 
+    /// Start a second process with node `i`'s identity (its certificate
+    /// and id, another data dir and addresses), as when two hosts are
+    /// given one id: the two must not both act as that node.
+    pub fn start_twin(&mut self, i: usize) -> usize {
+        let j = self.nodes.len();
+        let id = self.nodes[i].id.clone();
+        let data_dir = self.dir.join(format!("{id}-twin"));
+        tokio::task::block_in_place(|| {
+            let from = self.nodes[i].data_dir.join("cluster");
+            let to = data_dir.join("cluster");
+            std::fs::create_dir_all(&to).expect("creating the twin's cluster dir");
+            for entry in std::fs::read_dir(&from).expect("reading the cluster dir") {
+                let entry = entry.expect("a cluster dir entry");
+                std::fs::copy(entry.path(), to.join(entry.file_name()))
+                    .expect("copying a cluster file");
+            }
+            let ds = data_dir.to_str().expect("utf-8 path");
+            sandmesh(&["apikey", "add", "--data-dir", ds], Some(&self.key));
+            let ip = node_ip(j);
+            let mut node = Node {
+                id: id.clone(),
+                data_dir: data_dir.clone(),
+                log: self.dir.join(format!("{id}-twin.log")),
+                rest: SocketAddr::new(ip, 0),
+                gossip: SocketAddr::new(ip, free_udp_port(ip)),
+                quic: SocketAddr::new(ip, free_udp_port(ip)),
+                seed: Some(self.nodes[0].gossip),
+                child: None,
+            };
+            self.spawn(&mut node);
+            self.nodes.push(node);
+        });
+        j
+    }
+
     pub fn start_stranger(&mut self, id: &str) -> usize {
         let i = self.nodes.len();
         tokio::task::block_in_place(|| {

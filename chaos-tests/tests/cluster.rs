@@ -198,6 +198,22 @@ async fn drain_moves_creates_elsewhere() {
         "{test}: status --json: {v}"
     );
     assert_eq!(v["nodes"].as_array().map(Vec::len), Some(3), "{test}: {v}");
+    // The answering node pinged the two others over the mesh; one host,
+    // one clock.
+    for n in v["nodes"].as_array().unwrap() {
+        if n["self"] == true {
+            assert!(n.get("rttMs").is_none(), "{test}: {n}");
+            continue;
+        }
+        assert!(
+            n["rttMs"].as_f64().is_some_and(|ms| ms > 0.0),
+            "{test}: {n}"
+        );
+        assert!(
+            n["clockOffsetMs"].as_i64().is_some_and(|o| o.abs() < 1000),
+            "{test}: {n}"
+        );
+    }
 
     let out = tokio::task::block_in_place(|| {
         sandmesh(
@@ -385,4 +401,60 @@ async fn unreachable_seed_node_serves_alone() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_duplicate_node_id_newest_wins_and_the_older_stands_aside() {
+    let test = "a_duplicate_node_id_newest_wins_and_the_older_stands_aside";
+    let Some(mut c) = Cluster::start(test, 2).await else {
+        return;
+    };
+    c.wait_converged(CONVERGE).await;
+    let (_, old_generation) = c.seen(0, "n1").await.expect("n0 sees n1");
+    let twin = c.start_twin(1);
+    // n0 lists one n1: the newer process.
+    let took = wait_until(Duration::from_secs(15), || async {
+        c.seen(0, "n1")
+            .await
+            .is_some_and(|(state, generation)| state == "ready" && generation > old_generation)
+    })
+    .await;
+    if took.is_err() {
+        panic!(
+            "{test}: n0 never took the twin as n1: {:?}",
+            c.cluster_view(0).await
+        );
+    }
+    let v0 = c.cluster_view(0).await.expect("n0 answers");
+    let n1_rows = v0["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["nodeID"] == "n1")
+        .count();
+    assert_eq!(n1_rows, 1, "{test}: {v0}");
+    // The older process sees itself superseded: unhealthy, so no node
+    // places a sandbox there, and it says why.
+    let stood_aside = wait_until(Duration::from_secs(15), || async {
+        c.cluster_view(1).await.is_some_and(|v| {
+            v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["self"] == true && n["state"] == "unhealthy")
+        })
+    })
+    .await;
+    if stood_aside.is_err() {
+        panic!(
+            "{test}: the older n1 never stood aside: {:?}",
+            c.cluster_view(1).await
+        );
+    }
+    assert!(
+        c.nodes[1].log_tail(400).contains("same id"),
+        "{test}: the older n1 did not log why:\n{}",
+        c.nodes[1].log_tail(40)
+    );
+    assert!(c.nodes[twin].is_running(), "{test}: the twin died");
 }

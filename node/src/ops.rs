@@ -65,7 +65,7 @@ fn api_error(status: u16, body: &[u8]) -> anyhow::Error {
 
 /// `GET /cluster`.
 pub async fn cluster_status(url: &str, api_key: &str) -> Result<ClusterStatus> {
-    let (status, body) = call(url, "GET", "/cluster", api_key).await?;
+    let (status, body) = call(url, "GET", "/cluster?ping=true", api_key).await?;
     if status != 200 {
         return Err(api_error(status, &body));
     }
@@ -91,6 +91,7 @@ pub fn table(s: &ClusterStatus) -> String {
         "FREE MEMORY".into(),
         "CPUS".into(),
         "REST".into(),
+        "PING".into(),
         "TEMPLATES".into(),
     ]];
     for n in &s.nodes {
@@ -105,6 +106,11 @@ pub fn table(s: &ClusterStatus) -> String {
             format!("{} MiB", n.free_memory_mib),
             n.free_vcpus.to_string(),
             n.rest_address.clone(),
+            match (n.is_self, n.rtt_ms) {
+                (true, _) => "-".into(),
+                (false, Some(ms)) => format!("{ms:.1} ms"),
+                (false, None) => "no answer".into(),
+            },
             if n.templates.is_empty() {
                 "-".into()
             } else {
@@ -112,7 +118,7 @@ pub fn table(s: &ClusterStatus) -> String {
             },
         ]);
     }
-    let mut widths = [0usize; 7];
+    let mut widths = [0usize; 8];
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
@@ -133,8 +139,22 @@ pub fn table(s: &ClusterStatus) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    for n in &s.nodes {
+        if let Some(offset) = n.clock_offset_ms.filter(|o| o.abs() >= CLOCK_SKEW_WARN_MS) {
+            out.push_str(&format!(
+                "warning: {}'s clock is {:.1} s {} {}'s: sandbox times (startedAt, endAt) come from their owner's clock\n",
+                n.node_id,
+                offset.unsigned_abs() as f64 / 1000.0,
+                if offset > 0 { "ahead of" } else { "behind" },
+                s.node_id
+            ));
+        }
+    }
     out
 }
+
+/// Clock offsets from this much on are pointed out by `sandmesh status`.
+pub const CLOCK_SKEW_WARN_MS: i64 = 1000;
 
 /// `sandmesh node drain` (or `--undo`): returns the node's new state.
 pub async fn drain(url: &str, api_key: &str, undo: bool) -> Result<String> {
@@ -183,6 +203,8 @@ mod tests {
             sandboxes: 1,
             max_sandboxes: 64,
             templates: vec!["base".into()],
+            rtt_ms: (!me).then_some(0.4),
+            clock_offset_ms: (!me).then_some(-2500),
         };
         let t = table(&ClusterStatus {
             cluster_id: Some("sandmesh-x".into()),
@@ -194,5 +216,11 @@ mod tests {
         assert!(lines[1].starts_with("NODE    STATE"), "{t}");
         assert!(lines[2].starts_with("a *     ready"), "{t}");
         assert!(lines[3].starts_with("node-b  dead"), "{t}");
+        assert!(lines[2].contains(" -  "), "{t}");
+        assert!(lines[3].contains("0.4 ms"), "{t}");
+        assert!(
+            lines[4].starts_with("warning: node-b's clock is 2.5 s behind a's"),
+            "{t}"
+        );
     }
 }

@@ -186,6 +186,10 @@ fn up(root: &Path) -> Result<()> {
     println!("  export E2B_API_KEY={key}");
     println!();
     println!(
+        "See the cluster with `{} status --api-key {key}`; add hosts as README.md's \"A cluster\" says.",
+        sandmesh.display()
+    );
+    println!(
         "Ctrl-C stops the node; its sandboxes keep running and the next `cargo xtask up` re-adopts them."
     );
     run::status(

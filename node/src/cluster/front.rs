@@ -117,14 +117,15 @@ pub async fn route(cluster: &Cluster, req: Request, next: Next) -> Response {
                     }
                 }
             }
+            // Answered without reading the body: see `proxy::closing`.
             Owner::Dead(info) => {
                 count("rest", "dead");
-                owner_dead(&id, &info.id)
+                proxy::closing(owner_dead(&id, &info.id))
             }
-            Owner::Unknown(node) => error_response(
+            Owner::Unknown(node) => proxy::closing(error_response(
                 StatusCode::NOT_FOUND,
                 format!("sandbox {id} not found: its node {node} is not a member of this cluster"),
-            ),
+            )),
         },
     }
 }

@@ -34,6 +34,9 @@ use crate::sandboxes::Sandboxes;
 /// How often a node republishes its capacity (only changed keys travel).
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
+/// How long `GET /cluster?ping=true` waits for each member's ping.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How a node joins the mesh.
 #[derive(Clone)]
 pub struct MeshOptions {
@@ -415,6 +418,27 @@ impl Cluster {
             Some(m) if m.live => Owner::Remote(m.info.clone()),
             Some(m) => Owner::Dead(m.info.clone()),
             None => Owner::Unknown(owner.to_owned()),
+        }
+    }
+
+    /// Ping `info` over the mesh: the round trip, and how far its wall
+    /// clock is ahead of ours (positive: ahead), assuming a symmetric path.
+    pub async fn ping(&self, info: &NodeInfo) -> Result<(Duration, i64), String> {
+        let transport = self.transport().ok_or("this node is not in a mesh")?;
+        let sent_unix_ms = mesh::membership::unix_millis();
+        let started = std::time::Instant::now();
+        let request = schema::mesh::Request::Ping { sent_unix_ms };
+        let call = transport.call(info.quic_addr, &info.id, &request);
+        match tokio::time::timeout(PING_TIMEOUT, call).await {
+            Err(_) => Err(format!("no answer within {PING_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(schema::mesh::Response::Pong { unix_ms, .. })) => {
+                let rtt = started.elapsed();
+                let midpoint = sent_unix_ms as i128 + (rtt.as_millis() / 2) as i128;
+                let offset = i64::try_from(unix_ms as i128 - midpoint).unwrap_or(i64::MAX);
+                Ok((rtt, offset))
+            }
+            Ok(Ok(_)) => Err("answered a ping with something else".into()),
         }
     }
 
