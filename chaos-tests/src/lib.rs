@@ -778,6 +778,19 @@ pub fn node_in(view: &Value, id: &str) -> Option<(String, u64)> {
     Some((n["state"].as_str()?.to_owned(), n["generation"].as_u64()?))
 }
 
+/// The node ids listed in a `GET /cluster` answer, in its order.
+pub fn node_ids(view: &Value) -> Vec<String> {
+    view["nodes"]
+        .as_array()
+        .map(|nodes| {
+            nodes
+                .iter()
+                .filter_map(|n| n["nodeID"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Poll `f` every 100 ms until it returns true; the time it took, or
 /// `Err(timeout)` when it never did.
 pub async fn wait_until<F, Fut>(timeout: Duration, mut f: F) -> Result<Duration, Duration>

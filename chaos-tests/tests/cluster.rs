@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use chaos_tests::{Cluster, Method, StatusCode, node_in, sandmesh, wait_until};
+use chaos_tests::{Cluster, Method, StatusCode, node_ids, node_in, sandmesh, wait_until};
 use serde_json::json;
 
 /// How long gossip gets to converge after the nodes started.
@@ -337,23 +337,13 @@ async fn node_of_another_cluster_cannot_join() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     for _ in 0..3 {
         let v0 = c.cluster_view(0).await.expect("n0 answers /cluster");
-        let ids0: Vec<&str> = v0["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|n| n["nodeID"].as_str())
-            .collect();
+        let ids0 = node_ids(&v0);
         assert_eq!(ids0, ["n0", "n1"], "{test}: n0's view: {v0}");
         let vs = c
             .cluster_view(s)
             .await
             .expect("the stranger answers /cluster");
-        let idss: Vec<&str> = vs["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|n| n["nodeID"].as_str())
-            .collect();
+        let idss = node_ids(&vs);
         assert_eq!(idss, ["stranger"], "{test}: the stranger's view: {vs}");
         assert_ne!(
             v0["clusterID"], vs["clusterID"],
@@ -377,12 +367,7 @@ async fn unreachable_seed_node_serves_alone() {
         .cluster_view(lonely)
         .await
         .expect("the node answers /cluster");
-    let ids: Vec<&str> = v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n["nodeID"].as_str())
-        .collect();
+    let ids = node_ids(&v);
     assert_eq!(ids, ["lonely"], "{test}: {v}");
     // It serves alone: a create through it lands on it.
     let id = c.create(lonely).await;

@@ -166,17 +166,21 @@ async fn to_rest(req: Request) -> Result<wire::RestRequest, Response> {
         method: parts.method.as_str().to_owned(),
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().unwrap_or("").to_owned(),
-        headers: parts
-            .headers
-            .iter()
-            .filter(|(n, _)| !is_hop_by_hop(n))
-            .map(|(n, v)| wire::Header {
-                name: n.as_str().to_owned(),
-                value: v.as_bytes().to_vec(),
-            })
-            .collect(),
+        headers: wire_headers(&parts.headers),
         body: body.to_vec(),
     })
+}
+
+/// The end-to-end headers of a request or response, for the mesh.
+fn wire_headers(headers: &axum::http::HeaderMap) -> Vec<wire::Header> {
+    headers
+        .iter()
+        .filter(|(n, _)| !is_hop_by_hop(n))
+        .map(|(n, v)| wire::Header {
+            name: n.as_str().to_owned(),
+            value: v.as_bytes().to_vec(),
+        })
+        .collect()
 }
 
 /// A mesh message back into a request for this node's app, marked as
@@ -211,15 +215,7 @@ pub(crate) async fn to_rest_response(resp: Response) -> wire::Response {
     match axum::body::to_bytes(body, MAX_REST_RESPONSE).await {
         Ok(body) => wire::Response::Rest(wire::RestResponse {
             status: parts.status.as_u16(),
-            headers: parts
-                .headers
-                .iter()
-                .filter(|(n, _)| !is_hop_by_hop(n))
-                .map(|(n, v)| wire::Header {
-                    name: n.as_str().to_owned(),
-                    value: v.as_bytes().to_vec(),
-                })
-                .collect(),
+            headers: wire_headers(&parts.headers),
             body: body.to_vec(),
         }),
         Err(e) => wire::Response::Error {
