@@ -613,7 +613,7 @@ impl Cluster {
     }
 
     /// Wait until every running node lists exactly the running nodes, all
-    /// `ready`.
+    /// `ready` and verified.
     pub async fn wait_converged(&mut self, timeout: Duration) {
         let running: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| self.nodes[i].is_running())
@@ -628,7 +628,9 @@ impl Cluster {
                 let nodes = view["nodes"].as_array().cloned().unwrap_or_default();
                 let mut seen: Vec<String> = nodes
                     .iter()
-                    .filter(|n| n["state"] == "ready")
+                    // Ready, and proven a member over mTLS (placement
+                    // uses no other).
+                    .filter(|n| n["state"] == "ready" && n["verified"] == true)
                     .filter_map(|n| n["nodeID"].as_str().map(str::to_owned))
                     .collect();
                 seen.sort();

@@ -443,3 +443,79 @@ async fn a_duplicate_node_id_newest_wins_and_the_older_stands_aside() {
     );
     assert!(c.nodes[twin].is_running(), "{test}: the twin died");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_gossip_member_gets_no_sandboxes() {
+    let test = "a_forged_gossip_member_gets_no_sandboxes";
+    let Some(mut c) = Cluster::start(test, 2).await else {
+        return;
+    };
+    c.wait_converged(CONVERGE).await;
+    let view = c.cluster_view(0).await.expect("n0 answers");
+    let cluster_id = view["clusterID"].as_str().expect("a cluster id").to_owned();
+    // Gossip is unauthenticated and the cluster id is no secret: a member
+    // with no certificate, claiming all the room in the world and the
+    // template, at a QUIC address where nothing answers.
+    let ip = chaos_tests::node_ip(2);
+    let nowhere = std::net::SocketAddr::new(ip, chaos_tests::free_udp_port(ip));
+    let gossip = std::net::SocketAddr::new(ip, chaos_tests::free_udp_port(ip));
+    let info = schema::mesh::NodeInfo {
+        id: "forger".into(),
+        generation: mesh::membership::unix_millis(),
+        quic_addr: nowhere,
+        rest_addr: nowhere,
+        state: schema::mesh::NodeState::Ready,
+        free_vcpus: 4096,
+        free_memory_mib: 1 << 40,
+        sandboxes: 0,
+        max_sandboxes: 100_000,
+        templates: vec!["base".into()],
+    };
+    let mut config = mesh::membership::MembershipConfig::new(&cluster_id, "forger", gossip);
+    config.seeds = vec![c.nodes[0].gossip.to_string()];
+    let forger = mesh::membership::Membership::start(config, &info)
+        .await
+        .expect("the forged member gossips");
+    let listed = wait_until(Duration::from_secs(15), || async {
+        c.cluster_view(0).await.is_some_and(|v| {
+            v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["nodeID"] == "forger" && n["verified"] == false)
+        })
+    })
+    .await;
+    assert!(
+        listed.is_ok(),
+        "{test}: n0 never listed the forger as unverified: {:?}",
+        c.cluster_view(0).await
+    );
+    // Creates go to the real nodes, without first trying the forger.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let id = c.create(0).await;
+        assert!(
+            ["n0", "n1"].contains(&owner(&id)),
+            "{test}: {id} placed off the real nodes"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{test}: a create took {:?} (a dial to the forger on the way?)",
+            started.elapsed()
+        );
+        assert_eq!(c.delete(0, &id).await, StatusCode::NO_CONTENT);
+    }
+    // Nor does the list wait on it or report it missing.
+    let resp = c
+        .api(0, Method::GET, "/sandboxes")
+        .send()
+        .await
+        .expect("GET /sandboxes");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers().get("x-sandmesh-unreachable-nodes").is_none(),
+        "{test}: the list asked the forger"
+    );
+    forger.shutdown().await;
+}

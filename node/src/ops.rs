@@ -101,7 +101,11 @@ pub fn table(s: &ClusterStatus) -> String {
             } else {
                 n.node_id.clone()
             },
-            n.state.clone(),
+            if n.verified || n.state == "dead" {
+                n.state.clone()
+            } else {
+                format!("{} (unverified)", n.state)
+            },
             format!("{}/{}", n.sandboxes, n.max_sandboxes),
             format!("{} MiB", n.free_memory_mib),
             n.free_vcpus.to_string(),
@@ -203,6 +207,7 @@ mod tests {
             sandboxes: 1,
             max_sandboxes: 64,
             templates: vec!["base".into()],
+            verified: true,
             rtt_ms: (!me).then_some(0.4),
             clock_offset_ms: (!me).then_some(-2500),
         };

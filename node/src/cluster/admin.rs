@@ -35,6 +35,10 @@ pub struct NodeStatus {
     pub sandboxes: u32,
     pub max_sandboxes: u32,
     pub templates: Vec<String>,
+    /// Whether the node proved, over mutual TLS, to hold this cluster's
+    /// certificate for its id (gossip alone proves nothing); unverified
+    /// nodes get no sandboxes.
+    pub verified: bool,
     /// Round trip of a mesh ping from the node that answered (absent for
     /// itself, a dead node, or one that did not answer).
     #[serde(default, rename = "rttMs", skip_serializing_if = "Option::is_none")]
@@ -99,6 +103,7 @@ pub async fn cluster_status(cluster: &Cluster, ping: bool) -> ClusterStatus {
             let ping = measured.get(&m.info.id);
             NodeStatus {
                 is_self: m.info.id == cluster.node_id(),
+                verified: cluster.is_verified(&m.info),
                 rtt_ms: ping.map(|(rtt, _)| rtt.as_secs_f64() * 1000.0),
                 clock_offset_ms: ping.map(|(_, offset)| *offset),
                 node_id: m.info.id,

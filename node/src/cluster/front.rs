@@ -338,7 +338,8 @@ async fn create(cluster: &Cluster, req: Request) -> Response {
         Ok(Some(entry)) => entry.limits.memory_mib,
         _ => 0,
     };
-    let members = cluster.members().await;
+    let mut members = cluster.members().await;
+    members.retain(|m| cluster.is_verified(&m.info));
     let ranked = placement::rank(&members, &template, memory);
     if ranked.is_empty() {
         return no_room(&members);
@@ -432,7 +433,9 @@ async fn list(cluster: &Cluster, req: Request) -> Response {
         .members()
         .await
         .into_iter()
-        .filter(|m| m.live && m.protocol_version == PROTOCOL_VERSION)
+        .filter(|m| {
+            m.live && m.protocol_version == PROTOCOL_VERSION && cluster.is_verified(&m.info)
+        })
         .map(|m| m.info)
         .collect();
     let mut asks = tokio::task::JoinSet::new();
@@ -516,7 +519,11 @@ pub async fn find_signed(cluster: &Cluster, method: &Method, query: &str) -> Opt
     let transport = cluster.transport()?.clone();
     let mut asks = tokio::task::JoinSet::new();
     for m in cluster.members().await {
-        if !m.live || m.protocol_version != PROTOCOL_VERSION || m.info.id == cluster.node_id() {
+        if !m.live
+            || m.protocol_version != PROTOCOL_VERSION
+            || m.info.id == cluster.node_id()
+            || !cluster.is_verified(&m.info)
+        {
             continue;
         }
         let transport = transport.clone();

@@ -19,9 +19,10 @@ pub mod front;
 pub mod placement;
 pub mod serve;
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -33,6 +34,9 @@ use crate::sandboxes::Sandboxes;
 
 /// How often a node republishes its capacity (only changed keys travel).
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+
+/// How soon a member that failed verification is pinged again.
+pub const VERIFY_RETRY: Duration = Duration::from_secs(1);
 
 /// How long `GET /cluster?ping=true` waits for each member's ping.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(1);
@@ -103,6 +107,10 @@ struct Inner {
     unhealthy: AtomicBool,
     /// Whether "another node has this id" was logged (once is enough).
     superseded_logged: AtomicBool,
+    /// Node id -> the generation a mesh ping verified.
+    verified: Mutex<HashMap<String, u64>>,
+    /// Node ids with a verifying ping in flight.
+    verifying: Mutex<HashSet<String>>,
     mesh: Option<MeshParts>,
     /// The node's whole HTTP app: forwarded calls are served through it,
     /// so they pass the same API-key check and handlers as direct ones.
@@ -224,6 +232,8 @@ impl Cluster {
                 draining: AtomicBool::new(draining),
                 unhealthy: AtomicBool::new(false),
                 superseded_logged: AtomicBool::new(false),
+                verified: Mutex::new(HashMap::new()),
+                verifying: Mutex::new(HashSet::new()),
                 mesh,
                 app: OnceLock::new(),
             }),
@@ -241,8 +251,79 @@ impl Cluster {
                     Cluster { inner }.publish().await;
                 }
             });
+            let weak = Arc::downgrade(&cluster.inner);
+            let mut members = cluster
+                .inner
+                .mesh
+                .as_ref()
+                .map(|m| m.membership.watch())
+                .expect("a mesh");
+            tokio::spawn(async move {
+                loop {
+                    let Some(inner) = weak.upgrade() else { break };
+                    Cluster { inner }.verify_members();
+                    // A new member is verified as soon as gossip shows it;
+                    // one that failed is tried again a little later.
+                    if let Ok(Err(_)) = tokio::time::timeout(VERIFY_RETRY, members.changed()).await
+                    {
+                        // Gossip stopped: keep to the retry pace.
+                        tokio::time::sleep(VERIFY_RETRY).await;
+                    }
+                }
+            });
         }
         Ok(cluster)
+    }
+
+    /// Start a ping to each live member not verified yet under its
+    /// current generation. The ping is a mesh call, so it succeeds only if
+    /// the member presents a certificate of this cluster naming its id.
+    fn verify_members(&self) {
+        let Some(mesh) = &self.inner.mesh else { return };
+        let members: Vec<NodeInfo> = mesh
+            .membership
+            .watch()
+            .borrow()
+            .iter()
+            .filter(|m| m.live && m.info.id != self.inner.node_id)
+            .map(|m| m.info.clone())
+            .collect();
+        for info in members {
+            if self.is_verified(&info) {
+                continue;
+            }
+            {
+                let mut in_flight = lock(&self.inner.verifying);
+                if !in_flight.insert(info.id.clone()) {
+                    continue;
+                }
+            }
+            let cluster = self.clone();
+            tokio::spawn(async move {
+                match cluster.ping(&info).await {
+                    Ok(_) => {
+                        tracing::info!(node = %info.id, generation = info.generation, "verified a cluster member over mTLS");
+                        lock(&cluster.inner.verified).insert(info.id.clone(), info.generation);
+                    }
+                    Err(e) => tracing::warn!(
+                        node = %info.id,
+                        quic = %info.quic_addr,
+                        "a gossip member did not answer a mesh ping with this cluster's certificate; it gets no sandboxes until it does: {e}"
+                    ),
+                }
+                lock(&cluster.inner.verifying).remove(&info.id);
+            });
+        }
+    }
+
+    /// Whether `info`'s node answered a mesh ping (mutual TLS under the
+    /// cluster CA, certificate naming its id) in its current generation.
+    /// Gossip is unauthenticated: placement, lists and signed-URL lookups
+    /// use verified members only, so a forged member cannot attract or
+    /// stall creates.
+    pub fn is_verified(&self, info: &NodeInfo) -> bool {
+        info.id == self.inner.node_id
+            || lock(&self.inner.verified).get(&info.id) == Some(&info.generation)
     }
 
     /// Give the cluster the node's HTTP app (built after the cluster,
@@ -453,6 +534,10 @@ impl Cluster {
             m.transport.close().await;
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A node whose data directory has less free space than this is unhealthy.

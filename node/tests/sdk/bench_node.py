@@ -230,7 +230,8 @@ def cluster_hop(node):
         deadline = time.monotonic() + 30
         while True:
             states = {n["nodeID"]: n["state"] for n in node.http.get("/cluster").json()["nodes"]}
-            if states.get("second") == "draining":
+            verified = {n["nodeID"]: n["verified"] for n in other.http.get("/cluster").json()["nodes"]}
+            if states.get("second") == "draining" and verified.get(node.node_id):
                 break
             if time.monotonic() > deadline:
                 raise SystemExit(f"the second node did not join: {states}")

@@ -66,12 +66,12 @@ def cluster():
         def all_ready():
             views = [rest(n, "GET", "/cluster") for n in nodes]
             return all(
-                sorted((x["nodeID"], x["state"]) for x in v["nodes"])
-                == [("n0", "ready"), ("n1", "ready"), ("n2", "ready")]
+                sorted((x["nodeID"], x["state"], x["verified"]) for x in v["nodes"])
+                == [("n0", "ready", True), ("n1", "ready", True), ("n2", "ready", True)]
                 for v in views
             ) and views
 
-        wait_for("three ready nodes in every node's view", all_ready)
+        wait_for("three ready, verified nodes in every node's view", all_ready)
         assert rest(first, "POST", "/node/drain")["state"] == "draining"
         wait_for(
             "n0 seen draining by the others",
