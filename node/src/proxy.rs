@@ -100,6 +100,20 @@ pub fn signed_file_target<'a>(
     Some(found)
 }
 
+/// [`signed_file_target`] over this node's sandboxes.
+pub fn local_signed_target(
+    sandboxes: &Sandboxes,
+    method: &axum::http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> Option<Option<Target>> {
+    let records = sandboxes.list();
+    let tokens = records
+        .iter()
+        .map(|r| (r.id.as_str(), r.envd_access_token.as_str()));
+    signed_file_target(method, path, query, tokens)
+}
+
 /// Send one HTTP/1.1 request over `stream` and return the response head;
 /// the body streams from the connection, which closes when it is done.
 pub async fn send<B>(
@@ -274,19 +288,11 @@ pub fn closing(mut resp: Response<Body>) -> Response<Body> {
 
 /// Forward `req` to `target`.
 pub async fn forward(sandboxes: &Sandboxes, target: Target, req: Request<Body>) -> Response<Body> {
-    closing_if_502(forward_inner(sandboxes, target, req).await)
-}
-
-async fn forward_inner(
-    sandboxes: &Sandboxes,
-    target: Target,
-    req: Request<Body>,
-) -> Response<Body> {
     match open_local(sandboxes, &target.sandbox_id, target.port).await {
         Ok((stream, cut)) => relay(stream, Some(cut), target, req).await,
         Err(r) => {
             metrics::counter!(crate::metrics::PROXY_REQUESTS, "outcome" => r.outcome).increment(1);
-            error_response(StatusCode::BAD_GATEWAY, r.message)
+            closing(error_response(StatusCode::BAD_GATEWAY, r.message))
         }
     }
 }

@@ -48,15 +48,11 @@ async fn front_door(State(f): State<Front>, req: Request, next: Next) -> Respons
         Err(msg) => error_response(StatusCode::BAD_REQUEST, msg),
         Ok(Some(target)) => crate::cluster::front::traffic(&f.cluster, target, req).await,
         Ok(None) if req.uri().path() == "/files" && req.uri().query().is_some() => {
-            let records = f.sandboxes.list();
-            let tokens = records
-                .iter()
-                .map(|r| (r.id.as_str(), r.envd_access_token.as_str()));
-            match proxy::signed_file_target(
+            match proxy::local_signed_target(
+                &f.sandboxes,
                 req.method(),
                 req.uri().path(),
                 req.uri().query(),
-                tokens,
             ) {
                 Some(Some(target)) => proxy::forward(&f.sandboxes, target, req).await,
                 Some(None) => {

@@ -433,9 +433,7 @@ async fn list(cluster: &Cluster, req: Request) -> Response {
         .members()
         .await
         .into_iter()
-        .filter(|m| {
-            m.live && m.protocol_version == PROTOCOL_VERSION && cluster.is_verified(&m.info)
-        })
+        .filter(|m| cluster.callable(m))
         .map(|m| m.info)
         .collect();
     let mut asks = tokio::task::JoinSet::new();
@@ -519,11 +517,7 @@ pub async fn find_signed(cluster: &Cluster, method: &Method, query: &str) -> Opt
     let transport = cluster.transport()?.clone();
     let mut asks = tokio::task::JoinSet::new();
     for m in cluster.members().await {
-        if !m.live
-            || m.protocol_version != PROTOCOL_VERSION
-            || m.info.id == cluster.node_id()
-            || !cluster.is_verified(&m.info)
-        {
+        if m.info.id == cluster.node_id() || !cluster.callable(&m) {
             continue;
         }
         let transport = transport.clone();

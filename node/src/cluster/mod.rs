@@ -316,6 +316,12 @@ impl Cluster {
         }
     }
 
+    /// Whether this node may ask `m` to serve something: live, of this
+    /// protocol version, verified (this node always is).
+    pub fn callable(&self, m: &Member) -> bool {
+        m.live && m.protocol_version == PROTOCOL_VERSION && self.is_verified(&m.info)
+    }
+
     /// Whether `info`'s node answered a mesh ping (mutual TLS under the
     /// cluster CA, certificate naming its id) in its current generation.
     /// Gossip is unauthenticated: placement, lists and signed-URL lookups

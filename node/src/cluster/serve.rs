@@ -41,13 +41,13 @@ impl Handler for MeshHandler {
                 super::front::to_rest_response(resp).await
             }
             Request::WhoSigned { method, query } => {
-                let records = cluster.sandboxes().list();
-                let tokens = records
-                    .iter()
-                    .map(|r| (r.id.as_str(), r.envd_access_token.as_str()));
                 let method = method.parse().unwrap_or(axum::http::Method::GET);
-                let found =
-                    crate::proxy::signed_file_target(&method, "/files", Some(&query), tokens);
+                let found = crate::proxy::local_signed_target(
+                    cluster.sandboxes(),
+                    &method,
+                    "/files",
+                    Some(&query),
+                );
                 Response::SignedBy {
                     sandbox_id: found.flatten().map(|t| t.sandbox_id),
                 }
