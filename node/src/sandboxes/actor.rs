@@ -138,14 +138,21 @@ impl SandboxState {
                 )))?;
                 Ok(self.record.clone())
             }
-            Err(RuntimeError::CheckpointFailed {
-                reason,
-                sandbox_lost: false,
-                ..
-            }) => {
+            // The sandbox still runs: refused before saving (connections
+            // that would not close), or a save that failed without harm.
+            Err(
+                RuntimeError::CheckpointRefused { reason, .. }
+                | RuntimeError::CheckpointFailed {
+                    reason,
+                    sandbox_lost: false,
+                    ..
+                },
+            ) => {
                 metrics::counter!(crate::metrics::PAUSES, "result" => "refused").increment(1);
                 self.record.state = RecordState::Running;
                 self.record.snapshot_dir = None;
+                // The connections were cut for the save; new ones may come.
+                self.shared.reconnectable(self.id.as_str());
                 let _ = std::fs::remove_dir_all(&dest);
                 tracing::warn!(sandbox = %self.id, "pause refused: {reason}");
                 self.save(Some(log_entry(

@@ -40,6 +40,7 @@
 
 mod bundle;
 mod fs;
+mod gate;
 pub mod network;
 mod runsc;
 
@@ -50,7 +51,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use self::network::NetnsPair;
+use self::gate::{Gated, Gates};
+use self::network::{NetnsPair, OnClose};
 use self::runsc::{Enter, RUNSC_TIMEOUT, Runsc};
 use super::{
     BoxFuture, BoxStream, ENVD_PORT, Instance, Limits, Result, Runtime, RuntimeError, RuntimeKind,
@@ -61,7 +63,9 @@ use super::{
 /// How long `create` and `restore` wait for envd's `/health`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long `checkpoint` waits for connections into the guest to close.
-const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the last envd round trip before a save may take.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Snapshot manifest format.
 const SNAPSHOT_FORMAT: u32 = 1;
 
@@ -75,6 +79,9 @@ pub struct GvisorRuntime {
 struct Inner {
     data_dir: PathBuf,
     runsc: Runsc,
+    /// Every host socket into a sandbox holds a ticket; a checkpoint closes
+    /// the sandbox's gate and waits for them (see gate.rs).
+    gates: Gates,
 }
 
 /// `meta.json` of a sandbox directory.
@@ -133,7 +140,11 @@ impl GvisorRuntime {
             std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io("creating", dir, e))?;
         }
         Ok(Self {
-            inner: Arc::new(Inner { data_dir, runsc }),
+            inner: Arc::new(Inner {
+                data_dir,
+                runsc,
+                gates: Gates::default(),
+            }),
         })
     }
 
@@ -229,6 +240,39 @@ impl GvisorRuntime {
         }
     }
 
+    /// The last step before a save, with the sandbox's gate closed: one
+    /// `GET /health` to envd on a connection the node closes gracefully
+    /// first (FIN, then envd's FIN; the guest's socket ends CLOSED, not in
+    /// TIME_WAIT, which gVisor cannot save). Its answer proves that envd's
+    /// event loop runs and has accepted every connection queued before it
+    /// (accept is FIFO). A silent envd refuses the save: a snapshot of a
+    /// wedged envd would never answer again.
+    async fn envd_barrier(&self, id: &SandboxId) -> Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let netns = NetnsPair::of(id);
+        let round_trip = async {
+            let socket = network::socket_in(&netns.host_path(), OnClose::Graceful).await?;
+            let addr = std::net::SocketAddr::from((network::GUEST_ADDR, ENVD_PORT));
+            let mut stream = socket.connect(addr).await?;
+            let status = super::http_status(&mut stream, "/health").await?;
+            stream.shutdown().await?;
+            // envd's FIN: it has dropped the connection.
+            let mut rest = [0u8; 512];
+            while stream.read(&mut rest).await? > 0 {}
+            Ok::<_, std::io::Error>(status)
+        };
+        let refuse = |why: String| RuntimeError::CheckpointRefused {
+            id: id.clone(),
+            reason: format!("envd did not answer before the save ({why})"),
+        };
+        match tokio::time::timeout(BARRIER_TIMEOUT, round_trip).await {
+            Ok(Ok(204)) => Ok(()),
+            Ok(Ok(status)) => Err(refuse(format!("/health answered {status}"))),
+            Ok(Err(e)) => Err(refuse(e.to_string())),
+            Err(_) => Err(refuse(format!("no answer within {BARRIER_TIMEOUT:?}"))),
+        }
+    }
+
     /// One `GET /health` to envd; the HTTP status. Dropping the stream
     /// resets the connection (SO_LINGER 0).
     async fn health(&self, id: &SandboxId) -> Result<u16> {
@@ -314,9 +358,30 @@ impl Runtime for GvisorRuntime {
         dest: &'a Path,
     ) -> BoxFuture<'a, Result<Snapshot>> {
         Box::pin(async move {
-            let (id, dest) = (id.clone(), dest.to_owned());
-            self.blocking(move |inner| inner.checkpoint(&id, &dest))
-                .await
+            let meta = {
+                let (id, dest) = (id.clone(), dest.to_owned());
+                self.blocking(move |inner| inner.close_for_checkpoint(&id, &dest))
+                    .await?
+            };
+            // The gate is closed: no host socket into the guest exists or
+            // is being made. Now make sure envd has taken in and put away
+            // every connection, then save.
+            let saved = match self.envd_barrier(id).await {
+                Ok(()) => {
+                    let (id, dest) = (id.clone(), dest.to_owned());
+                    self.blocking(move |inner| inner.checkpoint_quiet(&id, &dest, meta))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            // A sandbox that still runs (a refused or survived save) takes
+            // connections again; one that is gone starts afresh.
+            if self.inner.alive(id) {
+                self.inner.gates.reopen(id);
+            } else {
+                self.inner.gates.forget(id);
+            }
+            saved
         })
     }
 
@@ -352,13 +417,24 @@ impl Runtime for GvisorRuntime {
                 port,
                 source,
             };
-            let socket = network::socket_in(&netns.host_path()).await.map_err(err)?;
+            // Held until the stream is dropped, and while connecting: a
+            // checkpoint waits for every ticket (the guest must have no
+            // connection to outside it when it is saved).
+            let ticket = self.inner.gates.ticket(id).map_err(|gate::Closed| {
+                err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "the sandbox is being paused",
+                ))
+            })?;
+            let socket = network::socket_in(&netns.host_path(), OnClose::Reset)
+                .await
+                .map_err(err)?;
             let addr = std::net::SocketAddr::from((network::GUEST_ADDR, port));
             let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
                 .await
                 .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
                 .map_err(err)?;
-            Ok(Box::new(stream) as BoxStream)
+            Ok(Box::new(Gated::new(stream, ticket)) as BoxStream)
         })
     }
 
@@ -637,7 +713,10 @@ impl Inner {
         Ok(())
     }
 
-    fn checkpoint(&self, id: &SandboxId, dest: &Path) -> Result<Snapshot> {
+    /// Before a checkpoint: check that `id` runs and `dest` is free, then
+    /// close `id`'s gate and wait for every ticket. On `Ok` the gate stays
+    /// closed (the caller reopens or forgets it); on `Err` it is open.
+    fn close_for_checkpoint(&self, id: &SandboxId, dest: &Path) -> Result<Meta> {
         let dir = self.sandbox_dir(id);
         let meta: Meta = read_json(&dir.join("meta.json")).map_err(|_| {
             if dir.exists() {
@@ -656,6 +735,26 @@ impl Inner {
         {
             return Err(RuntimeError::SnapshotExists(dest.to_owned()));
         }
+        // No host socket into the guest may exist or be in the making from
+        // here on: close the gate, wait for the tickets. Then the guest's
+        // own view (wait_quiet) can only get quieter.
+        if let Err(gate::StillOpen(n)) = self.gates.close_and_drain(id, QUIESCE_TIMEOUT) {
+            self.gates.reopen(id);
+            return Err(RuntimeError::CheckpointRefused {
+                id: id.clone(),
+                reason: format!(
+                    "{n} connection(s) into the sandbox stayed open for {QUIESCE_TIMEOUT:?}; gVisor cannot save them"
+                ),
+            });
+        }
+        Ok(meta)
+    }
+
+    /// Save `id` into `dest` (`runsc checkpoint`) once the guest has no
+    /// connection to the node left; its gate is closed (see
+    /// [`Inner::close_for_checkpoint`]).
+    fn checkpoint_quiet(&self, id: &SandboxId, dest: &Path, meta: Meta) -> Result<Snapshot> {
+        let dir = self.sandbox_dir(id);
         let netns = NetnsPair::of(id);
         let tq = Instant::now();
         self.wait_quiet(id, &netns)?;
@@ -792,6 +891,7 @@ impl Inner {
 
     /// Remove every trace of `id`; see [`Runtime::kill`].
     fn cleanup(&self, id: &SandboxId) -> Result<()> {
+        self.gates.forget(id);
         let dir = self.sandbox_dir(id);
         let netns = NetnsPair::of(id);
         let mut left = Vec::new();
@@ -980,8 +1080,13 @@ fn check_template(template: &Template) -> Result<()> {
     Ok(())
 }
 
-/// Connections in `/proc/net/tcp{,6}` text that gVisor cannot save: any
-/// state but LISTEN and CLOSE, unless both ends are on the loopback.
+/// Connections in `/proc/net/tcp{,6}` text that must be gone before a
+/// save: any state but LISTEN and CLOSE, unless both ends are on the
+/// loopback (gVisor cannot save them) — and a node connection (remote end
+/// 10.0.2.1, the host side of the veth) in any state but LISTEN, CLOSE
+/// included: a closed socket still listed is one envd has not dropped yet,
+/// i.e. its event loop is still at work on it, and a save taken then has
+/// restored to an envd that crashed or spun forever (see `checkpoint`).
 fn open_connections(text: &str) -> Vec<String> {
     let mut open = Vec::new();
     for line in text.lines() {
@@ -990,7 +1095,11 @@ fn open_connections(text: &str) -> Vec<String> {
             continue;
         }
         let (local, remote, state) = (fields[1], fields[2], fields[3]);
-        if matches!(state, "0A" | "07") {
+        // 10.0.2.1 as /proc/net/tcp prints it (little-endian hex), in IPv4
+        // and IPv4-mapped IPv6 form.
+        let from_node = remote.starts_with("0102000A:")
+            || remote.starts_with("0000000000000000FFFF00000102000A:");
+        if state == "0A" || (state == "07" && !from_node) {
             continue;
         }
         let loopback = |addr: &str| {
@@ -1102,16 +1211,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn open_connections_ignores_listeners_closed_and_loopback() {
+    fn open_connections_ignores_listeners_loopback_and_closed_non_node_sockets() {
         let text = "  sl  local_address rem_address   st tx_queue rx_queue
    2: 00000000:C33F 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0
    3: 0202000A:1F40 0102000A:B400 06 00000000:00000000 00:00000000 00000000     0
    4: 0100007F:1F40 0100007F:9000 01 00000000:00000000 00:00000000 00000000     0
    5: 0202000A:1F41 0102000A:B401 07 00000000:00000000 00:00000000 00000000     0
+   6: 0202000A:1F42 0505A8C0:0050 07 00000000:00000000 00:00000000 00000000     0
 ";
         let open = open_connections(text);
-        assert_eq!(open.len(), 1, "{open:?}");
+        // TIME_WAIT to the node, and a node connection closed but not yet
+        // dropped by envd; not the listener, the loopback pair, or a closed
+        // socket to another host.
+        assert_eq!(open.len(), 2, "{open:?}");
         assert!(open[0].contains("state 06"));
+        assert!(open[1].contains("B401 (state 07)"), "{open:?}");
     }
 
     #[test]

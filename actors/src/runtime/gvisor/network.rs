@@ -128,17 +128,26 @@ fn unmount_detach(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// A TCP socket created inside the network namespace at `netns`, with
-/// `SO_LINGER` 0 so that closing it resets the connection (gVisor of
-/// 2022-12 cannot checkpoint a sandbox with a TCP connection in any state
-/// but closed, TIME_WAIT included, and a reset leaves none).
-pub async fn socket_in(netns: &Path) -> std::io::Result<TcpSocket> {
+/// How a socket into the guest ends when it is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnClose {
+    /// `SO_LINGER` 0: closing resets the connection (gVisor of 2022-12
+    /// cannot checkpoint a sandbox with a TCP connection in any state but
+    /// closed, TIME_WAIT included, and a reset leaves none).
+    Reset,
+    /// An ordinary close, for a caller that shuts the connection down
+    /// itself (FIN first) and waits for the guest's FIN.
+    Graceful,
+}
+
+/// A TCP socket created inside the network namespace at `netns`.
+pub async fn socket_in(netns: &Path, on_close: OnClose) -> std::io::Result<TcpSocket> {
     let netns = netns.to_owned();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("netns-socket".into())
         .spawn(move || {
-            let _ = tx.send(socket_in_blocking(&netns));
+            let _ = tx.send(socket_in_blocking(&netns, on_close));
         })?;
     rx.await
         .map_err(|_| std::io::Error::other("the namespace thread died"))?
@@ -146,7 +155,7 @@ pub async fn socket_in(netns: &Path) -> std::io::Result<TcpSocket> {
 
 /// Runs on a thread of its own, which dies right after: joining a network
 /// namespace changes the calling thread for good.
-fn socket_in_blocking(netns: &Path) -> std::io::Result<TcpSocket> {
+fn socket_in_blocking(netns: &Path, on_close: OnClose) -> std::io::Result<TcpSocket> {
     use std::os::fd::AsRawFd;
     let ns = std::fs::File::open(netns)?;
     // SAFETY: setns on a valid namespace fd, affecting only this thread.
@@ -154,7 +163,9 @@ fn socket_in_blocking(netns: &Path) -> std::io::Result<TcpSocket> {
         return Err(std::io::Error::last_os_error());
     }
     let socket = TcpSocket::new_v4()?;
-    socket.set_zero_linger()?;
+    if on_close == OnClose::Reset {
+        socket.set_zero_linger()?;
+    }
     socket.set_nodelay(true)?;
     Ok(socket)
 }

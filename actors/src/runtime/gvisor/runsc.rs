@@ -24,6 +24,9 @@ use std::time::Duration;
 
 use crate::runtime::{Result, RuntimeError};
 
+/// Set to a directory to get runsc's debug logs there (see [`Runsc::command`]).
+pub const DEBUG_LOG_ENV: &str = "SANDMESH_RUNSC_DEBUG_LOG";
+
 /// Default time limit of a runsc command.
 pub const RUNSC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -92,6 +95,15 @@ impl Runsc {
             .arg(&self.root)
             .arg("--platform=ptrace")
             .arg("--network=sandbox");
+        // For operators chasing a runsc failure: every runsc command (and
+        // the sandbox and gofer it starts) logs at debug level, one file
+        // per command, into this directory.
+        if let Some(dir) = std::env::var_os(DEBUG_LOG_ENV).filter(|d| !d.is_empty()) {
+            let mut arg = std::ffi::OsString::from("--debug-log=");
+            arg.push(&dir);
+            arg.push("/%TIMESTAMP%-%COMMAND%.log");
+            cmd.arg("--debug").arg(arg);
+        }
         cmd.stdin(Stdio::null());
         match enter {
             Enter::Host => {}
