@@ -18,16 +18,8 @@ use schema::e2b::{
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 
+use crate::http::{closing, error_response, percent_decode, query_pairs};
 use crate::sandboxes::{SandboxError, Sandboxes};
-
-/// A JSON error response.
-pub fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = schema::e2b::ApiError {
-        code: status.as_u16(),
-        message: message.into(),
-    };
-    (status, axum::Json(body)).into_response()
-}
 
 /// An error of a handler.
 pub struct ApiError(pub StatusCode, pub String);
@@ -44,7 +36,7 @@ impl IntoResponse for ApiError {
         if self.0 == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body was never read: the connection closes
             // after this answer, so the client must not reuse it.
-            crate::proxy::closing(resp)
+            closing(resp)
         } else {
             resp
         }
@@ -435,43 +427,6 @@ async fn not_implemented(req: Request<Body>) -> ApiError {
 
 // ------------------------------------------------------------- listing
 
-/// Percent-decode once (`+` is a space, as in form encoding).
-fn percent_decode(s: &str, plus_is_space: bool) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' if plus_is_space => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `k=v&...` pairs of a query string, each part decoded once.
-pub(crate) fn query_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k, true), percent_decode(v, true))
-        })
-        .collect()
-}
-
 /// The `metadata` filter as the SDK encodes it (wire reference §2.4): the
 /// value (already decoded once as a query parameter) is `k=v&...` with each
 /// part encoded twice more.
@@ -625,13 +580,5 @@ mod tests {
         assert!(list_query(Some("limit=0")).is_err());
         assert!(list_query(Some("limit=abc")).is_err());
         assert!(list_query(Some("state=dead")).is_err());
-    }
-
-    #[test]
-    fn percent_decoding_is_lenient() {
-        assert_eq!(percent_decode("a%2", false), "a%2");
-        assert_eq!(percent_decode("%zz", false), "%zz");
-        assert_eq!(percent_decode("a+b%20c", true), "a b c");
-        assert_eq!(percent_decode("a+b", false), "a+b");
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod http;
 pub mod metrics;
 pub mod ops;
 pub mod proxy;

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use actors::runtime::{BoxStream, SandboxId};
 use schema::envd::ENVD_PORT;
 
-use crate::api::error_response;
+use crate::http::{closing, error_response};
 use crate::sandboxes::{SandboxError, Sandboxes};
 
 pub const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
@@ -79,7 +79,7 @@ pub fn signed_file_target<'a>(
     if path != "/files" {
         return None;
     }
-    let pairs = crate::api::query_pairs(query?);
+    let pairs = crate::http::query_pairs(query?);
     let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let signature = get("signature")?;
     let op = if method == axum::http::Method::GET {
@@ -272,18 +272,6 @@ where
         }
         frame
     })
-}
-
-/// An answer given without reading the request's body (which may still
-/// be streaming in): ask the client not to reuse the connection, which
-/// the server closes after such an answer, so that its next request does
-/// not race that close ("connection closed before message completed").
-pub fn closing(mut resp: Response<Body>) -> Response<Body> {
-    resp.headers_mut().insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("close"),
-    );
-    resp
 }
 
 /// Forward `req` to `target`.

@@ -13,8 +13,9 @@ use axum::response::Response;
 
 use actors::runtime::select::{RuntimeChoice, select};
 
-use crate::api::{error_response, router};
+use crate::api::router;
 use crate::cluster::{Cluster, MeshOptions};
+use crate::http::{closing, error_response};
 use crate::proxy;
 use crate::sandboxes::{Config, Sandboxes};
 use crate::store::Store;
@@ -62,7 +63,7 @@ async fn front_door(State(f): State<Front>, req: Request, next: Next) -> Respons
                         Some(target) => {
                             crate::cluster::front::traffic(&f.cluster, target, req).await
                         }
-                        None => proxy::closing(error_response(
+                        None => closing(error_response(
                             StatusCode::UNAUTHORIZED,
                             "the signature matches no running sandbox",
                         )),

@@ -90,6 +90,21 @@ pub enum Owner {
     Unknown(String),
 }
 
+/// The mesh handler: bound before the cluster exists (the transport is
+/// part of it), attached right after. What it answers is `serve.rs`; the
+/// type lives here so that the cluster, which binds it, does not import
+/// the module that serves through the cluster.
+#[derive(Default)]
+pub struct MeshHandler {
+    cluster: OnceLock<Cluster>,
+}
+
+impl MeshHandler {
+    fn attach(&self, cluster: Cluster) {
+        let _ = self.cluster.set(cluster);
+    }
+}
+
 struct MeshParts {
     membership: Membership,
     transport: Transport,
@@ -166,7 +181,7 @@ impl Cluster {
             false
         });
         let generation = mesh::membership::unix_millis();
-        let handler = Arc::new(serve::MeshHandler::default());
+        let handler = Arc::new(MeshHandler::default());
         let mesh = match mesh {
             None => None,
             Some(opts) => {
