@@ -19,7 +19,11 @@ use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 
 use crate::http::{closing, error_response, percent_decode, query_pairs};
-use crate::sandboxes::{SandboxError, Sandboxes};
+use actors::clock::rfc3339_ms;
+use actors::sandbox::{SandboxError, state_name};
+use actors::service::Sandboxes;
+use actors::store::SandboxRecord;
+use actors::template_cache::infos;
 
 /// An error of a handler.
 pub struct ApiError(pub StatusCode, pub String);
@@ -142,7 +146,7 @@ async fn create(
     Ok((StatusCode::CREATED, axum::Json(sbx)).into_response())
 }
 
-fn found(s: &Sandboxes, id: &str) -> Result<crate::store::SandboxRecord, ApiError> {
+fn found(s: &Sandboxes, id: &str) -> Result<SandboxRecord, ApiError> {
     s.get(id).ok_or_else(|| s.not_found(id).into())
 }
 
@@ -249,7 +253,7 @@ async fn resume(
 #[utoipa::path(get, path = "/templates", responses((status = 200, body = Vec<TemplateInfo>)))]
 async fn templates(State(s): State<Sandboxes>) -> Result<Response, ApiError> {
     let all = s.templates().await?;
-    Ok(axum::Json(crate::templates::infos(&all)).into_response())
+    Ok(axum::Json(infos(&all)).into_response())
 }
 
 /// One template, with its builds.
@@ -378,7 +382,7 @@ async fn sandbox_logs_v2(
         })
         .collect();
     if let Some(c) = cursor {
-        let at = crate::sandboxes::rfc3339_ms(c);
+        let at = rfc3339_ms(c);
         if backward {
             entries.retain(|e| e.timestamp <= at);
         } else {
@@ -491,15 +495,15 @@ fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
 }
 
 /// Pagination token: the position after the last listed sandbox.
-fn token_of(r: &crate::store::SandboxRecord) -> String {
+fn token_of(r: &SandboxRecord) -> String {
     format!("{}.{}", r.started_at_ms, r.id)
 }
 
-fn filtered(s: &Sandboxes, q: &ListQuery) -> Vec<crate::store::SandboxRecord> {
+fn filtered(s: &Sandboxes, q: &ListQuery) -> Vec<SandboxRecord> {
     s.list()
         .into_iter()
         .filter(|r| {
-            let state = crate::sandboxes::state_name(r.state);
+            let state = state_name(r.state);
             q.states
                 .as_ref()
                 .is_none_or(|st| st.iter().any(|x| x == state.as_str()))

@@ -538,7 +538,7 @@ pub async fn find_signed(cluster: &Cluster, method: &Method, query: &str) -> Opt
                 Ok(wire::Response::SignedBy {
                     sandbox_id: Some(id),
                 }),
-            )) if crate::sandboxes::owner_of(&id).is_none_or(|o| o == node) => {
+            )) if actors::sandbox::owner_of(&id).is_none_or(|o| o == node) => {
                 // Let the other asks finish: aborting one mid-handshake
                 // would throw away a connection being made.
                 asks.detach_all();

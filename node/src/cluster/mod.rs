@@ -4,7 +4,7 @@
 //!
 //! Every node runs the same code and the REST front on every node takes
 //! any call. A sandbox id ends with its owner's node id
-//! ([`crate::sandboxes::owner_of`]), so a node routes without asking
+//! ([`actors::sandbox::owner_of`]), so a node routes without asking
 //! anyone: a call on a sandbox it owns is served here, any other is sent
 //! over the mesh (QUIC, mutual TLS, see `mesh`) to the owner, which serves
 //! it as its own and never forwards it again. Creates go where
@@ -30,7 +30,7 @@ use mesh::membership::{Member, Membership, MembershipConfig};
 use mesh::transport::{Transport, TransportConfig};
 use schema::mesh::{NodeInfo, NodeState, PROTOCOL_VERSION};
 
-use crate::sandboxes::Sandboxes;
+use actors::service::Sandboxes;
 
 /// How often a node republishes its capacity (only changed keys travel).
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
@@ -388,7 +388,7 @@ impl Cluster {
 
     /// Drain (take no new sandboxes; running ones stay) or make ready
     /// again. Kept across restarts; gossiped at once.
-    pub async fn set_draining(&self, draining: bool) -> Result<(), crate::store::StoreError> {
+    pub async fn set_draining(&self, draining: bool) -> Result<(), actors::store::StoreError> {
         self.inner.sandboxes.store().set_draining(draining)?;
         self.inner.draining.store(draining, Ordering::Relaxed);
         tracing::info!(
@@ -505,7 +505,7 @@ impl Cluster {
 
     /// Who owns sandbox `id`.
     pub fn owner(&self, id: &str) -> Owner {
-        let Some(owner) = crate::sandboxes::owner_of(id) else {
+        let Some(owner) = actors::sandbox::owner_of(id) else {
             return Owner::Local;
         };
         if owner == self.inner.node_id {

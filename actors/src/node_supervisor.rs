@@ -21,11 +21,9 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use crate::sandboxes::{Refs, SandboxSupervisor, Shared};
-use crate::templates::{TemplateCache, TemplateEntry};
-
-/// Counts an actor restart, by `actor` (`template_cache`, `sandbox_supervisor`).
-pub const RESTARTS: &str = "sandmesh_actor_restarts_total";
+use crate::metrics::RESTARTS;
+use crate::sandbox::{Refs, SandboxSupervisor, Shared, SupervisorMsg, adopt_orphans};
+use crate::template_cache::{TemplateCache, TemplateEntry};
 
 pub struct NodeSupervisor;
 
@@ -98,7 +96,7 @@ impl Actor for NodeSupervisor {
             NodeMsg::FailSandboxSupervisor => {
                 let refs = st.shared.refs.lock().unwrap().clone();
                 if let Some(refs) = refs {
-                    let _ = refs.sandboxes.cast(crate::sandboxes::SupervisorMsg::Fail);
+                    let _ = refs.sandboxes.cast(SupervisorMsg::Fail);
                 }
             }
         }
@@ -144,7 +142,7 @@ impl Actor for NodeSupervisor {
             if let Some(r) = st.shared.refs.lock().unwrap().as_mut() {
                 r.sandboxes = sandboxes.clone();
             }
-            let adopted = crate::sandboxes::adopt_orphans(&st.shared, &sandboxes).await?;
+            let adopted = adopt_orphans(&st.shared, &sandboxes).await?;
             tracing::info!(
                 adopted,
                 "the new sandbox supervisor took over the sandboxes"
