@@ -3,6 +3,7 @@
 //! ```text
 //! NodeSupervisor                   node_supervisor.rs
 //! ├── TemplateCache                template_cache.rs
+//! ├── Placement                    placement.rs
 //! └── SandboxSupervisor            sandbox/supervisor.rs
 //!     └── SandboxActor             sandbox/actor.rs, one per sandbox
 //! ```
@@ -13,12 +14,13 @@
 //! Nothing here depends on the node crate: the node depends on this one.
 //!
 //! Modules import each other one way, leaves first: [`clock`], [`store`],
-//! [`metrics`] <- [`template_cache`] <- [`sandbox`] <-
+//! [`metrics`] <- [`template_cache`], [`placement`] <- [`sandbox`] <-
 //! [`node_supervisor`] <- [`service`].
 
 pub mod clock;
 pub mod metrics;
 pub mod node_supervisor;
+pub mod placement;
 pub mod runtime;
 pub mod sandbox;
 pub mod service;

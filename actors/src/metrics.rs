@@ -15,6 +15,6 @@ pub const PAUSES: &str = "sandmesh_sandbox_pauses_total";
 pub const PAUSE_SECONDS: &str = "sandmesh_sandbox_pause_seconds";
 /// Time of a successful resume, request to envd initialised.
 pub const RESUME_SECONDS: &str = "sandmesh_sandbox_resume_seconds";
-/// Counts an actor restart, by `actor` (`template_cache`,
+/// Counts an actor restart, by `actor` (`template_cache`, `placement`,
 /// `sandbox_supervisor`).
 pub const RESTARTS: &str = "sandmesh_actor_restarts_total";

@@ -13,13 +13,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mesh::membership::Member;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use schema::e2b::{self, LogLevel, NewSandbox, RuntimeName, SandboxLogEntry, SandboxMetric};
+use schema::mesh::NodeInfo;
 use tokio::sync::oneshot;
 
 use crate::clock::{now_ms, rfc3339_ms};
 use crate::node_supervisor::{NodeArgs, NodeMsg, NodeSupervisor};
+use crate::placement::PlacementMsg;
 use crate::runtime::{Runtime, RuntimeError, SandboxId, Template, TemplateId};
 use crate::sandbox::{
     MAX_SAMPLES, Refs, SandboxActor, SandboxArgs, SandboxError, SandboxMsg, Shared, Start,
@@ -75,6 +78,7 @@ impl Drop for Inner {
         // stop with the supervisors.
         if let Some(refs) = self.shared.refs.lock().unwrap().take() {
             refs.sandboxes.stop(None);
+            refs.placement.stop(None);
             refs.templates.stop(None);
         }
         self.node.stop(None);
@@ -573,6 +577,39 @@ impl Sandboxes {
         match sent {
             Ok(CallResult::Success(r)) => Ok(r),
             _ => Err(SandboxError::NotFound(id.into())),
+        }
+    }
+
+    /// Rank `members` for a sandbox of `template` needing `memory_mib`
+    /// (0 when unknown), best first: the placement actor takes `members`
+    /// (this node's view of the cluster now, the members it may place on)
+    /// as its snapshot and answers from it.
+    pub async fn rank(
+        &self,
+        members: Vec<Member>,
+        template: &str,
+        memory_mib: u64,
+    ) -> Result<Vec<NodeInfo>, SandboxError> {
+        let refs = self.refs()?;
+        let unanswered = || SandboxError::Actor("the placement actor did not answer".into());
+        refs.placement
+            .cast(PlacementMsg::Members(members))
+            .map_err(|_| unanswered())?;
+        let template = template.to_owned();
+        match refs
+            .placement
+            .call(
+                |reply| PlacementMsg::Rank {
+                    template,
+                    memory_mib,
+                    reply,
+                },
+                None,
+            )
+            .await
+        {
+            Ok(CallResult::Success(ranked)) => Ok(ranked),
+            _ => Err(unanswered()),
         }
     }
 }

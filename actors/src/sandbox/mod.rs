@@ -43,6 +43,7 @@ use schema::e2b::{self, LogLevel, SandboxLogEntry, SandboxMetric, SandboxStateNa
 use tokio::sync::oneshot;
 
 use crate::clock::{now_ms, rfc3339_ms};
+use crate::placement::PlacementMsg;
 use crate::runtime::{ENVD_PORT, Limits, Runtime, RuntimeError, SandboxId, Template};
 use crate::store::{RecordState, SandboxRecord, Store, StoreError, random_bytes};
 use crate::template_cache::{TemplateEntry, TemplateMsg, UnknownTemplate};
@@ -139,6 +140,7 @@ pub const MAX_SAMPLES: usize = 720;
 #[derive(Clone)]
 pub(crate) struct Refs {
     pub templates: ActorRef<TemplateMsg>,
+    pub placement: ActorRef<PlacementMsg>,
     pub sandboxes: ActorRef<SupervisorMsg>,
 }
 

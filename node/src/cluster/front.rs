@@ -2,11 +2,11 @@
 //! it there.
 //!
 //! Called by the front door after the API key was checked. A call on a
-//! sandbox goes to the owner named in its id; a create goes where
-//! [`super::placement`] ranks first (the next on refusal); a list asks
-//! every live node and merges. What reaches the owner is the client's
-//! request as it came (headers, API key included: the owner checks it
-//! again), and what comes back is relayed as is.
+//! sandbox goes to the owner named in its id; a create goes where the
+//! placement actor ([`actors::placement`]) ranks first (the next on
+//! refusal); a list asks every live node and merges. What reaches the
+//! owner is the client's request as it came (headers, API key included:
+//! the owner checks it again), and what comes back is relayed as is.
 //!
 //! Sandbox traffic (envd, ports) is not a REST call: [`traffic`] opens a
 //! raw QUIC stream to the owner, which pipes it to the sandbox port, so a
@@ -20,7 +20,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use schema::mesh::{self as wire, ErrorKind, NodeInfo, NodeState, PROTOCOL_VERSION};
 
-use super::{Cluster, Forwarded, Owner, placement};
+use super::{Cluster, Forwarded, Owner};
 use crate::http::{closing, error_response, query_pairs};
 use crate::proxy::{self, Target};
 
@@ -340,7 +340,16 @@ async fn create(cluster: &Cluster, req: Request) -> Response {
     };
     let mut members = cluster.members().await;
     members.retain(|m| cluster.is_verified(&m.info));
-    let ranked = placement::rank(&members, &template, memory);
+    let ranked = match cluster
+        .sandboxes()
+        .rank(members.clone(), &template, memory)
+        .await
+    {
+        Ok(ranked) => ranked,
+        Err(e) => {
+            return axum::response::IntoResponse::into_response(crate::api::ApiError::from(e));
+        }
+    };
     if ranked.is_empty() {
         return no_room(&members);
     }
@@ -348,7 +357,7 @@ async fn create(cluster: &Cluster, req: Request) -> Response {
     let mut failures = Vec::new();
     for info in ranked.into_iter().take(MAX_PLACEMENT_TRIES) {
         let remote = info.id != cluster.node_id();
-        let answer = cluster.dispatch(info, rest.clone()).await;
+        let answer = cluster.dispatch(&info, rest.clone()).await;
         if remote {
             count("create", if answer.is_ok() { "ok" } else { "unreachable" });
         }

@@ -8,7 +8,7 @@
 //! anyone: a call on a sandbox it owns is served here, any other is sent
 //! over the mesh (QUIC, mutual TLS, see `mesh`) to the owner, which serves
 //! it as its own and never forwards it again. Creates go where
-//! [`placement`] says; lists ask every live node.
+//! placement (`actors::placement`) says; lists ask every live node.
 //!
 //! A node started without a mesh (tests, embedding) is a cluster of one:
 //! the same code paths, with itself as the only member.
@@ -16,7 +16,6 @@
 pub mod admin;
 pub mod certs;
 pub mod front;
-pub mod placement;
 pub mod serve;
 
 use std::collections::{HashMap, HashSet};
