@@ -1,9 +1,28 @@
-//! The actors of a node: `NodeSupervisor` -> `SandboxSupervisor` -> one
-//! `SandboxActor` per sandbox, the `TemplateCache` and `Placement`, and the
-//! runtime contract (microvm, gvisor) they drive.
+//! The actors of a node and the runtime contract they drive.
 //!
-//! Today: [`runtime`], the contract between a SandboxActor and the thing
-//! that runs its sandbox, and its gvisor implementation. The actors land
-//! with the node issue.
+//! ```text
+//! NodeSupervisor                   node_supervisor.rs
+//! ├── TemplateCache                template_cache.rs
+//! ├── Placement                    placement.rs
+//! └── SandboxSupervisor            sandbox/supervisor.rs
+//!     └── SandboxActor             sandbox/actor.rs, one per sandbox
+//! ```
+//!
+//! [`service::Sandboxes`] is what the node's REST handlers and proxy call;
+//! it starts the tree. The actors persist sandbox records in sled
+//! ([`store`]) and run sandboxes through a [`runtime`] (microvm, gvisor).
+//! Nothing here depends on the node crate: the node depends on this one.
+//!
+//! Modules import each other one way, leaves first: [`clock`], [`store`],
+//! [`metrics`] <- [`template_cache`], [`placement`] <- [`sandbox`] <-
+//! [`node_supervisor`] <- [`service`].
 
+pub mod clock;
+pub mod metrics;
+pub mod node_supervisor;
+pub mod placement;
 pub mod runtime;
+pub mod sandbox;
+pub mod service;
+pub mod store;
+pub mod template_cache;

@@ -18,16 +18,12 @@ use schema::e2b::{
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 
-use crate::sandboxes::{SandboxError, Sandboxes};
-
-/// A JSON error response.
-pub fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = schema::e2b::ApiError {
-        code: status.as_u16(),
-        message: message.into(),
-    };
-    (status, axum::Json(body)).into_response()
-}
+use crate::http::{closing, error_response, percent_decode, query_pairs};
+use actors::clock::rfc3339_ms;
+use actors::sandbox::{SandboxError, state_name};
+use actors::service::Sandboxes;
+use actors::store::SandboxRecord;
+use actors::template_cache::infos;
 
 /// An error of a handler.
 pub struct ApiError(pub StatusCode, pub String);
@@ -44,7 +40,7 @@ impl IntoResponse for ApiError {
         if self.0 == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body was never read: the connection closes
             // after this answer, so the client must not reuse it.
-            crate::proxy::closing(resp)
+            closing(resp)
         } else {
             resp
         }
@@ -150,7 +146,7 @@ async fn create(
     Ok((StatusCode::CREATED, axum::Json(sbx)).into_response())
 }
 
-fn found(s: &Sandboxes, id: &str) -> Result<crate::store::SandboxRecord, ApiError> {
+fn found(s: &Sandboxes, id: &str) -> Result<SandboxRecord, ApiError> {
     s.get(id).ok_or_else(|| s.not_found(id).into())
 }
 
@@ -257,7 +253,7 @@ async fn resume(
 #[utoipa::path(get, path = "/templates", responses((status = 200, body = Vec<TemplateInfo>)))]
 async fn templates(State(s): State<Sandboxes>) -> Result<Response, ApiError> {
     let all = s.templates().await?;
-    Ok(axum::Json(crate::templates::infos(&all)).into_response())
+    Ok(axum::Json(infos(&all)).into_response())
 }
 
 /// One template, with its builds.
@@ -386,7 +382,7 @@ async fn sandbox_logs_v2(
         })
         .collect();
     if let Some(c) = cursor {
-        let at = crate::sandboxes::rfc3339_ms(c);
+        let at = rfc3339_ms(c);
         if backward {
             entries.retain(|e| e.timestamp <= at);
         } else {
@@ -434,43 +430,6 @@ async fn not_implemented(req: Request<Body>) -> ApiError {
 }
 
 // ------------------------------------------------------------- listing
-
-/// Percent-decode once (`+` is a space, as in form encoding).
-fn percent_decode(s: &str, plus_is_space: bool) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' if plus_is_space => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `k=v&...` pairs of a query string, each part decoded once.
-pub(crate) fn query_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k, true), percent_decode(v, true))
-        })
-        .collect()
-}
 
 /// The `metadata` filter as the SDK encodes it (wire reference §2.4): the
 /// value (already decoded once as a query parameter) is `k=v&...` with each
@@ -536,15 +495,15 @@ fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
 }
 
 /// Pagination token: the position after the last listed sandbox.
-fn token_of(r: &crate::store::SandboxRecord) -> String {
+fn token_of(r: &SandboxRecord) -> String {
     format!("{}.{}", r.started_at_ms, r.id)
 }
 
-fn filtered(s: &Sandboxes, q: &ListQuery) -> Vec<crate::store::SandboxRecord> {
+fn filtered(s: &Sandboxes, q: &ListQuery) -> Vec<SandboxRecord> {
     s.list()
         .into_iter()
         .filter(|r| {
-            let state = crate::sandboxes::state_name(r.state);
+            let state = state_name(r.state);
             q.states
                 .as_ref()
                 .is_none_or(|st| st.iter().any(|x| x == state.as_str()))
@@ -625,13 +584,5 @@ mod tests {
         assert!(list_query(Some("limit=0")).is_err());
         assert!(list_query(Some("limit=abc")).is_err());
         assert!(list_query(Some("state=dead")).is_err());
-    }
-
-    #[test]
-    fn percent_decoding_is_lenient() {
-        assert_eq!(percent_decode("a%2", false), "a%2");
-        assert_eq!(percent_decode("%zz", false), "%zz");
-        assert_eq!(percent_decode("a+b%20c", true), "a b c");
-        assert_eq!(percent_decode("a+b", false), "a+b");
     }
 }

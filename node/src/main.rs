@@ -135,7 +135,7 @@ struct NodeArgs {
     /// Every sandbox from it gets those resources (default 2 vCPUs and
     /// 512 MiB). Naming `base` here replaces the default base template.
     #[arg(long = "template", value_name = "SPEC")]
-    templates: Vec<node::templates::TemplateSpec>,
+    templates: Vec<actors::template_cache::TemplateSpec>,
     /// Domain of sandbox URLs (`<port>-<sandboxID>.<domain>`) returned to
     /// the SDK; unset, the SDK uses its own E2B_DOMAIN / E2B_SANDBOX_URL.
     #[arg(long, env = "SANDMESH_DOMAIN")]
@@ -468,10 +468,10 @@ fn apikey_add(data_dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn open_store(data_dir: &std::path::Path) -> Result<node::store::Store> {
+fn open_store(data_dir: &std::path::Path) -> Result<actors::store::Store> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    node::store::Store::open(data_dir).with_context(|| {
+    actors::store::Store::open(data_dir).with_context(|| {
         format!(
             "opening {} (is a node running on it? stop it first)",
             data_dir.display()
@@ -571,7 +571,7 @@ fn node_run(args: NodeArgs) -> Result<()> {
     if let Some((dir, image)) = base {
         templates.insert(
             0,
-            node::templates::TemplateSpec {
+            actors::template_cache::TemplateSpec {
                 name: "base".into(),
                 rootfs_dir: dir,
                 rootfs_image: image,
@@ -586,7 +586,7 @@ fn node_run(args: NodeArgs) -> Result<()> {
     if let Some(t) = templates.iter().find(|t| !names.insert(t.name.clone())) {
         anyhow::bail!("template {:?} is given twice", t.name);
     }
-    let config = node::sandboxes::Config {
+    let config = actors::service::Config {
         default_timeout: std::time::Duration::from_secs(args.default_timeout),
         max_timeout: std::time::Duration::from_secs(args.max_timeout),
         domain: args.domain,
@@ -598,7 +598,7 @@ fn node_run(args: NodeArgs) -> Result<()> {
         RuntimeArg::Microvm => RuntimeChoice::Microvm,
         RuntimeArg::Gvisor => RuntimeChoice::Gvisor,
     };
-    let config = node::sandboxes::Config {
+    let config = actors::service::Config {
         node_id: mesh.files.node_id.clone(),
         ..config
     };

@@ -1,26 +1,15 @@
 //! The node's Prometheus metrics, served at `GET /metrics` (no API key:
-//! aggregate counts only, for scrapers that cannot send one).
+//! aggregate counts only, for scrapers that cannot send one): the
+//! process-wide recorder, and the names of what the front records (the
+//! actors' are in `actors::metrics`).
 
 use std::sync::OnceLock;
 
+use actors::metrics::{CREATE_SECONDS, CREATES, LOST, TIMED_OUT};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Sandboxes by state (`running`, `creating`), set when scraped.
 pub const SANDBOXES: &str = "sandmesh_sandboxes";
-/// Time of a successful create, request to envd initialised.
-pub const CREATE_SECONDS: &str = "sandmesh_sandbox_create_seconds";
-/// Creates by `result` (`ok`, `error`).
-pub const CREATES: &str = "sandmesh_sandbox_creates_total";
-/// Sandboxes whose runtime process died under the node.
-pub const LOST: &str = "sandmesh_sandboxes_lost_total";
-/// Sandboxes killed by their timeout.
-pub const TIMED_OUT: &str = "sandmesh_sandboxes_timed_out_total";
-/// Pauses by `result` (`ok`, `refused`: the sandbox kept running, `lost`).
-pub const PAUSES: &str = "sandmesh_sandbox_pauses_total";
-/// Time of a successful pause (checkpoint), request to snapshot written.
-pub const PAUSE_SECONDS: &str = "sandmesh_sandbox_pause_seconds";
-/// Time of a successful resume, request to envd initialised.
-pub const RESUME_SECONDS: &str = "sandmesh_sandbox_resume_seconds";
 /// Body bytes through the sandbox-traffic proxy, by `direction`
 /// (`to_sandbox`, `from_sandbox`).
 pub const PROXY_BYTES: &str = "sandmesh_proxy_bytes_total";

@@ -6,13 +6,14 @@
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, Request, Response, StatusCode, header};
-use hyper_util::rt::TokioIo;
 
 use actors::runtime::{BoxStream, SandboxId};
+use actors::sandbox::http::send_until;
 use schema::envd::ENVD_PORT;
 
-use crate::api::error_response;
-use crate::sandboxes::{SandboxError, Sandboxes};
+use crate::http::{closing, error_response};
+use actors::sandbox::SandboxError;
+use actors::service::Sandboxes;
 
 pub const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 pub const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
@@ -79,7 +80,7 @@ pub fn signed_file_target<'a>(
     if path != "/files" {
         return None;
     }
-    let pairs = crate::api::query_pairs(query?);
+    let pairs = crate::http::query_pairs(query?);
     let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let signature = get("signature")?;
     let op = if method == axum::http::Method::GET {
@@ -112,56 +113,6 @@ pub fn local_signed_target(
         .iter()
         .map(|r| (r.id.as_str(), r.envd_access_token.as_str()));
     signed_file_target(method, path, query, tokens)
-}
-
-/// Send one HTTP/1.1 request over `stream` and return the response head;
-/// the body streams from the connection, which closes when it is done.
-pub async fn send<B>(
-    stream: BoxStream,
-    req: Request<B>,
-) -> Result<Response<hyper::body::Incoming>, hyper::Error>
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    send_until(stream, req, None).await
-}
-
-/// [`send`], with the connection reset as soon as `cut` turns `true` (the
-/// sandbox is being paused or killed), whatever is still streaming.
-pub async fn send_until<B>(
-    stream: BoxStream,
-    req: Request<B>,
-    cut: Option<tokio::sync::watch::Receiver<bool>>,
-) -> Result<Response<hyper::body::Incoming>, hyper::Error>
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let cut = async move {
-            match cut {
-                Some(mut cut) => {
-                    // An error: the sender is gone (the sandbox is).
-                    let _ = cut.wait_for(|c| *c).await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            r = conn => if let Err(e) = r {
-                tracing::debug!("sandbox connection ended: {e}");
-            },
-            // Dropping `conn` drops the stream: a reset.
-            () = cut => tracing::debug!("sandbox connection cut (pause or kill)"),
-        }
-    });
-    // Dropping `sender` after this lets the connection close once the
-    // response body is read.
-    sender.send_request(req).await
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those named by `Connection`.
@@ -272,18 +223,6 @@ where
         }
         frame
     })
-}
-
-/// An answer given without reading the request's body (which may still
-/// be streaming in): ask the client not to reuse the connection, which
-/// the server closes after such an answer, so that its next request does
-/// not race that close ("connection closed before message completed").
-pub fn closing(mut resp: Response<Body>) -> Response<Body> {
-    resp.headers_mut().insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("close"),
-    );
-    resp
 }
 
 /// Forward `req` to `target`.

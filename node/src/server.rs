@@ -12,12 +12,14 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 
 use actors::runtime::select::{RuntimeChoice, select};
+use actors::service::{Config, Sandboxes};
+use actors::store::Store;
+use actors::template_cache::TemplateSpec;
 
-use crate::api::{error_response, router};
+use crate::api::router;
 use crate::cluster::{Cluster, MeshOptions};
+use crate::http::{closing, error_response};
 use crate::proxy;
-use crate::sandboxes::{Config, Sandboxes};
-use crate::store::Store;
 
 #[derive(Clone)]
 struct Front {
@@ -62,7 +64,7 @@ async fn front_door(State(f): State<Front>, req: Request, next: Next) -> Respons
                         Some(target) => {
                             crate::cluster::front::traffic(&f.cluster, target, req).await
                         }
-                        None => proxy::closing(error_response(
+                        None => closing(error_response(
                             StatusCode::UNAUTHORIZED,
                             "the signature matches no running sandbox",
                         )),
@@ -155,7 +157,7 @@ pub struct NodeOptions {
     pub runtime: RuntimeChoice,
     /// The templates this node serves (`base` among them, normally the
     /// guest artifacts' root tree).
-    pub templates: Vec<crate::templates::TemplateSpec>,
+    pub templates: Vec<TemplateSpec>,
     /// The microvm runtime's guest kernel (`None`: microvm unavailable).
     pub guest_kernel: Option<PathBuf>,
     pub config: Config,

@@ -349,11 +349,12 @@ async fn a_failed_sandbox_supervisor_is_replaced_and_sandboxes_live_on() {
 
     let supervisor = t.node.sandboxes.node_supervisor();
     supervisor
-        .cast(node::supervisor::NodeMsg::FailSandboxSupervisor)
+        .cast(actors::node_supervisor::NodeMsg::FailSandboxSupervisor)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let restarts = ractor::call!(supervisor, node::supervisor::NodeMsg::Restarts).unwrap();
+        let restarts =
+            ractor::call!(supervisor, actors::node_supervisor::NodeMsg::Restarts).unwrap();
         if restarts == 1 {
             break;
         }

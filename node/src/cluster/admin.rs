@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
 use super::Cluster;
-use crate::api::error_response;
+use crate::http::{error_response, query_pairs};
 
 /// One node in `GET /cluster`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -137,7 +137,7 @@ async fn status(
     State(cluster): State<Cluster>,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> Response {
-    let ping = crate::api::query_pairs(query.as_deref().unwrap_or(""))
+    let ping = query_pairs(query.as_deref().unwrap_or(""))
         .iter()
         .any(|(k, v)| k == "ping" && (v == "true" || v == "1"));
     axum::Json(cluster_status(&cluster, ping).await).into_response()

@@ -2,11 +2,11 @@
 //! it there.
 //!
 //! Called by the front door after the API key was checked. A call on a
-//! sandbox goes to the owner named in its id; a create goes where
-//! [`super::placement`] ranks first (the next on refusal); a list asks
-//! every live node and merges. What reaches the owner is the client's
-//! request as it came (headers, API key included: the owner checks it
-//! again), and what comes back is relayed as is.
+//! sandbox goes to the owner named in its id; a create goes where the
+//! placement actor ([`actors::placement`]) ranks first (the next on
+//! refusal); a list asks every live node and merges. What reaches the
+//! owner is the client's request as it came (headers, API key included:
+//! the owner checks it again), and what comes back is relayed as is.
 //!
 //! Sandbox traffic (envd, ports) is not a REST call: [`traffic`] opens a
 //! raw QUIC stream to the owner, which pipes it to the sandbox port, so a
@@ -20,8 +20,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use schema::mesh::{self as wire, ErrorKind, NodeInfo, NodeState, PROTOCOL_VERSION};
 
-use super::{Cluster, Forwarded, Owner, placement};
-use crate::api::error_response;
+use super::{Cluster, Forwarded, Owner};
+use crate::http::{closing, error_response, query_pairs};
 use crate::proxy::{self, Target};
 
 /// Largest REST request body carried to another node. E2B's REST bodies
@@ -117,12 +117,12 @@ pub async fn route(cluster: &Cluster, req: Request, next: Next) -> Response {
                     }
                 }
             }
-            // Answered without reading the body: see `proxy::closing`.
+            // Answered without reading the body: see `http::closing`.
             Owner::Dead(info) => {
                 count("rest", "dead");
-                proxy::closing(owner_dead(&id, &info.id))
+                closing(owner_dead(&id, &info.id))
             }
-            Owner::Unknown(node) => proxy::closing(error_response(
+            Owner::Unknown(node) => closing(error_response(
                 StatusCode::NOT_FOUND,
                 format!("sandbox {id} not found: its node {node} is not a member of this cluster"),
             )),
@@ -157,7 +157,7 @@ async fn to_rest(req: Request) -> Result<wire::RestRequest, Response> {
     let body = axum::body::to_bytes(body, MAX_REST_BODY)
         .await
         .map_err(|_| {
-            proxy::closing(error_response(
+            closing(error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body larger than {MAX_REST_BODY} bytes"),
             ))
@@ -340,7 +340,16 @@ async fn create(cluster: &Cluster, req: Request) -> Response {
     };
     let mut members = cluster.members().await;
     members.retain(|m| cluster.is_verified(&m.info));
-    let ranked = placement::rank(&members, &template, memory);
+    let ranked = match cluster
+        .sandboxes()
+        .rank(members.clone(), &template, memory)
+        .await
+    {
+        Ok(ranked) => ranked,
+        Err(e) => {
+            return axum::response::IntoResponse::into_response(crate::api::ApiError::from(e));
+        }
+    };
     if ranked.is_empty() {
         return no_room(&members);
     }
@@ -348,7 +357,7 @@ async fn create(cluster: &Cluster, req: Request) -> Response {
     let mut failures = Vec::new();
     for info in ranked.into_iter().take(MAX_PLACEMENT_TRIES) {
         let remote = info.id != cluster.node_id();
-        let answer = cluster.dispatch(info, rest.clone()).await;
+        let answer = cluster.dispatch(&info, rest.clone()).await;
         if remote {
             count("create", if answer.is_ok() { "ok" } else { "unreachable" });
         }
@@ -420,7 +429,7 @@ fn no_room(members: &[mesh::membership::Member]) -> Response {
 /// the order of one node's (start time, then id), paged over the merge.
 async fn list(cluster: &Cluster, req: Request) -> Response {
     let v2 = req.uri().path().starts_with("/v2/");
-    let limit = crate::api::query_pairs(req.uri().query().unwrap_or(""))
+    let limit = query_pairs(req.uri().query().unwrap_or(""))
         .into_iter()
         .find(|(k, _)| k == "limit")
         .and_then(|(_, v)| v.parse::<usize>().ok())
@@ -538,7 +547,7 @@ pub async fn find_signed(cluster: &Cluster, method: &Method, query: &str) -> Opt
                 Ok(wire::Response::SignedBy {
                     sandbox_id: Some(id),
                 }),
-            )) if crate::sandboxes::owner_of(&id).is_none_or(|o| o == node) => {
+            )) if actors::sandbox::owner_of(&id).is_none_or(|o| o == node) => {
                 // Let the other asks finish: aborting one mid-handshake
                 // would throw away a connection being made.
                 asks.detach_all();
@@ -563,9 +572,9 @@ pub async fn traffic(cluster: &Cluster, target: Target, req: Request) -> Respons
         Owner::Local => proxy::forward(cluster.sandboxes(), target, req).await,
         Owner::Dead(info) => {
             count("traffic", "dead");
-            proxy::closing(owner_dead(&target.sandbox_id, &info.id))
+            closing(owner_dead(&target.sandbox_id, &info.id))
         }
-        Owner::Unknown(node) => proxy::closing(error_response(
+        Owner::Unknown(node) => closing(error_response(
             StatusCode::BAD_GATEWAY,
             format!(
                 "The sandbox {} was not found: its node {node} is not a member of this cluster",
@@ -574,7 +583,7 @@ pub async fn traffic(cluster: &Cluster, target: Target, req: Request) -> Respons
         )),
         Owner::Remote(info) => {
             let Some(transport) = cluster.transport() else {
-                return proxy::closing(owner_unreachable(&target.sandbox_id, &info.id, "no mesh"));
+                return closing(owner_unreachable(&target.sandbox_id, &info.id, "no mesh"));
             };
             let header = wire::StreamHeader {
                 sandbox_id: target.sandbox_id.clone(),
@@ -611,9 +620,9 @@ pub async fn traffic(cluster: &Cluster, target: Target, req: Request) -> Respons
                     proxy::relay(stream, None, target, req).await
                 }
                 Err(mesh::transport::TransportError::Rejected { reason, .. }) => {
-                    proxy::closing(error_response(StatusCode::BAD_GATEWAY, reason))
+                    closing(error_response(StatusCode::BAD_GATEWAY, reason))
                 }
-                Err(e) => proxy::closing(owner_unreachable(
+                Err(e) => closing(owner_unreachable(
                     &target.sandbox_id,
                     &info.id,
                     &e.to_string(),

@@ -4,11 +4,11 @@
 //!
 //! Every node runs the same code and the REST front on every node takes
 //! any call. A sandbox id ends with its owner's node id
-//! ([`crate::sandboxes::owner_of`]), so a node routes without asking
+//! ([`actors::sandbox::owner_of`]), so a node routes without asking
 //! anyone: a call on a sandbox it owns is served here, any other is sent
 //! over the mesh (QUIC, mutual TLS, see `mesh`) to the owner, which serves
 //! it as its own and never forwards it again. Creates go where
-//! [`placement`] says; lists ask every live node.
+//! placement (`actors::placement`) says; lists ask every live node.
 //!
 //! A node started without a mesh (tests, embedding) is a cluster of one:
 //! the same code paths, with itself as the only member.
@@ -16,7 +16,6 @@
 pub mod admin;
 pub mod certs;
 pub mod front;
-pub mod placement;
 pub mod serve;
 
 use std::collections::{HashMap, HashSet};
@@ -30,7 +29,7 @@ use mesh::membership::{Member, Membership, MembershipConfig};
 use mesh::transport::{Transport, TransportConfig};
 use schema::mesh::{NodeInfo, NodeState, PROTOCOL_VERSION};
 
-use crate::sandboxes::Sandboxes;
+use actors::service::Sandboxes;
 
 /// How often a node republishes its capacity (only changed keys travel).
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
@@ -88,6 +87,21 @@ pub enum Owner {
     Dead(NodeInfo),
     /// No member of that id is known (never was, or forgotten).
     Unknown(String),
+}
+
+/// The mesh handler: bound before the cluster exists (the transport is
+/// part of it), attached right after. What it answers is `serve.rs`; the
+/// type lives here so that the cluster, which binds it, does not import
+/// the module that serves through the cluster.
+#[derive(Default)]
+pub struct MeshHandler {
+    cluster: OnceLock<Cluster>,
+}
+
+impl MeshHandler {
+    fn attach(&self, cluster: Cluster) {
+        let _ = self.cluster.set(cluster);
+    }
 }
 
 struct MeshParts {
@@ -166,7 +180,7 @@ impl Cluster {
             false
         });
         let generation = mesh::membership::unix_millis();
-        let handler = Arc::new(serve::MeshHandler::default());
+        let handler = Arc::new(MeshHandler::default());
         let mesh = match mesh {
             None => None,
             Some(opts) => {
@@ -373,7 +387,7 @@ impl Cluster {
 
     /// Drain (take no new sandboxes; running ones stay) or make ready
     /// again. Kept across restarts; gossiped at once.
-    pub async fn set_draining(&self, draining: bool) -> Result<(), crate::store::StoreError> {
+    pub async fn set_draining(&self, draining: bool) -> Result<(), actors::store::StoreError> {
         self.inner.sandboxes.store().set_draining(draining)?;
         self.inner.draining.store(draining, Ordering::Relaxed);
         tracing::info!(
@@ -490,7 +504,7 @@ impl Cluster {
 
     /// Who owns sandbox `id`.
     pub fn owner(&self, id: &str) -> Owner {
-        let Some(owner) = crate::sandboxes::owner_of(id) else {
+        let Some(owner) = actors::sandbox::owner_of(id) else {
             return Owner::Local;
         };
         if owner == self.inner.node_id {

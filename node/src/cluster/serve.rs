@@ -2,25 +2,10 @@
 //! pings, serve forwarded REST calls as its own, and pipe raw streams to
 //! its sandboxes' ports.
 
-use std::sync::OnceLock;
-
 use mesh::transport::{Handler, IncomingStream, Peer};
 use schema::mesh::{ErrorKind, Request, Response};
 
-use super::Cluster;
-
-/// The mesh handler; bound before the cluster exists (the transport is
-/// part of it), attached right after.
-#[derive(Default)]
-pub struct MeshHandler {
-    cluster: OnceLock<Cluster>,
-}
-
-impl MeshHandler {
-    pub(crate) fn attach(&self, cluster: Cluster) {
-        let _ = self.cluster.set(cluster);
-    }
-}
+use super::MeshHandler;
 
 impl Handler for MeshHandler {
     async fn request(&self, peer: Peer, request: Request) -> Response {

@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use actors::runtime::select::RuntimeChoice;
+use actors::service::Config;
 use base64::Engine;
-use node::sandboxes::Config;
 use node::server::{Node, NodeOptions, start};
 use schema::guest::{GuestArtifacts, REQUIRE_ENV};
 use serde_json::{Value, json};
@@ -104,13 +104,13 @@ pub async fn node_with(test: &str, max_sandboxes: usize) -> Option<TestNode> {
         listen: "127.0.0.1:0".parse().unwrap(),
         runtime: RuntimeChoice::Gvisor,
         templates: vec![
-            node::templates::TemplateSpec {
+            actors::template_cache::TemplateSpec {
                 name: "base".into(),
                 rootfs_dir: artifacts.rootfs_dir.clone(),
                 rootfs_image: Some(artifacts.rootfs_image.clone()),
                 limits: Default::default(),
             },
-            node::templates::TemplateSpec {
+            actors::template_cache::TemplateSpec {
                 name: "small".into(),
                 rootfs_dir: artifacts.rootfs_dir,
                 rootfs_image: None,

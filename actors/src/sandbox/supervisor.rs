@@ -20,14 +20,14 @@ pub(crate) async fn readopt(
     known_template: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<(), SandboxError> {
     let on_node = shared.runtime.list().await?;
-    let running: HashMap<String, actors::runtime::SandboxState> = on_node
+    let running: HashMap<String, crate::runtime::SandboxState> = on_node
         .iter()
         .map(|r| (r.id.as_str().to_owned(), r.state))
         .collect();
     let records = shared.store.sandboxes()?;
     for record in &records {
         let mut record = record.clone();
-        let alive = running.get(&record.id) == Some(&actors::runtime::SandboxState::Running);
+        let alive = running.get(&record.id) == Some(&crate::runtime::SandboxState::Running);
         let complete = record
             .snapshot_dir
             .as_ref()
@@ -206,7 +206,7 @@ impl Actor for SandboxSupervisor {
                 };
                 for (id, actor) in live {
                     let reason = match on_node.iter().find(|r| r.id.as_str() == id) {
-                        Some(r) if r.state == actors::runtime::SandboxState::Running => continue,
+                        Some(r) if r.state == crate::runtime::SandboxState::Running => continue,
                         Some(_) => "its runtime process died (the guest stopped)",
                         None => "the runtime no longer has it",
                     };

@@ -1,5 +1,6 @@
-//! Where a new sandbox goes: a pure ranking of the members, so the rule
-//! is testable apart from the network.
+//! Where a new sandbox goes: [`rank`], a pure ranking of the members, so
+//! the rule is testable apart from the network, and the [`Placement`]
+//! actor that answers with it from the node's view of the cluster.
 //!
 //! Only live, ready members of this protocol version with a free sandbox
 //! slot and enough free memory take sandboxes. Among them:
@@ -13,10 +14,17 @@
 //! The caller tries the ranking in order: a node that refuses (full,
 //! draining since it was gossiped, unreachable) passes the create on to
 //! the next.
+//!
+//! Why an actor around a pure function: today it only holds the latest
+//! members snapshot the node gave it, and a rank costs microseconds, so
+//! serializing them costs nothing; it is where placement state will live
+//! once creates reserve capacity across nodes (a reservation must be seen
+//! by the next create, which a function of gossip alone cannot do).
 
 use std::cmp::Reverse;
 
 use mesh::membership::Member;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use schema::mesh::{NodeInfo, NodeState, PROTOCOL_VERSION};
 
 /// Free memory is compared in steps this large.
@@ -44,6 +52,62 @@ pub fn rank<'a>(members: &'a [Member], template: &str, memory_mib: u64) -> Vec<&
         )
     });
     eligible
+}
+
+/// Messages of the [`Placement`] actor.
+pub enum PlacementMsg {
+    /// The cluster as the node sees it now (the members it may place on):
+    /// replaces the snapshot.
+    Members(Vec<Member>),
+    /// [`rank`] over the snapshot: the members that may take a sandbox of
+    /// `template` needing `memory_mib` (0 when unknown), best first.
+    Rank {
+        template: String,
+        memory_mib: u64,
+        reply: RpcReplyPort<Vec<NodeInfo>>,
+    },
+}
+
+/// Ranks the members of its snapshot for a create (see the module
+/// documentation). It starts with no members: until the node gives it a
+/// snapshot, every rank is empty.
+pub struct Placement;
+
+impl Actor for Placement {
+    type Msg = PlacementMsg;
+    type State = Vec<Member>;
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<PlacementMsg>,
+        _args: (),
+    ) -> Result<Vec<Member>, ActorProcessingErr> {
+        Ok(Vec::new())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<PlacementMsg>,
+        msg: PlacementMsg,
+        members: &mut Vec<Member>,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PlacementMsg::Members(now) => *members = now,
+            PlacementMsg::Rank {
+                template,
+                memory_mib,
+                reply,
+            } => {
+                let ranked = rank(members, &template, memory_mib)
+                    .into_iter()
+                    .cloned()
+                    .collect();
+                let _ = reply.send(ranked);
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -116,5 +180,49 @@ mod tests {
         ];
         assert_eq!(ids(rank(&members, "base", 512)), ["ok"]);
         assert!(rank(&members[..6], "base", 512).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_actor_ranks_its_latest_snapshot() {
+        let (placement, handle) = Actor::spawn(None, Placement, ()).await.unwrap();
+        let ask = |template: &str| {
+            let template = template.to_owned();
+            let placement = placement.clone();
+            async move {
+                let ranked = placement
+                    .call(
+                        |reply| PlacementMsg::Rank {
+                            template,
+                            memory_mib: 512,
+                            reply,
+                        },
+                        None,
+                    )
+                    .await
+                    .unwrap()
+                    .unwrap();
+                ranked.into_iter().map(|i| i.id).collect::<Vec<_>>()
+            }
+        };
+        assert!(ask("base").await.is_empty(), "no snapshot yet");
+        let members = vec![
+            member("a", |_| {}),
+            member("b", |i| i.templates = vec!["py".into()]),
+        ];
+        placement
+            .cast(PlacementMsg::Members(members.clone()))
+            .unwrap();
+        assert_eq!(ask("py").await, ["b", "a"]);
+        assert_eq!(
+            ask("py").await,
+            ids(rank(&members, "py", 512)),
+            "the actor answers what rank says"
+        );
+        placement
+            .cast(PlacementMsg::Members(vec![member("c", |_| {})]))
+            .unwrap();
+        assert_eq!(ask("py").await, ["c"], "a new snapshot replaces the old");
+        placement.stop(None);
+        handle.await.unwrap();
     }
 }

@@ -12,11 +12,12 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use actors::runtime::{Limits, Template};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use schema::e2b::{self, TemplateBuild, TemplateBuildStatus, TemplateInfo};
 
-use crate::sandboxes::SandboxError;
+use crate::clock::{now_ms, rfc3339_ms};
+use crate::runtime::{Limits, Template};
+use crate::store::{StoreError, random_bytes};
 
 /// Smallest and largest template resources a node accepts.
 pub const VCPUS: std::ops::RangeInclusive<u32> = 1..=16;
@@ -46,7 +47,7 @@ impl FromStr for TemplateSpec {
         if name.is_empty() || dir.is_empty() {
             return Err(format!("template {s:?}: {usage}"));
         }
-        actors::runtime::TemplateId::new(name).map_err(|e| e.to_string())?;
+        crate::runtime::TemplateId::new(name).map_err(|e| e.to_string())?;
         let mut limits = Limits::default();
         let mut rootfs_image = None;
         for part in parts {
@@ -108,8 +109,8 @@ impl TemplateEntry {
 
     /// The E2B `Template` (with `builds` when `with_builds`).
     pub fn info(&self, with_builds: bool) -> TemplateInfo {
-        let at = crate::sandboxes::rfc3339_ms(self.prepared_at_ms);
-        let finished = crate::sandboxes::rfc3339_ms(self.prepared_at_ms + self.prepare_ms);
+        let at = rfc3339_ms(self.prepared_at_ms);
+        let finished = rfc3339_ms(self.prepared_at_ms + self.prepare_ms);
         TemplateInfo {
             template_id: self.name().to_owned(),
             build_id: self.build_id.clone(),
@@ -123,7 +124,7 @@ impl TemplateEntry {
             created_at: at.clone(),
             updated_at: finished.clone(),
             created_by: None,
-            last_spawned_at: self.last_spawned_at_ms.map(crate::sandboxes::rfc3339_ms),
+            last_spawned_at: self.last_spawned_at_ms.map(rfc3339_ms),
             spawn_count: self.spawn_count,
             build_count: 1,
             envd_version: schema::envd::ENVD_VERSION.into(),
@@ -146,8 +147,8 @@ impl TemplateEntry {
 }
 
 /// A random (version 4) UUID.
-pub fn new_uuid() -> Result<String, crate::store::StoreError> {
-    let mut b = crate::store::random_bytes(16)?;
+pub fn new_uuid() -> Result<String, StoreError> {
+    let mut b = random_bytes(16)?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
@@ -161,12 +162,21 @@ pub fn new_uuid() -> Result<String, crate::store::StoreError> {
     ))
 }
 
+/// A create named a template this node does not serve.
+#[derive(Debug, thiserror::Error)]
+#[error("template {name:?} not found: this node serves {served}")]
+pub struct UnknownTemplate {
+    pub name: String,
+    /// The names this node serves, comma-separated.
+    pub served: String,
+}
+
 /// Messages of the [`TemplateCache`].
 pub enum TemplateMsg {
     /// The template a create names; counts a spawn.
     Spawn {
         name: String,
-        reply: RpcReplyPort<Result<TemplateEntry, SandboxError>>,
+        reply: RpcReplyPort<Result<TemplateEntry, UnknownTemplate>>,
     },
     Get {
         name: String,
@@ -206,12 +216,15 @@ impl Actor for TemplateCache {
                 let found = match entries.iter_mut().find(|e| e.name() == name) {
                     Some(e) => {
                         e.spawn_count += 1;
-                        e.last_spawned_at_ms = Some(crate::sandboxes::now_ms());
+                        e.last_spawned_at_ms = Some(now_ms());
                         Ok(e.clone())
                     }
                     None => {
                         let names: Vec<&str> = entries.iter().map(|e| e.name()).collect();
-                        Err(SandboxError::UnknownTemplate(name, names.join(", ")))
+                        Err(UnknownTemplate {
+                            name,
+                            served: names.join(", "),
+                        })
                     }
                 };
                 let _ = reply.send(found);

@@ -32,7 +32,7 @@ pub enum SandboxMsg {
 }
 
 /// How a [`SandboxActor`] comes to own its sandbox.
-pub(super) enum Start {
+pub(crate) enum Start {
     /// Create it from a template, then `/init` envd.
     Create {
         template: Template,
@@ -51,11 +51,11 @@ pub(super) enum Start {
 pub struct SandboxActor;
 
 pub struct SandboxArgs {
-    pub(super) shared: Arc<Shared>,
-    pub(super) record: SandboxRecord,
-    pub(super) start: Start,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) record: SandboxRecord,
+    pub(crate) start: Start,
     /// The create's outcome, for the REST call waiting on it.
-    pub(super) ready: oneshot::Sender<Result<SandboxRecord, SandboxError>>,
+    pub(crate) ready: oneshot::Sender<Result<SandboxRecord, SandboxError>>,
 }
 
 pub struct SandboxState {
@@ -187,7 +187,7 @@ impl SandboxState {
             ));
         };
         let template = self.shared.template(&self.record.template).await?;
-        let snapshot = actors::runtime::Snapshot {
+        let snapshot = crate::runtime::Snapshot {
             dir: dir.clone(),
             template: template.template.id.clone(),
             runtime: self.shared.runtime.kind(),

@@ -1,6 +1,14 @@
 //! The node's local state in sled (`<data_dir>/sled`): API keys (only their
 //! SHA-256) and one record per sandbox, so that a restarted node can
 //! re-adopt the sandboxes its runtime still runs.
+//!
+//! It lives with the actors because they write the sandbox records. The
+//! API keys and the drain flag, which only the node reads, stay in the
+//! same [`Store`] rather than in a node-side store of their own: sled lets
+//! one process open a database once (it locks the directory), so a split
+//! would hand the one `sled::Db` across the crate boundary to save a few
+//! lines of key handling, and give the node a second type to open, pass
+//! and flush for the same file.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -3,29 +3,31 @@
 //! ```text
 //! NodeSupervisor
 //! ├── TemplateCache        the prepared templates
+//! ├── Placement            ranks the cluster's members for a create
 //! └── SandboxSupervisor    sweeps for sandboxes the runtime lost
 //!     └── SandboxActor     one per sandbox: create, deadline, kill
 //! ```
 //!
 //! ractor has no restart strategies, so this actor is one: when the
-//! template cache or the sandbox supervisor fails (an error or a panic in
-//! a handler), it starts a new one in its place and points the service at
-//! it. A new template cache starts from the prepared templates (their
-//! snapshots stay on disk; spawn counts restart at zero). The sandbox
-//! actors end with their failed supervisor (ractor stops an actor's
-//! children with it), the sandboxes do not: the new supervisor starts an
-//! actor per sandbox that takes it over as after a node restart, so no
-//! sandbox notices; a create in flight at that moment fails and is undone.
+//! template cache, the placement actor or the sandbox supervisor fails (an
+//! error or a panic in a handler), it starts a new one in its place and
+//! points the service at it. A new template cache starts from the prepared
+//! templates (their snapshots stay on disk; spawn counts restart at zero);
+//! a new placement actor has no members until the next create gives it
+//! the cluster's. The sandbox actors end with their failed supervisor
+//! (ractor stops an actor's children with it), the sandboxes do not: the
+//! new supervisor starts an actor per sandbox that takes it over as after
+//! a node restart, so no sandbox notices; a create in flight at that
+//! moment fails and is undone.
 
 use std::sync::Arc;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use crate::sandboxes::{Refs, SandboxSupervisor, Shared};
-use crate::templates::{TemplateCache, TemplateEntry};
-
-/// Counts an actor restart, by `actor` (`template_cache`, `sandbox_supervisor`).
-pub const RESTARTS: &str = "sandmesh_actor_restarts_total";
+use crate::metrics::RESTARTS;
+use crate::placement::Placement;
+use crate::sandbox::{Refs, SandboxSupervisor, Shared, SupervisorMsg, adopt_orphans};
+use crate::template_cache::{TemplateCache, TemplateEntry};
 
 pub struct NodeSupervisor;
 
@@ -67,6 +69,7 @@ impl Actor for NodeSupervisor {
             myself.get_cell(),
         )
         .await?;
+        let (placement, _) = Actor::spawn_linked(None, Placement, (), myself.get_cell()).await?;
         let (sandboxes, _) = Actor::spawn_linked(
             None,
             SandboxSupervisor,
@@ -76,6 +79,7 @@ impl Actor for NodeSupervisor {
         .await?;
         *args.shared.refs.lock().unwrap() = Some(Refs {
             templates,
+            placement,
             sandboxes,
         });
         Ok(NodeState {
@@ -98,7 +102,7 @@ impl Actor for NodeSupervisor {
             NodeMsg::FailSandboxSupervisor => {
                 let refs = st.shared.refs.lock().unwrap().clone();
                 if let Some(refs) = refs {
-                    let _ = refs.sandboxes.cast(crate::sandboxes::SupervisorMsg::Fail);
+                    let _ = refs.sandboxes.cast(SupervisorMsg::Fail);
                 }
             }
         }
@@ -132,6 +136,15 @@ impl Actor for NodeSupervisor {
             if let Some(r) = st.shared.refs.lock().unwrap().as_mut() {
                 r.templates = templates;
             }
+        } else if cell.get_id() == refs.placement.get_id() {
+            tracing::error!("the placement actor {why}; starting a new one");
+            let (placement, _) =
+                Actor::spawn_linked(None, Placement, (), myself.get_cell()).await?;
+            metrics::counter!(RESTARTS, "actor" => "placement").increment(1);
+            st.restarts += 1;
+            if let Some(r) = st.shared.refs.lock().unwrap().as_mut() {
+                r.placement = placement;
+            }
         } else if cell.get_id() == refs.sandboxes.get_id() {
             tracing::error!("the sandbox supervisor {why}; starting a new one");
             let (sandboxes, _) = Actor::spawn_linked(
@@ -144,7 +157,7 @@ impl Actor for NodeSupervisor {
             if let Some(r) = st.shared.refs.lock().unwrap().as_mut() {
                 r.sandboxes = sandboxes.clone();
             }
-            let adopted = crate::sandboxes::adopt_orphans(&st.shared, &sandboxes).await?;
+            let adopted = adopt_orphans(&st.shared, &sandboxes).await?;
             tracing::info!(
                 adopted,
                 "the new sandbox supervisor took over the sandboxes"

@@ -1,7 +1,8 @@
-//! Calls the node makes to a sandbox's envd through the runtime's stream:
+//! Calls the actors make to a sandbox's envd through the runtime's stream:
 //! `/init` (identity, env vars, token, clock, a fresh RNG seed) and
 //! `/metrics`.
 
+use super::http::send;
 use super::*;
 
 /// POST /init to envd through the runtime's stream.
@@ -33,9 +34,7 @@ pub(super) async fn init_envd(
         .header("X-Access-Token", token)
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("a valid request");
-    let resp = crate::proxy::send(stream, req)
-        .await
-        .map_err(|e| e.to_string())?;
+    let resp = send(stream, req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     if status.is_success() {
         return Ok(());
@@ -50,7 +49,7 @@ pub(super) async fn init_envd(
 }
 
 /// envd's `GET /metrics` through the runtime's stream, as a SandboxMetric.
-pub(super) async fn envd_metrics(
+pub(crate) async fn envd_metrics(
     runtime: &dyn Runtime,
     id: &SandboxId,
     token: &str,
@@ -76,9 +75,7 @@ pub(super) async fn envd_metrics(
         .header("X-Access-Token", token)
         .body(http_body_util::Empty::<Bytes>::new())
         .expect("a valid request");
-    let resp = crate::proxy::send(stream, req)
-        .await
-        .map_err(|e| e.to_string())?;
+    let resp = send(stream, req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let body = resp
         .into_body()

@@ -1,0 +1,310 @@
+//! The sandbox lifecycle on one node, on ractor actors.
+//!
+//! [`SandboxSupervisor`] supervises one [`SandboxActor`] per sandbox. The
+//! actor runs `runtime.create` and envd's `/init` (in `pre_start`), then
+//! holds the deadline timer, and it alone kills the sandbox (on `DELETE`,
+//! at the deadline, or when the runtime lost it). Every call for one id
+//! goes through its actor, so runtime calls for an id never overlap, as the
+//! runtime contract requires. The service the REST handlers and the proxy
+//! call is [`crate::service::Sandboxes`]; [`Shared`] is what it and the
+//! actors share.
+//!
+//! - **Restart**: sandboxes outlive the node. At start, [`readopt`]
+//!   re-adopts every sandbox sled remembers that the runtime still runs
+//!   (same id, token, metadata and deadline) and cleans up the rest.
+//! - **Runtime crash**: the supervisor compares the live sandboxes with
+//!   `runtime.list()` every [`SWEEP_EVERY`]; a sandbox whose runtime
+//!   process died is cleaned up and later calls for it say why (404/502
+//!   "... was lost (...)"). A failed actor (error or panic) has its sandbox
+//!   killed; the node goes on.
+
+mod actor;
+mod envd;
+pub mod http;
+mod supervisor;
+
+pub use actor::{SandboxActor, SandboxMsg};
+pub(crate) use actor::{SandboxArgs, Start};
+pub(crate) use envd::envd_metrics;
+pub use supervisor::{SWEEP_EVERY, SandboxSupervisor, SupervisorMsg};
+pub(crate) use supervisor::{adopt_orphans, readopt};
+
+use actor::kill;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use schema::e2b::{self, LogLevel, SandboxLogEntry, SandboxMetric, SandboxStateName};
+use tokio::sync::oneshot;
+
+use crate::clock::{now_ms, rfc3339_ms};
+use crate::placement::PlacementMsg;
+use crate::runtime::{ENVD_PORT, Limits, Runtime, RuntimeError, SandboxId, Template};
+use crate::store::{RecordState, SandboxRecord, Store, StoreError, random_bytes};
+use crate::template_cache::{TemplateEntry, TemplateMsg, UnknownTemplate};
+
+/// Why a lifecycle call failed; [`SandboxError::status`] is the HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox {0} not found")]
+    NotFound(String),
+    #[error("sandbox {0} not found: it was lost ({1})")]
+    Lost(String, String),
+    #[error("template {0:?} not found: this node serves {1}")]
+    UnknownTemplate(String, String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotImplemented(String),
+    #[error("this node is at capacity ({0} sandboxes): kill a sandbox or retry later")]
+    AtCapacity(usize),
+    #[error("sandbox {0} is already running")]
+    AlreadyRunning(String),
+    #[error("sandbox {0} is already paused")]
+    AlreadyPaused(String),
+    #[error("sandbox {0} is paused: resume it first (Sandbox.connect)")]
+    Paused(String),
+    #[error("sandbox {0} could not be paused and keeps running: {1}")]
+    PauseRefused(String, String),
+    #[error("{0}")]
+    Io(String),
+    #[error("the sandbox runtime failed: {0}")]
+    Runtime(#[from] RuntimeError),
+    #[error("envd of sandbox {id} refused /init: {detail}")]
+    Init { id: String, detail: String },
+    #[error("envd of sandbox {id} did not answer: {detail}")]
+    Envd { id: String, detail: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the node is shutting down")]
+    Stopping,
+    #[error("sandbox actors: {0}")]
+    Actor(String),
+}
+
+impl SandboxError {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NotFound(_) | Self::Lost(..) | Self::UnknownTemplate(..) => 404,
+            Self::BadRequest(_) => 400,
+            Self::AlreadyRunning(_)
+            | Self::AlreadyPaused(_)
+            | Self::Paused(_)
+            | Self::PauseRefused(..) => 409,
+            Self::AtCapacity(_) => 429,
+            Self::NotImplemented(_) => 501,
+            Self::Stopping => 503,
+            Self::Envd { .. } => 502,
+            Self::Runtime(_)
+            | Self::Init { .. }
+            | Self::Store(_)
+            | Self::Actor(_)
+            | Self::Io(_) => 500,
+        }
+    }
+}
+
+impl From<UnknownTemplate> for SandboxError {
+    fn from(e: UnknownTemplate) -> Self {
+        Self::UnknownTemplate(e.name, e.served)
+    }
+}
+
+/// A sandbox of this node (running or paused) and what is kept about it.
+pub(crate) struct Live {
+    pub(crate) record: SandboxRecord,
+    pub(crate) actor: ActorRef<SandboxMsg>,
+    /// What happened to the sandbox on this node (`GET .../logs`), newest
+    /// last, at most [`MAX_EVENTS`].
+    pub(crate) events: VecDeque<SandboxLogEntry>,
+    /// Metrics samples taken so far (`GET .../metrics`), at most
+    /// [`MAX_SAMPLES`].
+    pub(crate) samples: VecDeque<SandboxMetric>,
+    /// Set to `true` to reset every proxied connection into the sandbox
+    /// (before a pause or a kill); replaced by a fresh one on resume.
+    pub(crate) cut: tokio::sync::watch::Sender<bool>,
+}
+
+/// Lifecycle events kept per sandbox.
+pub const MAX_EVENTS: usize = 256;
+/// Metrics samples kept per sandbox.
+pub const MAX_SAMPLES: usize = 720;
+
+/// The actors the service talks to; replaced when the node supervisor
+/// restarts one.
+#[derive(Clone)]
+pub(crate) struct Refs {
+    pub templates: ActorRef<TemplateMsg>,
+    pub placement: ActorRef<PlacementMsg>,
+    pub sandboxes: ActorRef<SupervisorMsg>,
+}
+
+/// What the actors share with the service.
+pub struct Shared {
+    pub(crate) runtime: Arc<dyn Runtime>,
+    pub(crate) store: Store,
+    pub(crate) live: Mutex<HashMap<String, Live>>,
+    pub(crate) refs: Mutex<Option<Refs>>,
+    /// Sandboxes that died under the node (runtime crash), with the reason,
+    /// so that a later call for them says what happened.
+    pub(crate) lost: Mutex<HashMap<String, String>>,
+    /// Creates in flight (not in `live` yet), for the capacity check.
+    pub(crate) creating: std::sync::atomic::AtomicUsize,
+    pub(crate) snapshots_dir: std::path::PathBuf,
+}
+
+impl Shared {
+    /// Reset every proxied connection into sandbox `id` (they end at once,
+    /// as the runtime contract requires before a checkpoint).
+    fn cut_connections(&self, id: &str) {
+        if let Some(l) = self.live.lock().unwrap().get(id) {
+            l.cut.send_replace(true);
+        }
+    }
+
+    /// After a resume: new connections get a fresh cut signal.
+    fn reconnectable(&self, id: &str) {
+        if let Some(l) = self.live.lock().unwrap().get_mut(id) {
+            l.cut = tokio::sync::watch::channel(false).0;
+        }
+    }
+
+    /// Remember why sandbox `id` was lost, for later calls naming it.
+    fn remember_lost(&self, id: &str, reason: &str) {
+        let mut lost = self.lost.lock().unwrap();
+        if lost.len() >= 1024 {
+            lost.clear();
+        }
+        lost.insert(id.to_owned(), reason.to_owned());
+    }
+
+    pub(crate) fn refs(&self) -> Result<Refs, SandboxError> {
+        self.refs
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or(SandboxError::Stopping)
+    }
+
+    /// A template by name (not counted as a spawn).
+    pub(crate) async fn template(&self, name: &str) -> Result<TemplateEntry, SandboxError> {
+        let refs = self.refs()?;
+        let asked = name.to_owned();
+        match refs
+            .templates
+            .call(|reply| TemplateMsg::Get { name: asked, reply }, None)
+            .await
+        {
+            Ok(CallResult::Success(Some(t))) => Ok(t),
+            Ok(CallResult::Success(None)) => Err(SandboxError::UnknownTemplate(
+                name.to_owned(),
+                "no template by that name any more".into(),
+            )),
+            _ => Err(SandboxError::Actor(
+                "the template cache did not answer".into(),
+            )),
+        }
+    }
+}
+
+/// Random characters at the start of a sandbox id: 36^16 (about 2^82)
+/// ids per node.
+const SANDBOX_ID_RANDOM: usize = 16;
+
+/// A new sandbox id owned by `node_id`: 16 of `[a-z0-9]`, uniformly
+/// drawn, then `-` and the node id. The owner in the id is what lets any
+/// node route a sandbox's calls and traffic in one hop without asking
+/// anyone ([`owner_of`]).
+pub(crate) fn new_sandbox_id(node_id: &str) -> Result<String, StoreError> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut id = String::with_capacity(SANDBOX_ID_RANDOM + 1 + node_id.len());
+    while id.len() < SANDBOX_ID_RANDOM {
+        for b in random_bytes(32)? {
+            // 252 = 7 * 36: reject the rest so every letter is equally likely.
+            if b < 252 && id.len() < SANDBOX_ID_RANDOM {
+                id.push(ALPHABET[(b % 36) as usize] as char);
+            }
+        }
+    }
+    id.push('-');
+    id.push_str(node_id);
+    Ok(id)
+}
+
+/// The node that owns sandbox `id` (the one that made it), read
+/// from the id; `None` for an id not of that shape.
+pub fn owner_of(id: &str) -> Option<&str> {
+    let (random, owner) = id.split_at_checked(SANDBOX_ID_RANDOM)?;
+    let owner = owner.strip_prefix('-')?;
+    (random
+        .bytes()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && schema::mesh::validate_node_id(owner).is_ok())
+    .then_some(owner)
+}
+
+/// Append `item`, dropping the oldest beyond `max`.
+pub(crate) fn push_bounded<T>(q: &mut VecDeque<T>, max: usize, item: T) {
+    if q.len() >= max {
+        q.pop_front();
+    }
+    q.push_back(item);
+}
+
+/// The E2B state of a record: a sandbox being paused is reported paused
+/// (it no longer answers).
+pub fn state_name(s: RecordState) -> SandboxStateName {
+    match s {
+        RecordState::Pausing | RecordState::Paused => SandboxStateName::Paused,
+        RecordState::Creating | RecordState::Running => SandboxStateName::Running,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_have_the_e2b_shape() {
+        let a = new_sandbox_id("node-7").unwrap();
+        let b = new_sandbox_id("node-7").unwrap();
+        assert_ne!(a, b);
+        for id in [a, b] {
+            assert_eq!(id.len(), 16 + 1 + 6);
+            assert!(
+                id[..16]
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            );
+            assert_eq!(owner_of(&id), Some("node-7"));
+            assert!(SandboxId::new(id).is_ok());
+        }
+        // The longest node id still makes an id that fits a host label.
+        let long = "n".repeat(schema::mesh::MAX_NODE_ID_LEN);
+        let id = new_sandbox_id(&long).unwrap();
+        assert!(SandboxId::new(id.clone()).is_ok());
+        assert!(format!("49983-{id}").len() <= 63);
+    }
+
+    #[test]
+    fn owners_are_read_from_ids() {
+        assert_eq!(owner_of("abcdefghij012345-a"), Some("a"));
+        assert_eq!(owner_of("abcdefghij012345-node-2"), Some("node-2"));
+        for none in [
+            "",
+            "abc",
+            "abcdefghij0123456789",
+            "abcdefghij012345-",
+            "abcdefghij012345_a",
+            "ABCDEFGHIJ012345-a",
+            "abcdefghij012345--a",
+        ] {
+            assert_eq!(owner_of(none), None, "{none}");
+        }
+    }
+}
