@@ -64,6 +64,9 @@ use super::{
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long `checkpoint` waits for connections into the guest to close.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a paused sandbox rests before `runsc checkpoint` (see
+/// `Inner::checkpoint_quiet`).
+const SETTLE_BEFORE_SAVE: Duration = Duration::from_millis(20);
 /// How long the last envd round trip before a save may take.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Snapshot manifest format.
@@ -768,13 +771,32 @@ impl Inner {
         };
         self.wait_quiet(id, &netns).map_err(refuse)?;
         tracing::debug!(sandbox = %id, "step: wait_quiet {:?}", tq.elapsed());
-        let tq = Instant::now();
 
         let image = dest.join("image");
         std::fs::create_dir_all(&image).map_err(|e| RuntimeError::io("creating", &image, e))?;
         let image_arg = image.display().to_string();
         let mut cmd = self.runsc.command(Enter::Netns(&netns.guest_path()))?;
         cmd.args(["checkpoint", "--image-path", &image_arg, id.as_str()]);
+        // Freeze the whole guest first and let it settle; only then save.
+        // Why: `runsc checkpoint` pauses the sandbox and saves at once, and
+        // on this host (ptrace platform) that has written images in which
+        // a guest process's memory is torn — envd restored from one
+        // segfaulted in tokio's `ScheduledIo::wake` or spun forever in a
+        // lock, so the paused sandbox could never be resumed (about one
+        // save in 6 to 90 with a CPU-bound process in the guest, one in
+        // ~226 with an idle one). Saved from a sandbox paused beforehand:
+        // none in 350 saves of a busy guest (see ARCHITECTURE.md).
+        let tq = Instant::now();
+        if let Err(e) = self.runsc.run(
+            Enter::Netns(&netns.guest_path()),
+            &["pause", id.as_str()],
+            RUNSC_TIMEOUT,
+        ) {
+            self.resume_after_refusal(id, &netns);
+            return Err(refuse(e));
+        }
+        std::thread::sleep(SETTLE_BEFORE_SAVE);
+        tracing::debug!(sandbox = %id, "step: runsc pause {:?}", tq.elapsed());
         // The whole output: the reason sits between long Go dumps.
         let saved = runsc::run_output(&mut cmd, Duration::from_secs(120)).and_then(|out| {
             if out.status.success() {
@@ -799,6 +821,10 @@ impl Inner {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let lost = !self.alive(id);
+            if !lost {
+                // The save failed and the sandbox is still there: let it run.
+                self.resume_after_refusal(id, &netns);
+            }
             if lost && let Err(c) = self.cleanup(id) {
                 tracing::error!(sandbox = %id, error = %c, "clean-up after a failed checkpoint failed");
             }
@@ -903,6 +929,18 @@ impl Inner {
                 });
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `runsc resume` of a sandbox paused for a save that did not happen;
+    /// logged, since the caller is already reporting the save's failure.
+    fn resume_after_refusal(&self, id: &SandboxId, netns: &NetnsPair) {
+        if let Err(e) = self.runsc.run(
+            Enter::Netns(&netns.guest_path()),
+            &["resume", id.as_str()],
+            RUNSC_TIMEOUT,
+        ) {
+            tracing::error!(sandbox = %id, error = %e, "resuming the sandbox after a save that did not happen failed");
         }
     }
 
@@ -1111,10 +1149,9 @@ const QUIET_PROBE: &str = "cat /proc/net/tcp /proc/net/tcp6; \
 /// Why `wait_quiet` waits for none running: a save taken while envd was
 /// at work has restored, on this runsc, to an envd that segfaulted in
 /// tokio's `ScheduledIo::wake` (a corrupt waiter list) or spun forever in
-/// a lock. With a CPU-bound process beside envd that happened about one
-/// save in six; waiting for envd to be idle made it about one in seventy
-/// (measured with a busy guest; not gone: see ARCHITECTURE.md, known
-/// defects).
+/// a lock. Waiting for an idle envd narrows that; it does not close it: a
+/// CPU-bound process beside envd still loses about one save in 6 to 90
+/// (see ARCHITECTURE.md, gvisor runtime, known defect).
 fn envd_threads_in(text: &str, states: &[&str]) -> Vec<String> {
     text.lines()
         .filter_map(|line| {
