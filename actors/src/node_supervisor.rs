@@ -25,7 +25,7 @@ use std::sync::Arc;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::metrics::RESTARTS;
-use crate::placement::Placement;
+use crate::placement::{Placement, PlacementArgs};
 use crate::sandbox::{Refs, SandboxSupervisor, Shared, SupervisorMsg, adopt_orphans};
 use crate::template_cache::{TemplateCache, TemplateEntry};
 
@@ -35,11 +35,14 @@ pub struct NodeArgs {
     pub shared: Arc<Shared>,
     /// The prepared templates: what a restarted template cache starts from.
     pub templates: Vec<TemplateEntry>,
+    /// What the placement actor (and its replacements) starts with.
+    pub placement: PlacementArgs,
 }
 
 pub struct NodeState {
     shared: Arc<Shared>,
     templates: Vec<TemplateEntry>,
+    placement: PlacementArgs,
     restarts: u64,
 }
 
@@ -51,6 +54,10 @@ pub enum NodeMsg {
     /// the restart path).
     FailSandboxSupervisor,
 }
+
+// Local only: with ractor's `cluster` feature on (ractor_cluster is in the
+// graph) every message type says whether it can cross nodes; this one cannot.
+impl ractor::Message for NodeMsg {}
 
 impl Actor for NodeSupervisor {
     type Msg = NodeMsg;
@@ -69,7 +76,8 @@ impl Actor for NodeSupervisor {
             myself.get_cell(),
         )
         .await?;
-        let (placement, _) = Actor::spawn_linked(None, Placement, (), myself.get_cell()).await?;
+        let (placement, _) =
+            Actor::spawn_linked(None, Placement, args.placement.clone(), myself.get_cell()).await?;
         let (sandboxes, _) = Actor::spawn_linked(
             None,
             SandboxSupervisor,
@@ -85,6 +93,7 @@ impl Actor for NodeSupervisor {
         Ok(NodeState {
             shared: args.shared,
             templates: args.templates,
+            placement: args.placement,
             restarts: 0,
         })
     }
@@ -139,7 +148,8 @@ impl Actor for NodeSupervisor {
         } else if cell.get_id() == refs.placement.get_id() {
             tracing::error!("the placement actor {why}; starting a new one");
             let (placement, _) =
-                Actor::spawn_linked(None, Placement, (), myself.get_cell()).await?;
+                Actor::spawn_linked(None, Placement, st.placement.clone(), myself.get_cell())
+                    .await?;
             metrics::counter!(RESTARTS, "actor" => "placement").increment(1);
             st.restarts += 1;
             if let Some(r) = st.shared.refs.lock().unwrap().as_mut() {

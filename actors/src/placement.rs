@@ -15,17 +15,40 @@
 //! draining since it was gossiped, unreachable) passes the create on to
 //! the next.
 //!
-//! Why an actor around a pure function: today it only holds the latest
-//! members snapshot the node gave it, and a rank costs microseconds, so
-//! serializing them costs nothing; it is where placement state will live
-//! once creates reserve capacity across nodes (a reservation must be seen
-//! by the next create, which a function of gossip alone cannot do).
+//! Why an actor around a pure function: it holds the latest members
+//! snapshot the node gave it (a rank costs microseconds, so serializing
+//! them costs nothing), and it is this node's **remote actor**: every
+//! node's Placement joins the process group [`group`]`(node id)`, which
+//! ractor_cluster syncs to the node's peers over the mesh (see
+//! `node/src/cluster/remote.rs`). A create is sent to a node only after
+//! that node's Placement reserved one of its slots
+//! ([`PlacementMsg::Remote`] with [`ClusterCall::Reserve`]): reservations
+//! are counted with the sandboxes running and being created, under one
+//! lock, so concurrent creates from any number of nodes cannot
+//! oversubscribe a node, and a full node costs a caller one small call,
+//! not a forwarded create.
 
 use std::cmp::Reverse;
+use std::sync::Arc;
 
 use mesh::membership::Member;
+use ractor::message::{BoxedDowncastErr, SerializedMessage};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use schema::mesh::{NodeInfo, NodeState, PROTOCOL_VERSION};
+use schema::mesh::{
+    ClusterCall, ClusterReply, NodeInfo, NodeState, PROTOCOL_VERSION, decode_actor_payload,
+    encode_actor_payload,
+};
+
+/// The process group of node `node_id`'s Placement actor, cluster-wide.
+pub fn group(node_id: &str) -> String {
+    format!("sandmesh.placement.{node_id}")
+}
+
+/// What answers a [`ClusterCall`]: the node's capacity (implemented over
+/// the sandboxes it runs, in `service.rs`).
+pub trait SlotKeeper: Send + Sync + 'static {
+    fn answer(&self, call: ClusterCall) -> ClusterReply;
+}
 
 /// Free memory is compared in steps this large.
 pub const MEMORY_STEP_MIB: u64 = 512;
@@ -66,6 +89,113 @@ pub enum PlacementMsg {
         memory_mib: u64,
         reply: RpcReplyPort<Vec<NodeInfo>>,
     },
+    /// A [`ClusterCall`] from this node or another: the one variant that
+    /// crosses nodes (rkyv-encoded, bytecheck-validated on arrival).
+    Remote {
+        call: ClusterCall,
+        reply: RpcReplyPort<ClusterReply>,
+    },
+}
+
+/// The name [`PlacementMsg::Remote`] travels under.
+const REMOTE_VARIANT: &str = "sandmesh.ClusterCall";
+
+impl ractor::Message for PlacementMsg {
+    fn serializable() -> bool {
+        true
+    }
+
+    fn serialize(self) -> Result<SerializedMessage, BoxedDowncastErr> {
+        let PlacementMsg::Remote { call, reply } = self else {
+            // Members and Rank are this node's own business.
+            return Err(BoxedDowncastErr);
+        };
+        let args = encode_actor_payload(&call).map_err(|_| BoxedDowncastErr)?;
+        // The session answers with bytes; decode them into the typed port.
+        let (tx, rx) = ractor::concurrency::oneshot::<Vec<u8>>();
+        let timeout = reply.get_timeout();
+        tokio::spawn(async move {
+            let bytes = match timeout {
+                Some(t) => match tokio::time::timeout(t, rx).await {
+                    Ok(Ok(b)) => b,
+                    _ => return,
+                },
+                None => match rx.await {
+                    Ok(b) => b,
+                    Err(_) => return,
+                },
+            };
+            match decode_actor_payload::<ClusterReply>(&bytes) {
+                Ok(answer) => {
+                    let _ = reply.send(answer);
+                }
+                // Dropping the port: the caller gets an error, not garbage.
+                Err(e) => tracing::warn!("malformed remote placement reply refused: {e}"),
+            }
+        });
+        let port = match timeout {
+            Some(t) => RpcReplyPort::from((tx, t)),
+            None => RpcReplyPort::from(tx),
+        };
+        Ok(SerializedMessage::Call {
+            variant: REMOTE_VARIANT.to_owned(),
+            args,
+            reply: port,
+            metadata: None,
+        })
+    }
+
+    fn deserialize(bytes: SerializedMessage) -> Result<Self, BoxedDowncastErr> {
+        let SerializedMessage::Call {
+            variant,
+            args,
+            reply,
+            ..
+        } = bytes
+        else {
+            tracing::warn!("remote placement message refused: not a call");
+            return Err(BoxedDowncastErr);
+        };
+        if variant != REMOTE_VARIANT {
+            tracing::warn!(variant = %variant.escape_debug(), "remote placement message refused: unknown variant");
+            return Err(BoxedDowncastErr);
+        }
+        let call = decode_actor_payload::<ClusterCall>(&args).map_err(|e| {
+            tracing::warn!("malformed remote placement call refused by bytecheck: {e}");
+            BoxedDowncastErr
+        })?;
+        let (tx, rx) = ractor::concurrency::oneshot::<ClusterReply>();
+        let timeout = reply.get_timeout();
+        tokio::spawn(async move {
+            let answer = match timeout {
+                Some(t) => match tokio::time::timeout(t, rx).await {
+                    Ok(Ok(a)) => a,
+                    _ => return,
+                },
+                None => match rx.await {
+                    Ok(a) => a,
+                    Err(_) => return,
+                },
+            };
+            if let Ok(bytes) = encode_actor_payload(&answer) {
+                let _ = reply.send(bytes);
+            }
+        });
+        let port = match timeout {
+            Some(t) => RpcReplyPort::from((tx, t)),
+            None => RpcReplyPort::from(tx),
+        };
+        Ok(PlacementMsg::Remote { call, reply: port })
+    }
+}
+
+/// What a [`Placement`] starts with (kept by the node supervisor for a
+/// replacement).
+#[derive(Clone)]
+pub struct PlacementArgs {
+    /// This node's id: the actor joins [`group`] of it.
+    pub node_id: String,
+    pub slots: Arc<dyn SlotKeeper>,
 }
 
 /// Ranks the members of its snapshot for a create (see the module
@@ -75,24 +205,30 @@ pub struct Placement;
 
 impl Actor for Placement {
     type Msg = PlacementMsg;
-    type State = Vec<Member>;
-    type Arguments = ();
+    type State = (Vec<Member>, Arc<dyn SlotKeeper>);
+    type Arguments = PlacementArgs;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<PlacementMsg>,
-        _args: (),
-    ) -> Result<Vec<Member>, ActorProcessingErr> {
-        Ok(Vec::new())
+        myself: ActorRef<PlacementMsg>,
+        args: PlacementArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        // Cluster-wide (ractor_cluster syncs process groups to peers); a
+        // stopped actor leaves its groups by itself.
+        ractor::pg::join(group(&args.node_id), vec![myself.get_cell()]);
+        Ok((Vec::new(), args.slots))
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<PlacementMsg>,
         msg: PlacementMsg,
-        members: &mut Vec<Member>,
+        (members, slots): &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            PlacementMsg::Remote { call, reply } => {
+                let _ = reply.send(slots.answer(call));
+            }
             PlacementMsg::Members(now) => *members = now,
             PlacementMsg::Rank {
                 template,
@@ -182,9 +318,97 @@ mod tests {
         assert!(rank(&members[..6], "base", 512).is_empty());
     }
 
+    /// Two slots; answers like the node's keeper, without sandboxes.
+    struct TwoSlots(std::sync::Mutex<Vec<u64>>);
+
+    impl SlotKeeper for TwoSlots {
+        fn answer(&self, call: ClusterCall) -> ClusterReply {
+            let mut held = self.0.lock().unwrap();
+            match call {
+                ClusterCall::Reserve { .. } if held.len() < 2 => {
+                    let token = held.len() as u64 + 1;
+                    held.push(token);
+                    ClusterReply::Reserved { token, ttl_ms: 1 }
+                }
+                ClusterCall::Reserve { .. } => ClusterReply::Refused {
+                    status: 429,
+                    message: "full".into(),
+                },
+                ClusterCall::Release { token } => {
+                    held.retain(|t| *t != token);
+                    ClusterReply::Released
+                }
+            }
+        }
+    }
+
+    fn args(node_id: &str) -> PlacementArgs {
+        PlacementArgs {
+            node_id: node_id.into(),
+            slots: Arc::new(TwoSlots(Default::default())),
+        }
+    }
+
+    #[tokio::test]
+    async fn remote_calls_round_trip_through_their_serialized_form() {
+        use ractor::Message;
+        let (placement, handle) = Actor::spawn(None, Placement, args("node-r")).await.unwrap();
+        // The actor is in its node's group.
+        let members = ractor::pg::get_members(&group("node-r"));
+        assert_eq!(members.len(), 1);
+        // What a peer's session does with a call: serialize, then the
+        // receiving side deserializes and the actor answers the bytes.
+        let reserve = || ClusterCall::Reserve {
+            template: "base".into(),
+            memory_mib: 0,
+        };
+        for expect in [true, true, false] {
+            let (tx, rx) = ractor::concurrency::oneshot::<ClusterReply>();
+            let msg = PlacementMsg::Remote {
+                call: reserve(),
+                reply: RpcReplyPort::from((tx, std::time::Duration::from_secs(5))),
+            };
+            let wire = msg.serialize().expect("Remote serializes");
+            let back = PlacementMsg::deserialize(wire).expect("and deserializes");
+            placement.cast(back).unwrap();
+            let answer = rx.await.unwrap();
+            assert_eq!(
+                matches!(answer, ClusterReply::Reserved { .. }),
+                expect,
+                "{answer:?}"
+            );
+        }
+        // Local-only variants do not serialize.
+        let (tx, _rx) = ractor::concurrency::oneshot::<Vec<NodeInfo>>();
+        let rank = PlacementMsg::Rank {
+            template: "base".into(),
+            memory_mib: 0,
+            reply: tx.into(),
+        };
+        assert!(rank.serialize().is_err());
+        // Garbage and unknown variants are refused, never a panic.
+        for (variant, args) in [
+            (REMOTE_VARIANT, vec![0xffu8; 40]),
+            (REMOTE_VARIANT, Vec::new()),
+            ("Rank", encode_actor_payload(&reserve()).unwrap()),
+        ] {
+            let (tx, _rx) = ractor::concurrency::oneshot::<Vec<u8>>();
+            let wire = SerializedMessage::Call {
+                variant: variant.into(),
+                args,
+                reply: tx.into(),
+                metadata: None,
+            };
+            assert!(PlacementMsg::deserialize(wire).is_err());
+        }
+        placement.stop(None);
+        handle.await.unwrap();
+        assert!(ractor::pg::get_members(&group("node-r")).is_empty());
+    }
+
     #[tokio::test]
     async fn the_actor_ranks_its_latest_snapshot() {
-        let (placement, handle) = Actor::spawn(None, Placement, ()).await.unwrap();
+        let (placement, handle) = Actor::spawn(None, Placement, args("node-a")).await.unwrap();
         let ask = |template: &str| {
             let template = template.to_owned();
             let placement = placement.clone();

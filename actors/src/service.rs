@@ -6,8 +6,12 @@
 //! - **Restart**: sandboxes outlive the node. [`Sandboxes::start`] re-adopts
 //!   every sandbox sled remembers that the runtime still runs (same id,
 //!   token, metadata and deadline) and cleans up the rest.
-//! - **Capacity**: at most [`Config::max_sandboxes`] running or being
-//!   created; beyond that a create is refused at once (429).
+//! - **Capacity**: at most [`Config::max_sandboxes`] running, being
+//!   created or reserved; beyond that a create (or a reservation) is
+//!   refused at once (429). A reservation ([`ClusterCall::Reserve`], asked
+//!   of the placement actor by whichever node placed the create) holds a
+//!   slot for [`RESERVATION_TTL`]; the create that names its token takes
+//!   that slot over instead of competing for a free one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -17,12 +21,12 @@ use mesh::membership::Member;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use schema::e2b::{self, LogLevel, NewSandbox, RuntimeName, SandboxLogEntry, SandboxMetric};
-use schema::mesh::NodeInfo;
+use schema::mesh::{ClusterCall, ClusterReply, NodeInfo};
 use tokio::sync::oneshot;
 
 use crate::clock::{now_ms, rfc3339_ms};
 use crate::node_supervisor::{NodeArgs, NodeMsg, NodeSupervisor};
-use crate::placement::PlacementMsg;
+use crate::placement::{PlacementArgs, PlacementMsg, SlotKeeper};
 use crate::runtime::{Runtime, RuntimeError, SandboxId, Template, TemplateId};
 use crate::sandbox::{
     MAX_SAMPLES, Refs, SandboxActor, SandboxArgs, SandboxError, SandboxMsg, Shared, Start,
@@ -66,10 +70,98 @@ impl Default for Config {
     }
 }
 
+/// How long a reserved slot waits for its create. A create is sent right
+/// after the reservation, so this only bounds what a caller that died in
+/// between (or a create that never arrived) holds.
+pub const RESERVATION_TTL: Duration = Duration::from_secs(15);
+
 struct Inner {
     shared: Arc<Shared>,
     config: Config,
     node: ActorRef<NodeMsg>,
+}
+
+/// The node's capacity as the placement actor answers it: the same count
+/// as a create's ([`Sandboxes::create`]), under the same lock.
+struct Slots {
+    shared: Arc<Shared>,
+    max: usize,
+}
+
+/// Count a create against the capacity: take over the reservation
+/// `token` names when it is held, else a free slot (`AtCapacity` when
+/// there is none). The caller then counts it in `creating`.
+fn take_slot(shared: &Shared, max: usize, token: Option<u64>) -> Result<(), SandboxError> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let live = shared.live.lock().unwrap();
+    let mut held = shared.reservations.lock().unwrap();
+    let now = std::time::Instant::now();
+    held.retain(|_, until| *until > now);
+    if token.is_some_and(|t| held.remove(&t).is_some()) {
+        shared.creating.fetch_add(1, SeqCst);
+        return Ok(());
+    }
+    let running = live
+        .values()
+        .filter(|l| l.record.state != RecordState::Paused)
+        .count();
+    if running + shared.creating.load(SeqCst) + held.len() >= max {
+        return Err(SandboxError::AtCapacity(max));
+    }
+    shared.creating.fetch_add(1, SeqCst);
+    Ok(())
+}
+
+impl SlotKeeper for Slots {
+    fn answer(&self, call: ClusterCall) -> ClusterReply {
+        match call {
+            ClusterCall::Reserve { .. } => {
+                if self.shared.store.draining().unwrap_or(false) {
+                    return ClusterReply::Refused {
+                        status: 503,
+                        message: "the node is draining: it takes no new sandboxes".into(),
+                    };
+                }
+                let token = match random_bytes(8) {
+                    Ok(b) => u64::from_le_bytes(b.try_into().unwrap_or([0; 8])),
+                    Err(e) => {
+                        return ClusterReply::Refused {
+                            status: 500,
+                            message: e.to_string(),
+                        };
+                    }
+                };
+                let live = self.shared.live.lock().unwrap();
+                let mut held = self.shared.reservations.lock().unwrap();
+                let now = std::time::Instant::now();
+                held.retain(|_, until| *until > now);
+                let running = live
+                    .values()
+                    .filter(|l| l.record.state != RecordState::Paused)
+                    .count();
+                let creating = self
+                    .shared
+                    .creating
+                    .load(std::sync::atomic::Ordering::SeqCst);
+                if running + creating + held.len() >= self.max {
+                    let e = SandboxError::AtCapacity(self.max);
+                    return ClusterReply::Refused {
+                        status: e.status(),
+                        message: e.to_string(),
+                    };
+                }
+                held.insert(token, now + RESERVATION_TTL);
+                ClusterReply::Reserved {
+                    token,
+                    ttl_ms: RESERVATION_TTL.as_millis() as u64,
+                }
+            }
+            ClusterCall::Release { token } => {
+                self.shared.reservations.lock().unwrap().remove(&token);
+                ClusterReply::Released
+            }
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -131,6 +223,7 @@ impl Sandboxes {
             refs: Mutex::new(None),
             lost: Mutex::new(HashMap::new()),
             creating: std::sync::atomic::AtomicUsize::new(0),
+            reservations: Mutex::new(HashMap::new()),
             snapshots_dir: config.snapshots_dir.clone(),
         });
         std::fs::create_dir_all(&config.snapshots_dir).map_err(|e| {
@@ -144,6 +237,13 @@ impl Sandboxes {
         let args = NodeArgs {
             shared: shared.clone(),
             templates: prepared,
+            placement: PlacementArgs {
+                node_id: config.node_id.clone(),
+                slots: Arc::new(Slots {
+                    shared: shared.clone(),
+                    max: config.max_sandboxes,
+                }),
+            },
         };
         let (node, _) = Actor::spawn(None, NodeSupervisor, args)
             .await
@@ -223,6 +323,17 @@ impl Sandboxes {
     /// Create a sandbox: returns once envd answers and has the env vars and
     /// the access token.
     pub async fn create(&self, req: NewSandbox) -> Result<e2b::Sandbox, SandboxError> {
+        self.create_reserved(req, None).await
+    }
+
+    /// [`Sandboxes::create`] into the slot that reservation `token` holds
+    /// (placement reserved it with [`ClusterCall::Reserve`]); an unknown or
+    /// lapsed token competes for a free slot like any create.
+    pub async fn create_reserved(
+        &self,
+        req: NewSandbox,
+        token: Option<u64>,
+    ) -> Result<e2b::Sandbox, SandboxError> {
         let inner = &self.inner;
         let end_at_ms = self.end_at(req.timeout)?;
         let refs = self.refs()?;
@@ -239,7 +350,7 @@ impl Sandboxes {
                 ));
             }
         };
-        let _slot = self.reserve_slot()?;
+        let _slot = self.reserve_slot(token)?;
         let started = std::time::Instant::now();
         let id = new_sandbox_id(&self.inner.config.node_id)?;
         let token = hex::encode(random_bytes(24)?);
@@ -290,7 +401,7 @@ impl Sandboxes {
 
     /// Count a create against the node's capacity until the guard drops
     /// (by then the sandbox is in `live`, or the create failed).
-    fn reserve_slot(&self) -> Result<impl Drop + use<>, SandboxError> {
+    fn reserve_slot(&self, token: Option<u64>) -> Result<impl Drop + use<>, SandboxError> {
         use std::sync::atomic::Ordering::SeqCst;
         struct Slot(Arc<Shared>);
         impl Drop for Slot {
@@ -299,17 +410,24 @@ impl Sandboxes {
             }
         }
         let shared = &self.inner.shared;
-        let max = self.inner.config.max_sandboxes;
-        let live = shared.live.lock().unwrap();
-        let running = live
-            .values()
-            .filter(|l| l.record.state != RecordState::Paused)
-            .count();
-        if running + shared.creating.load(SeqCst) >= max {
-            return Err(SandboxError::AtCapacity(max));
-        }
-        shared.creating.fetch_add(1, SeqCst);
+        take_slot(shared, self.inner.config.max_sandboxes, token)?;
         Ok(Slot(shared.clone()))
+    }
+
+    /// Ask this node's placement actor a [`ClusterCall`] (what a peer asks
+    /// it over ractor_cluster).
+    pub async fn placement_call(&self, call: ClusterCall) -> Result<ClusterReply, SandboxError> {
+        let refs = self.refs()?;
+        match refs
+            .placement
+            .call(|reply| PlacementMsg::Remote { call, reply }, None)
+            .await
+        {
+            Ok(CallResult::Success(r)) => Ok(r),
+            _ => Err(SandboxError::Actor(
+                "the placement actor did not answer".into(),
+            )),
+        }
     }
 
     fn sandbox_json(&self, r: &SandboxRecord) -> e2b::Sandbox {
@@ -515,7 +633,7 @@ impl Sandboxes {
             return Err(SandboxError::AlreadyRunning(id.to_owned()));
         }
         // A resumed sandbox counts against the node's capacity again.
-        let _slot = self.reserve_slot()?;
+        let _slot = self.reserve_slot(None)?;
         match actor
             .call(|reply| SandboxMsg::Resume { end_at_ms, reply }, None)
             .await

@@ -188,6 +188,10 @@ pub enum TemplateMsg {
     },
 }
 
+// Local only: with ractor's `cluster` feature on (ractor_cluster is in the
+// graph) every message type says whether it can cross nodes; this one cannot.
+impl ractor::Message for TemplateMsg {}
+
 /// Owns the node's prepared templates (see the module documentation).
 pub struct TemplateCache;
 

@@ -234,6 +234,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// The cluster's API key (every node accepts it).
     pub key: String,
+    /// `--max-sandboxes` of every node.
+    pub max_sandboxes: u32,
     http: reqwest::Client,
     /// Held while this cluster lives: see [`ONE_CLUSTER_AT_A_TIME`].
     _turn: tokio::sync::MutexGuard<'static, ()>,
@@ -252,6 +254,11 @@ impl Cluster {
     /// [`Cluster::wait_converged`]). `None` when the machine cannot run the
     /// suite (see the crate doc).
     pub async fn start(test: &str, n: usize) -> Option<Self> {
+        Self::start_with_capacity(test, n, MAX_SANDBOXES).await
+    }
+
+    /// [`Cluster::start`] with nodes that run at most `max_sandboxes` each.
+    pub async fn start_with_capacity(test: &str, n: usize, max_sandboxes: u32) -> Option<Self> {
         if skip(test).is_some() {
             return None;
         }
@@ -265,6 +272,7 @@ impl Cluster {
             dir,
             nodes: Vec::new(),
             key: String::new(),
+            max_sandboxes,
             http: reqwest::Client::builder()
                 .no_proxy()
                 .timeout(Duration::from_secs(60))
@@ -432,7 +440,7 @@ impl Cluster {
             .arg("--quic-listen")
             .arg(node.quic.to_string())
             .arg("--max-sandboxes")
-            .arg(MAX_SANDBOXES.to_string())
+            .arg(self.max_sandboxes.to_string())
             .arg("--kill-sandboxes-on-exit");
         if let Some(seed) = node.seed {
             cmd.arg("--seed").arg(seed.to_string());
@@ -628,9 +636,12 @@ impl Cluster {
                 let nodes = view["nodes"].as_array().cloned().unwrap_or_default();
                 let mut seen: Vec<String> = nodes
                     .iter()
-                    // Ready, and proven a member over mTLS (placement
-                    // uses no other).
-                    .filter(|n| n["state"] == "ready" && n["verified"] == true)
+                    // Ready, proven a member over mTLS (placement uses no
+                    // other), and its placement actor reachable over the
+                    // actor session (creates reserve through it).
+                    .filter(|n| {
+                        n["state"] == "ready" && n["verified"] == true && n["actors"] == true
+                    })
                     .filter_map(|n| n["nodeID"].as_str().map(str::to_owned))
                     .collect();
                 seen.sort();

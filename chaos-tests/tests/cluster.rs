@@ -519,3 +519,216 @@ async fn a_forged_gossip_member_gets_no_sandboxes() {
     );
     forger.shutdown().await;
 }
+
+/// Every answer of `results` with `status`, as (status, body).
+fn with_status(results: &[(StatusCode, serde_json::Value)], status: StatusCode) -> usize {
+    results.iter().filter(|(s, _)| *s == status).count()
+}
+
+type Answers = tokio::task::JoinSet<(StatusCode, serde_json::Value)>;
+
+/// `n` concurrent creates spread over the nodes `via` (round robin).
+async fn concurrent_creates(
+    c: &Cluster,
+    n: usize,
+    via: &[usize],
+) -> Vec<(StatusCode, serde_json::Value)> {
+    answers(start_creates(c, n, via)).await
+}
+
+/// Start `n` creates spread over the nodes `via` (round robin).
+fn start_creates(c: &Cluster, n: usize, via: &[usize]) -> Answers {
+    let mut set = tokio::task::JoinSet::new();
+    for k in 0..n {
+        let req = c
+            .api(via[k % via.len()], Method::POST, "/sandboxes")
+            .json(&json!({"templateID": "base", "timeout": 120}));
+        set.spawn(async move {
+            match req.send().await {
+                Ok(r) => {
+                    let status = r.status();
+                    let body = r.json::<serde_json::Value>().await.unwrap_or_default();
+                    (status, body)
+                }
+                Err(e) => (StatusCode::IM_A_TEAPOT, json!(format!("no answer: {e}"))),
+            }
+        });
+    }
+    set
+}
+
+async fn answers(mut set: Answers) -> Vec<(StatusCode, serde_json::Value)> {
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        out.push(r.expect("a create task"));
+    }
+    out
+}
+
+/// Placement reserves a slot on the chosen node's placement actor (a
+/// remote actor call over the mesh's QUIC) before the create is sent, so
+/// 200 creates at once through all three nodes of a cluster with room for
+/// 6 make exactly 6 sandboxes, two per node, and 194 clean 429s.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_creates_fill_the_cluster_exactly() {
+    let test = "concurrent_creates_fill_the_cluster_exactly";
+    let Some(mut c) = Cluster::start_with_capacity(test, 3, 2).await else {
+        return;
+    };
+    c.wait_converged(CONVERGE).await;
+
+    // A create through a non-owner against one through the owner: both
+    // reserve first (the owner's own placement actor, or a peer's over
+    // the actor session), then create. Placement ranks a tie by node id,
+    // so creates through n0 and n1 alike land on n0.
+    let mut through_owner = Vec::new();
+    let mut through_other = Vec::new();
+    for k in 0..10 {
+        let via = k % 2;
+        let started = Instant::now();
+        let id = c.create(via).await;
+        let took = started.elapsed();
+        if owner(&id) == c.nodes[via].id {
+            through_owner.push(took);
+        } else {
+            through_other.push(took);
+        }
+        assert_eq!(c.delete(0, &id).await, StatusCode::NO_CONTENT);
+    }
+    through_owner.sort();
+    through_other.sort();
+    if !through_owner.is_empty() && !through_other.is_empty() {
+        let owner_p50 = through_owner[through_owner.len() / 2];
+        let other_p50 = through_other[through_other.len() / 2];
+        eprintln!(
+            "{test}: create p50 through the owner {owner_p50:?} ({} runs), through a non-owner {other_p50:?} ({} runs): ratio {:.2}",
+            through_owner.len(),
+            through_other.len(),
+            other_p50.as_secs_f64() / owner_p50.as_secs_f64()
+        );
+    }
+
+    let started = Instant::now();
+    let results = concurrent_creates(&c, 200, &[0, 1, 2]).await;
+    eprintln!(
+        "{test}: 200 concurrent creates answered in {:?}",
+        started.elapsed()
+    );
+    let created: Vec<String> = results
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .filter_map(|(_, b)| b["sandboxID"].as_str().map(str::to_owned))
+        .collect();
+    let refused = with_status(&results, StatusCode::TOO_MANY_REQUESTS);
+    let others: Vec<_> = results
+        .iter()
+        .filter(|(s, _)| *s != StatusCode::CREATED && *s != StatusCode::TOO_MANY_REQUESTS)
+        .take(5)
+        .collect();
+    assert!(
+        created.len() == 6 && refused == 194,
+        "{test}: {} created, {refused} refused with 429, others (first 5): {others:?}",
+        created.len()
+    );
+    for (s, body) in &results {
+        if *s == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(body["code"], 429, "{test}: a 429 without its JSON: {body}");
+            assert!(
+                body["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "{test}: a 429 without a message: {body}"
+            );
+        }
+    }
+    for node in ["n0", "n1", "n2"] {
+        let on = created.iter().filter(|id| owner(id) == node).count();
+        assert_eq!(on, 2, "{test}: {on} sandboxes on {node}: {created:?}");
+    }
+    for id in &created {
+        assert_eq!(
+            c.delete(1, id).await,
+            StatusCode::NO_CONTENT,
+            "{test}: deleting {id}"
+        );
+    }
+}
+
+/// A node killed while creates are being placed on it: every caller gets
+/// an answer (a sandbox, a 429 or a 503 naming what failed), never a hang,
+/// and no slot stays held on the nodes that live on (a reservation whose
+/// create never came lapses).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_mid_placement_leaks_nothing() {
+    let test = "a_node_killed_mid_placement_leaks_nothing";
+    let Some(mut c) = Cluster::start_with_capacity(test, 3, 2).await else {
+        return;
+    };
+    c.wait_converged(CONVERGE).await;
+    let creates = start_creates(&c, 30, &[0, 1]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::task::block_in_place(|| c.kill9(2));
+    let results = answers(creates).await;
+    for (s, body) in &results {
+        assert!(
+            [
+                StatusCode::CREATED,
+                StatusCode::TOO_MANY_REQUESTS,
+                StatusCode::SERVICE_UNAVAILABLE
+            ]
+            .contains(s),
+            "{test}: a create answered {s}: {body}"
+        );
+        if *s != StatusCode::CREATED {
+            assert!(
+                body["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "{test}: {s} without a message: {body}"
+            );
+        }
+    }
+    let mut ids: Vec<String> = results
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .filter_map(|(_, b)| b["sandboxID"].as_str().map(str::to_owned))
+        .filter(|id| owner(id) != "n2")
+        .collect();
+    eprintln!(
+        "{test}: {} created on n0/n1, {} 429, {} 503",
+        ids.len(),
+        with_status(&results, StatusCode::TOO_MANY_REQUESTS),
+        with_status(&results, StatusCode::SERVICE_UNAVAILABLE)
+    );
+    if let Some((_, body)) = results
+        .iter()
+        .find(|(s, _)| *s == StatusCode::SERVICE_UNAVAILABLE)
+    {
+        eprintln!("{test}: a 503 said: {body}");
+    }
+    // Once n2 is dead and any reservation that lost its create lapsed,
+    // n0 and n1 have exactly their 4 slots between them.
+    wait_state(&c, 0, "n2", "dead", Duration::from_secs(30)).await;
+    wait_state(&c, 1, "n2", "dead", Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let more = concurrent_creates(&c, 20, &[0, 1]).await;
+    for (s, body) in &more {
+        assert!(
+            *s == StatusCode::CREATED || *s == StatusCode::TOO_MANY_REQUESTS,
+            "{test}: after the kill a create answered {s}: {body}"
+        );
+    }
+    ids.extend(
+        more.iter()
+            .filter(|(s, _)| *s == StatusCode::CREATED)
+            .filter_map(|(_, b)| b["sandboxID"].as_str().map(str::to_owned)),
+    );
+    assert_eq!(
+        ids.len(),
+        4,
+        "{test}: n0 and n1 should hold exactly 4 sandboxes: {ids:?}"
+    );
+    for id in &ids {
+        assert_eq!(
+            c.delete(0, id).await,
+            StatusCode::NO_CONTENT,
+            "{test}: deleting {id}"
+        );
+    }
+}

@@ -33,7 +33,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
 use schema::mesh::{
     self, ErrorKind, FrameError, FrameHeader, FrameKind, Message, PROTOCOL_VERSION, Request,
-    Response, StreamHeader, StreamReply,
+    Response, SessionHeader, StreamHeader, StreamReply,
 };
 use tokio::io::AsyncReadExt;
 use tracing::{debug, info, warn};
@@ -198,16 +198,18 @@ impl Peer {
 
 /// A raw stream a peer opened, not yet answered: the handler looks at the
 /// header, then accepts (and pipes) or rejects it. Dropping it unanswered
-/// closes the stream, which the opener sees as an error.
-pub struct IncomingStream {
-    header: StreamHeader,
+/// closes the stream, which the opener sees as an error. `H` is the first
+/// frame: a [`StreamHeader`] (sandbox traffic) or a [`SessionHeader`] (a
+/// ractor_cluster session).
+pub struct IncomingStream<H = StreamHeader> {
+    header: H,
     peer: SocketAddr,
     send: SendStream,
     recv: RecvStream,
 }
 
-impl IncomingStream {
-    pub fn header(&self) -> &StreamHeader {
+impl<H> IncomingStream<H> {
+    pub fn header(&self) -> &H {
         &self.header
     }
 
@@ -245,6 +247,20 @@ pub trait Handler: Send + Sync + 'static {
     fn request(&self, peer: Peer, request: Request) -> impl Future<Output = Response> + Send;
     /// Take (or refuse) one raw stream.
     fn stream(&self, peer: Peer, stream: IncomingStream) -> impl Future<Output = ()> + Send;
+    /// Take (or refuse) a stream for a ractor_cluster session. By default
+    /// refused: a handler without remote actors.
+    fn session(
+        &self,
+        peer: Peer,
+        session: IncomingStream<SessionHeader>,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = peer;
+        async move {
+            session
+                .reject(ErrorKind::Unavailable, "this node runs no remote actors")
+                .await
+        }
+    }
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
@@ -333,6 +349,26 @@ impl Transport {
         peer_id: &str,
         header: &StreamHeader,
     ) -> Result<(SendStream, RecvStream), TransportError> {
+        self.open(peer_addr, peer_id, header).await
+    }
+
+    /// Open a stream to `peer_id` for a ractor_cluster session; returns
+    /// once the peer accepted it. What follows is the session's bytes.
+    pub async fn open_session(
+        &self,
+        peer_addr: SocketAddr,
+        peer_id: &str,
+        header: &SessionHeader,
+    ) -> Result<(SendStream, RecvStream), TransportError> {
+        self.open(peer_addr, peer_id, header).await
+    }
+
+    async fn open<M: Message>(
+        &self,
+        peer_addr: SocketAddr,
+        peer_id: &str,
+        header: &M,
+    ) -> Result<(SendStream, RecvStream), TransportError> {
         let frame = header.encode().map_err(TransportError::Encode)?;
         let after = self.inner.config.call_timeout;
         tokio::time::timeout(after, async {
@@ -363,6 +399,26 @@ impl Transport {
     pub async fn close(&self) {
         self.inner.endpoint.close(CLOSE_SHUTDOWN, b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+
+    /// Close the cached connection to a peer, if any (the next call
+    /// dials): for a peer known to have restarted, whose old connection
+    /// would otherwise linger, unanswered, until its idle timeout (a
+    /// restarted endpoint cannot reset it: its stateless-reset key is new).
+    pub async fn forget(&self, peer_addr: SocketAddr, peer_id: &str) {
+        let slot = {
+            let conns = self
+                .inner
+                .conns
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            conns.get(&(peer_id.to_owned(), peer_addr)).cloned()
+        };
+        if let Some(slot) = slot
+            && let Some(conn) = slot.lock().await.take()
+        {
+            conn.close(CLOSE_SHUTDOWN, b"peer restarted");
+        }
     }
 
     /// The cached connection to a peer, dialled if there is none or it
@@ -616,6 +672,19 @@ async fn serve_stream<H: Handler>(
             };
             handler.stream(peer, stream).await;
         }
+        FrameKind::SessionOpen => {
+            let header = match SessionHeader::decode_body(&body) {
+                Ok(h) => h,
+                Err(e) => return refuse(&mut send, &mut recv, e),
+            };
+            let session = IncomingStream {
+                header,
+                peer: addr,
+                send,
+                recv,
+            };
+            handler.session(peer, session).await;
+        }
         other => refuse(
             &mut send,
             &mut recv,
@@ -722,6 +791,40 @@ pub(crate) mod tests {
             first_frame_timeout: Duration::from_secs(2),
             ..TransportConfig::default()
         }
+    }
+
+    #[tokio::test]
+    async fn a_session_stream_to_a_node_without_remote_actors_is_refused() {
+        let ca = ClusterCa::generate().unwrap();
+        let (a, _) = node(&ca, "node-a", quick());
+        let (b, _) = node(&ca, "node-b", quick());
+        let header = SessionHeader {
+            node_id: "node-a".into(),
+            actor_protocol: schema::mesh::ACTOR_PROTOCOL.into(),
+        };
+        let err = a
+            .open_session(b.local_addr().unwrap(), "node-b", &header)
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::Rejected {
+                    kind: ErrorKind::Unavailable,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // And calls still work on the same connection.
+        a.call(
+            b.local_addr().unwrap(),
+            "node-b",
+            &Request::Ping { sent_unix_ms: 1 },
+        )
+        .await
+        .unwrap();
     }
 
     #[tokio::test]

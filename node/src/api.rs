@@ -140,9 +140,11 @@ pub fn router(sandboxes: Sandboxes) -> Router {
         (status = 429, description = "node at capacity", body = schema::e2b::ApiError)))]
 async fn create(
     State(s): State<Sandboxes>,
+    reservation: Option<axum::Extension<crate::http::Reservation>>,
     Json(req): Json<NewSandbox>,
 ) -> Result<Response, ApiError> {
-    let sbx = s.create(req).await?;
+    let token = reservation.map(|r| r.0.0);
+    let sbx = s.create_reserved(req, token).await?;
     Ok((StatusCode::CREATED, axum::Json(sbx)).into_response())
 }
 

@@ -79,3 +79,15 @@ mod tests {
         assert_eq!(percent_decode("a+b", false), "a+b");
     }
 }
+
+/// A request extension: the create may take over the slot that placement
+/// reserved on this node under this token (`actors::service::
+/// RESERVATION_TTL`). Set only on calls from the cluster front (an
+/// extension, so no client can set it), from [`RESERVATION_HEADER`].
+#[derive(Debug, Clone, Copy)]
+pub struct Reservation(pub u64);
+
+/// The mesh header that carries a [`Reservation`] from the node that
+/// placed a create to the node that serves it; removed from clients'
+/// requests.
+pub const RESERVATION_HEADER: &str = "x-sandmesh-reservation";

@@ -208,6 +208,7 @@ mod tests {
             max_sandboxes: 64,
             templates: vec!["base".into()],
             verified: true,
+            actors: true,
             rtt_ms: (!me).then_some(0.4),
             clock_offset_ms: (!me).then_some(-2500),
         };

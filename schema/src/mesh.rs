@@ -27,7 +27,7 @@ use rkyv::util::AlignedVec;
 
 /// The version of the frame format and of every message in it. Bump it on
 /// any change to a type in this module (rkyv has no schema evolution).
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// First bytes of every frame header: catches a peer speaking something
 /// else entirely before the version is even looked at.
@@ -70,6 +70,9 @@ pub enum FrameKind {
     /// Header-only frame sent back to a peer whose frame had another
     /// version; its header carries the sender's version.
     VersionMismatch = 5,
+    /// First frame of a stream that carries a ractor_cluster session: a
+    /// [`SessionHeader`], answered by a [`StreamReply`].
+    SessionOpen = 6,
 }
 
 impl FrameKind {
@@ -80,6 +83,7 @@ impl FrameKind {
             3 => Self::StreamOpen,
             4 => Self::StreamReply,
             5 => Self::VersionMismatch,
+            6 => Self::SessionOpen,
             _ => return None,
         })
     }
@@ -248,6 +252,7 @@ message!(Request, FrameKind::Request);
 message!(Response, FrameKind::Response);
 message!(StreamHeader, FrameKind::StreamOpen);
 message!(StreamReply, FrameKind::StreamReply);
+message!(SessionHeader, FrameKind::SessionOpen);
 
 /// What a node tells the cluster about itself. Placement reads it (free
 /// capacity, cached templates, state); the REST front reads `rest_addr`;
@@ -519,9 +524,126 @@ pub enum StreamReply {
     Rejected { kind: ErrorKind, reason: String },
 }
 
+/// First frame of the stream a node opens to carry its ractor_cluster
+/// session with a peer (remote actors, see `node/src/cluster/remote.rs`).
+/// After the [`StreamReply`] the stream carries ractor_cluster's own
+/// frames (length-prefixed protobuf) until either side closes it.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SessionHeader {
+    /// The opener's node id; the receiver checks that the opener's
+    /// certificate names it.
+    pub node_id: String,
+    /// [`ACTOR_PROTOCOL`] of the opener: the ractor_cluster wire protocol
+    /// and the set of remote messages it speaks.
+    pub actor_protocol: String,
+}
+
+/// What a node's remote actors speak: ractor_cluster's crate version (its
+/// session protocol), and the version of [`ClusterCall`]/[`ClusterReply`].
+/// A session is refused unless both sides say the same.
+pub const ACTOR_PROTOCOL: &str = "ractor_cluster-0.16.5/sandmesh-1";
+
+/// What one node's actors ask another's over a ractor_cluster session.
+/// Encoded with rkyv as the argument bytes of a remote actor message, and
+/// validated with bytecheck on arrival ([`decode_actor_payload`]).
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum ClusterCall {
+    /// Hold a slot of the node's capacity for one create of `template`
+    /// (`memory_mib` of memory, 0 when unknown). Answered by
+    /// [`ClusterReply::Reserved`] or [`ClusterReply::Refused`].
+    Reserve { template: String, memory_mib: u64 },
+    /// Give back a slot that no create will use.
+    Release { token: u64 },
+}
+
+/// The answer to a [`ClusterCall`].
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum ClusterReply {
+    /// A slot is held under `token` until the create that names it
+    /// arrives, or `ttl_ms` passes.
+    Reserved {
+        token: u64,
+        ttl_ms: u64,
+    },
+    /// No slot: `status` is the HTTP status a create would get (429 full,
+    /// 503 draining or unhealthy), `message` says why.
+    Refused {
+        status: u16,
+        message: String,
+    },
+    Released,
+}
+
+/// Largest remote actor payload accepted (a [`ClusterCall`] or
+/// [`ClusterReply`] is a few hundred bytes).
+pub const MAX_ACTOR_PAYLOAD: usize = 64 << 10;
+
+/// Encode a remote actor payload.
+pub fn encode_actor_payload<T>(value: &T) -> Result<Vec<u8>, FrameError>
+where
+    T: for<'a> rkyv::Serialize<
+            rkyv::api::high::HighSerializer<
+                AlignedVec,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rancor::Error,
+            >,
+        >,
+{
+    rkyv::to_bytes::<rancor::Error>(value)
+        .map(|v| v.to_vec())
+        .map_err(|e| FrameError::Encode(e.to_string()))
+}
+
+/// Validate (bytecheck) and decode a remote actor payload: untrusted bytes
+/// from another node, refused with an error, never a panic.
+pub fn decode_actor_payload<T>(bytes: &[u8]) -> Result<T, FrameError>
+where
+    T: rkyv::Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
+{
+    if bytes.len() > MAX_ACTOR_PAYLOAD {
+        return Err(FrameError::TooLarge {
+            len: bytes.len(),
+            max: MAX_ACTOR_PAYLOAD,
+        });
+    }
+    let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    rkyv::from_bytes::<T, rancor::Error>(&aligned).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn actor_payloads_round_trip_and_garbage_is_refused() {
+        let call = ClusterCall::Reserve {
+            template: "base".into(),
+            memory_mib: 512,
+        };
+        let bytes = encode_actor_payload(&call).unwrap();
+        assert_eq!(decode_actor_payload::<ClusterCall>(&bytes).unwrap(), call);
+        let reply = ClusterReply::Refused {
+            status: 429,
+            message: "full".into(),
+        };
+        let bytes = encode_actor_payload(&reply).unwrap();
+        assert_eq!(decode_actor_payload::<ClusterReply>(&bytes).unwrap(), reply);
+        // Truncations and bit flips: an error or a valid value, never a
+        // panic; an out-of-range tag is an error.
+        for cut in 0..bytes.len() {
+            let _ = decode_actor_payload::<ClusterReply>(&bytes[..cut]);
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0xff;
+            let _ = decode_actor_payload::<ClusterReply>(&b);
+        }
+        assert!(decode_actor_payload::<ClusterCall>(&[0xff; 16]).is_err());
+        assert!(decode_actor_payload::<ClusterCall>(&vec![0; MAX_ACTOR_PAYLOAD + 1]).is_err());
+    }
 
     fn info() -> NodeInfo {
         NodeInfo {

@@ -31,6 +31,10 @@ pub enum SandboxMsg {
     },
 }
 
+// Local only: with ractor's `cluster` feature on (ractor_cluster is in the
+// graph) every message type says whether it can cross nodes; this one cannot.
+impl ractor::Message for SandboxMsg {}
+
 /// How a [`SandboxActor`] comes to own its sandbox.
 pub(crate) enum Start {
     /// Create it from a template, then `/init` envd.

@@ -155,6 +155,10 @@ pub struct Shared {
     pub(crate) lost: Mutex<HashMap<String, String>>,
     /// Creates in flight (not in `live` yet), for the capacity check.
     pub(crate) creating: std::sync::atomic::AtomicUsize,
+    /// Slots held for creates that placement sent (or is sending) here:
+    /// token -> when the hold lapses. Counted with `live` and `creating`,
+    /// under `live`'s lock (taken first).
+    pub(crate) reservations: Mutex<HashMap<u64, std::time::Instant>>,
     pub(crate) snapshots_dir: std::path::PathBuf,
 }
 

@@ -122,6 +122,10 @@ pub enum SupervisorMsg {
     Fail,
 }
 
+// Local only: with ractor's `cluster` feature on (ractor_cluster is in the
+// graph) every message type says whether it can cross nodes; this one cannot.
+impl ractor::Message for SupervisorMsg {}
+
 /// After the sandbox supervisor was replaced: its actors went with it
 /// (ractor stops an actor's children when it ends), the sandboxes did not.
 /// Start a new actor for each sandbox in `live` (it takes the sandbox over

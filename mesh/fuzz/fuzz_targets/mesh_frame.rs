@@ -11,7 +11,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use schema::mesh::{
-    self, FrameHeader, Header, Message, Request, Response, RestRequest, StreamHeader, StreamReply,
+    self, ClusterCall, ClusterReply, FrameHeader, Header, Message, Request, Response, RestRequest,
+    SessionHeader, StreamHeader, StreamReply,
 };
 
 fn check<M: Message + PartialEq + std::fmt::Debug>(body: &[u8]) {
@@ -28,6 +29,11 @@ fn all(body: &[u8]) {
     check::<Response>(body);
     check::<StreamHeader>(body);
     check::<StreamReply>(body);
+    check::<SessionHeader>(body);
+    // A remote actor payload (ractor_cluster's argument bytes): the same
+    // bytecheck validation, never a panic.
+    let _ = mesh::decode_actor_payload::<ClusterCall>(body);
+    let _ = mesh::decode_actor_payload::<ClusterReply>(body);
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -66,4 +72,18 @@ fuzz_target!(|data: &[u8]| {
     frame[at] = ctl[2];
     let cut = frame.len() - usize::from(ctl[1] & 7).min(frame.len() - 4);
     all(&frame[4..cut]);
+
+    // A valid remote actor call with the input as its template, corrupted.
+    let call = ClusterCall::Reserve {
+        template: String::from_utf8_lossy(payload).into_owned(),
+        memory_mib: u64::from(ctl[0]),
+    };
+    if let Ok(mut bytes) = mesh::encode_actor_payload(&call) {
+        let at = usize::from(u16::from_le_bytes([ctl[0], ctl[1]])) % bytes.len();
+        bytes[at] = ctl[2];
+        if let Ok(back) = mesh::decode_actor_payload::<ClusterCall>(&bytes) {
+            let again = mesh::encode_actor_payload(&back).expect("re-encodes");
+            assert_eq!(mesh::decode_actor_payload::<ClusterCall>(&again).ok(), Some(back));
+        }
+    }
 });

@@ -39,6 +39,11 @@ pub struct NodeStatus {
     /// certificate for its id (gossip alone proves nothing); unverified
     /// nodes get no sandboxes.
     pub verified: bool,
+    /// Whether the node's placement actor is reachable from the node that
+    /// answered (itself, or over their ractor_cluster session on the
+    /// mesh): placement reserves capacity through it.
+    #[serde(default)]
+    pub actors: bool,
     /// Round trip of a mesh ping from the node that answered (absent for
     /// itself, a dead node, or one that did not answer).
     #[serde(default, rename = "rttMs", skip_serializing_if = "Option::is_none")]
@@ -104,6 +109,7 @@ pub async fn cluster_status(cluster: &Cluster, ping: bool) -> ClusterStatus {
             NodeStatus {
                 is_self: m.info.id == cluster.node_id(),
                 verified: cluster.is_verified(&m.info),
+                actors: m.live && cluster.has_actor_session(&m.info.id),
                 rtt_ms: ping.map(|(rtt, _)| rtt.as_secs_f64() * 1000.0),
                 clock_offset_ms: ping.map(|(_, offset)| *offset),
                 node_id: m.info.id,

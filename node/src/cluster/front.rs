@@ -2,9 +2,11 @@
 //! it there.
 //!
 //! Called by the front door after the API key was checked. A call on a
-//! sandbox goes to the owner named in its id; a create goes where the
-//! placement actor ([`actors::placement`]) ranks first (the next on
-//! refusal); a list asks every live node and merges. What reaches the
+//! sandbox goes to the owner named in its id; a create goes to the first
+//! node in the placement actor's ranking ([`actors::placement`]) whose
+//! placement actor reserves a slot for it (a remote actor call over the
+//! mesh, see [`super::remote`]), and carries the reservation's token; a
+//! list asks every live node and merges. What reaches the
 //! owner is the client's request as it came (headers, API key included:
 //! the owner checks it again), and what comes back is relayed as is.
 //!
@@ -21,7 +23,7 @@ use axum::response::Response;
 use schema::mesh::{self as wire, ErrorKind, NodeInfo, NodeState, PROTOCOL_VERSION};
 
 use super::{Cluster, Forwarded, Owner};
-use crate::http::{closing, error_response, query_pairs};
+use crate::http::{RESERVATION_HEADER, Reservation, closing, error_response, query_pairs};
 use crate::proxy::{self, Target};
 
 /// Largest REST request body carried to another node. E2B's REST bodies
@@ -31,7 +33,9 @@ pub const MAX_REST_BODY: usize = 1 << 20;
 /// Largest REST response body carried back: what fits a mesh frame.
 pub const MAX_REST_RESPONSE: usize = wire::MAX_FRAME - (64 << 10);
 
-/// Nodes a create is offered to before giving up.
+/// Nodes a create is sent to (each after its placement actor reserved a
+/// slot) before giving up. Reservations themselves are asked of every
+/// ranked node in turn: a refusal costs one small remote call.
 pub const MAX_PLACEMENT_TRIES: usize = 3;
 
 /// What a REST call is, for routing.
@@ -205,6 +209,16 @@ pub(crate) fn from_rest(rest: wire::RestRequest, from: String) -> Result<Request
     let mut req = builder
         .body(Body::from(rest.body))
         .map_err(|e| e.to_string())?;
+    // From a node's front, never a client's (front::create removes the
+    // header from what a client sends).
+    if let Some(v) = req.headers_mut().remove(RESERVATION_HEADER) {
+        let token = v
+            .to_str()
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or("malformed reservation token")?;
+        req.extensions_mut().insert(Reservation(token));
+    }
     req.extensions_mut().insert(Forwarded { from });
     Ok(req)
 }
@@ -319,12 +333,16 @@ impl Cluster {
     }
 }
 
-/// `POST /sandboxes`: offer the create to the best-ranked nodes in turn.
+/// `POST /sandboxes`: reserve a slot on the best-ranked node whose
+/// placement actor has one, and send the create there with the token.
 async fn create(cluster: &Cluster, req: Request) -> Response {
-    let rest = match to_rest(req).await {
+    let mut rest = match to_rest(req).await {
         Ok(r) => r,
         Err(resp) => return resp,
     };
+    // Only a node's front sets a reservation.
+    rest.headers
+        .retain(|h| !h.name.eq_ignore_ascii_case(RESERVATION_HEADER));
     // A body that is not JSON is the chosen node's to refuse (400).
     let template = serde_json::from_slice::<serde_json::Value>(&rest.body)
         .ok()
@@ -353,17 +371,66 @@ async fn create(cluster: &Cluster, req: Request) -> Response {
     if ranked.is_empty() {
         return no_room(&members);
     }
+    let mut refusals: Vec<(StatusCode, String)> = Vec::new();
     let mut last: Option<Response> = None;
     let mut failures = Vec::new();
-    for info in ranked.into_iter().take(MAX_PLACEMENT_TRIES) {
+    let mut sent = 0;
+    for info in ranked {
+        if sent == MAX_PLACEMENT_TRIES {
+            break;
+        }
         let remote = info.id != cluster.node_id();
-        let answer = cluster.dispatch(&info, rest.clone()).await;
+        let call = wire::ClusterCall::Reserve {
+            template: template.clone(),
+            memory_mib: memory,
+        };
+        let token = match cluster.placement_call(&info, call).await {
+            Ok(wire::ClusterReply::Reserved { token, .. }) => {
+                if remote {
+                    count("reserve", "ok");
+                }
+                token
+            }
+            Ok(wire::ClusterReply::Refused { status, message }) => {
+                if remote {
+                    count("reserve", "refused");
+                }
+                tracing::debug!(node = %info.id, status, "placement: node refused a reservation: {message}");
+                let status =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                refusals.push((status, format!("{}: {message}", info.id)));
+                continue;
+            }
+            Ok(other) => {
+                failures.push(format!(
+                    "{}: answered a reservation with {other:?}",
+                    info.id
+                ));
+                continue;
+            }
+            Err(e) => {
+                if remote {
+                    count("reserve", "unreachable");
+                }
+                tracing::warn!(node = %info.id, "placement: no reservation: {e}");
+                failures.push(format!("{}: {e}", info.id));
+                continue;
+            }
+        };
+        sent += 1;
+        let mut with_token = rest.clone();
+        with_token.headers.push(wire::Header {
+            name: RESERVATION_HEADER.to_owned(),
+            value: token.to_string().into_bytes(),
+        });
+        let answer = cluster.dispatch(&info, with_token).await;
         if remote {
             count("create", if answer.is_ok() { "ok" } else { "unreachable" });
         }
-        match answer {
-            // Full or draining since it was gossiped, or without this
-            // template: the next node may take it.
+        let refused = match answer {
+            Ok(resp) if resp.status().is_success() => return resp,
+            // Draining since it reserved, or without this template: the
+            // next node may take it.
             Ok(resp)
                 if matches!(
                     resp.status(),
@@ -374,20 +441,54 @@ async fn create(cluster: &Cluster, req: Request) -> Response {
             {
                 tracing::debug!(node = %info.id, status = %resp.status(), "placement: node refused the create");
                 last = Some(resp);
+                true
             }
             Ok(resp) => return resp,
             Err(e) => {
                 tracing::warn!(node = %info.id, "placement: node did not answer a create: {e}");
                 failures.push(format!("{}: {e}", info.id));
+                true
             }
+        };
+        if refused {
+            // The create did not take the slot: give it back now rather
+            // than when the reservation lapses.
+            let cluster = cluster.clone();
+            tokio::spawn(async move {
+                let _ = cluster
+                    .placement_call(&info, wire::ClusterCall::Release { token })
+                    .await;
+            });
         }
     }
-    last.unwrap_or_else(|| {
-        error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("no node could take the sandbox: {}", failures.join("; ")),
-        )
-    })
+    if let Some(resp) = last {
+        return resp;
+    }
+    if !refusals.is_empty() && failures.is_empty() {
+        // Every node asked was full (or draining): one clean answer.
+        let status = if refusals
+            .iter()
+            .any(|(s, _)| *s == StatusCode::TOO_MANY_REQUESTS)
+        {
+            StatusCode::TOO_MANY_REQUESTS
+        } else {
+            refusals[0].0
+        };
+        let why: Vec<&str> = refusals.iter().map(|(_, m)| m.as_str()).collect();
+        return error_response(
+            status,
+            format!("no node has room for the sandbox ({})", why.join("; ")),
+        );
+    }
+    let why: Vec<String> = refusals
+        .into_iter()
+        .map(|(_, m)| m)
+        .chain(failures)
+        .collect();
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("no node could take the sandbox: {}", why.join("; ")),
+    )
 }
 
 /// The answer when placement finds no node at all.

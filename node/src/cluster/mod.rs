@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod certs;
 pub mod front;
+pub mod remote;
 pub mod serve;
 
 use std::collections::{HashMap, HashSet};
@@ -107,6 +108,8 @@ impl MeshHandler {
 struct MeshParts {
     membership: Membership,
     transport: Transport,
+    /// The ractor_cluster node server whose sessions ride `transport`.
+    remote: remote::Remote,
     quic_addr: SocketAddr,
     cluster_id: String,
 }
@@ -151,6 +154,8 @@ pub enum ClusterError {
     },
     #[error("no free UDP port on {0}: {1}")]
     NoPort(std::net::IpAddr, std::io::Error),
+    #[error("{0}")]
+    Actors(String),
 }
 
 /// `addr`, with a free port picked when it names port 0 (gossip needs its
@@ -229,9 +234,13 @@ impl Cluster {
                         source,
                     }
                 })?;
+                let remote = remote::Remote::start(&node_id, &opts.files.cluster_id)
+                    .await
+                    .map_err(ClusterError::Actors)?;
                 Some(MeshParts {
                     membership,
                     transport,
+                    remote,
                     quic_addr,
                     cluster_id: opts.files.cluster_id.clone(),
                 })
@@ -275,7 +284,10 @@ impl Cluster {
             tokio::spawn(async move {
                 loop {
                     let Some(inner) = weak.upgrade() else { break };
-                    Cluster { inner }.verify_members();
+                    let cluster = Cluster { inner };
+                    cluster.verify_members();
+                    cluster.open_actor_sessions();
+                    drop(cluster);
                     // A new member is verified as soon as gossip shows it;
                     // one that failed is tried again a little later.
                     if let Ok(Err(_)) = tokio::time::timeout(VERIFY_RETRY, members.changed()).await
@@ -313,11 +325,27 @@ impl Cluster {
                 }
             }
             let cluster = self.clone();
+            let restarted = lock(&self.inner.verified)
+                .get(&info.id)
+                .is_some_and(|g| *g != info.generation);
             tokio::spawn(async move {
-                match cluster.ping(&info).await {
+                let mut answer = cluster.ping(&info).await;
+                if answer.is_err()
+                    && restarted
+                    && let Some(t) = cluster.transport()
+                {
+                    // The connection to its last run is dead but answers
+                    // nothing until it times out: dial afresh. (Only once
+                    // a ping on it failed: a forged generation in gossip
+                    // must not cut a live node's connection.)
+                    t.forget(info.quic_addr, &info.id).await;
+                    answer = cluster.ping(&info).await;
+                }
+                match answer {
                     Ok(_) => {
                         tracing::info!(node = %info.id, generation = info.generation, "verified a cluster member over mTLS");
                         lock(&cluster.inner.verified).insert(info.id.clone(), info.generation);
+                        cluster.open_actor_sessions();
                     }
                     Err(e) => tracing::warn!(
                         node = %info.id,
@@ -327,6 +355,58 @@ impl Cluster {
                 }
                 lock(&cluster.inner.verifying).remove(&info.id);
             });
+        }
+    }
+
+    /// Open the actor session (see [`remote`]) with each live, verified
+    /// member this node dials and has none with.
+    fn open_actor_sessions(&self) {
+        let Some(mesh) = &self.inner.mesh else { return };
+        let members: Vec<NodeInfo> = mesh
+            .membership
+            .watch()
+            .borrow()
+            .iter()
+            .filter(|m| m.live && m.info.id != self.inner.node_id)
+            .filter(|m| m.protocol_version == PROTOCOL_VERSION)
+            .map(|m| m.info.clone())
+            .collect();
+        for info in members {
+            if self.is_verified(&info) {
+                mesh.remote.ensure(&mesh.transport, &info);
+            }
+        }
+    }
+
+    /// The remote actors' half of the mesh; `None` without a mesh.
+    pub(crate) fn remote(&self) -> Option<&remote::Remote> {
+        self.inner.mesh.as_ref().map(|m| &m.remote)
+    }
+
+    /// Whether node `id`'s placement actor is reachable from here (always
+    /// for this node; for another, once their actor session is up).
+    pub fn has_actor_session(&self, id: &str) -> bool {
+        id == self.inner.node_id || self.remote().is_some_and(|r| r.has_placement(id))
+    }
+
+    /// Ask node `info`'s placement actor `call`: this node's own directly,
+    /// another's as a remote actor call over their actor session.
+    pub(crate) async fn placement_call(
+        &self,
+        info: &NodeInfo,
+        call: schema::mesh::ClusterCall,
+    ) -> Result<schema::mesh::ClusterReply, String> {
+        if info.id == self.inner.node_id {
+            return self
+                .inner
+                .sandboxes
+                .placement_call(call)
+                .await
+                .map_err(|e| e.to_string());
+        }
+        match self.remote() {
+            Some(remote) => remote.placement_call(info, call).await,
+            None => Err("this node is not in a mesh".into()),
         }
     }
 
@@ -551,6 +631,7 @@ impl Cluster {
     /// and close connections.
     pub async fn shutdown(&self) {
         if let Some(m) = &self.inner.mesh {
+            m.remote.stop();
             m.transport.close().await;
         }
     }

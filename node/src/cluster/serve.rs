@@ -3,7 +3,7 @@
 //! its sandboxes' ports.
 
 use mesh::transport::{Handler, IncomingStream, Peer};
-use schema::mesh::{ErrorKind, Request, Response};
+use schema::mesh::{ErrorKind, Request, Response, SessionHeader};
 
 use super::MeshHandler;
 
@@ -36,6 +36,35 @@ impl Handler for MeshHandler {
                 Response::SignedBy {
                     sandbox_id: found.flatten().map(|t| t.sandbox_id),
                 }
+            }
+        }
+    }
+
+    async fn session(&self, peer: Peer, incoming: IncomingStream<SessionHeader>) {
+        let Some(cluster) = self.cluster.get() else {
+            incoming
+                .reject(ErrorKind::Unavailable, "the node is starting")
+                .await;
+            return;
+        };
+        let header = incoming.header().clone();
+        let Some(remote) = cluster.remote() else {
+            incoming
+                .reject(ErrorKind::Unavailable, "this node is not in a mesh")
+                .await;
+            return;
+        };
+        if let Some((kind, why)) =
+            super::remote::refusal(cluster.node_id(), &header, peer.is_node(&header.node_id))
+        {
+            tracing::warn!(peer = %peer.addr, "actor session refused: {why}");
+            incoming.reject(kind, &why).await;
+            return;
+        }
+        match incoming.accept().await {
+            Ok((send, recv)) => remote.accept(&header, send, recv),
+            Err(e) => {
+                tracing::debug!(node = %header.node_id, "accepting an actor session: {e}")
             }
         }
     }

@@ -66,12 +66,14 @@ def cluster():
         def all_ready():
             views = [rest(n, "GET", "/cluster") for n in nodes]
             return all(
-                sorted((x["nodeID"], x["state"], x["verified"]) for x in v["nodes"])
+                # verified over mTLS, and each node's placement actor
+                # reachable over its actor session (creates reserve there)
+                sorted((x["nodeID"], x["state"], x["verified"] and x["actors"]) for x in v["nodes"])
                 == [("n0", "ready", True), ("n1", "ready", True), ("n2", "ready", True)]
                 for v in views
             ) and views
 
-        wait_for("three ready, verified nodes in every node's view", all_ready)
+        wait_for("three ready, verified nodes with actor sessions in every node's view", all_ready)
         assert rest(first, "POST", "/node/drain")["state"] == "draining"
         wait_for(
             "n0 seen draining by the others",
