@@ -443,7 +443,13 @@ async fn create(cluster: &Cluster, req: Request) -> Response {
                 last = Some(resp);
                 true
             }
-            Ok(resp) => return resp,
+            Ok(resp) => {
+                // Refused for good (a bad request, say): the create took
+                // no slot, so give the reservation back at once; left to
+                // lapse, it would hold a slot for 15 s per bad request.
+                release(cluster, info, token);
+                return resp;
+            }
             Err(e) => {
                 tracing::warn!(node = %info.id, "placement: node did not answer a create: {e}");
                 failures.push(format!("{}: {e}", info.id));
@@ -453,12 +459,7 @@ async fn create(cluster: &Cluster, req: Request) -> Response {
         if refused {
             // The create did not take the slot: give it back now rather
             // than when the reservation lapses.
-            let cluster = cluster.clone();
-            tokio::spawn(async move {
-                let _ = cluster
-                    .placement_call(&info, wire::ClusterCall::Release { token })
-                    .await;
-            });
+            release(cluster, info, token);
         }
     }
     if let Some(resp) = last {
@@ -489,6 +490,16 @@ async fn create(cluster: &Cluster, req: Request) -> Response {
         StatusCode::SERVICE_UNAVAILABLE,
         format!("no node could take the sandbox: {}", why.join("; ")),
     )
+}
+
+/// Give back reservation `token` on `info`'s node, in the background.
+fn release(cluster: &Cluster, info: NodeInfo, token: u64) {
+    let cluster = cluster.clone();
+    tokio::spawn(async move {
+        let _ = cluster
+            .placement_call(&info, wire::ClusterCall::Release { token })
+            .await;
+    });
 }
 
 /// The answer when placement finds no node at all.

@@ -375,7 +375,12 @@ impl Runtime for GvisorRuntime {
                     self.blocking(move |inner| inner.checkpoint_quiet(&id, &dest, meta))
                         .await
                 }
-                Err(e) => Err(e),
+                Err(e) => {
+                    let id = id.clone();
+                    self.blocking(move |inner| Ok(inner.refused_or_lost(&id, e)))
+                        .await
+                        .and_then(Err)
+                }
             };
             // A sandbox that still runs (a refused or survived save) takes
             // connections again; one that is gone starts afresh.
@@ -760,15 +765,10 @@ impl Inner {
         let dir = self.sandbox_dir(id);
         let netns = NetnsPair::of(id);
         let tq = Instant::now();
-        // Until `runsc checkpoint` runs, the sandbox runs: any failure here
-        // refuses the save and leaves it running.
-        let refuse = |e: RuntimeError| match e {
-            e @ RuntimeError::CheckpointRefused { .. } => e,
-            other => RuntimeError::CheckpointRefused {
-                id: id.clone(),
-                reason: other.to_string(),
-            },
-        };
+        // Until `runsc checkpoint` runs, nothing is saved: a failure here
+        // refuses the save and leaves the sandbox running — unless it died
+        // meanwhile (killed under us), which is a loss, cleaned up.
+        let refuse = |e: RuntimeError| self.refused_or_lost(id, e);
         self.wait_quiet(id, &netns).map_err(refuse)?;
         tracing::debug!(sandbox = %id, "step: wait_quiet {:?}", tq.elapsed());
 
@@ -930,6 +930,29 @@ impl Inner {
                 });
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What a failure before the save is: `CheckpointRefused` while the
+    /// sandbox still runs, else `CheckpointFailed` with the sandbox lost
+    /// (and cleaned up).
+    fn refused_or_lost(&self, id: &SandboxId, e: RuntimeError) -> RuntimeError {
+        if self.alive(id) {
+            return match e {
+                e @ RuntimeError::CheckpointRefused { .. } => e,
+                other => RuntimeError::CheckpointRefused {
+                    id: id.clone(),
+                    reason: other.to_string(),
+                },
+            };
+        }
+        if let Err(c) = self.cleanup(id) {
+            tracing::error!(sandbox = %id, error = %c, "clean-up of a sandbox that died before its save failed");
+        }
+        RuntimeError::CheckpointFailed {
+            id: id.clone(),
+            reason: format!("the sandbox died before it could be saved ({e})"),
+            sandbox_lost: true,
         }
     }
 
