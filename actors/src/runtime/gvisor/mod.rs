@@ -785,8 +785,9 @@ impl Inner {
         // lock, so the paused sandbox could never be resumed (about one
         // save in 6 to 90 with a CPU-bound process in the guest, one in
         // ~226 with an idle one). Saved from a sandbox paused beforehand:
-        // none in 305 saves of a busy guest; an idle one still lost one in
-        // ~268, a cause not found yet (see ARCHITECTURE.md).
+        // none in 305 saves of a busy guest in one run, but a loss within
+        // 100 in the next, and an idle guest still lost one in ~268: this
+        // narrows the defect, it does not fix it (see ARCHITECTURE.md).
         let tq = Instant::now();
         if let Err(e) = self.runsc.run(
             Enter::Netns(&netns.guest_path()),
