@@ -53,17 +53,7 @@ pub(crate) async fn readopt(
             RecordState::Creating | RecordState::Pausing => false,
         } && known_template(&record.template);
         if usable {
-            let (ready, ready_rx) = oneshot::channel();
-            let args = SandboxArgs {
-                shared: shared.clone(),
-                record: record.clone(),
-                start: Start::Adopt,
-                ready,
-            };
-            Actor::spawn_linked(None, SandboxActor, args, supervisor.get_cell())
-                .await
-                .map_err(|e| SandboxError::Actor(e.to_string()))?;
-            ready_rx.await.map_err(|_| SandboxError::Stopping)??;
+            adopt(shared, &record, supervisor).await?;
             continue;
         }
         tracing::warn!(sandbox = %record.id, state = ?record.state, alive,
@@ -126,6 +116,27 @@ pub enum SupervisorMsg {
 // graph) every message type says whether it can cross nodes; this one cannot.
 impl ractor::Message for SupervisorMsg {}
 
+/// Start a SandboxActor under `supervisor` that takes over the running or
+/// paused sandbox of `record`, and wait until it has.
+async fn adopt(
+    shared: &Arc<Shared>,
+    record: &SandboxRecord,
+    supervisor: &ActorRef<SupervisorMsg>,
+) -> Result<(), SandboxError> {
+    let (ready, ready_rx) = oneshot::channel();
+    let args = SandboxArgs {
+        shared: shared.clone(),
+        record: record.clone(),
+        start: Start::Adopt,
+        ready,
+    };
+    Actor::spawn_linked(None, SandboxActor, args, supervisor.get_cell())
+        .await
+        .map_err(|e| SandboxError::Actor(e.to_string()))?;
+    ready_rx.await.map_err(|_| SandboxError::Stopping)??;
+    Ok(())
+}
+
 /// After the sandbox supervisor was replaced: its actors went with it
 /// (ractor stops an actor's children when it ends), the sandboxes did not.
 /// Start a new actor for each sandbox in `live` (it takes the sandbox over
@@ -140,17 +151,7 @@ pub(crate) async fn adopt_orphans(
         live.values().map(|l| l.record.clone()).collect()
     };
     for record in &records {
-        let (ready, ready_rx) = oneshot::channel();
-        let args = SandboxArgs {
-            shared: shared.clone(),
-            record: record.clone(),
-            start: Start::Adopt,
-            ready,
-        };
-        Actor::spawn_linked(None, SandboxActor, args, supervisor.get_cell())
-            .await
-            .map_err(|e| SandboxError::Actor(e.to_string()))?;
-        ready_rx.await.map_err(|_| SandboxError::Stopping)??;
+        adopt(shared, record, supervisor).await?;
     }
     for record in shared.store.sandboxes()? {
         if record.state == RecordState::Creating

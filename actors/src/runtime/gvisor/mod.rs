@@ -887,7 +887,8 @@ impl Inner {
     }
 
     /// Wait until the guest has no TCP connection to outside itself (see the
-    /// module docs); refuse, the sandbox still running, if one stays open.
+    /// module docs) and none of envd's threads is running; refuse, the
+    /// sandbox still running, if that does not happen in time.
     fn wait_quiet(&self, id: &SandboxId, netns: &NetnsPair) -> Result<()> {
         let t0 = Instant::now();
         loop {
@@ -909,14 +910,14 @@ impl Inner {
             };
             let text = String::from_utf8_lossy(&out.stdout);
             let open = open_connections(&text);
-            let busy = envd_threads_in(&text, &["R"]);
+            let busy = running_envd_threads(&text);
             if open.is_empty() && busy.is_empty() {
                 return Ok(());
             }
             if t0.elapsed() > QUIESCE_TIMEOUT {
                 let reason = if open.is_empty() {
                     format!(
-                        "envd stayed busy ({}); a save now could not be restored",
+                        "envd stayed busy ({}); a save now risks an image that does not restore",
                         busy.join(", ")
                     )
                 } else {
@@ -1167,9 +1168,8 @@ const QUIET_PROBE: &str = "cat /proc/net/tcp /proc/net/tcp6; \
       [ \"$(cat $p/comm 2>/dev/null)\" = envd ] && cat $p/task/*/stat; \
     done; true";
 
-/// envd's threads in one of `states` (`R` running, `S` sleeping in a
-/// system call, `T` stopped...) in `/proc/<pid>/task/<tid>/stat` lines, as
-/// `tid (comm)`.
+/// envd's threads that are running (state `R`, not blocked in a system
+/// call) in `/proc/<pid>/task/<tid>/stat` lines, as `tid (comm)`.
 ///
 /// Why `wait_quiet` waits for none running: a save taken while envd was
 /// at work has restored, on this runsc, to an envd that segfaulted in
@@ -1177,12 +1177,12 @@ const QUIET_PROBE: &str = "cat /proc/net/tcp /proc/net/tcp6; \
 /// a lock. Waiting for an idle envd narrows that; it does not close it: a
 /// CPU-bound process beside envd still loses about one save in 6 to 90
 /// (see ARCHITECTURE.md, gvisor runtime, known defect).
-fn envd_threads_in(text: &str, states: &[&str]) -> Vec<String> {
+fn running_envd_threads(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|line| {
             let (head, rest) = line.rsplit_once(") ")?;
             let state = rest.split_whitespace().next()?;
-            states.contains(&state).then(|| format!("{head})"))
+            (state == "R").then(|| format!("{head})"))
         })
         .collect()
 }
@@ -1343,8 +1343,8 @@ mod tests {
 3 (tokio-rt-worker) R 1 2 2 0 -1
 5 (envd-accept) S 1 2 2 0 -1
 ";
-        assert_eq!(envd_threads_in(text, &["R"]), vec!["3 (tokio-rt-worker)"]);
-        assert!(envd_threads_in("2 (envd) S 1\n", &["R"]).is_empty());
+        assert_eq!(running_envd_threads(text), vec!["3 (tokio-rt-worker)"]);
+        assert!(running_envd_threads("2 (envd) S 1\n").is_empty());
     }
 
     #[test]
