@@ -483,15 +483,24 @@ impl Inner {
         self.sandboxes_dir().join(id.as_str())
     }
 
-    /// runsc's state files of `id` (`<id>_sandbox:<id>.state` and `.lock`).
+    /// runsc's state files of `id` (`<id>_sandbox:<id>.state` and `.lock`),
+    /// and the control socket `runsc-<id>.sock` that runsc from 2023 on
+    /// binds there (older ones use an abstract socket): left behind, it
+    /// makes the next start of that id fail ("unable to find location to
+    /// write socket file"), i.e. every resume after a pause.
     /// Ids hold no `_`, so the prefix names one container only.
     fn runsc_state_files(&self, id: &SandboxId) -> Vec<PathBuf> {
         let prefix = format!("{id}_sandbox:");
+        let control_socket = format!("runsc-{id}.sock");
         std::fs::read_dir(&self.runsc.root)
             .map(|entries| {
                 entries
                     .flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                    .filter(|e| {
+                        let name = e.file_name();
+                        let name = name.to_string_lossy();
+                        name.starts_with(&prefix) || name == control_socket
+                    })
                     .map(|e| e.path())
                     .collect()
             })
@@ -778,16 +787,10 @@ impl Inner {
         let mut cmd = self.runsc.command(Enter::Netns(&netns.guest_path()))?;
         cmd.args(["checkpoint", "--image-path", &image_arg, id.as_str()]);
         // Freeze the whole guest first and let it settle; only then save.
-        // Why: `runsc checkpoint` pauses the sandbox and saves at once, and
-        // on this host (ptrace platform) that has written images in which
-        // a guest process's memory is torn — envd restored from one
-        // segfaulted in tokio's `ScheduledIo::wake` or spun forever in a
-        // lock, so the paused sandbox could never be resumed (about one
-        // save in 6 to 90 with a CPU-bound process in the guest, one in
-        // ~226 with an idle one). Saved from a sandbox paused beforehand:
-        // none in 305 saves of a busy guest in one run, but a loss within
-        // 100 in the next, and an idle guest still lost one in ~268: this
-        // narrows the defect, it does not fix it (see ARCHITECTURE.md).
+        // This was a guess at issue 14's unresumable images, which turned
+        // out to be gVisor re-delivering deleted epoll interests on restore
+        // (fixed in envd's mio, see ARCHITECTURE.md); it costs one runsc
+        // call and was in place for every measurement since, so it stays.
         let tq = Instant::now();
         if let Err(e) = self.runsc.run(
             Enter::Netns(&netns.guest_path()),

@@ -94,7 +94,13 @@ impl Runsc {
         cmd.arg("--root")
             .arg(&self.root)
             .arg("--platform=ptrace")
-            .arg("--network=sandbox");
+            .arg("--network=sandbox")
+            // The sandbox's root is our own overlay (see `fs`). runsc from
+            // 2023 on wraps it in one of its own by default, with a
+            // filestore file inside the rootfs that makes every restore of
+            // the sandbox fail ("mount source already has a filestore
+            // file"); older runsc has it off already.
+            .arg("--overlay2=none");
         // For operators chasing a runsc failure: every runsc command (and
         // the sandbox and gofer it starts) logs at debug level, one file
         // per command, into this directory.
