@@ -149,7 +149,7 @@ def test_core_cases_through_a_non_owner(via_non_owner):
     # n0's metrics count what it sent over the mesh.
     with urllib.request.urlopen(via_non_owner[0].url + "/metrics", timeout=30) as resp:
         text = resp.read().decode()
-    for kind in ("create", "rest", "list", "traffic", "signed"):
+    for kind in ("create", "sandbox", "list", "traffic", "signed"):
         assert f'sandmesh_mesh_forwards_total{{kind="{kind}",outcome="ok"}}' in text, kind
     assert 'sandmesh_mesh_members{state="ready"} 2' in text
     assert 'sandmesh_mesh_members{state="draining"} 1' in text
