@@ -4,6 +4,7 @@
 //! NodeSupervisor                   node_supervisor.rs
 //! ├── TemplateCache                template_cache.rs
 //! ├── Placement                    placement.rs
+//! ├── SandboxDirectory             directory.rs
 //! └── SandboxSupervisor            sandbox/supervisor.rs
 //!     └── SandboxActor             sandbox/actor.rs, one per sandbox
 //! ```
@@ -14,10 +15,11 @@
 //! Nothing here depends on the node crate: the node depends on this one.
 //!
 //! Modules import each other one way, leaves first: [`clock`], [`store`],
-//! [`metrics`] <- [`template_cache`], [`placement`] <- [`sandbox`] <-
-//! [`node_supervisor`] <- [`service`].
+//! [`metrics`], [`wire`] <- [`template_cache`], [`placement`] <- [`sandbox`]
+//! <- [`directory`] <- [`node_supervisor`] <- [`service`].
 
 pub mod clock;
+pub mod directory;
 pub mod metrics;
 pub mod node_supervisor;
 pub mod placement;
@@ -26,3 +28,4 @@ pub mod sandbox;
 pub mod service;
 pub mod store;
 pub mod template_cache;
+pub mod wire;

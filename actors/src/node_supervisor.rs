@@ -4,17 +4,20 @@
 //! NodeSupervisor
 //! ├── TemplateCache        the prepared templates
 //! ├── Placement            ranks the cluster's members for a create
+//! ├── SandboxDirectory     other nodes' calls on this node's sandboxes
 //! └── SandboxSupervisor    sweeps for sandboxes the runtime lost
 //!     └── SandboxActor     one per sandbox: create, deadline, kill
 //! ```
 //!
 //! ractor has no restart strategies, so this actor is one: when the
-//! template cache, the placement actor or the sandbox supervisor fails (an
+//! template cache, the placement actor, the sandbox directory or the
+//! sandbox supervisor fails (an
 //! error or a panic in a handler), it starts a new one in its place and
 //! points the service at it. A new template cache starts from the prepared
 //! templates (their snapshots stay on disk; spawn counts restart at zero);
 //! a new placement actor has no members until the next create gives it
-//! the cluster's. The sandbox actors end with their failed supervisor
+//! the cluster's; a new directory rejoins its group (calls in flight on
+//! the old one fail, as on a lost session). The sandbox actors end with their failed supervisor
 //! (ractor stops an actor's children with it), the sandboxes do not: the
 //! new supervisor starts an actor per sandbox that takes it over as after
 //! a node restart, so no sandbox notices; a create in flight at that
@@ -24,6 +27,7 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
+use crate::directory::{DirectoryArgs, DirectoryMsg, SandboxDirectory};
 use crate::metrics::RESTARTS;
 use crate::placement::{Placement, PlacementArgs};
 use crate::sandbox::{Refs, SandboxSupervisor, Shared, SupervisorMsg, adopt_orphans};
@@ -37,12 +41,17 @@ pub struct NodeArgs {
     pub templates: Vec<TemplateEntry>,
     /// What the placement actor (and its replacements) starts with.
     pub placement: PlacementArgs,
+    /// What the sandbox directory (and its replacements) starts with.
+    pub directory: DirectoryArgs,
 }
 
 pub struct NodeState {
     shared: Arc<Shared>,
     templates: Vec<TemplateEntry>,
     placement: PlacementArgs,
+    directory_args: DirectoryArgs,
+    /// Not in the service's refs: nothing on this node calls it.
+    directory: ActorRef<DirectoryMsg>,
     restarts: u64,
 }
 
@@ -78,6 +87,13 @@ impl Actor for NodeSupervisor {
         .await?;
         let (placement, _) =
             Actor::spawn_linked(None, Placement, args.placement.clone(), myself.get_cell()).await?;
+        let (directory, _) = Actor::spawn_linked(
+            None,
+            SandboxDirectory,
+            args.directory.clone(),
+            myself.get_cell(),
+        )
+        .await?;
         let (sandboxes, _) = Actor::spawn_linked(
             None,
             SandboxSupervisor,
@@ -94,6 +110,8 @@ impl Actor for NodeSupervisor {
             shared: args.shared,
             templates: args.templates,
             placement: args.placement,
+            directory_args: args.directory,
+            directory,
             restarts: 0,
         })
     }
@@ -155,6 +173,18 @@ impl Actor for NodeSupervisor {
             if let Some(r) = st.shared.refs.lock().unwrap().as_mut() {
                 r.placement = placement;
             }
+        } else if cell.get_id() == st.directory.get_id() {
+            tracing::error!("the sandbox directory {why}; starting a new one");
+            let (directory, _) = Actor::spawn_linked(
+                None,
+                SandboxDirectory,
+                st.directory_args.clone(),
+                myself.get_cell(),
+            )
+            .await?;
+            metrics::counter!(RESTARTS, "actor" => "sandbox_directory").increment(1);
+            st.restarts += 1;
+            st.directory = directory;
         } else if cell.get_id() == refs.sandboxes.get_id() {
             tracing::error!("the sandbox supervisor {why}; starting a new one");
             let (sandboxes, _) = Actor::spawn_linked(

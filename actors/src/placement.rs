@@ -35,8 +35,7 @@ use mesh::membership::Member;
 use ractor::message::{BoxedDowncastErr, SerializedMessage};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use schema::mesh::{
-    ClusterCall, ClusterReply, NodeInfo, NodeState, PROTOCOL_VERSION, decode_actor_payload,
-    encode_actor_payload,
+    ClusterCall, ClusterReply, MAX_ACTOR_PAYLOAD, NodeInfo, NodeState, PROTOCOL_VERSION,
 };
 
 /// The process group of node `node_id`'s Placement actor, cluster-wide.
@@ -110,82 +109,12 @@ impl ractor::Message for PlacementMsg {
             // Members and Rank are this node's own business.
             return Err(BoxedDowncastErr);
         };
-        let args = encode_actor_payload(&call).map_err(|_| BoxedDowncastErr)?;
-        // The session answers with bytes; decode them into the typed port.
-        let (tx, rx) = ractor::concurrency::oneshot::<Vec<u8>>();
-        let timeout = reply.get_timeout();
-        tokio::spawn(async move {
-            let bytes = match timeout {
-                Some(t) => match tokio::time::timeout(t, rx).await {
-                    Ok(Ok(b)) => b,
-                    _ => return,
-                },
-                None => match rx.await {
-                    Ok(b) => b,
-                    Err(_) => return,
-                },
-            };
-            match decode_actor_payload::<ClusterReply>(&bytes) {
-                Ok(answer) => {
-                    let _ = reply.send(answer);
-                }
-                // Dropping the port: the caller gets an error, not garbage.
-                Err(e) => tracing::warn!("malformed remote placement reply refused: {e}"),
-            }
-        });
-        let port = match timeout {
-            Some(t) => RpcReplyPort::from((tx, t)),
-            None => RpcReplyPort::from(tx),
-        };
-        Ok(SerializedMessage::Call {
-            variant: REMOTE_VARIANT.to_owned(),
-            args,
-            reply: port,
-            metadata: None,
-        })
+        crate::wire::to_wire(REMOTE_VARIANT, &call, reply, MAX_ACTOR_PAYLOAD)
     }
 
     fn deserialize(bytes: SerializedMessage) -> Result<Self, BoxedDowncastErr> {
-        let SerializedMessage::Call {
-            variant,
-            args,
-            reply,
-            ..
-        } = bytes
-        else {
-            tracing::warn!("remote placement message refused: not a call");
-            return Err(BoxedDowncastErr);
-        };
-        if variant != REMOTE_VARIANT {
-            tracing::warn!(variant = %variant.escape_debug(), "remote placement message refused: unknown variant");
-            return Err(BoxedDowncastErr);
-        }
-        let call = decode_actor_payload::<ClusterCall>(&args).map_err(|e| {
-            tracing::warn!("malformed remote placement call refused by bytecheck: {e}");
-            BoxedDowncastErr
-        })?;
-        let (tx, rx) = ractor::concurrency::oneshot::<ClusterReply>();
-        let timeout = reply.get_timeout();
-        tokio::spawn(async move {
-            let answer = match timeout {
-                Some(t) => match tokio::time::timeout(t, rx).await {
-                    Ok(Ok(a)) => a,
-                    _ => return,
-                },
-                None => match rx.await {
-                    Ok(a) => a,
-                    Err(_) => return,
-                },
-            };
-            if let Ok(bytes) = encode_actor_payload(&answer) {
-                let _ = reply.send(bytes);
-            }
-        });
-        let port = match timeout {
-            Some(t) => RpcReplyPort::from((tx, t)),
-            None => RpcReplyPort::from(tx),
-        };
-        Ok(PlacementMsg::Remote { call, reply: port })
+        let (call, reply) = crate::wire::from_wire(bytes, REMOTE_VARIANT, MAX_ACTOR_PAYLOAD)?;
+        Ok(PlacementMsg::Remote { call, reply })
     }
 }
 
@@ -249,6 +178,7 @@ impl Actor for Placement {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use schema::mesh::encode_actor_payload;
 
     fn member(id: &str, f: impl FnOnce(&mut NodeInfo)) -> Member {
         let mut info = NodeInfo {

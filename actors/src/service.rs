@@ -25,6 +25,7 @@ use schema::mesh::{ClusterCall, ClusterReply, NodeInfo};
 use tokio::sync::oneshot;
 
 use crate::clock::{now_ms, rfc3339_ms};
+use crate::directory::{DirectoryArgs, FrontSlot, Registry, RemoteFront};
 use crate::node_supervisor::{NodeArgs, NodeMsg, NodeSupervisor};
 use crate::placement::{PlacementArgs, PlacementMsg, SlotKeeper};
 use crate::runtime::{Runtime, RuntimeError, SandboxId, Template, TemplateId};
@@ -42,9 +43,8 @@ pub struct Config {
     pub default_timeout: Duration,
     /// The longest timeout a create or `set_timeout` may ask for.
     pub max_timeout: Duration,
-    /// This node's id in the cluster: it ends every sandbox id made here
-    /// (so any node can tell a sandbox's owner from its id) and is the
-    /// `clientID` of every response.
+    /// This node's id in the cluster: its sandboxes register under it
+    /// (`crate::directory`), and it is the `clientID` of every response.
     pub node_id: String,
     /// `domain` in the create response; `None` lets the SDK use its own.
     pub domain: Option<String>,
@@ -79,6 +79,10 @@ struct Inner {
     shared: Arc<Shared>,
     config: Config,
     node: ActorRef<NodeMsg>,
+    /// Where the node puts the front the sandbox directory serves other
+    /// nodes' calls through.
+    front: FrontSlot,
+    registry: Registry,
 }
 
 /// The node's capacity as the placement actor answers it: the same count
@@ -217,6 +221,7 @@ impl Sandboxes {
             });
         }
         let shared = Arc::new(Shared {
+            node_id: config.node_id.clone(),
             runtime,
             store,
             live: Mutex::new(HashMap::new()),
@@ -234,9 +239,17 @@ impl Sandboxes {
         })?;
         let names: std::collections::HashSet<String> =
             prepared.iter().map(|t| t.name().to_owned()).collect();
+        let front = crate::directory::FrontSlot::default();
+        let registry = crate::directory::Registry::default();
         let args = NodeArgs {
             shared: shared.clone(),
             templates: prepared,
+            directory: DirectoryArgs {
+                node_id: config.node_id.clone(),
+                shared: shared.clone(),
+                front: front.clone(),
+                registry: registry.clone(),
+            },
             placement: PlacementArgs {
                 node_id: config.node_id.clone(),
                 slots: Arc::new(Slots {
@@ -253,11 +266,26 @@ impl Sandboxes {
                 shared,
                 config,
                 node,
+                front,
+                registry,
             }),
         };
         let refs = me.refs()?;
         readopt(&me.inner.shared, &refs.sandboxes, &|t| names.contains(t)).await?;
         Ok(me)
+    }
+
+    /// Give the sandbox directory the node's REST front, through which it
+    /// serves the calls other nodes carry here (until then it answers
+    /// them "starting"). Set once; later calls are ignored.
+    pub fn set_remote_front(&self, front: Arc<dyn RemoteFront>) {
+        let _ = self.inner.front.set(front);
+    }
+
+    /// What this node knows of the cluster's sandboxes' owners beyond the
+    /// process groups (see [`crate::directory`]).
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
     }
 
     /// The node supervisor (restart counts; tests make a child fail).
@@ -352,7 +380,7 @@ impl Sandboxes {
         };
         let _slot = self.reserve_slot(token)?;
         let started = std::time::Instant::now();
-        let id = new_sandbox_id(&self.inner.config.node_id)?;
+        let id = new_sandbox_id()?;
         let token = hex::encode(random_bytes(24)?);
         let record = SandboxRecord {
             id: id.clone(),

@@ -237,6 +237,9 @@ pub struct Cluster {
     /// `--max-sandboxes` of every node.
     pub max_sandboxes: u32,
     http: reqwest::Client,
+    /// The owner (`clientID`) of every sandbox [`Cluster::create`] made:
+    /// the id does not name it.
+    owners: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Held while this cluster lives: see [`ONE_CLUSTER_AT_A_TIME`].
     _turn: tokio::sync::MutexGuard<'static, ()>,
 }
@@ -278,6 +281,7 @@ impl Cluster {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .expect("an HTTP client"),
+            owners: Default::default(),
             _turn: turn,
         };
         tokio::task::block_in_place(|| {
@@ -686,10 +690,25 @@ impl Cluster {
             self.test,
             self.nodes[i].id
         );
-        body["sandboxID"]
+        let id = body["sandboxID"]
             .as_str()
             .unwrap_or_else(|| panic!("create answered no sandboxID: {body}"))
-            .to_owned()
+            .to_owned();
+        self.owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), owner_in(&body).to_owned());
+        id
+    }
+
+    /// The node that owns sandbox `id`, made by [`Cluster::create`].
+    pub fn owner(&self, id: &str) -> String {
+        self.owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{}: {id} was not made by Cluster::create", self.test))
     }
 
     /// `DELETE /sandboxes/{id}` via node `i`; its status.
@@ -780,6 +799,12 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The node that made (owns) the sandbox of a create's or a GET's answer:
+/// its `clientID` (sandbox ids do not name their node).
+pub fn owner_in(body: &Value) -> &str {
+    body["clientID"].as_str().unwrap_or("")
 }
 
 /// `(state, generation)` of node `id` in a `GET /cluster` answer.

@@ -3,18 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use chaos_tests::{Cluster, Method, StatusCode, node_ids, node_in, sandmesh, wait_until};
+use chaos_tests::{Cluster, Method, StatusCode, node_ids, node_in, owner_in, sandmesh, wait_until};
 use serde_json::json;
 
 /// How long gossip gets to converge after the nodes started.
 const CONVERGE: Duration = Duration::from_secs(30);
 /// The longest a dead node may take to be declared dead by every peer.
 const DEAD_WITHIN: Duration = Duration::from_secs(5);
-
-/// The owner suffix of a sandbox id.
-fn owner(id: &str) -> &str {
-    id.rsplit_once('-').map_or("", |(_, o)| o)
-}
 
 /// Wait until node `viewer` shows node `id` in `state`; the time it took.
 async fn wait_state(
@@ -78,13 +73,13 @@ async fn three_nodes_gossip_detect_death_and_rejoin() {
     for _ in 0..4 {
         let id = c.create(0).await;
         assert_ne!(
-            owner(&id),
+            c.owner(&id),
             "n2",
             "{test}: sandbox {id} was placed on the dead node n2"
         );
         assert!(
-            ["n0", "n1"].contains(&owner(&id)),
-            "{test}: sandbox id {id} does not end with -n0 or -n1"
+            ["n0", "n1"].contains(&c.owner(&id).as_str()),
+            "{test}: sandbox {id} is not on n0 or n1"
         );
         ids.push(id);
     }
@@ -150,7 +145,7 @@ async fn drain_moves_creates_elsewhere() {
     for _ in 0..6 {
         let id = c.create(1).await;
         assert_ne!(
-            owner(&id),
+            c.owner(&id),
             "n1",
             "{test}: {id} was placed on the draining n1"
         );
@@ -248,7 +243,7 @@ async fn dead_owner_is_a_clear_503_and_traffic_through_a_non_owner_works() {
     wait_state(&c, 0, "n1", "draining", Duration::from_secs(10)).await;
     let id = c.create(0).await;
     assert_eq!(
-        owner(&id),
+        c.owner(&id),
         "n2",
         "{test}: with n0 and n1 draining, {id} is not on n2"
     );
@@ -371,7 +366,7 @@ async fn unreachable_seed_node_serves_alone() {
     assert_eq!(ids, ["lonely"], "{test}: {v}");
     // It serves alone: a create through it lands on it.
     let id = c.create(lonely).await;
-    assert_eq!(owner(&id), "lonely", "{test}: {id}");
+    assert_eq!(c.owner(&id), "lonely", "{test}: {id}");
     assert_eq!(c.delete(lonely, &id).await, StatusCode::NO_CONTENT);
     // And says why it is alone, in a line an operator can act on.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -496,7 +491,7 @@ async fn a_forged_gossip_member_gets_no_sandboxes() {
         let started = Instant::now();
         let id = c.create(0).await;
         assert!(
-            ["n0", "n1"].contains(&owner(&id)),
+            ["n0", "n1"].contains(&c.owner(&id).as_str()),
             "{test}: {id} placed off the real nodes"
         );
         assert!(
@@ -588,7 +583,7 @@ async fn concurrent_creates_fill_the_cluster_exactly() {
         let started = Instant::now();
         let id = c.create(via).await;
         let took = started.elapsed();
-        if owner(&id) == c.nodes[via].id {
+        if c.owner(&id) == c.nodes[via].id {
             through_owner.push(took);
         } else {
             through_other.push(took);
@@ -619,6 +614,11 @@ async fn concurrent_creates_fill_the_cluster_exactly() {
         .filter(|(s, _)| *s == StatusCode::CREATED)
         .filter_map(|(_, b)| b["sandboxID"].as_str().map(str::to_owned))
         .collect();
+    let owners: Vec<&str> = results
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .map(|(_, b)| owner_in(b))
+        .collect();
     let refused = with_status(&results, StatusCode::TOO_MANY_REQUESTS);
     let others: Vec<_> = results
         .iter()
@@ -640,7 +640,7 @@ async fn concurrent_creates_fill_the_cluster_exactly() {
         }
     }
     for node in ["n0", "n1", "n2"] {
-        let on = created.iter().filter(|id| owner(id) == node).count();
+        let on = owners.iter().filter(|o| **o == node).count();
         assert_eq!(on, 2, "{test}: {on} sandboxes on {node}: {created:?}");
     }
     for id in &created {
@@ -687,8 +687,8 @@ async fn a_node_killed_mid_placement_leaks_nothing() {
     let mut ids: Vec<String> = results
         .iter()
         .filter(|(s, _)| *s == StatusCode::CREATED)
+        .filter(|(_, b)| owner_in(b) != "n2")
         .filter_map(|(_, b)| b["sandboxID"].as_str().map(str::to_owned))
-        .filter(|id| owner(id) != "n2")
         .collect();
     eprintln!(
         "{test}: {} created on n0/n1, {} 429, {} 503",
@@ -731,4 +731,231 @@ async fn a_node_killed_mid_placement_leaks_nothing() {
             "{test}: deleting {id}"
         );
     }
+}
+
+/// Drain (`true`) or make ready (`false`) node `i`, and wait until node
+/// `viewer` sees it so.
+async fn set_drain(c: &Cluster, i: usize, drain: bool, viewer: usize) {
+    let method = if drain { Method::POST } else { Method::DELETE };
+    let (s, b) = c.send(c.api(i, method, "/node/drain")).await;
+    assert_eq!(s, StatusCode::OK, "{}: drain {drain} on n{i}: {b}", c.test);
+    let state = if drain { "draining" } else { "ready" };
+    wait_state(c, viewer, &c.nodes[i].id, state, Duration::from_secs(10)).await;
+}
+
+/// A sandbox made on one node is found from the others at once — the
+/// registry's miss fallback covers the moment before the process groups
+/// sync — and its calls and traffic reach it; an id of the old shape
+/// (`<16>-<node id>`) that the registry does not know still routes by its
+/// suffix.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_made_on_one_node_is_found_from_another_at_once() {
+    let test = "a_sandbox_made_on_one_node_is_found_from_another_at_once";
+    let Some(mut c) = Cluster::start(test, 3).await else {
+        return;
+    };
+    c.wait_converged(CONVERGE).await;
+    // Everything lands on n1.
+    set_drain(&c, 0, true, 1).await;
+    set_drain(&c, 2, true, 1).await;
+    let mut ids = Vec::new();
+    for k in 0..4 {
+        let id = c.create(1).await;
+        assert_eq!(c.owner(&id), "n1", "{test}: {id}");
+        assert!(
+            id.len() == 20
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            "{test}: {id} is not of E2B's shape"
+        );
+        // At once, from the two other nodes, alternately first.
+        let (first, second) = if k % 2 == 0 { (2, 0) } else { (0, 2) };
+        for via in [first, second] {
+            let (s, b) = c.get(via, &format!("/sandboxes/{id}")).await;
+            assert_eq!(
+                s,
+                StatusCode::OK,
+                "{test}: GET {id} via n{via} right after its create on n1: {b}"
+            );
+            assert_eq!(b["clientID"], "n1", "{test}: {b}");
+        }
+        let (s, b) = c
+            .send(c.sandbox_traffic(first, Method::GET, &id, 49983, "/health"))
+            .await;
+        assert!(
+            s == StatusCode::NO_CONTENT || s == StatusCode::OK,
+            "{test}: envd /health of {id} via n{first}: {s} {b}"
+        );
+        ids.push(id);
+    }
+    // Every call on a sandbox, through a non-owner.
+    let id = &ids[0];
+    let (s, b) = c
+        .send(
+            c.api(2, Method::POST, &format!("/sandboxes/{id}/timeout"))
+                .json(&json!({"timeout": 90})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{test}: timeout via n2: {b}");
+    let (s, b) = c
+        .send(c.api(0, Method::POST, &format!("/sandboxes/{id}/refreshes")))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{test}: refresh via n0: {b}");
+    let (s, b) = c.get(2, &format!("/sandboxes/{id}/logs")).await;
+    assert_eq!(s, StatusCode::OK, "{test}: logs via n2: {b}");
+    assert!(b["logs"].is_array(), "{test}: {b}");
+    let (s, b) = c.get(0, &format!("/sandboxes/{id}/metrics")).await;
+    assert_eq!(s, StatusCode::OK, "{test}: metrics via n0: {b}");
+    // Unknown ids, new shape and old: a clear 404 (asked around first).
+    let (s, b) = c.get(0, "/sandboxes/zzzzzzzzzzzzzzzzzzzz").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{test}: unknown id: {b}");
+    assert_eq!(b["code"], 404, "{test}: {b}");
+    // An old-style id names its node: n2's answer (a 404 from n2, since
+    // it has no such sandbox) — and once n2 is dead, a 503 naming it.
+    let old = "abcdefghij012345-n2";
+    let (s, b) = c.get(0, &format!("/sandboxes/{old}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{test}: old id on n2: {b}");
+    c.kill9(2);
+    wait_state(&c, 0, "n2", "dead", Duration::from_secs(30)).await;
+    let (s, b) = c.get(0, &format!("/sandboxes/{old}")).await;
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{test}: old id of the dead n2: {b}"
+    );
+    assert!(
+        b["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("n2") && m.contains("dead")),
+        "{test}: {b}"
+    );
+    for id in &ids {
+        assert_eq!(
+            c.delete(0, id).await,
+            StatusCode::NO_CONTENT,
+            "{test}: {id}"
+        );
+    }
+}
+
+/// A call carried to a sandbox's owner (a remote actor call to its
+/// directory) when the owner is killed mid-call: the caller answers a
+/// clear 503 naming the node within moments, not a hang; a sandbox on a
+/// surviving node keeps working and that node's slots are all there (no
+/// reservation leaked); the restarted owner's actor session is dialled
+/// again and its sandbox answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_owner_killed_mid_call_is_a_clear_error_and_nothing_leaks() {
+    let test = "an_owner_killed_mid_call_is_a_clear_error_and_nothing_leaks";
+    let Some(mut c) = Cluster::start(test, 3).await else {
+        return;
+    };
+    c.wait_converged(CONVERGE).await;
+    // S1 on n1, S2 on n2; n0 (the caller) owns nothing.
+    set_drain(&c, 0, true, 1).await;
+    set_drain(&c, 2, true, 0).await;
+    let s1 = c.create(0).await;
+    assert_eq!(c.owner(&s1), "n1", "{test}: {s1}");
+    set_drain(&c, 2, false, 0).await;
+    set_drain(&c, 1, true, 0).await;
+    let s2 = c.create(0).await;
+    assert_eq!(c.owner(&s2), "n2", "{test}: {s2}");
+    set_drain(&c, 1, false, 0).await;
+
+    // A pause of S1 through n0 (seconds: the guest is quieted, then
+    // saved), and n1 killed while it runs.
+    let pause = c
+        .api(0, Method::POST, &format!("/sandboxes/{s1}/pause"))
+        .timeout(Duration::from_secs(60))
+        .send();
+    let started = Instant::now();
+    let call = tokio::spawn(async move {
+        let r = pause.await;
+        (r, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::task::block_in_place(|| c.kill9(1));
+    let killed = Instant::now();
+    let (resp, answered) = call.await.expect("the call's task");
+    let resp = resp.unwrap_or_else(|e| panic!("{test}: the pause got no answer: {e:?}"));
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    eprintln!(
+        "{test}: the pause answered {status} {:?} after the kill ({:?} after it was sent): {text}",
+        answered.saturating_duration_since(killed),
+        answered - started
+    );
+    assert!(
+        answered > killed,
+        "{test}: the pause was over before the kill ({status} {text}): nothing was cut"
+    );
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{test}: a pause whose owner was killed mid-call answered {status}: {text}"
+    );
+    let body: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{test}: the 503 is not JSON ({e}): {text}"));
+    assert_eq!(body["code"], 503, "{test}: {body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains("n1")),
+        "{test}: the 503 does not name n1: {body}"
+    );
+    let took = answered - killed;
+    assert!(
+        took < Duration::from_secs(10),
+        "{test}: the caller waited {took:?} after the owner died"
+    );
+
+    // The surviving owner's sandbox works through n0.
+    let (s, b) = c.get(0, &format!("/sandboxes/{s2}")).await;
+    assert_eq!(s, StatusCode::OK, "{test}: GET {s2} via n0: {b}");
+    let (s, b) = c
+        .send(c.sandbox_traffic(0, Method::GET, &s2, 49983, "/health"))
+        .await;
+    assert!(
+        s == StatusCode::NO_CONTENT || s == StatusCode::OK,
+        "{test}: envd /health of {s2} via n0: {s} {b}"
+    );
+    // n2 has all its slots: S2 and 3 more (n0 drains, n1 is dead).
+    set_drain(&c, 0, true, 2).await;
+    wait_state(&c, 0, "n1", "dead", Duration::from_secs(30)).await;
+    let more = concurrent_creates(&c, 6, &[0]).await;
+    let made: Vec<String> = more
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .filter_map(|(_, b)| b["sandboxID"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        made.len(),
+        3,
+        "{test}: n2 should take exactly 3 more: {more:?}"
+    );
+    for id in &made {
+        assert_eq!(
+            c.delete(0, id).await,
+            StatusCode::NO_CONTENT,
+            "{test}: {id}"
+        );
+    }
+    set_drain(&c, 0, false, 2).await;
+
+    // n1 back: the actor session is dialled again, its sandbox answers
+    // (running, or paused, or lost by the cut pause: an answer, not a
+    // 503 and not a hang).
+    c.restart(1);
+    c.wait_converged(CONVERGE).await;
+    let (s, b) = c.get(0, &format!("/sandboxes/{s1}")).await;
+    eprintln!("{test}: after n1's restart, {s1} is {s}: {b}");
+    assert!(
+        s == StatusCode::OK || s == StatusCode::NOT_FOUND,
+        "{test}: GET {s1} after n1's restart: {s} {b}"
+    );
+    let _ = c.delete(0, &s1).await;
+    assert_eq!(
+        c.delete(0, &s2).await,
+        StatusCode::NO_CONTENT,
+        "{test}: {s2}"
+    );
 }

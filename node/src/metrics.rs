@@ -16,10 +16,12 @@ pub const PROXY_BYTES: &str = "sandmesh_proxy_bytes_total";
 /// Proxied requests by `outcome` (`forwarded`, `not_found`, `unreachable`).
 pub const PROXY_REQUESTS: &str = "sandmesh_proxy_requests_total";
 
-/// Calls and streams this node sent to another node, by `kind` (`rest`:
-/// a call on a sandbox, `create`, `list`, `traffic`, `signed`: a signed
-/// URL lookup) and `outcome` (`ok`, `unreachable`: the node did not
-/// answer, `dead`: gossip says it is dead).
+/// Calls and streams this node sent to another node, by `kind`
+/// (`sandbox`: a call on a sandbox, carried to the owner's directory as
+/// a remote actor call; `reserve`: a placement reservation; `create`,
+/// `list`, `traffic`, `signed`: a signed URL lookup) and `outcome` (`ok`,
+/// `unreachable`: the node did not answer, `dead`: gossip says it is
+/// dead, or `refused` for a reservation).
 pub const MESH_FORWARDS: &str = "sandmesh_mesh_forwards_total";
 /// Members of the cluster as this node sees them, by `state` (`ready`,
 /// `draining`, `unhealthy`, `dead`), set when scraped.

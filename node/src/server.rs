@@ -209,6 +209,8 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<Node> {
     let cluster = Cluster::start(sandboxes.clone(), rest_addr, opts.mesh).await?;
     let app = app(cluster.clone());
     cluster.set_app(app.clone());
+    // Other nodes' calls on this node's sandboxes are served through it.
+    sandboxes.set_remote_front(crate::cluster::serve::PeerFront::new(&cluster));
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(Node {
         addr,

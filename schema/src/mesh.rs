@@ -45,10 +45,10 @@ pub const HEADER_LEN: usize = 8;
 pub const MAX_FRAME: usize = 8 << 20;
 
 /// Longest node id. The id is the DNS name in the node's certificate (so
-/// one DNS label), and it ends every sandbox id the node makes
-/// (`<16 random>-<node id>`), which must fit a DNS label after the port
-/// prefix of a sandbox host name (`49983-<sandbox id>.<domain>`):
-/// 6 + 16 + 1 + 40 = 63.
+/// one DNS label). Sandbox ids made before the cluster registry ended
+/// with their node id (`<16 random>-<node id>`) and still route by it;
+/// such an id must fit a DNS label after the port prefix of a sandbox
+/// host name (`49983-<sandbox id>.<domain>`): 6 + 16 + 1 + 40 = 63.
 pub const MAX_NODE_ID_LEN: usize = 40;
 
 /// At most this many template ids are gossiped per node: a node's whole
@@ -439,8 +439,8 @@ pub struct Header {
     pub value: Vec<u8>,
 }
 
-/// An E2B REST call forwarded as is to the node that owns its sandbox
-/// (one hop: the receiving node serves it locally, never forwards again).
+/// An E2B REST call forwarded as is to the node that serves it (one hop:
+/// the receiving node serves it locally, never forwards again).
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct RestRequest {
     pub method: String,
@@ -466,9 +466,11 @@ pub enum Request {
     /// clock, so a caller can measure round trip and clock skew.
     Ping { sent_unix_ms: u64 },
     /// An E2B REST call for this node to serve itself, answered with
-    /// [`Response::Rest`]: a call on a sandbox it owns, a create placement
-    /// chose it for, or its share of a cluster-wide list. The receiver
-    /// checks the client's API key again and never forwards it further.
+    /// [`Response::Rest`]: a create placement chose it for, or its share
+    /// of a cluster-wide list. The receiver checks the client's API key
+    /// again and never forwards it further. A call on a sandbox is not
+    /// one of these (it is a remote actor call, [`SandboxCall::Rest`]),
+    /// and is refused.
     Rest(RestRequest),
     /// Which of the receiver's sandboxes a signed `/files` URL (E2B's
     /// `download_url()`/`upload_url()`, which names no sandbox) is for:
@@ -539,9 +541,10 @@ pub struct SessionHeader {
 }
 
 /// What a node's remote actors speak: ractor_cluster's crate version (its
-/// session protocol), and the version of [`ClusterCall`]/[`ClusterReply`].
+/// session protocol), and the version of [`ClusterCall`]/[`ClusterReply`]
+/// and [`SandboxCall`]/[`SandboxReply`].
 /// A session is refused unless both sides say the same.
-pub const ACTOR_PROTOCOL: &str = "ractor_cluster-0.16.5/sandmesh-1";
+pub const ACTOR_PROTOCOL: &str = "ractor_cluster-0.16.5/sandmesh-2";
 
 /// What one node's actors ask another's over a ractor_cluster session.
 /// Encoded with rkyv as the argument bytes of a remote actor message, and
@@ -578,6 +581,44 @@ pub enum ClusterReply {
 /// [`ClusterReply`] is a few hundred bytes).
 pub const MAX_ACTOR_PAYLOAD: usize = 64 << 10;
 
+/// What one node asks another's sandbox directory (the per-node actor
+/// that answers for the sandboxes the node owns) over a ractor_cluster
+/// session. rkyv in the remote message's argument bytes, validated with
+/// bytecheck on arrival ([`decode_actor_payload_within`] with
+/// [`MAX_SANDBOX_PAYLOAD`]).
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum SandboxCall {
+    /// Whether the receiver owns sandbox `sandbox_id` (running, or paused
+    /// with its snapshot on the receiver): the registry's fallback when
+    /// the process groups have not shown the sandbox yet. Answered by
+    /// [`SandboxReply::Located`].
+    Locate { sandbox_id: String },
+    /// An E2B REST call on one of the receiver's sandboxes (get, kill,
+    /// pause, resume, connect, timeout, refreshes, logs, metrics), carried
+    /// as the client sent it, headers (API key included) and all: the
+    /// receiver serves it through its own REST app, so it checks the key
+    /// again, and never sends it further. `from` is the caller's node id
+    /// (for logs). Answered by [`SandboxReply::Rest`].
+    Rest { from: String, request: RestRequest },
+}
+
+/// The answer to a [`SandboxCall`].
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum SandboxReply {
+    /// `owned`: whether the receiver owns the sandbox asked about.
+    Located { owned: bool },
+    /// The owner's answer, relayed as is to the client.
+    Rest(RestResponse),
+    /// The call could not be served at all (no REST answer to relay).
+    Error { kind: ErrorKind, message: String },
+}
+
+/// Largest [`SandboxCall`]/[`SandboxReply`] accepted: a REST request body
+/// of up to 1 MiB, or an answer such as a sandbox's log (its events and
+/// console tail), with room to spare. A ractor_cluster session frame must
+/// hold one (`node/src/cluster/remote.rs`).
+pub const MAX_SANDBOX_PAYLOAD: usize = 4 << 20;
+
 /// Encode a remote actor payload.
 pub fn encode_actor_payload<T>(value: &T) -> Result<Vec<u8>, FrameError>
 where
@@ -602,10 +643,21 @@ where
     T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
         + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
 {
-    if bytes.len() > MAX_ACTOR_PAYLOAD {
+    decode_actor_payload_within(bytes, MAX_ACTOR_PAYLOAD)
+}
+
+/// [`decode_actor_payload`] of a payload of at most `max` bytes (a
+/// [`SandboxCall`] carries a REST body: [`MAX_SANDBOX_PAYLOAD`]).
+pub fn decode_actor_payload_within<T>(bytes: &[u8], max: usize) -> Result<T, FrameError>
+where
+    T: rkyv::Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
+{
+    if bytes.len() > max {
         return Err(FrameError::TooLarge {
             len: bytes.len(),
-            max: MAX_ACTOR_PAYLOAD,
+            max,
         });
     }
     let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
@@ -642,6 +694,40 @@ mod tests {
             let _ = decode_actor_payload::<ClusterReply>(&b);
         }
         assert!(decode_actor_payload::<ClusterCall>(&[0xff; 16]).is_err());
+        let call = SandboxCall::Rest {
+            from: "n1".into(),
+            request: RestRequest {
+                method: "DELETE".into(),
+                path: "/sandboxes/abc".into(),
+                query: String::new(),
+                headers: vec![Header {
+                    name: "x-api-key".into(),
+                    value: b"k".to_vec(),
+                }],
+                body: vec![0; 100_000],
+            },
+        };
+        let bytes = encode_actor_payload(&call).unwrap();
+        assert!(
+            decode_actor_payload::<SandboxCall>(&bytes).is_err(),
+            "over 64 KiB"
+        );
+        assert_eq!(
+            decode_actor_payload_within::<SandboxCall>(&bytes, MAX_SANDBOX_PAYLOAD).unwrap(),
+            call
+        );
+        for i in (0..bytes.len()).step_by(97) {
+            let mut b = bytes.clone();
+            b[i] ^= 0xff;
+            let _ = decode_actor_payload_within::<SandboxCall>(&b, MAX_SANDBOX_PAYLOAD);
+        }
+        let reply = SandboxReply::Located { owned: true };
+        let bytes = encode_actor_payload(&reply).unwrap();
+        assert_eq!(
+            decode_actor_payload_within::<SandboxReply>(&bytes, MAX_SANDBOX_PAYLOAD).unwrap(),
+            reply
+        );
+        assert!(decode_actor_payload_within::<SandboxReply>(&[0xff; 16], 1 << 20).is_err());
         assert!(decode_actor_payload::<ClusterCall>(&vec![0; MAX_ACTOR_PAYLOAD + 1]).is_err());
     }
 

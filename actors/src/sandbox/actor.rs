@@ -31,9 +31,18 @@ pub enum SandboxMsg {
     },
 }
 
-// Local only: with ractor's `cluster` feature on (ractor_cluster is in the
-// graph) every message type says whether it can cross nodes; this one cannot.
-impl ractor::Message for SandboxMsg {}
+// With ractor's `cluster` feature on (ractor_cluster is in the graph)
+// every message type says whether it can cross nodes. The actor is the
+// sandbox's entry in the cluster's registry (`crate::directory`), and
+// ractor_cluster syncs only the process groups of actors that "support
+// remoting": so it says it does, but no message of it serializes. Calls
+// from other nodes go to the node's `SandboxDirectory`, which serves
+// them through the node's front, which calls this actor locally.
+impl ractor::Message for SandboxMsg {
+    fn serializable() -> bool {
+        true
+    }
+}
 
 /// How a [`SandboxActor`] comes to own its sandbox.
 pub(crate) enum Start {
@@ -404,6 +413,13 @@ impl Actor for SandboxActor {
                 }
             }
         }
+        // Registered while this actor lives: a stopped actor leaves its
+        // groups by itself (and a replacement joins again).
+        ractor::pg::join_scoped(
+            crate::directory::scope(&shared.node_id),
+            record.id.clone(),
+            vec![myself.get_cell()],
+        );
         let mut state = SandboxState {
             shared,
             id,

@@ -17,6 +17,9 @@
 //!   process died is cleaned up and later calls for it say why (404/502
 //!   "... was lost (...)"). A failed actor (error or panic) has its sandbox
 //!   killed; the node goes on.
+//! - **Registry**: each actor (running or paused sandbox) is the
+//!   sandbox's entry in the cluster's registry while it lives
+//!   ([`crate::directory`]).
 
 mod actor;
 mod envd;
@@ -146,6 +149,9 @@ pub(crate) struct Refs {
 
 /// What the actors share with the service.
 pub struct Shared {
+    /// This node's id: its sandbox actors register in its scope of the
+    /// cluster's registry ([`crate::directory::scope`]).
+    pub(crate) node_id: String,
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) store: Store,
     pub(crate) live: Mutex<HashMap<String, Live>>,
@@ -216,34 +222,35 @@ impl Shared {
     }
 }
 
-/// Random characters at the start of a sandbox id: 36^16 (about 2^82)
-/// ids per node.
-const SANDBOX_ID_RANDOM: usize = 16;
+/// Characters of a sandbox id: 36^20 (about 2^103) ids, cluster-wide.
+const SANDBOX_ID_LEN: usize = 20;
 
-/// A new sandbox id owned by `node_id`: 16 of `[a-z0-9]`, uniformly
-/// drawn, then `-` and the node id. The owner in the id is what lets any
-/// node route a sandbox's calls and traffic in one hop without asking
-/// anyone ([`owner_of`]).
-pub(crate) fn new_sandbox_id(node_id: &str) -> Result<String, StoreError> {
+/// Random characters at the start of an old-style id (`<16>-<node id>`).
+const OLD_ID_RANDOM: usize = 16;
+
+/// A new sandbox id: 20 of `[a-z0-9]`, uniformly drawn (E2B's shape). It
+/// does not name the node that owns it: the cluster's registry does
+/// ([`crate::directory`]), so that a sandbox can change owner.
+pub(crate) fn new_sandbox_id() -> Result<String, StoreError> {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut id = String::with_capacity(SANDBOX_ID_RANDOM + 1 + node_id.len());
-    while id.len() < SANDBOX_ID_RANDOM {
+    let mut id = String::with_capacity(SANDBOX_ID_LEN);
+    while id.len() < SANDBOX_ID_LEN {
         for b in random_bytes(32)? {
             // 252 = 7 * 36: reject the rest so every letter is equally likely.
-            if b < 252 && id.len() < SANDBOX_ID_RANDOM {
+            if b < 252 && id.len() < SANDBOX_ID_LEN {
                 id.push(ALPHABET[(b % 36) as usize] as char);
             }
         }
     }
-    id.push('-');
-    id.push_str(node_id);
     Ok(id)
 }
 
-/// The node that owns sandbox `id` (the one that made it), read
-/// from the id; `None` for an id not of that shape.
+/// The node named by an old-style sandbox id (`<16 random>-<node id>`,
+/// as nodes made them before the registry); `None` for any other id,
+/// new ones included. Such ids keep routing by their suffix when the
+/// registry does not know them.
 pub fn owner_of(id: &str) -> Option<&str> {
-    let (random, owner) = id.split_at_checked(SANDBOX_ID_RANDOM)?;
+    let (random, owner) = id.split_at_checked(OLD_ID_RANDOM)?;
     let owner = owner.strip_prefix('-')?;
     (random
         .bytes()
@@ -275,24 +282,20 @@ mod tests {
 
     #[test]
     fn ids_have_the_e2b_shape() {
-        let a = new_sandbox_id("node-7").unwrap();
-        let b = new_sandbox_id("node-7").unwrap();
+        let a = new_sandbox_id().unwrap();
+        let b = new_sandbox_id().unwrap();
         assert_ne!(a, b);
         for id in [a, b] {
-            assert_eq!(id.len(), 16 + 1 + 6);
+            assert_eq!(id.len(), 20);
             assert!(
-                id[..16]
-                    .bytes()
+                id.bytes()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
             );
-            assert_eq!(owner_of(&id), Some("node-7"));
-            assert!(SandboxId::new(id).is_ok());
+            // No owner in it: the registry says where it is.
+            assert_eq!(owner_of(&id), None);
+            assert!(SandboxId::new(id.clone()).is_ok());
+            assert!(format!("49983-{id}").len() <= 63);
         }
-        // The longest node id still makes an id that fits a host label.
-        let long = "n".repeat(schema::mesh::MAX_NODE_ID_LEN);
-        let id = new_sandbox_id(&long).unwrap();
-        assert!(SandboxId::new(id.clone()).is_ok());
-        assert!(format!("49983-{id}").len() <= 63);
     }
 
     #[test]

@@ -2,18 +2,21 @@
 //! it there.
 //!
 //! Called by the front door after the API key was checked. A call on a
-//! sandbox goes to the owner named in its id; a create goes to the first
-//! node in the placement actor's ranking ([`actors::placement`]) whose
-//! placement actor reserves a slot for it (a remote actor call over the
-//! mesh, see [`super::remote`]), and carries the reservation's token; a
-//! list asks every live node and merges. What reaches the
-//! owner is the client's request as it came (headers, API key included:
-//! the owner checks it again), and what comes back is relayed as is.
+//! sandbox goes to its owner as found by [`Cluster::owner`] (the
+//! registry), carried as a remote actor call to the owner's sandbox
+//! directory ([`actors::directory`], over the actor session of
+//! [`super::remote`]): the client's request as it came (headers, API key
+//! included: the owner checks it again), its answer relayed as is. A
+//! create goes to the first node in the placement actor's ranking
+//! ([`actors::placement`]) whose placement actor reserves a slot for it
+//! (a remote actor call too), and is then sent there, with the
+//! reservation's token, as a mesh `Request::Rest`; a list asks every live
+//! node the same way and merges.
 //!
 //! Sandbox traffic (envd, ports) is not a REST call: [`traffic`] opens a
-//! raw QUIC stream to the owner, which pipes it to the sandbox port, so a
-//! body of any size streams through with QUIC flow control bounding what
-//! is in flight.
+//! raw QUIC stream to the owner (found the same way), which pipes it to
+//! the sandbox port, so a body of any size streams through with QUIC flow
+//! control bounding what is in flight.
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -21,6 +24,7 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use schema::mesh::{self as wire, ErrorKind, NodeInfo, NodeState, PROTOCOL_VERSION};
+use std::time::Duration;
 
 use super::{Cluster, Forwarded, Owner};
 use crate::http::{RESERVATION_HEADER, Reservation, closing, error_response, query_pairs};
@@ -40,7 +44,7 @@ pub const MAX_PLACEMENT_TRIES: usize = 3;
 
 /// What a REST call is, for routing.
 #[derive(Debug, PartialEq, Eq)]
-enum Call {
+pub(crate) enum Call {
     /// Served by whichever node got it (templates, cluster status, ...).
     Local,
     Create,
@@ -48,7 +52,7 @@ enum Call {
     Sandbox(String),
 }
 
-fn classify(method: &Method, path: &str) -> Call {
+pub(crate) fn classify(method: &Method, path: &str) -> Call {
     let Some(rest) = path
         .strip_prefix("/v2/sandboxes")
         .or_else(|| path.strip_prefix("/sandboxes"))
@@ -103,27 +107,31 @@ pub async fn route(cluster: &Cluster, req: Request, next: Next) -> Response {
         Call::Local => next.run(req).await,
         Call::Create => create(cluster, req).await,
         Call::List => list(cluster, req).await,
-        Call::Sandbox(id) => match cluster.owner(&id) {
+        Call::Sandbox(id) => match cluster.owner(&id).await {
             Owner::Local => next.run(req).await,
             Owner::Remote(info) => {
                 let rest = match to_rest(req).await {
                     Ok(r) => r,
                     Err(resp) => return resp,
                 };
-                match cluster.dispatch(&info, rest).await {
+                match cluster.call_owner(&info, rest).await {
                     Ok(resp) => {
-                        count("rest", "ok");
+                        count("sandbox", "ok");
                         resp
                     }
-                    Err(e) => {
-                        count("rest", "unreachable");
+                    Err(OwnerError::Died) => {
+                        count("sandbox", "dead");
+                        owner_dead(&id, &info.id)
+                    }
+                    Err(OwnerError::Failed(e)) => {
+                        count("sandbox", "unreachable");
                         owner_unreachable(&id, &info.id, &e)
                     }
                 }
             }
             // Answered without reading the body: see `http::closing`.
             Owner::Dead(info) => {
-                count("rest", "dead");
+                count("sandbox", "dead");
                 closing(owner_dead(&id, &info.id))
             }
             Owner::Unknown(node) => closing(error_response(
@@ -133,6 +141,25 @@ pub async fn route(cluster: &Cluster, req: Request, next: Next) -> Response {
         },
     }
 }
+
+/// Why a call carried to a sandbox's owner got no answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OwnerError {
+    /// Gossip declared the owner dead while the call waited.
+    #[error("the node died during the call")]
+    Died,
+    /// The call could not be made, or its session ended, or it timed out.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// How long a carried sandbox call may take (a pause or a resume on a
+/// loaded host takes seconds; the owner dying ends the wait sooner).
+pub const SANDBOX_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a call waits for the actor session with a verified owner
+/// (it opens within a moment of the verification).
+pub const SESSION_WAIT: Duration = Duration::from_secs(2);
 
 fn count(kind: &'static str, outcome: &'static str) {
     metrics::counter!(crate::metrics::MESH_FORWARDS, "kind" => kind, "outcome" => outcome)
@@ -225,19 +252,39 @@ pub(crate) fn from_rest(rest: wire::RestRequest, from: String) -> Result<Request
 
 /// A response of this node's app as a mesh message.
 pub(crate) async fn to_rest_response(resp: Response) -> wire::Response {
+    match rest_response(resp, MAX_REST_RESPONSE).await {
+        Ok(r) => wire::Response::Rest(r),
+        Err(message) => wire::Response::Error {
+            kind: ErrorKind::Internal,
+            message,
+        },
+    }
+}
+
+/// A response of this node's app as a remote actor's answer.
+pub(crate) async fn to_sandbox_reply(resp: Response) -> wire::SandboxReply {
+    // Room for the rest of the payload around the body.
+    match rest_response(resp, wire::MAX_SANDBOX_PAYLOAD - (64 << 10)).await {
+        Ok(r) => wire::SandboxReply::Rest(r),
+        Err(message) => wire::SandboxReply::Error {
+            kind: ErrorKind::Internal,
+            message,
+        },
+    }
+}
+
+/// A response of this node's app, its body read (at most `max` bytes).
+async fn rest_response(resp: Response, max: usize) -> Result<wire::RestResponse, String> {
     let (parts, body) = resp.into_parts();
-    match axum::body::to_bytes(body, MAX_REST_RESPONSE).await {
-        Ok(body) => wire::Response::Rest(wire::RestResponse {
+    match axum::body::to_bytes(body, max).await {
+        Ok(body) => Ok(wire::RestResponse {
             status: parts.status.as_u16(),
             headers: wire_headers(&parts.headers),
             body: body.to_vec(),
         }),
-        Err(e) => wire::Response::Error {
-            kind: ErrorKind::Internal,
-            message: format!(
-                "the answer is too large to forward (over {MAX_REST_RESPONSE} bytes): {e}"
-            ),
-        },
+        Err(e) => Err(format!(
+            "the answer is too large to forward (over {max} bytes): {e}"
+        )),
     }
 }
 
@@ -268,14 +315,49 @@ pub(crate) fn status_of(kind: ErrorKind) -> StatusCode {
 
 /// Whether a call may be sent again after the connection failed under it
 /// (the peer may have restarted): true for calls whose repetition does no
-/// harm.
+/// harm (lists; a create carries a reservation and is not repeated).
 fn idempotent(rest: &wire::RestRequest) -> bool {
-    matches!(rest.method.as_str(), "GET" | "HEAD" | "DELETE")
-        || rest.path.ends_with("/timeout")
-        || rest.path.ends_with("/refreshes")
+    matches!(rest.method.as_str(), "GET" | "HEAD")
 }
 
 impl Cluster {
+    /// Carry `rest`, a call on one of node `info`'s sandboxes, to that
+    /// node's sandbox directory as a remote actor call, and relay its
+    /// answer. Fails at once when the actor session ends during the call
+    /// (ractor_cluster fails the calls in flight on it), or as soon as
+    /// gossip declares the owner dead (a killed node's QUIC connection
+    /// would only time out).
+    pub(crate) async fn call_owner(
+        &self,
+        info: &NodeInfo,
+        rest: wire::RestRequest,
+    ) -> Result<Response, OwnerError> {
+        let Some(remote) = self.remote() else {
+            return Err(OwnerError::Failed("this node is not in a mesh".into()));
+        };
+        let waited = std::time::Instant::now();
+        while !remote.has_directory(&info.id) && waited.elapsed() < SESSION_WAIT {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let call = wire::SandboxCall::Rest {
+            from: self.node_id().to_owned(),
+            request: rest,
+        };
+        let answer = tokio::select! {
+            answer = remote.sandbox_call(info, call, SANDBOX_CALL_TIMEOUT) => answer,
+            () = self.died(&info.id) => return Err(OwnerError::Died),
+        };
+        match answer.map_err(OwnerError::Failed)? {
+            wire::SandboxReply::Rest(r) => Ok(from_rest_response(r)),
+            wire::SandboxReply::Error { kind, message } => {
+                Ok(error_response(status_of(kind), message))
+            }
+            wire::SandboxReply::Located { .. } => Err(OwnerError::Failed(
+                "answered a REST call with something else".into(),
+            )),
+        }
+    }
+
     /// Have node `info` serve `rest` (this node serves it itself).
     /// `Err`: the node could not be asked or did not answer.
     pub(crate) async fn dispatch(
@@ -663,6 +745,7 @@ pub async fn find_signed(cluster: &Cluster, method: &Method, query: &str) -> Opt
                 // Let the other asks finish: aborting one mid-handshake
                 // would throw away a connection being made.
                 asks.detach_all();
+                cluster.sandboxes().registry().remember(&id, &node);
                 return Some(Target {
                     sandbox_id: id,
                     port: schema::envd::ENVD_PORT,
@@ -680,7 +763,7 @@ pub async fn find_signed(cluster: &Cluster, method: &Method, query: &str) -> Opt
 /// Sandbox traffic for `target`: to the sandbox here, or over a raw mesh
 /// stream to its owner.
 pub async fn traffic(cluster: &Cluster, target: Target, req: Request) -> Response {
-    match cluster.owner(&target.sandbox_id) {
+    match cluster.owner(&target.sandbox_id).await {
         Owner::Local => proxy::forward(cluster.sandboxes(), target, req).await,
         Owner::Dead(info) => {
             count("traffic", "dead");

@@ -3,12 +3,18 @@
 //! traffic reach the owner in one hop.
 //!
 //! Every node runs the same code and the REST front on every node takes
-//! any call. A sandbox id ends with its owner's node id
-//! ([`actors::sandbox::owner_of`]), so a node routes without asking
-//! anyone: a call on a sandbox it owns is served here, any other is sent
-//! over the mesh (QUIC, mutual TLS, see `mesh`) to the owner, which serves
-//! it as its own and never forwards it again. Creates go where
-//! placement (`actors::placement`) says; lists ask every live node.
+//! any call. A sandbox id does not name its owner: the cluster's registry
+//! does ([`actors::directory`]: each sandbox actor is in a process group
+//! of its node's scope, which ractor_cluster syncs to every peer over the
+//! actor sessions of [`remote`]). [`Cluster::owner`] reads it; on a miss
+//! (a sandbox made a moment ago on another node, not synced yet) it asks
+//! every live peer's directory and remembers the answer; an old id
+//! (`<16 random>-<node id>`) the registry does not know routes by its
+//! suffix. A call on a sandbox this node owns is served here; any other
+//! goes to the owner's directory as a remote actor call (rkyv over the
+//! mesh's QUIC, mutual TLS), which serves it as its own and never
+//! forwards it again. Creates go where placement (`actors::placement`)
+//! says; lists ask every live node.
 //!
 //! A node started without a mesh (tests, embedding) is a cluster of one:
 //! the same code paths, with itself as the only member.
@@ -40,6 +46,10 @@ pub const VERIFY_RETRY: Duration = Duration::from_secs(1);
 
 /// How long `GET /cluster?ping=true` waits for each member's ping.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long the registry's miss fallback waits for each peer's answer
+/// to "is this sandbox yours?".
+pub const LOCATE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How a node joins the mesh.
 #[derive(Clone)]
@@ -80,7 +90,8 @@ pub struct Forwarded {
 /// Where a sandbox lives, as this node sees the cluster.
 #[derive(Debug, Clone)]
 pub enum Owner {
-    /// This node (or an id without an owner: made before ids carried one).
+    /// This node, or no node (nobody owns it: this node answers the
+    /// 404, or why it was lost).
     Local,
     /// A live member.
     Remote(NodeInfo),
@@ -582,23 +593,116 @@ impl Cluster {
         members
     }
 
-    /// Who owns sandbox `id`.
-    pub fn owner(&self, id: &str) -> Owner {
-        let Some(owner) = actors::sandbox::owner_of(id) else {
-            return Owner::Local;
-        };
-        if owner == self.inner.node_id {
+    /// Who owns sandbox `id`: this node if it has it; else the node whose
+    /// registry scope holds it in the process groups; else the node the
+    /// registry remembers (from the groups as they changed, or an earlier
+    /// answer: a dead owner's groups went with its session); else, for an
+    /// old-style id, the node it names; else whichever live peer says it
+    /// has it when asked (all at once, [`LOCATE_TIMEOUT`] each: pg sync
+    /// may not have brought a sandbox made a moment ago). Nobody: Local,
+    /// so that this node answers the 404.
+    pub async fn owner(&self, id: &str) -> Owner {
+        let me = self.inner.node_id.as_str();
+        if self.inner.sandboxes.get(id).is_some() {
             return Owner::Local;
         }
         let Some(mesh) = &self.inner.mesh else {
-            return Owner::Unknown(owner.to_owned());
+            return match actors::sandbox::owner_of(id) {
+                Some(node) if node != me => Owner::Unknown(node.to_owned()),
+                _ => Owner::Local,
+            };
         };
-        let members = mesh.membership.watch();
-        let members = members.borrow();
-        match members.iter().find(|m| m.info.id == owner) {
+        let members: Vec<Member> = mesh
+            .membership
+            .watch()
+            .borrow()
+            .iter()
+            .filter(|m| m.info.id != me)
+            .cloned()
+            .collect();
+        let classify = |node: &str| match members.iter().find(|m| m.info.id == node) {
             Some(m) if m.live => Owner::Remote(m.info.clone()),
             Some(m) => Owner::Dead(m.info.clone()),
-            None => Owner::Unknown(owner.to_owned()),
+            None => Owner::Unknown(node.to_owned()),
+        };
+        let registry = self.inner.sandboxes.registry();
+        if let Some(node) =
+            actors::directory::registered_on(id, members.iter().map(|m| m.info.id.as_str()))
+        {
+            return classify(node);
+        }
+        if let Some(node) = registry.owner(id).filter(|n| n != me) {
+            return classify(&node);
+        }
+        if let Some(node) = actors::sandbox::owner_of(id) {
+            return if node == me {
+                Owner::Local
+            } else {
+                classify(node)
+            };
+        }
+        match self.locate(id, &members).await {
+            Some(node) => {
+                registry.remember(id, &node);
+                classify(&node)
+            }
+            None => Owner::Local,
+        }
+    }
+
+    /// Ask every live, verified peer with an actor session whether it
+    /// owns sandbox `id`; the first that says so.
+    async fn locate(&self, id: &str, members: &[Member]) -> Option<String> {
+        let remote = self.remote()?;
+        let mut asks = tokio::task::JoinSet::new();
+        for m in members {
+            if !self.callable(m) || !remote.has_directory(&m.info.id) {
+                continue;
+            }
+            let (cluster, info) = (self.clone(), m.info.clone());
+            let call = schema::mesh::SandboxCall::Locate {
+                sandbox_id: id.to_owned(),
+            };
+            asks.spawn(async move {
+                let Some(remote) = cluster.remote() else {
+                    return (info.id, Err("no mesh".to_owned()));
+                };
+                let answer = remote.sandbox_call(&info, call, LOCATE_TIMEOUT).await;
+                (info.id, answer)
+            });
+        }
+        while let Some(joined) = asks.join_next().await {
+            match joined {
+                Ok((node, Ok(schema::mesh::SandboxReply::Located { owned: true }))) => {
+                    return Some(node);
+                }
+                Ok((node, Err(e))) => {
+                    tracing::debug!(%node, sandbox = %id, "asking whether a node has a sandbox: {e}")
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Resolves once gossip declares member `id` dead (never without a
+    /// mesh, or while it lives).
+    pub(crate) async fn died(&self, id: &str) {
+        let Some(mesh) = &self.inner.mesh else {
+            return std::future::pending().await;
+        };
+        let mut watch = mesh.membership.watch();
+        loop {
+            let dead = watch
+                .borrow_and_update()
+                .iter()
+                .any(|x| x.info.id == id && !x.live);
+            if dead {
+                return;
+            }
+            if watch.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
     }
 

@@ -17,9 +17,14 @@
 //!   handshake still runs, with the cluster id as the cookie (a check that
 //!   both ends belong to one cluster, not a secret).
 //! - **What crosses**: ractor_cluster syncs process groups, so a node's
-//!   [`actors::placement`] actor, in group `placement::group(node id)`,
-//!   appears on every peer as a remote `ActorRef`. Its one remote message
-//!   carries an rkyv [`ClusterCall`], validated with bytecheck on arrival.
+//!   [`actors::placement`] actor (group `placement::group(node id)`) and
+//!   its [`actors::directory`] actor (group `directory::group(node id)`)
+//!   appear on every peer as remote `ActorRef`s, and its sandbox actors
+//!   as the cluster's registry (scope `directory::scope(node id)`, one
+//!   group per sandbox id). The placement actor's remote message carries
+//!   an rkyv [`ClusterCall`] (reserve, release), the directory's an rkyv
+//!   [`SandboxCall`] (locate a sandbox; a REST call on one), both
+//!   validated with bytecheck on arrival.
 //! - **A session that ends** (peer killed, connection lost) fails every
 //!   call in flight on it at once (the caller sees "the actor session with
 //!   N ended"), drops the peer's actors from the groups, and is dialled
@@ -31,11 +36,15 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use actors::directory::{self, DirectoryMsg};
 use actors::placement::{self, PlacementMsg};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream, NodeServer, NodeServerMessage};
-use schema::mesh::{ACTOR_PROTOCOL, ClusterCall, ClusterReply, ErrorKind, NodeInfo, SessionHeader};
+use schema::mesh::{
+    ACTOR_PROTOCOL, ClusterCall, ClusterReply, ErrorKind, MAX_SANDBOX_PAYLOAD, NodeInfo,
+    SandboxCall, SandboxReply, SessionHeader,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// How long a remote actor call may take before the caller gives up.
@@ -44,9 +53,11 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long after a failed dial the session is tried again.
 pub const REDIAL_AFTER: Duration = Duration::from_secs(2);
 
-/// Largest ractor_cluster frame accepted from a peer (our messages are a
-/// few hundred bytes; pg syncs a few KiB).
-pub const MAX_SESSION_FRAME: u64 = 1 << 20;
+/// Largest ractor_cluster frame accepted from a peer: a sandbox call's
+/// payload (a REST body or answer, at most [`MAX_SANDBOX_PAYLOAD`]) and
+/// the frame around it (placement calls are a few hundred bytes, pg
+/// syncs a few KiB).
+pub const MAX_SESSION_FRAME: u64 = MAX_SANDBOX_PAYLOAD as u64 + (64 << 10);
 
 /// A session this node dialled, by peer id.
 enum Dial {
@@ -200,44 +211,46 @@ impl Remote {
         id == self.node_id || !ractor::pg::get_members(&placement::group(id)).is_empty()
     }
 
+    /// Whether node `id`'s sandbox directory is reachable from here.
+    pub fn has_directory(&self, id: &str) -> bool {
+        id == self.node_id || member(&directory::group(id)).is_some()
+    }
+
     /// Ask node `info`'s placement actor `call` over its actor session.
     pub async fn placement_call(
         &self,
         info: &NodeInfo,
         call: ClusterCall,
     ) -> Result<ClusterReply, String> {
-        let members = ractor::pg::get_members(&placement::group(&info.id));
-        // In one process (tests) a group may also hold the peer's local
-        // actor; a remote member is the one behind the session.
-        let Some(cell) = members
-            .iter()
-            .find(|c| !c.get_id().is_local())
-            .or(members.first())
-        else {
+        let Some(cell) = member(&placement::group(&info.id)) else {
             return Err(format!("no actor session with node {} (yet)", info.id));
         };
-        let actor: ActorRef<PlacementMsg> = cell.clone().into();
-        match actor
+        let actor: ActorRef<PlacementMsg> = cell.into();
+        let sent = actor
             .call(
                 |reply| PlacementMsg::Remote { call, reply },
                 Some(CALL_TIMEOUT),
             )
-            .await
-        {
-            Ok(CallResult::Success(r)) => Ok(r),
-            Ok(CallResult::Timeout) => Err(format!(
-                "node {}'s placement actor did not answer within {CALL_TIMEOUT:?}",
-                info.id
-            )),
-            Ok(CallResult::SenderError) => Err(format!(
-                "the actor session with node {} ended during the call",
-                info.id
-            )),
-            Err(e) => Err(format!(
-                "the actor session with node {} is gone: {e}",
-                info.id
-            )),
-        }
+            .await;
+        answer(sent, &info.id, "placement actor", CALL_TIMEOUT)
+    }
+
+    /// Ask node `info`'s sandbox directory `call` over its actor session,
+    /// waiting at most `timeout` for the answer.
+    pub async fn sandbox_call(
+        &self,
+        info: &NodeInfo,
+        call: SandboxCall,
+        timeout: Duration,
+    ) -> Result<SandboxReply, String> {
+        let Some(cell) = member(&directory::group(&info.id)) else {
+            return Err(format!("no actor session with node {} (yet)", info.id));
+        };
+        let actor: ActorRef<DirectoryMsg> = cell.into();
+        let sent = actor
+            .call(|reply| DirectoryMsg::Remote { call, reply }, Some(timeout))
+            .await;
+        answer(sent, &info.id, "sandbox directory", timeout)
     }
 
     pub fn stop(&self) {
@@ -248,6 +261,38 @@ impl Remote {
 impl Drop for Remote {
     fn drop(&mut self) {
         self.server.stop(None);
+    }
+}
+
+/// The member of process group `group` to call: in one process (tests)
+/// a group may also hold the peer's local actor; a remote member is the
+/// one behind the session.
+fn member(group: &str) -> Option<ractor::ActorCell> {
+    let members = ractor::pg::get_members(&group.to_owned());
+    members
+        .iter()
+        .find(|c| !c.get_id().is_local())
+        .or(members.first())
+        .cloned()
+}
+
+/// A remote call's outcome, with errors that name the node and say what
+/// happened (the caller's answer to its client carries them).
+fn answer<T>(
+    sent: Result<CallResult<T>, impl std::fmt::Display>,
+    node: &str,
+    what: &str,
+    timeout: Duration,
+) -> Result<T, String> {
+    match sent {
+        Ok(CallResult::Success(r)) => Ok(r),
+        Ok(CallResult::Timeout) => Err(format!(
+            "node {node}'s {what} did not answer within {timeout:?}"
+        )),
+        Ok(CallResult::SenderError) => Err(format!(
+            "the actor session with node {node} ended during the call"
+        )),
+        Err(e) => Err(format!("the actor session with node {node} is gone: {e}")),
     }
 }
 

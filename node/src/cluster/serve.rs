@@ -1,11 +1,56 @@
 //! What this node does with what peers send it over the mesh: answer
-//! pings, serve forwarded REST calls as its own, and pipe raw streams to
-//! its sandboxes' ports.
+//! pings, serve forwarded creates and list shares as its own, serve the
+//! sandbox calls its directory receives as remote actor calls
+//! ([`PeerFront`]), and pipe raw streams to its sandboxes' ports.
+
+use std::sync::{Arc, Weak};
 
 use mesh::transport::{Handler, IncomingStream, Peer};
-use schema::mesh::{ErrorKind, Request, Response, SessionHeader};
+use schema::mesh::{ErrorKind, Request, Response, RestRequest, SandboxReply, SessionHeader};
 
-use super::MeshHandler;
+use super::front::{Call, classify};
+use super::{Cluster, Inner, MeshHandler};
+
+/// The node's REST front as its sandbox directory serves other nodes'
+/// calls through it (`actors::directory::RemoteFront`): the call runs
+/// through this node's whole app, marked forwarded, so the API key is
+/// checked again and it is never sent further. Holds the cluster weakly
+/// (the cluster holds the directory).
+pub struct PeerFront(Weak<Inner>);
+
+impl PeerFront {
+    pub fn new(cluster: &Cluster) -> Arc<Self> {
+        Arc::new(Self(Arc::downgrade(&cluster.inner)))
+    }
+}
+
+impl actors::directory::RemoteFront for PeerFront {
+    fn serve(&self, from: String, request: RestRequest) -> actors::directory::Answer {
+        let inner = self.0.upgrade();
+        Box::pin(async move {
+            let Some(inner) = inner else {
+                return SandboxReply::Error {
+                    kind: ErrorKind::Unavailable,
+                    message: "the node is stopping".into(),
+                };
+            };
+            let method = request.method.parse().unwrap_or(axum::http::Method::GET);
+            if !matches!(classify(&method, &request.path), Call::Sandbox(_)) {
+                // One mechanism per job: creates and lists are mesh calls.
+                return SandboxReply::Error {
+                    kind: ErrorKind::BadRequest,
+                    message: format!(
+                        "{} {} is not a call on a sandbox",
+                        request.method.escape_debug(),
+                        request.path.escape_debug()
+                    ),
+                };
+            }
+            let resp = Cluster { inner }.serve_local(request, from).await;
+            super::front::to_sandbox_reply(resp).await
+        })
+    }
+}
 
 impl Handler for MeshHandler {
     async fn request(&self, peer: Peer, request: Request) -> Response {
@@ -21,6 +66,15 @@ impl Handler for MeshHandler {
                 unix_ms: mesh::membership::unix_millis(),
             },
             Request::Rest(rest) => {
+                let method = rest.method.parse().unwrap_or(axum::http::Method::GET);
+                if let Call::Sandbox(_) = classify(&method, &rest.path) {
+                    // Calls on a sandbox travel to its owner's directory
+                    // as remote actor calls, never as mesh RPC.
+                    return Response::Error {
+                        kind: ErrorKind::BadRequest,
+                        message: "calls on a sandbox are remote actor calls to its owner's sandbox directory, not mesh requests".into(),
+                    };
+                }
                 tracing::debug!(peer = %peer.addr, method = %rest.method, path = %rest.path, "forwarded call");
                 let resp = cluster.serve_local(rest, peer.addr.to_string()).await;
                 super::front::to_rest_response(resp).await

@@ -17,8 +17,10 @@ def test_create_run_files_list_kill(sdk_env):
     tag = uuid.uuid4().hex
     sbx = Sandbox.create(metadata={"suite": "sdk", "tag": tag}, envs={"GREETING": "hello"})
     try:
-        # 16 random characters, then "-" and the owner node's id.
-        assert len(sbx.sandbox_id) > 17 and sbx.sandbox_id[16] == "-"
+        # E2B's shape: 20 lowercase alphanumerics, no owner in it (the
+        # cluster's registry knows where a sandbox is).
+        assert len(sbx.sandbox_id) == 20 and sbx.sandbox_id.isalnum()
+        assert sbx.sandbox_id == sbx.sandbox_id.lower()
         assert sbx.is_running()
 
         r = sbx.commands.run("echo hi")
