@@ -959,3 +959,149 @@ async fn an_owner_killed_mid_call_is_a_clear_error_and_nothing_leaks() {
         "{test}: {s2}"
     );
 }
+
+/// A mesh peer that takes no calls: enough to open sessions from.
+struct Caller;
+
+impl mesh::transport::Handler for Caller {
+    async fn request(
+        &self,
+        _peer: mesh::transport::Peer,
+        _request: schema::mesh::Request,
+    ) -> schema::mesh::Response {
+        schema::mesh::Response::Error {
+            kind: schema::mesh::ErrorKind::Unavailable,
+            message: "a test caller".into(),
+        }
+    }
+    async fn stream(&self, _peer: mesh::transport::Peer, stream: mesh::transport::IncomingStream) {
+        stream
+            .reject(schema::mesh::ErrorKind::Unavailable, "a test caller")
+            .await
+    }
+}
+
+/// A transport for `identity` under `root`, on a loopback address of ours.
+fn caller(
+    identity: &mesh::tls::NodeIdentity,
+    root: &mesh::tls::TrustRoot,
+) -> mesh::transport::Transport {
+    let ip = chaos_tests::node_ip(7);
+    mesh::transport::Transport::bind(
+        std::net::SocketAddr::new(ip, 0),
+        identity,
+        root,
+        mesh::transport::TransportConfig::default(),
+        std::sync::Arc::new(Caller),
+    )
+    .expect("binding the test caller")
+}
+
+/// The bad-input half of the actor sessions: a node of this cluster that
+/// speaks another actor protocol (another ractor_cluster or message set),
+/// and a peer with no certificate of this cluster, are both refused, the
+/// first with a log line that names it and both protocols; the node's own
+/// sessions carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_of_another_actor_protocol_or_cluster_is_refused_by_name() {
+    let test = "a_peer_of_another_actor_protocol_or_cluster_is_refused_by_name";
+    let Some(mut c) = Cluster::start(test, 2).await else {
+        return;
+    };
+    c.wait_converged(CONVERGE).await;
+    // A genuine member's certificate ("a0" sorts before n0, so it is the
+    // side that opens sessions), issued by the cluster's own join token.
+    let dir = c.dir.join("a0");
+    tokio::task::block_in_place(|| {
+        let d0 = c.nodes[0].data_dir.to_str().expect("utf-8").to_owned();
+        let token = sandmesh(
+            &[
+                "cluster",
+                "join-token",
+                "--data-dir",
+                &d0,
+                "--node-id",
+                "a0",
+            ],
+            None,
+        );
+        sandmesh(
+            &[
+                "cluster",
+                "join",
+                "--data-dir",
+                dir.to_str().expect("utf-8"),
+                "--token",
+                token.trim(),
+            ],
+            None,
+        );
+    });
+    let files = dir.join("cluster");
+    let root = mesh::tls::TrustRoot::load(&files.join(mesh::tls::CA_CERT_FILE)).expect("ca.pem");
+    let identity = mesh::tls::NodeIdentity::load(&files, "a0").expect("a0's identity");
+    let member = caller(&identity, &root);
+
+    let bogus = "ractor_cluster-0.0.1+sandmesh-0";
+    let header = schema::mesh::SessionHeader {
+        node_id: "a0".into(),
+        actor_protocol: bogus.into(),
+    };
+    let opened = member.open_session(c.nodes[0].quic, "n0", &header).await;
+    let err = match opened {
+        Ok(_) => panic!("{test}: n0 took an actor session of protocol {bogus}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("a0") && err.contains(bogus),
+        "{test}: the refusal does not name the node and its protocol: {err}"
+    );
+    let logged = wait_until(Duration::from_secs(5), || async {
+        let log = c.nodes[0].log_tail(400);
+        log.lines()
+            .any(|l| l.contains("actor session refused") && l.contains("a0") && l.contains(bogus))
+    })
+    .await;
+    assert!(
+        logged.is_ok(),
+        "{test}: n0 logged no refusal naming a0 and {bogus}:\n{}",
+        c.nodes[0].log_tail(40)
+    );
+
+    // A certificate of another cluster never gets past the handshake.
+    let stranger_ca = mesh::tls::ClusterCa::generate().expect("a CA");
+    let stranger = caller(
+        &stranger_ca.issue("a1").expect("a certificate"),
+        &stranger_ca.trust_root(),
+    );
+    let header = schema::mesh::SessionHeader {
+        node_id: "a1".into(),
+        actor_protocol: schema::mesh::ACTOR_PROTOCOL.into(),
+    };
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        stranger.open_session(c.nodes[0].quic, "n0", &header),
+    )
+    .await
+    .expect("a handshake with a stranger ends");
+    assert!(
+        refused.is_err(),
+        "{test}: n0 took an actor session from a peer of another cluster"
+    );
+
+    // n0 and n1 still work together: a create through n1 is placed by
+    // actor calls and a call on it through the other node succeeds.
+    let id = c.create(1).await;
+    let other = if c.owner(&id) == "n0" { 1 } else { 0 };
+    let resp = c
+        .api(other, Method::GET, &format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .expect("GET through the non-owner");
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "{test}: a call on {id} through a non-owner"
+    );
+    assert_eq!(c.delete(0, &id).await, StatusCode::NO_CONTENT);
+}
