@@ -247,7 +247,9 @@ def cluster_hop(node):
                 t0 = time.perf_counter()
                 sbx = Sandbox.create()
                 creates[via].append(time.perf_counter() - t0)
-                assert sbx.sandbox_id.endswith("-" + node.node_id), sbx.sandbox_id
+                # Ids no longer name the owner: the REST view's clientID does.
+                owner = node.http.get(f"/sandboxes/{sbx.sandbox_id}").json()["clientID"]
+                assert owner == node.node_id, (sbx.sandbox_id, owner)
                 sbx.kill()
         point(node)
         sbx = Sandbox.create(timeout=600)
