@@ -316,16 +316,7 @@ impl Cluster {
     /// current generation. The ping is a mesh call, so it succeeds only if
     /// the member presents a certificate of this cluster naming its id.
     fn verify_members(&self) {
-        let Some(mesh) = &self.inner.mesh else { return };
-        let members: Vec<NodeInfo> = mesh
-            .membership
-            .watch()
-            .borrow()
-            .iter()
-            .filter(|m| m.live && m.info.id != self.inner.node_id)
-            .map(|m| m.info.clone())
-            .collect();
-        for info in members {
+        for info in self.live_peers(|_| true) {
             if self.is_verified(&info) {
                 continue;
             }
@@ -373,20 +364,26 @@ impl Cluster {
     /// member this node dials and has none with.
     fn open_actor_sessions(&self) {
         let Some(mesh) = &self.inner.mesh else { return };
-        let members: Vec<NodeInfo> = mesh
-            .membership
-            .watch()
-            .borrow()
-            .iter()
-            .filter(|m| m.live && m.info.id != self.inner.node_id)
-            .filter(|m| m.protocol_version == PROTOCOL_VERSION)
-            .map(|m| m.info.clone())
-            .collect();
-        for info in members {
+        for info in self.live_peers(|m| m.protocol_version == PROTOCOL_VERSION) {
             if self.is_verified(&info) {
                 mesh.remote.ensure(&mesh.transport, &info);
             }
         }
+    }
+
+    /// The live members other than this node that `keep` accepts (none
+    /// without a mesh).
+    fn live_peers(&self, keep: impl Fn(&Member) -> bool) -> Vec<NodeInfo> {
+        let Some(mesh) = &self.inner.mesh else {
+            return Vec::new();
+        };
+        mesh.membership
+            .watch()
+            .borrow()
+            .iter()
+            .filter(|m| m.live && m.info.id != self.inner.node_id && keep(m))
+            .map(|m| m.info.clone())
+            .collect()
     }
 
     /// The remote actors' half of the mesh; `None` without a mesh.
