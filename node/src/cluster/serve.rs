@@ -52,12 +52,16 @@ impl actors::directory::RemoteFront for PeerFront {
     }
 }
 
+/// What a peer hears from a node whose cluster is not attached yet (the
+/// transport binds before the cluster exists): a moment's wait, not a fault.
+const STARTING: &str = "the node is starting: try again in a moment";
+
 impl Handler for MeshHandler {
     async fn request(&self, peer: Peer, request: Request) -> Response {
         let Some(cluster) = self.cluster.get() else {
             return Response::Error {
                 kind: ErrorKind::Unavailable,
-                message: "the node is starting".into(),
+                message: STARTING.into(),
             };
         };
         match request {
@@ -96,9 +100,7 @@ impl Handler for MeshHandler {
 
     async fn session(&self, peer: Peer, incoming: IncomingStream<SessionHeader>) {
         let Some(cluster) = self.cluster.get() else {
-            incoming
-                .reject(ErrorKind::Unavailable, "the node is starting")
-                .await;
+            incoming.reject(ErrorKind::Unavailable, STARTING).await;
             return;
         };
         let header = incoming.header().clone();
@@ -125,9 +127,7 @@ impl Handler for MeshHandler {
 
     async fn stream(&self, peer: Peer, incoming: IncomingStream) {
         let Some(cluster) = self.cluster.get() else {
-            incoming
-                .reject(ErrorKind::Unavailable, "the node is starting")
-                .await;
+            incoming.reject(ErrorKind::Unavailable, STARTING).await;
             return;
         };
         let header = incoming.header().clone();
