@@ -592,6 +592,24 @@ mod tests {
     }
 
     #[test]
+    fn upload_temporaries_are_told_from_other_files() {
+        use std::ffi::OsStr;
+        let name = upload_temp_name("report.txt");
+        assert!(name.starts_with(".report.txt.envd-upload-"), "{name}");
+        assert!(is_upload_temp(OsStr::new(&name)));
+        assert!(is_upload_temp(OsStr::new(&upload_temp_name(".hidden"))));
+        for other in [
+            "report.txt",
+            ".envd-upload-0123456789ab",
+            ".x.envd-upload-tail",
+            ".x.envd-upload-0123456789abc",
+            "x.envd-upload-0123456789ab",
+        ] {
+            assert!(!is_upload_temp(OsStr::new(other)), "{other}");
+        }
+    }
+
+    #[test]
     fn metadata_headers_are_lowercased_and_first_wins() {
         let mut m = HeaderMap::new();
         m.append("X-Metadata-Author", HeaderValue::from_static("first"));
