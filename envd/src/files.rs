@@ -29,7 +29,7 @@ use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::State;
 use crate::filesystem::access::{Access, R};
-use crate::filesystem::entry;
+use crate::filesystem::metadata::MetadataError;
 use crate::http::{ApiError, constant_time_eq};
 use crate::users::User;
 
@@ -334,6 +334,7 @@ async fn upload(
         .and_then(|v| v.split(';').next())
         .map(|v| v.trim().to_ascii_lowercase())
         .unwrap_or_default();
+    crate::filesystem::metadata::validate(&metadata).map_err(|e| bad_request(e.to_string()))?;
     let req = decode_body(req)?;
     let mut uploaded = Vec::new();
     if media == "application/octet-stream" {
@@ -419,6 +420,32 @@ fn write_error(e: &io::Error, guest: &Path) -> ApiError {
     }
 }
 
+/// What an upload's temporary file is called: `.<name>.envd-upload-<12 hex>`.
+/// Watches hide files so named (`filesystem::watch`).
+fn upload_temp_name(base: &str) -> String {
+    let mut rnd = [0u8; 6];
+    let _ = getrandom::fill(&mut rnd);
+    let suffix: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+    format!(".{base}{UPLOAD_TEMP_MARK}{suffix}")
+}
+
+const UPLOAD_TEMP_MARK: &str = ".envd-upload-";
+
+/// Whether a file name is one [`upload_temp_name`] makes.
+pub fn is_upload_temp(name: &std::ffi::OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    let Some(at) = rest.rfind(UPLOAD_TEMP_MARK) else {
+        return false;
+    };
+    let suffix = &rest[at + UPLOAD_TEMP_MARK.len()..];
+    at > 0 && suffix.len() == 12 && suffix.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Stream `body` into a new file at `guest`, owned by `user`.
 async fn write_file<S, E>(
     state: &Arc<State>,
@@ -479,10 +506,7 @@ where
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut rnd = [0u8; 6];
-        let _ = getrandom::fill(&mut rnd);
-        let suffix: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
-        let temp_path = host_parent.join(format!(".{base}.envd-upload-{suffix}"));
+        let temp_path = host_parent.join(upload_temp_name(&base));
         let file = create(&temp_path).map_err(|e| write_error(&e, &g))?;
         let guard = TempFile(Some(temp_path.clone()));
         access.chown(&temp_path).map_err(|e| write_error(&e, &g))?;
@@ -508,17 +532,27 @@ where
     file.flush().await.map_err(|e| write_error(&e, &guest))?;
     drop(file);
     let written = guard.0.clone().unwrap_or_default();
-    // Best effort: a filesystem without user xattrs still gets the file.
-    if !metadata.is_empty()
-        && let Err(e) = entry::write_metadata(&written, metadata)
-    {
-        tracing::debug!("storing metadata of {}: {e}", guest.display());
-    }
     if via_temp {
         tokio::fs::rename(&written, &host)
             .await
             .map_err(|e| write_error(&e, &guest))?;
     }
+    // Always set, even to nothing: an upload replaces the file's metadata
+    // whole (as upstream's), and envd's store must forget a replaced
+    // file's. A new file that cannot get them is removed with the guard.
+    let (st, h, md) = (state.clone(), host.clone(), metadata.clone());
+    let kept = blocking(move || {
+        st.metadata.set(&h, &md).map_err(|e| match e {
+            MetadataError::Invalid(_) => bad_request(e.to_string()),
+            MetadataError::NoSpace(_) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+            }
+            MetadataError::Io(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        })?;
+        // What was kept, read back (as upstream answers).
+        Ok(st.metadata.get(&h))
+    })
+    .await?;
     let mut guard = guard;
     guard.0 = None;
     Ok(UploadedEntry {
@@ -528,7 +562,7 @@ where
             .unwrap_or_default(),
         kind: "file",
         path: guest.display().to_string(),
-        metadata: (!metadata.is_empty()).then(|| metadata.clone()),
+        metadata: (!kept.is_empty()).then_some(kept),
     })
 }
 
@@ -555,6 +589,24 @@ mod tests {
             wants_gzip(&h("br, identity;q=0")).unwrap_err().status,
             StatusCode::NOT_ACCEPTABLE
         );
+    }
+
+    #[test]
+    fn upload_temporaries_are_told_from_other_files() {
+        use std::ffi::OsStr;
+        let name = upload_temp_name("report.txt");
+        assert!(name.starts_with(".report.txt.envd-upload-"), "{name}");
+        assert!(is_upload_temp(OsStr::new(&name)));
+        assert!(is_upload_temp(OsStr::new(&upload_temp_name(".hidden"))));
+        for other in [
+            "report.txt",
+            ".envd-upload-0123456789ab",
+            ".x.envd-upload-tail",
+            ".x.envd-upload-0123456789abc",
+            "x.envd-upload-0123456789ab",
+        ] {
+            assert!(!is_upload_temp(OsStr::new(other)), "{other}");
+        }
     }
 
     #[test]

@@ -33,6 +33,17 @@ struct Args {
     /// Let `POST /init` set the wall clock (in a guest, where envd owns it).
     #[arg(long)]
     set_clock: bool,
+    /// Where upload metadata are kept: `auto` (the file's `user.e2b.*`
+    /// xattrs where the filesystem takes them, else envd's store) or `file`
+    /// (envd's store only; tests of the gVisor behaviour on any host).
+    #[arg(long, value_enum, default_value_t = MetadataMode::Auto)]
+    metadata_store: MetadataMode,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MetadataMode {
+    Auto,
+    File,
 }
 
 #[tokio::main]
@@ -46,7 +57,11 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let root = std::fs::canonicalize(&args.root)
         .with_context(|| format!("root directory {}", args.root.display()))?;
-    let state = Arc::new(envd::State::new(Root::new(root), args.set_clock));
+    let mut state = envd::State::new(Root::new(root), args.set_clock);
+    if matches!(args.metadata_store, MetadataMode::File) {
+        state = state.without_xattr_metadata();
+    }
+    let state = Arc::new(state);
     let app = envd::router(state);
 
     let tcp = envd::listener::ThreadedTcpListener::bind(args.listen)

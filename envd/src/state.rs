@@ -2,9 +2,10 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use crate::connect::ConnectError;
+use crate::filesystem::metadata::MetadataStore;
 use crate::paths::Root;
 use crate::users::{self, User};
 
@@ -13,6 +14,8 @@ pub struct State {
     pub root: Root,
     /// Whether `/init` may set the wall clock (true in a guest only).
     pub set_clock: bool,
+    /// Where file metadata are kept (xattrs, else envd's own store).
+    pub metadata: Arc<MetadataStore>,
     init: RwLock<Init>,
 }
 
@@ -44,10 +47,18 @@ impl Default for Init {
 impl State {
     pub fn new(root: Root, set_clock: bool) -> Self {
         Self {
+            metadata: Arc::new(MetadataStore::new(root.clone(), true)),
             root,
             set_clock,
             init: RwLock::new(Init::default()),
         }
+    }
+
+    /// Keep file metadata in envd's store only, never in xattrs (what a
+    /// gVisor root does by itself; lets tests on any filesystem cover it).
+    pub fn without_xattr_metadata(mut self) -> Self {
+        self.metadata = Arc::new(MetadataStore::new(self.root.clone(), false));
+        self
     }
 
     /// A copy of the current init state.

@@ -751,3 +751,175 @@ async fn an_upload_is_seen_by_watchers_as_upstream_shows_it() {
         ])
     );
 }
+
+/// Replacing a file goes through a temporary file and a rename (readers
+/// never see it half written), but watchers see what upstream's in-place
+/// write shows them: a WRITE of the file itself, nothing of the temporary.
+#[tokio::test]
+async fn replacing_a_file_shows_watchers_a_write_of_that_file_only() {
+    let envd = Envd::start();
+    let (status, _) = upload_raw(&envd, "/home/user/watched/w.txt", "first").await;
+    assert_eq!(status, 200);
+    let (_, body) = envd
+        .unary(
+            "filesystem.Filesystem/CreateWatcher",
+            json!({"path": "/home/user/watched", "includeEntry": true}),
+        )
+        .await;
+    let id = body["watcherId"].as_str().unwrap().to_owned();
+    let (status, _) = upload_raw(&envd, "/home/user/watched/w.txt", "second, longer").await;
+    assert_eq!(status, 200);
+    let (_, body) = envd
+        .unary(
+            "filesystem.Filesystem/GetWatcherEvents",
+            json!({"watcherId": id}),
+        )
+        .await;
+    let events = body["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{body}");
+    assert_eq!(events[0]["name"], "w.txt");
+    assert_eq!(events[0]["type"], "EVENT_TYPE_WRITE");
+    assert_eq!(events[0]["entry"]["path"], "/home/user/watched/w.txt");
+    assert_eq!(events[0]["entry"]["size"], "14");
+    assert!(temp_files(&envd.host("/home/user/watched")).is_empty());
+
+    // A file merely named like a temporary one is a file like any other.
+    let (status, _) = upload_raw(&envd, "/home/user/watched/.x.envd-upload-tail", "y").await;
+    assert_eq!(status, 200);
+    let (_, body) = envd
+        .unary(
+            "filesystem.Filesystem/GetWatcherEvents",
+            json!({"watcherId": id}),
+        )
+        .await;
+    assert_eq!(body["events"][0]["name"], ".x.envd-upload-tail", "{body}");
+}
+
+/// Upload metadata where the filesystem takes no user xattrs (gVisor's
+/// root; forced here with `--metadata-store file`): envd's own store keeps
+/// them, on both upload paths, through moves, and forgets them when the
+/// file is replaced or removed.
+#[tokio::test]
+async fn metadata_live_in_envds_store_where_xattrs_are_not_taken() {
+    let envd = Envd::start_with(&["--metadata-store", "file"]);
+    let stat = |path: &'static str| {
+        let envd = &envd;
+        async move {
+            let (status, body) = envd
+                .unary("filesystem.Filesystem/Stat", json!({"path": path}))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            body["entry"]["metadata"].clone()
+        }
+    };
+    let resp = envd
+        .http
+        .post(files_url(&envd))
+        .query(&[("path", "/home/user/raw.txt")])
+        .header("content-type", "application/octet-stream")
+        .header("X-Metadata-Owner", "alice")
+        .body("raw")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body[0]["metadata"], json!({"owner": "alice"}));
+    assert_eq!(stat("/home/user/raw.txt").await, json!({"owner": "alice"}));
+    let xattrs = std::process::Command::new("getfattr")
+        .arg("-d")
+        .arg(envd.host("/home/user/raw.txt"))
+        .output();
+    if let Ok(out) = xattrs {
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("user.e2b."),
+            "not in xattrs"
+        );
+    }
+    assert!(envd.host("/var/lib/envd/file-metadata.json").exists());
+
+    // Multipart: the same metadata on every file of the request.
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"1".to_vec()).file_name("/home/user/m/a"),
+        )
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"2".to_vec()).file_name("/home/user/m/b"),
+        );
+    let resp = envd
+        .http
+        .post(files_url(&envd))
+        .header("x-metadata-batch", "7")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body[0]["metadata"], json!({"batch": "7"}));
+    assert_eq!(body[1]["metadata"], json!({"batch": "7"}));
+    let (_, list) = envd
+        .unary(
+            "filesystem.Filesystem/ListDir",
+            json!({"path": "/home/user/m"}),
+        )
+        .await;
+    assert_eq!(list["entries"][0]["metadata"], json!({"batch": "7"}));
+    assert_eq!(list["entries"][1]["metadata"], json!({"batch": "7"}));
+
+    // A move of the file, and of a directory above one, carries them.
+    let (status, moved) = envd
+        .unary(
+            "filesystem.Filesystem/Move",
+            json!({"source": "/home/user/raw.txt", "destination": "/home/user/moved.txt"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(moved["entry"]["metadata"], json!({"owner": "alice"}));
+    let (status, _) = envd
+        .unary(
+            "filesystem.Filesystem/Move",
+            json!({"source": "/home/user/m", "destination": "/home/user/n"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(stat("/home/user/n/b").await, json!({"batch": "7"}));
+    // A symlink shows its target's.
+    std::os::unix::fs::symlink("moved.txt", envd.host("/home/user/link")).unwrap();
+    assert_eq!(stat("/home/user/link").await, json!({"owner": "alice"}));
+
+    // An upload without metadata replaces the old ones with none.
+    let (status, body) = upload_raw(&envd, "/home/user/n/a", "again").await;
+    assert_eq!(status, 200);
+    assert!(body[0].get("metadata").is_none(), "{body}");
+    assert_eq!(stat("/home/user/n/a").await, Value::Null);
+    // A removed file's do not pass to a new file at its path.
+    let (status, _) = envd
+        .unary(
+            "filesystem.Filesystem/Remove",
+            json!({"path": "/home/user/n"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    std::fs::create_dir(envd.host("/home/user/n")).unwrap();
+    std::fs::write(envd.host("/home/user/n/b"), "new").unwrap();
+    assert_eq!(stat("/home/user/n/b").await, Value::Null);
+
+    // Keys longer than an xattr name may be are refused, as upstream does.
+    let resp = envd
+        .http
+        .post(files_url(&envd))
+        .query(&[("path", "/home/user/long.txt")])
+        .header("content-type", "application/octet-stream")
+        .header(format!("x-metadata-{}", "k".repeat(300)), "v")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], 400);
+    assert!(!envd.host("/home/user/long.txt").exists());
+}

@@ -80,9 +80,35 @@ async fn stat_reports_entries_as_upstream() {
         l["type"], "FILE_TYPE_FILE",
         "a symlink reports its target's type"
     );
-    assert_eq!(l["isSymlink"], true);
+    // Upstream never sets isSymlink: the SDK would then say `symlink`
+    // where E2B's says `file`.
+    assert!(l.get("isSymlink").is_none(), "{l}");
     assert_eq!(l["symlinkTarget"], "/home/user/a.txt");
     assert_eq!(l["mode"], 0o644);
+    assert_eq!(l["permissions"], "Lrwxrwxrwx", "the link's own mode string");
+    std::fs::create_dir(envd.host("/home/user/d")).unwrap();
+    std::os::unix::fs::symlink("d", envd.host("/home/user/dlink")).unwrap();
+    std::os::unix::fs::symlink("nowhere", envd.host("/home/user/broken")).unwrap();
+    let (_, list) = call(&envd, "ListDir", json!({"path": "/home/user"})).await;
+    let find = |name: &str| {
+        list["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} listed: {list}"))
+    };
+    assert_eq!(find("link")["type"], "FILE_TYPE_FILE");
+    assert_eq!(find("link")["symlinkTarget"], "/home/user/a.txt");
+    assert_eq!(find("dlink")["type"], "FILE_TYPE_DIRECTORY");
+    assert_eq!(find("dlink")["symlinkTarget"], "/home/user/d");
+    assert!(find("dlink").get("isSymlink").is_none());
+    // A dangling link: no type (upstream's unknown), the link's own path.
+    let broken = find("broken");
+    assert!(broken.get("type").is_none(), "{broken}");
+    assert_eq!(broken["symlinkTarget"], "/home/user/broken");
+    assert!(find("a.txt").get("symlinkTarget").is_none());
 
     let (status, body) = call(&envd, "Stat", json!({"path": "/home/user/missing"})).await;
     assert_eq!(status, 404);
@@ -258,9 +284,14 @@ async fn remove_deletes_files_and_trees() {
     assert!(envd.host("/home/user/roots/a/b").exists());
     let (status, _) = call_as(&envd, "root", "Remove", json!({"path": "/home/user/roots"})).await;
     assert_eq!(status, 200);
+    // Nothing to remove is success, as upstream's `os.RemoveAll` answers.
     let (status, body) = call(&envd, "Remove", json!({"path": "/home/user/f"})).await;
-    assert_eq!(status, 404);
-    assert_eq!(body["code"], "not_found");
+    assert_eq!((status, body), (200, json!({})));
+    write(&envd, "/home/user/plain", "x");
+    let (status, body) = call(&envd, "Remove", json!({"path": "/home/user/plain/below"})).await;
+    assert_eq!((status, body), (200, json!({})), "below a file");
+    let (status, _) = call(&envd, "Remove", json!({"path": "/home/user/no/such/dir"})).await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

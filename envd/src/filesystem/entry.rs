@@ -1,37 +1,39 @@
-//! `EntryInfo` as E2B's envd fills it: for a symlink, the type and mode of
-//! its target with `isSymlink` and the resolved `symlinkTarget`; `mode` is
-//! the permission bits, `permissions` Go's `FileMode.String()`; metadata
-//! are the file's `user.e2b.*` extended attributes.
+//! `EntryInfo` as E2B's envd fills it: for a symlink, the type, mode and
+//! metadata of its target and the resolved `symlinkTarget`, with `isSymlink`
+//! left unset (upstream never sets it, and the SDK would then call the entry
+//! a `symlink` where E2B's says `file`/`dir`); `mode` is the permission
+//! bits, `permissions` Go's `FileMode.String()` of the entry itself; metadata
+//! come from [`MetadataStore`].
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs::Metadata;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use schema::envd::filesystem::{EntryInfo, FileType};
 
+use super::metadata::MetadataStore;
 use crate::paths::Root;
 use crate::users;
 
-/// The xattr namespace upload metadata live in (as upstream).
-pub const METADATA_XATTR_PREFIX: &str = "user.e2b.";
-
-/// Owner and group names, looked up once per id.
+/// What filling entries needs besides the entry: owner and group names,
+/// looked up once per id, and where file metadata are kept.
 pub struct Names {
     root: PathBuf,
     users: HashMap<u32, String>,
     groups: HashMap<u32, String>,
+    metadata: Arc<MetadataStore>,
 }
 
 impl Names {
-    pub fn new(root: &Root) -> Self {
+    pub fn new(root: &Root, metadata: Arc<MetadataStore>) -> Self {
         Self {
             root: root.host_root().to_path_buf(),
             users: HashMap::new(),
             groups: HashMap::new(),
+            metadata,
         }
     }
 
@@ -99,12 +101,9 @@ pub fn from_metadata(
             nanos: meta.mtime_nsec() as i32,
         }),
         symlink_target,
-        metadata: if is_symlink {
-            HashMap::new()
-        } else {
-            read_metadata(host)
-        },
-        is_symlink,
+        // A symlink's are its target's (upstream reads xattrs through it).
+        metadata: names.metadata.get(host),
+        is_symlink: false,
     }
 }
 
@@ -178,70 +177,6 @@ pub fn permissions(st_mode: u32) -> String {
         });
     }
     s
-}
-
-fn c_path(path: &Path) -> Option<CString> {
-    CString::new(path.as_os_str().as_bytes()).ok()
-}
-
-/// The `user.e2b.*` extended attributes of `host` (empty where unsupported).
-pub fn read_metadata(host: &Path) -> HashMap<String, String> {
-    let mut out = HashMap::new();
-    let Some(p) = c_path(host) else { return out };
-    // SAFETY: a NULL buffer of size 0 asks for the needed size.
-    let size = unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
-    if size <= 0 {
-        return out;
-    }
-    let mut buf = vec![0u8; size as usize];
-    // SAFETY: buf is valid for buf.len() bytes.
-    let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n <= 0 {
-        return out;
-    }
-    buf.truncate(n as usize);
-    for name in buf.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        let Some(key) = name.strip_prefix(METADATA_XATTR_PREFIX.as_bytes()) else {
-            continue;
-        };
-        let Ok(cname) = CString::new(name) else {
-            continue;
-        };
-        let mut value = vec![0u8; 4096];
-        // SAFETY: value is valid for value.len() bytes.
-        let len = unsafe {
-            libc::getxattr(
-                p.as_ptr(),
-                cname.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
-        };
-        if len < 0 {
-            continue;
-        }
-        value.truncate(len as usize);
-        out.insert(
-            String::from_utf8_lossy(key).into_owned(),
-            String::from_utf8_lossy(&value).into_owned(),
-        );
-    }
-    out
-}
-
-/// Store `metadata` as `user.e2b.*` extended attributes of `host`.
-pub fn write_metadata(host: &Path, metadata: &HashMap<String, String>) -> io::Result<()> {
-    let p = c_path(host).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-    for (k, v) in metadata {
-        let name = CString::new(format!("{METADATA_XATTR_PREFIX}{k}"))
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: all pointers are valid for the given lengths.
-        let r = unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

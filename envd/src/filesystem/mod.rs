@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod entry;
+pub mod metadata;
 mod watch;
 
 use std::collections::HashMap;
@@ -134,6 +135,12 @@ fn io_err(e: &io::Error, guest: &Path) -> ConnectError {
     ConnectError::from_io(e, &guest.display().to_string())
 }
 
+/// A path that is not there: missing, or below something that is not a
+/// directory (`os.RemoveAll` treats both as nothing to do).
+fn is_missing(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+}
+
 fn not_found(guest: &Path) -> ConnectError {
     ConnectError::not_found(format!("path {} does not exist", guest.display()))
 }
@@ -147,14 +154,12 @@ impl Service {
         self.state.root.resolve(user, path)
     }
 
+    fn names(&self) -> Names {
+        Names::new(&self.state.root, self.state.metadata.clone())
+    }
+
     fn entry(&self, guest: &Path, host: &Path) -> Result<EntryInfo, ConnectError> {
-        entry_info(
-            &self.state.root,
-            &mut Names::new(&self.state.root),
-            guest,
-            host,
-        )
-        .map_err(|e| {
+        entry_info(&self.state.root, &mut self.names(), guest, host).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 not_found(guest)
             } else {
@@ -215,12 +220,17 @@ impl Service {
         if std::fs::symlink_metadata(&dst_host).is_ok() {
             access.check_unlink(&dst_guest)?;
         }
+        let stored = self.state.metadata.before_move(&src_host);
         std::fs::rename(&src_host, &dst_host).map_err(|e| {
             ConnectError::from_io(
                 &e,
                 &format!("moving {} to {}", src_guest.display(), dst_guest.display()),
             )
         })?;
+        // Metadata in envd's store follow the file, as xattrs do.
+        if let Some(key) = stored {
+            self.state.metadata.moved(&key, &dst_host);
+        }
         Ok(MoveResponse {
             entry: Some(self.entry(&dst_guest, &dst_host)?),
         })
@@ -231,7 +241,7 @@ impl Service {
         let (guest, host) = self.resolve(user, &req.path)?;
         let access = Access::new(&self.state.root, user);
         open_dir(&access, &guest, &host, "list")?;
-        let mut names = Names::new(&self.state.root);
+        let mut names = self.names();
         let mut entries = Vec::new();
         self.walk(&access, &mut names, &guest, &host, depth, &mut entries)?;
         Ok(ListDirResponse { entries })
@@ -264,26 +274,37 @@ impl Service {
         Ok(())
     }
 
+    /// Remove a file or a tree. A path that does not exist is already
+    /// removed: upstream's `os.RemoveAll` answers it with success, and the
+    /// SDK (`files.remove`) then raises nothing.
     fn remove(&self, user: &User, req: RemoveRequest) -> Result<RemoveResponse, ConnectError> {
         let (guest, host) = self.resolve(user, &req.path)?;
         let access = Access::new(&self.state.root, user);
         access.traverse(&guest)?;
-        let meta = std::fs::symlink_metadata(&host).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                not_found(&guest)
-            } else {
-                io_err(&e, &guest)
-            }
-        })?;
+        let meta = match std::fs::symlink_metadata(&host) {
+            Ok(meta) => meta,
+            Err(e) if is_missing(&e) => return Ok(RemoveResponse {}),
+            Err(e) => return Err(io_err(&e, &guest)),
+        };
         if guest == Path::new("/") {
             return Err(ConnectError::invalid_argument("cannot remove /"));
         }
         access.check_unlink(&guest)?;
-        if meta.is_dir() {
+        let stored = self.state.metadata.before_remove(&host);
+        let removed = if meta.is_dir() {
             access.check_remove_tree(&guest)?;
-            std::fs::remove_dir_all(&host).map_err(|e| io_err(&e, &guest))?;
+            std::fs::remove_dir_all(&host)
         } else {
-            std::fs::remove_file(&host).map_err(|e| io_err(&e, &guest))?;
+            std::fs::remove_file(&host)
+        };
+        match removed {
+            Ok(()) => {}
+            // Removed by someone else meanwhile: as good as done.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&e, &guest)),
+        }
+        if let Some(key) = stored {
+            self.state.metadata.removed(&key);
         }
         Ok(RemoveResponse {})
     }
@@ -316,6 +337,7 @@ impl Service {
             }
             let spec = watch::Spec {
                 root: svc.state.root.clone(),
+                metadata: svc.state.metadata.clone(),
                 guest,
                 host,
                 recursive,

@@ -7,9 +7,18 @@
 //! directory. A recursive watch adds every subdirectory, including ones
 //! created (or moved in) later, and reports what a new directory already
 //! holds when its watch is added (so a quick `mkdir d && touch d/f` is seen).
+//!
+//! An upload that replaces a file writes a temporary file beside it and
+//! renames it over the file (so readers never see it half written; see
+//! `files.rs`). Upstream writes in place, so its watchers see only events
+//! of the file's own name: here the temporary file's events are hidden and
+//! its rename over the file is reported as a WRITE of the file.
+//! Entries go only with CREATE, WRITE and CHMOD (as upstream: the path of a
+//! REMOVE or RENAME may already hold another file).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use std::ffi::OsString;
 use std::io;
@@ -21,12 +30,16 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 
 use super::entry::{Names, entry_info};
+use super::metadata::MetadataStore;
 use crate::connect::ConnectError;
+use crate::files::is_upload_temp;
 use crate::paths::Root;
 
 /// What to watch.
 pub struct Spec {
     pub root: Root,
+    /// For the metadata of event entries.
+    pub metadata: Arc<MetadataStore>,
     /// The watched directory, as a guest path and as a host path.
     pub guest: PathBuf,
     pub host: PathBuf,
@@ -98,6 +111,7 @@ fn add_tree(
 struct RawEvent {
     wd: WatchDescriptor,
     mask: EventMask,
+    cookie: u32,
     name: Option<OsString>,
 }
 
@@ -109,6 +123,7 @@ fn read_pending(inotify: &mut Inotify, buf: &mut [u8]) -> io::Result<Vec<RawEven
             Ok(events) => out.extend(events.map(|e| RawEvent {
                 wd: e.wd,
                 mask: e.mask,
+                cookie: e.cookie,
                 name: e.name.map(|n| n.to_owned()),
             })),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
@@ -141,12 +156,13 @@ pub async fn run(
         }
     };
     let mut w = Watcher {
-        names: Names::new(&spec.root),
+        names: Names::new(&spec.root, spec.metadata.clone()),
         spec,
         watches,
         dirs,
         sink,
         dropped: 0,
+        upload_renames: VecDeque::new(),
     };
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -197,7 +213,13 @@ struct Watcher {
     names: Names,
     sink: Sink,
     dropped: u64,
+    /// Cookies of upload temporaries moved away (a few are plenty: the
+    /// MOVED_TO of a rename follows its MOVED_FROM).
+    upload_renames: VecDeque<u32>,
 }
+
+/// Upload cookies remembered at most.
+const UPLOAD_RENAMES_KEPT: usize = 64;
 
 impl Watcher {
     /// Map and deliver events; `BrokenPipe` once the reader is gone.
@@ -231,6 +253,23 @@ impl Watcher {
             None if dir == self.spec.host => dir,
             None => return Vec::new(),
         };
+        if ev.name.as_deref().is_some_and(is_upload_temp) {
+            // An upload's temporary file: hidden, but its rename over the
+            // uploaded file is that file's WRITE.
+            if m.contains(EventMask::MOVED_FROM) {
+                if self.upload_renames.len() == UPLOAD_RENAMES_KEPT {
+                    self.upload_renames.pop_front();
+                }
+                self.upload_renames.push_back(ev.cookie);
+            }
+            return Vec::new();
+        }
+        if m.contains(EventMask::MOVED_TO)
+            && let Some(i) = self.upload_renames.iter().position(|c| *c == ev.cookie)
+        {
+            self.upload_renames.remove(i);
+            return vec![(host, EventType::Write)];
+        }
         let mut types = Vec::new();
         if m.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
             types.push(EventType::Create);
@@ -284,7 +323,8 @@ impl Watcher {
         } else {
             rel.display().to_string()
         };
-        let entry = if self.spec.include_entry {
+        let carries_entry = matches!(ty, EventType::Create | EventType::Write | EventType::Chmod);
+        let entry = if self.spec.include_entry && carries_entry {
             let guest = self.spec.guest.join(rel);
             entry_info(&self.spec.root, &mut self.names, &guest, &path).ok()
         } else {

@@ -32,7 +32,16 @@ impl Envd {
     }
 
     /// Another envd binary (e.g. the one packaged into the guest rootfs).
+    /// This checkout's envd with extra command-line arguments.
+    pub fn start_with(args: &[&str]) -> Self {
+        Self::start_binary_with(Path::new(env!("CARGO_BIN_EXE_envd")), args)
+    }
+
     pub fn start_binary(binary: &Path) -> Self {
+        Self::start_binary_with(binary, &[])
+    }
+
+    fn start_binary_with(binary: &Path, args: &[&str]) -> Self {
         let root = tempfile::Builder::new()
             .prefix("envd-root-")
             .tempdir()
@@ -54,6 +63,7 @@ impl Envd {
         let mut child = Command::new(binary)
             .args(["--listen", "127.0.0.1:0", "--no-vsock", "--root"])
             .arg(r)
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
             .expect("start envd");
