@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "bash",
     "coreutils",
     "python3",
+    // `python` as a command, as E2B's base image has it.
+    "python-is-python3",
     "ca-certificates",
     "curl",
     "git",
