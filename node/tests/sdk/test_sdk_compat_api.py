@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from e2b import Sandbox, SandboxQuery, SandboxState, Template
+from e2b import CommandExitException, Sandbox, SandboxQuery, SandboxState, Template
 
 from conftest import point_sdk_at
 
@@ -171,17 +171,26 @@ def test_boot_id_is_per_sandbox_and_survives_pause(made):
 
 
 def test_sudo_as_the_default_user(sbx):
-    nnp = sbx.commands.run(
-        "python3 -c 'import ctypes; print(ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))'"
-    ).stdout.strip()
-    if nnp == "1":
-        # The sandbox's spec asks for no_new_privs off; a runsc that still
-        # reports it set implements no setuid binaries (gVisor issue 212,
-        # runsc before 2024): nothing in the guest can make sudo work.
-        pytest.skip("this runsc forces no_new_privs (no setuid support): sudo needs a newer runsc")
-    r = sbx.commands.run("sudo -n id -u")
-    assert r.stdout == "0\n"
+    # runsc 2022-12 runs no setuid program (no_new_privs is always set
+    # there): sudo then goes through the root daemon sandmesh-sudod.
+    assert sbx.commands.run("sudo -n id -u").stdout == "0\n"
     assert sbx.commands.run("id -u").stdout == "1000\n"
+    # Standard streams, exit status and `-u` are sudo's own.
+    assert sbx.commands.run("echo piped | sudo -n cat").stdout == "piped\n"
+    r = sbx.commands.run("sudo -n sh -c 'echo out; echo err >&2; exit 3'", background=True).wait
+    with pytest.raises(CommandExitException) as e:
+        r()
+    assert (e.value.exit_code, e.value.stdout, e.value.stderr) == (3, "out\n", "err\n")
+    assert sbx.commands.run("sudo -n -u nobody id -un").stdout == "nobody\n"
+    assert sbx.commands.run("sudo -n touch /root/made && sudo -n test -O /root/made && echo root").stdout == "root\n"
+
+
+def test_sudo_refuses_users_sudoers_does_not_allow(sbx):
+    sbx.commands.run("id other >/dev/null 2>&1 || useradd -m other", user="root")
+    with pytest.raises(CommandExitException) as e:
+        sbx.commands.run("sudo -n id -u", user="other")
+    assert "not allowed" in e.value.stderr or "may not run sudo" in e.value.stderr, e.value.stderr
+    assert e.value.stdout == ""
 
 
 # ------------------------------------------------------------ auto-resume

@@ -13,14 +13,13 @@ use super::network::NETNS_DIR;
 use crate::runtime::{Limits, SandboxId};
 
 /// The sandbox's init: tini reaps orphans (`-s`: as a subreaper) and
-/// forwards signals to envd.
-pub const ENTRYPOINT: [&str; 5] = [
-    "/usr/bin/tini",
-    "-s",
-    "--",
-    "/usr/local/bin/envd",
-    "--no-vsock",
-];
+/// forwards signals to `sandmesh-gvisor-init` (`vmm/guest/rootfs/`), which
+/// starts `sandmesh-sudod` — runsc 2022-12 runs no setuid program, so
+/// `sudo` asks that root daemon instead — and then becomes envd.
+pub const ENTRYPOINT: [&str; 5] = ["/usr/bin/tini", "-s", "--", INIT, "--no-vsock"];
+
+/// The guest-side init script of [`ENTRYPOINT`].
+pub const INIT: &str = "/usr/local/sbin/sandmesh-gvisor-init";
 
 /// The cgroup (v1 controllers or v2) runsc puts the sandbox in.
 pub fn cgroup_path(id: &SandboxId) -> String {
@@ -99,7 +98,7 @@ pub fn config(id: &SandboxId, limits: Limits, dir: &Path) -> Value {
             // such as `sudo` only work without it. runsc releases that
             // implement setuid honour it; runsc 2022-12 implements no
             // setuid at all and behaves as if it were always set (gVisor
-            // issue 212), so `sudo` needs a newer runsc there.
+            // issue 212): there `sudo` goes through sandmesh-sudod.
             "noNewPrivileges": false,
             "capabilities": {
                 "bounding": CAPABILITIES,
@@ -164,7 +163,7 @@ mod tests {
         assert_eq!(c["linux"]["cgroupsPath"], "/sandmesh/abc");
         assert_eq!(c["linux"]["resources"]["memory"]["limit"], 256 << 20);
         assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 300_000);
-        assert_eq!(c["process"]["args"][3], "/usr/local/bin/envd");
+        assert_eq!(c["process"]["args"][3], INIT);
         assert_eq!(c["root"]["path"], "rootfs");
         assert_eq!(c["process"]["noNewPrivileges"], false);
         let boot = c["mounts"]

@@ -1158,6 +1158,10 @@ fn check_template(template: &Template) -> Result<()> {
     for (path, what) in [
         ("usr/local/bin/envd", "envd"),
         ("usr/bin/tini", "tini (Debian package tini)"),
+        (
+            "usr/local/sbin/sandmesh-gvisor-init",
+            "the gvisor init script (vmm/guest/rootfs/, installed by `cargo xtask guest`)",
+        ),
     ] {
         if !template.rootfs_dir.join(path).is_file() {
             return Err(bad(format!(
