@@ -168,6 +168,8 @@ def test_boot_id_is_per_sandbox_and_survives_pause(made):
     assert a.pause() is True
     again = Sandbox.connect(a.sandbox_id)
     assert again.files.read(boot) == first
+    # sudo's daemon (gvisor) came back with the sandbox.
+    assert again.commands.run("sudo -n id -u").stdout == "0\n"
 
 
 def test_sudo_as_the_default_user(sbx):
