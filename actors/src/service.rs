@@ -364,6 +364,7 @@ impl Sandboxes {
     ) -> Result<e2b::Sandbox, SandboxError> {
         let inner = &self.inner;
         let end_at_ms = self.end_at(req.timeout)?;
+        check_lifecycle(&req)?;
         let refs = self.refs()?;
         let name = req.template_id.clone();
         let entry = match refs
@@ -394,6 +395,9 @@ impl Sandboxes {
             runtime: inner.shared.runtime.kind().to_string(),
             state: RecordState::Creating,
             auto_pause: req.auto_pause.unwrap_or(false),
+            auto_resume: req.auto_resume.is_some_and(|a| a.enabled),
+            // `end_at` refused a negative one already.
+            timeout_secs: req.timeout.map_or(0, |t| t.max(0) as u64),
             snapshot_dir: None,
         };
         // Written before the runtime starts anything, so that a node that
@@ -487,6 +491,14 @@ impl Sandboxes {
             state: state_name(r.state),
             metadata: r.metadata.clone(),
             domain: self.inner.config.domain.clone(),
+            lifecycle: Some(e2b::SandboxLifecycle {
+                auto_resume: r.auto_resume,
+                on_timeout: if r.auto_pause {
+                    e2b::OnTimeout::Pause
+                } else {
+                    e2b::OnTimeout::Kill
+                },
+            }),
             runtime: runtime_name(r),
         }
     }
@@ -671,6 +683,29 @@ impl Sandboxes {
         }
     }
 
+    /// Traffic reached sandbox `id` while it is paused (or pausing): resume
+    /// it when it was created with `autoResume` (E2B's auto-resume: the
+    /// sandbox then lives the create's timeout again). `Ok(false)`: it
+    /// was not, and the traffic gets today's "paused" answer. `Ok(true)`:
+    /// it runs now (resumed here, or by a concurrent call).
+    pub async fn wake(&self, id: &str) -> Result<bool, SandboxError> {
+        let Some(r) = self.get(id) else {
+            return Err(self.not_found(id));
+        };
+        if !r.auto_resume {
+            return Ok(false);
+        }
+        if r.state == RecordState::Running {
+            return Ok(true);
+        }
+        let timeout = (r.timeout_secs > 0).then_some(r.timeout_secs as i64);
+        tracing::info!(sandbox = %id, "traffic for a paused sandbox: resuming it (autoResume)");
+        match self.resume(id, timeout).await {
+            Ok(_) | Err(SandboxError::AlreadyRunning(_)) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `connect`: a paused sandbox is resumed (`true` in the answer); for a
     /// running one the timeout only grows. Returns the create response
     /// again (token included).
@@ -786,6 +821,26 @@ fn console_line_meta(line: &str) -> (Option<String>, LogLevel) {
         _ => LogLevel::Info,
     };
     (timestamp, level)
+}
+
+/// E2B's checks of a create's lifecycle fields: `autoPauseMemory=false`
+/// (a filesystem-only auto-pause) means nothing without `autoPause`, and a
+/// filesystem-only snapshot cannot be resumed by traffic.
+fn check_lifecycle(req: &NewSandbox) -> Result<(), SandboxError> {
+    if req.auto_pause_memory != Some(false) {
+        return Ok(());
+    }
+    if req.auto_pause != Some(true) {
+        return Err(SandboxError::BadRequest(
+            "autoPauseMemory=false only applies when autoPause is true.".into(),
+        ));
+    }
+    if req.auto_resume.is_some_and(|a| a.enabled) {
+        return Err(SandboxError::BadRequest(
+            "autoPauseMemory=false (filesystem-only auto-pause) cannot be combined with autoResume: a filesystem-only snapshot cannot be auto-resumed by traffic and must be resumed explicitly.".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The runtime a sandbox record names, as the API reports it.

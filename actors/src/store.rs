@@ -59,6 +59,14 @@ pub struct SandboxRecord {
     /// At the deadline: pause (E2B `autoPause`) rather than kill.
     #[serde(default)]
     pub auto_pause: bool,
+    /// Traffic through the node's proxy resumes it when paused (E2B
+    /// `autoResume`).
+    #[serde(default)]
+    pub auto_resume: bool,
+    /// The create's timeout in seconds (0: it named none): how long an
+    /// auto-resumed sandbox lives, as E2B gives it the create's timeout.
+    #[serde(default)]
+    pub timeout_secs: u64,
     /// The snapshot of a paused sandbox (and, while `Pausing`, where it is
     /// being written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -237,6 +245,8 @@ mod tests {
             runtime: "gvisor".into(),
             state: RecordState::Running,
             auto_pause: false,
+            auto_resume: false,
+            timeout_secs: 0,
             snapshot_dir: None,
         };
         {

@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use schema::e2b::{
     ConnectRequest, ListedSandbox, LogLevel, NewSandbox, RefreshRequest, ResumeRequest,
     SandboxDetail, SandboxLog, SandboxLogEntry, SandboxLogs, SandboxLogsV2, SandboxMetric,
-    TemplateInfo, TimeoutRequest,
+    TemplateAliasResponse, TemplateInfo, TimeoutRequest,
 };
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
@@ -84,7 +84,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     ),
     paths(
         create, list_v2, list_v1, get_one, kill, set_timeout, refresh, connect, pause, resume,
-        sandbox_logs, sandbox_logs_v2, sandbox_metrics, templates, template
+        sandbox_logs, sandbox_logs_v2, sandbox_metrics, templates, template, template_alias
     ),
     components(schemas(schema::e2b::ApiError)),
     modifiers(&ApiKeyAuth)
@@ -117,6 +117,7 @@ pub fn router(sandboxes: Sandboxes) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route("/templates", get(templates))
         .route("/templates/{id}", get(template))
+        .route("/templates/aliases/{alias}", get(template_alias))
         .route("/sandboxes/{id}/logs", get(sandbox_logs))
         .route("/v2/sandboxes/{id}/logs", get(sandbox_logs_v2))
         .route("/sandboxes/{id}/metrics", get(sandbox_metrics))
@@ -278,6 +279,54 @@ async fn template(
         }
     }
 }
+
+/// Whether a template goes by `alias` (`Template.exists`): 200 with its id
+/// when it does, 404 when nothing does. A template's name is its one
+/// alias here, and its only tag is `default` (E2B's default tag): `name`
+/// and `name:default` exist, any other tag is a 404 naming it, and a
+/// malformed alias is a 400, as E2B answers. Every template of a node is
+/// the caller's (no teams), so E2B's 403 never arises.
+#[utoipa::path(get, path = "/templates/aliases/{alias}", params(("alias" = String, Path)),
+    responses((status = 200, body = TemplateAliasResponse), (status = 400, body = schema::e2b::ApiError),
+        (status = 404, body = schema::e2b::ApiError)))]
+async fn template_alias(
+    State(s): State<Sandboxes>,
+    Path(alias): Path<String>,
+) -> Result<Response, ApiError> {
+    let (name, tag) = match alias.split_once(':') {
+        Some((name, tag)) => (name, Some(tag)),
+        None => (alias.as_str(), None),
+    };
+    if name.is_empty() || tag.is_some_and(|t| t.is_empty() || t.contains(':')) {
+        return Err(ApiError::bad_request(format!(
+            "Invalid alias format: {alias:?} (use name or name:tag)"
+        )));
+    }
+    let Some(t) = s.template(name).await? else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("template '{name}' not found"),
+        ));
+    };
+    if let Some(tag) = tag
+        && tag != DEFAULT_TAG
+    {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("tag '{tag}' does not exist for template '{name}'"),
+        ));
+    }
+    let info = t.info(false);
+    Ok(axum::Json(TemplateAliasResponse {
+        template_id: info.template_id,
+        public: info.public,
+    })
+    .into_response())
+}
+
+/// The one tag every template has (E2B's name for the build a bare name
+/// means).
+const DEFAULT_TAG: &str = "default";
 
 /// Entries returned when the request names no `limit`, and at most.
 const LOG_LIMIT: usize = 1000;
@@ -443,11 +492,73 @@ pub fn parse_metadata_filter(value: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The order of a list (`order`): by start time, E2B's default newest
+/// first. Ties (one millisecond) go by id, ascending when newest first and
+/// descending when oldest first — E2B's keyset order, so that paging
+/// either way is the exact reverse of the other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Order {
+    #[default]
+    Desc,
+    Asc,
+}
+
+impl Order {
+    /// The `order` query parameter; `None` for anything but `asc`/`desc`.
+    pub fn parse(v: &str) -> Option<Self> {
+        match v {
+            "desc" => Some(Self::Desc),
+            "asc" => Some(Self::Asc),
+            _ => None,
+        }
+    }
+
+    /// Where (start ms, id) `a` goes relative to `b` in this order.
+    pub fn compare(self, a: (u64, &str), b: (u64, &str)) -> std::cmp::Ordering {
+        match self {
+            Self::Desc => b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)),
+            Self::Asc => a.0.cmp(&b.0).then_with(|| b.1.cmp(a.1)),
+        }
+    }
+}
+
+/// A `nextToken`: the position (start ms, id) of the last sandbox listed.
+/// It names no order: the SDK sends `order` with every page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub started_ms: u64,
+    pub id: String,
+}
+
+impl Cursor {
+    pub fn parse(token: &str) -> Option<Self> {
+        let (ms, id) = token.split_once('.')?;
+        Some(Self {
+            started_ms: ms.parse().ok()?,
+            id: id.to_owned(),
+        })
+    }
+
+    pub fn token(&self) -> String {
+        format!("{}.{}", self.started_ms, self.id)
+    }
+
+    /// Whether (start ms, id) comes after this cursor in `order`.
+    pub fn before(&self, order: Order, item: (u64, &str)) -> bool {
+        order.compare((self.started_ms, self.id.as_str()), item) == std::cmp::Ordering::Less
+    }
+}
+
 struct ListQuery {
     metadata: BTreeMap<String, String>,
     states: Option<Vec<String>>,
     limit: usize,
-    next_token: Option<String>,
+    next_token: Option<Cursor>,
+    order: Order,
+    /// `startedAfter`, in microseconds: sandboxes started at or after it.
+    started_after_us: Option<i64>,
+    /// `template`: sandboxes of this template only.
+    template: Option<String>,
 }
 
 /// Most sandboxes one `GET /v2/sandboxes` page lists.
@@ -459,6 +570,9 @@ fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
         states: None,
         limit: MAX_LIST_LIMIT,
         next_token: None,
+        order: Order::Desc,
+        started_after_us: None,
+        template: None,
     };
     for (k, v) in query_pairs(raw.unwrap_or("")) {
         match k.as_str() {
@@ -489,20 +603,45 @@ fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
                         ))
                     })?;
             }
-            "nextToken" => q.next_token = Some(v).filter(|t| !t.is_empty()),
+            "nextToken" if !v.is_empty() => {
+                q.next_token =
+                    Some(Cursor::parse(&v).ok_or_else(|| {
+                        ApiError::bad_request(format!("invalid nextToken {v:?}"))
+                    })?);
+            }
+            "order" => {
+                q.order = Order::parse(&v).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "Invalid order parameter: unknown order {v:?} (use asc or desc)"
+                    ))
+                })?;
+            }
+            "startedAfter" => {
+                q.started_after_us = Some(schema::e2b::parse_rfc3339_us(&v).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "startedAfter {v:?} is not an RFC 3339 date-time"
+                    ))
+                })?);
+            }
+            "template" => {
+                // A sandbox records its template, never a tag of it: a
+                // tagged filter could not narrow anything (E2B refuses it).
+                if v.contains(':') {
+                    return Err(ApiError::bad_request(format!(
+                        "Invalid template {v:?}: tags are not supported here because sandboxes are not tag-scoped"
+                    )));
+                }
+                q.template = Some(v);
+            }
             _ => {}
         }
     }
     Ok(q)
 }
 
-/// Pagination token: the position after the last listed sandbox.
-fn token_of(r: &SandboxRecord) -> String {
-    format!("{}.{}", r.started_at_ms, r.id)
-}
-
 fn filtered(s: &Sandboxes, q: &ListQuery) -> Vec<SandboxRecord> {
-    s.list()
+    let mut all: Vec<SandboxRecord> = s
+        .list()
         .into_iter()
         .filter(|r| {
             let state = state_name(r.state);
@@ -511,13 +650,30 @@ fn filtered(s: &Sandboxes, q: &ListQuery) -> Vec<SandboxRecord> {
                 .is_none_or(|st| st.iter().any(|x| x == state.as_str()))
         })
         .filter(|r| q.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
-        .collect()
+        .filter(|r| q.template.as_ref().is_none_or(|t| &r.template == t))
+        .filter(|r| {
+            q.started_after_us
+                .is_none_or(|after| r.started_at_ms as i64 * 1000 >= after)
+        })
+        .collect();
+    all.sort_by(|a, b| {
+        q.order.compare(
+            (a.started_at_ms, a.id.as_str()),
+            (b.started_at_ms, b.id.as_str()),
+        )
+    });
+    all
 }
 
-/// Sandboxes, filtered by `metadata` and `state`, paged by `limit` and
-/// `nextToken` (the `x-next-token` response header).
+/// Sandboxes, running and paused alike, filtered by `metadata`, `state`,
+/// `template` and `startedAfter`, in `order` (newest first unless `asc`),
+/// paged by `limit` and `nextToken` (the `x-next-token` response header).
 #[utoipa::path(get, path = "/v2/sandboxes",
-    params(("metadata" = Option<String>, Query), ("state" = Option<String>, Query), ("limit" = Option<u32>, Query), ("nextToken" = Option<String>, Query)),
+    params(("metadata" = Option<String>, Query), ("state" = Option<String>, Query),
+        ("order" = Option<String>, Query, description = "asc or desc (default): by start time"),
+        ("startedAfter" = Option<String>, Query, description = "RFC 3339: sandboxes started at or after it"),
+        ("template" = Option<String>, Query, description = "template name"),
+        ("limit" = Option<u32>, Query), ("nextToken" = Option<String>, Query)),
     responses((status = 200, body = Vec<ListedSandbox>), (status = 400, body = schema::e2b::ApiError)))]
 async fn list_v2(
     State(s): State<Sandboxes>,
@@ -525,27 +681,31 @@ async fn list_v2(
 ) -> Result<Response, ApiError> {
     let q = list_query(raw.as_deref())?;
     let mut all = filtered(&s, &q);
-    if let Some(token) = &q.next_token {
-        let (ms, id) = token
-            .split_once('.')
-            .and_then(|(ms, id)| Some((ms.parse::<u64>().ok()?, id.to_owned())))
-            .ok_or_else(|| ApiError::bad_request(format!("invalid nextToken {token:?}")))?;
-        all.retain(|r| (r.started_at_ms, &r.id) > (ms, &id));
+    if let Some(cursor) = &q.next_token {
+        all.retain(|r| cursor.before(q.order, (r.started_at_ms, r.id.as_str())));
     }
     let more = all.len() > q.limit;
     all.truncate(q.limit);
-    let next = if more { all.last().map(token_of) } else { None };
+    let next = if more {
+        all.last().map(|r| {
+            Cursor {
+                started_ms: r.started_at_ms,
+                id: r.id.clone(),
+            }
+            .token()
+        })
+    } else {
+        None
+    };
     let body: Vec<ListedSandbox> = all.iter().map(|r| s.detail(r).into()).collect();
     let mut resp = axum::Json(body).into_response();
-    if let Some(next) = next {
-        resp.headers_mut().insert(
-            "x-next-token",
-            HeaderValue::from_str(&next).expect("token is ASCII"),
-        );
+    if let Some(next) = next.and_then(|n| HeaderValue::from_str(&n).ok()) {
+        resp.headers_mut().insert("x-next-token", next);
     }
     Ok(resp)
 }
 
+/// E2B's v1 list: the same filters, newest first, one page.
 #[utoipa::path(get, path = "/sandboxes", params(("metadata" = Option<String>, Query)),
     responses((status = 200, body = Vec<ListedSandbox>)))]
 async fn list_v1(
@@ -583,8 +743,79 @@ mod tests {
         );
         assert_eq!(q.states, Some(vec!["running".into()]));
         assert_eq!(q.limit, 5);
+        assert_eq!(q.order, Order::Desc);
         assert!(list_query(Some("limit=0")).is_err());
         assert!(list_query(Some("limit=abc")).is_err());
         assert!(list_query(Some("state=dead")).is_err());
+    }
+
+    #[test]
+    fn list_query_reads_order_started_after_template_and_token() {
+        // As the SDK sends them: `started_after.astimezone().isoformat()`
+        // (the `+` escaped by httpx), the template name, asc.
+        let raw = "order=asc&startedAfter=2024-01-01T01%3A00%3A00.5%2B01%3A00&template=base&nextToken=1704067200000.abc";
+        let q = list_query(Some(raw)).ok().unwrap();
+        assert_eq!(q.order, Order::Asc);
+        assert_eq!(q.started_after_us, Some(1_704_067_200_500_000));
+        assert_eq!(q.template.as_deref(), Some("base"));
+        assert_eq!(
+            q.next_token,
+            Some(Cursor {
+                started_ms: 1_704_067_200_000,
+                id: "abc".into()
+            })
+        );
+        for bad in [
+            "order=up",
+            "startedAfter=yesterday",
+            "template=base:v1",
+            "nextToken=nodot",
+        ] {
+            let e = list_query(Some(bad)).err().unwrap();
+            assert_eq!(e.0, StatusCode::BAD_REQUEST, "{bad}");
+        }
+        // An empty token is no token (the SDK never sends one, but a
+        // client echoing an absent header might).
+        assert_eq!(
+            list_query(Some("nextToken=")).ok().unwrap().next_token,
+            None
+        );
+    }
+
+    #[test]
+    fn order_and_cursor_page_both_ways_without_gaps_or_repeats() {
+        // Three sandboxes started in the same millisecond and two others.
+        let items = [(5u64, "b"), (7, "a"), (7, "c"), (7, "b"), (9, "z")];
+        for order in [Order::Desc, Order::Asc] {
+            let mut sorted = items.to_vec();
+            sorted.sort_by(|a, b| order.compare(*a, *b));
+            let mut seen = Vec::new();
+            let mut cursor: Option<Cursor> = None;
+            loop {
+                let page: Vec<_> = sorted
+                    .iter()
+                    .filter(|i| cursor.as_ref().is_none_or(|c| c.before(order, **i)))
+                    .take(2)
+                    .copied()
+                    .collect();
+                let Some(last) = page.last() else { break };
+                cursor = Some(Cursor {
+                    started_ms: last.0,
+                    id: last.1.to_owned(),
+                });
+                seen.extend(page);
+            }
+            assert_eq!(seen, sorted, "{order:?}");
+        }
+        let mut desc = items.to_vec();
+        desc.sort_by(|a, b| Order::Desc.compare(*a, *b));
+        // Newest first; E2B's tie order (id ascending).
+        assert_eq!(desc, [(9, "z"), (7, "a"), (7, "b"), (7, "c"), (5, "b")]);
+        let mut asc = items.to_vec();
+        asc.sort_by(|a, b| Order::Asc.compare(*a, *b));
+        desc.reverse();
+        assert_eq!(asc, desc, "asc is the exact reverse of desc");
+        let c = Cursor::parse("7.b").unwrap();
+        assert_eq!(c.token(), "7.b");
     }
 }

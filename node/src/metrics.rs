@@ -13,7 +13,8 @@ pub const SANDBOXES: &str = "sandmesh_sandboxes";
 /// Body bytes through the sandbox-traffic proxy, by `direction`
 /// (`to_sandbox`, `from_sandbox`).
 pub const PROXY_BYTES: &str = "sandmesh_proxy_bytes_total";
-/// Proxied requests by `outcome` (`forwarded`, `not_found`, `unreachable`).
+/// Proxied requests by `outcome` (`forwarded`, `not_found`, `paused`,
+/// `resume_failed`: an autoResume sandbox that would not resume, `unreachable`).
 pub const PROXY_REQUESTS: &str = "sandmesh_proxy_requests_total";
 
 /// Calls and streams this node sent to another node, by `kind`

@@ -174,17 +174,33 @@ pub async fn open_local(
     id: &str,
     port: u16,
 ) -> Result<(BoxStream, tokio::sync::watch::Receiver<bool>), Refusal> {
+    let paused = |id: &str| Refusal {
+        message: format!("The sandbox {id} is paused: resume it with Sandbox.connect() first"),
+        outcome: "paused",
+        not_found: false,
+    };
     let cut = match sandboxes.route(id) {
         Ok((_, cut)) => cut,
-        Err(SandboxError::Paused(id)) => {
-            return Err(Refusal {
-                message: format!(
-                    "The sandbox {id} is paused: resume it with Sandbox.connect() first"
-                ),
-                outcome: "paused",
-                not_found: false,
-            });
-        }
+        // Created with autoResume: the request itself wakes it (E2B's
+        // auto-resume), and goes through once it runs.
+        Err(SandboxError::Paused(_)) => match sandboxes.wake(id).await {
+            Ok(false) => return Err(paused(id)),
+            Ok(true) => match sandboxes.route(id) {
+                Ok((_, cut)) => cut,
+                Err(SandboxError::Paused(_)) => return Err(paused(id)),
+                Err(_) => return Err(not_found(sandboxes, id)),
+            },
+            Err(SandboxError::NotFound(_) | SandboxError::Lost(..)) => {
+                return Err(not_found(sandboxes, id));
+            }
+            Err(e) => {
+                return Err(Refusal {
+                    message: format!("The sandbox {id} is paused and resuming it failed: {e}"),
+                    outcome: "resume_failed",
+                    not_found: false,
+                });
+            }
+        },
         Err(_) => return Err(not_found(sandboxes, id)),
     };
     let Ok(sid) = SandboxId::new(id.to_owned()) else {

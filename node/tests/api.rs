@@ -208,6 +208,68 @@ async fn e2b_api_end_to_end() {
     assert_ne!(page1[0]["sandboxID"], page2[0]["sandboxID"]);
     let r = t.api(M::GET, "/sandboxes").send().await.unwrap();
     assert_eq!(r.json::<Vec<Value>>().await.unwrap().len(), 2);
+    // E2B's order: newest first by default, `asc` the reverse; the pages
+    // above came in the default order.
+    let order = |q: &'static str| {
+        let req = t.api(M::GET, q);
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Vec<Value>>()
+                .await
+                .unwrap()
+                .iter()
+                .map(|v| v["sandboxID"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let desc = order("/v2/sandboxes").await;
+    let mut asc = order("/v2/sandboxes?order=asc").await;
+    assert_eq!(
+        desc,
+        [
+            page1[0]["sandboxID"].as_str().unwrap(),
+            page2[0]["sandboxID"].as_str().unwrap()
+        ]
+    );
+    asc.reverse();
+    assert_eq!(asc, desc);
+    assert_eq!(order("/v2/sandboxes?order=desc").await, desc);
+    assert!(order("/v2/sandboxes?template=other").await.is_empty());
+    assert_eq!(order("/v2/sandboxes?template=base").await.len(), 2);
+    assert_eq!(
+        order("/v2/sandboxes?startedAfter=2000-01-01T00%3A00%3A00%2B02%3A00").await,
+        desc
+    );
+    assert!(
+        order("/v2/sandboxes?startedAfter=2999-01-01T00%3A00%3A00Z")
+            .await
+            .is_empty()
+    );
+    let r = t
+        .api(M::GET, "/v2/sandboxes?order=up")
+        .send()
+        .await
+        .unwrap();
+    assert!(json_error(r, 400).await.contains("order"));
+
+    // ---- Template.exists: GET /templates/aliases/{alias}
+    let r = t
+        .api(M::GET, "/templates/aliases/base")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"templateID": "base", "public": false})
+    );
+    let r = t
+        .api(M::GET, "/templates/aliases/no-such-template")
+        .send()
+        .await
+        .unwrap();
+    assert!(json_error(r, 404).await.contains("not found"));
 
     // ---- timeout: moved by /timeout, only extended by connect
     let r = t

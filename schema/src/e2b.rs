@@ -22,6 +22,23 @@ pub struct NewSandbox {
     pub timeout: Option<i64>,
     #[serde(rename = "autoPause", default, skip_serializing_if = "Option::is_none")]
     pub auto_pause: Option<bool>,
+    /// What a timeout's auto-pause keeps: `false` asks E2B for a
+    /// filesystem-only snapshot. We always keep memory too (a superset);
+    /// the flag is checked against `autoPause` and `autoResume` as E2B does.
+    #[serde(
+        rename = "autoPauseMemory",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub auto_pause_memory: Option<bool>,
+    /// `lifecycle.auto_resume` in the SDK: traffic to the paused sandbox's
+    /// ports (through the node's proxy) resumes it.
+    #[serde(
+        rename = "autoResume",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub auto_resume: Option<AutoResumeConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_internet_access: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -31,6 +48,42 @@ pub struct NewSandbox {
     /// Accepted and ignored: every sandbox is secured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure: Option<bool>,
+}
+
+/// `autoResume` of a create (`SandboxAutoResumeConfig`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AutoResumeConfig {
+    pub enabled: bool,
+}
+
+/// `kill` or `pause`: what the timeout does (`SandboxOnTimeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    Kill,
+    Pause,
+}
+
+/// `lifecycle` of `GET /sandboxes/{id}` (`SandboxLifecycle`): both keys
+/// are required when the object is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SandboxLifecycle {
+    #[serde(rename = "autoResume")]
+    pub auto_resume: bool,
+    #[serde(rename = "onTimeout")]
+    pub on_timeout: OnTimeout,
+}
+
+/// `GET /templates/aliases/{alias}` (`TemplateAliasResponse`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TemplateAliasResponse {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    pub public: bool,
 }
 
 /// Which runtime runs a sandbox, as reported in our extra `runtime` field.
@@ -120,6 +173,9 @@ pub struct SandboxDetail {
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub domain: Option<String>,
+    /// What the timeout does and whether traffic resumes it when paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<SandboxLifecycle>,
     /// Ours (the SDK ignores unknown fields): which runtime runs it.
     pub runtime: RuntimeName,
 }
@@ -421,6 +477,75 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
     u64::try_from(secs * 1000 + ms).ok()
 }
 
+/// Microseconds since the Unix epoch of any RFC 3339 date-time: `T` (or
+/// `t`, or a space) between date and time, any number of fraction digits
+/// (beyond microseconds truncated, as E2B truncates), `Z` or an offset.
+/// The SDK's `started_after` is `datetime.isoformat()` of a zone-aware time,
+/// e.g. `2026-01-02T03:04:05.123456+01:00`; a `+` that arrived unescaped in
+/// a query string reads as a space, and is taken as `+`. `None` for
+/// anything else.
+pub fn parse_rfc3339_us(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(r)?;
+        part.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut micros = 0i64;
+    if b[i] == b'.' {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            if i - start < 6 {
+                micros = micros * 10 + i64::from(b[i] - b'0');
+            }
+            i += 1;
+        }
+        let digits = i - start;
+        if digits == 0 {
+            return None;
+        }
+        for _ in digits..6 {
+            micros *= 10;
+        }
+    }
+    let offset_secs = match b.get(i..)? {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-' | b' '), h1, h2, b':', m1, m2] => {
+            let two = |a: u8, b: u8| -> Option<i64> {
+                (a.is_ascii_digit() && b.is_ascii_digit())
+                    .then(|| i64::from(a - b'0') * 10 + i64::from(b - b'0'))
+            };
+            let (oh, om) = (two(*h1, *h2)?, two(*m1, *m2)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let secs = oh * 3600 + om * 60;
+            if *sign == b'-' { -secs } else { secs }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(y, m as u32, d as u32);
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss - offset_secs;
+    Some(secs * 1_000_000 + micros)
+}
+
 /// (year, month, day) to days since 1970-01-01: the inverse of
 /// [`civil_from_days`].
 fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
@@ -475,6 +600,64 @@ mod tests {
         }
     }
     use serde_json::json;
+
+    #[test]
+    fn rfc3339_with_offsets_and_fractions() {
+        let base = 1_704_067_200_000_000i64; // 2024-01-01T00:00:00Z
+        for (s, want) in [
+            ("2024-01-01T00:00:00Z", base),
+            ("2024-01-01T00:00:00.123Z", base + 123_000),
+            ("2024-01-01T00:00:00.123456789Z", base + 123_456),
+            ("2024-01-01T01:00:00.5+01:00", base + 500_000),
+            ("2024-01-01T01:00:00.5 01:00", base + 500_000),
+            ("2023-12-31T23:30:00-00:30", base),
+            ("2024-01-01t00:00:00z", base),
+            ("2024-01-01 00:00:00+00:00", base),
+        ] {
+            assert_eq!(parse_rfc3339_us(s), Some(want), "{s}");
+        }
+        for bad in [
+            "",
+            "2024-01-01",
+            "2024-01-01T00:00:00",
+            "2024-01-01T00:00:00.Z",
+            "2024-01-01T00:00:00+0100",
+            "2024-13-01T00:00:00Z",
+            "2024-01-01T00:00:00+01:00x",
+        ] {
+            assert_eq!(parse_rfc3339_us(bad), None, "{bad}");
+        }
+        // What we write reads back at the same instant.
+        let ms = 1_795_000_000_999u64;
+        let s = format_rfc3339(UNIX_EPOCH + Duration::from_millis(ms));
+        assert_eq!(parse_rfc3339_us(&s), Some(ms as i64 * 1000));
+    }
+
+    #[test]
+    fn lifecycle_fields() {
+        let n: NewSandbox = serde_json::from_str(
+            r#"{"templateID":"base","autoPause":true,"autoPauseMemory":true,"autoResume":{"enabled":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(n.auto_resume, Some(AutoResumeConfig { enabled: true }));
+        assert_eq!(n.auto_pause_memory, Some(true));
+        let l = SandboxLifecycle {
+            auto_resume: true,
+            on_timeout: OnTimeout::Pause,
+        };
+        assert_eq!(
+            serde_json::to_value(l).unwrap(),
+            json!({"autoResume": true, "onTimeout": "pause"})
+        );
+        let a = TemplateAliasResponse {
+            template_id: "base".into(),
+            public: false,
+        };
+        assert_eq!(
+            serde_json::to_value(&a).unwrap(),
+            json!({"templateID": "base", "public": false})
+        );
+    }
 
     #[test]
     fn new_sandbox_reads_the_sdk_body() {
@@ -533,6 +716,10 @@ mod tests {
             state: SandboxStateName::Running,
             metadata: BTreeMap::from([("k".into(), "v".into())]),
             domain: None,
+            lifecycle: Some(SandboxLifecycle {
+                auto_resume: false,
+                on_timeout: OnTimeout::Kill,
+            }),
             runtime: RuntimeName::Gvisor,
         };
         assert_eq!(
@@ -541,7 +728,7 @@ mod tests {
                    "startedAt":"2024-01-01T00:00:00.000Z","endAt":"2024-01-01T00:05:00.000Z",
                    "envdVersion":"0.6.4","envdAccessToken":"tok","cpuCount":2,"memoryMB":512,
                    "diskSizeMB":0,"state":"running","metadata":{"k":"v"},"domain":null,
-                   "runtime":"gvisor"})
+                   "lifecycle":{"autoResume":false,"onTimeout":"kill"},"runtime":"gvisor"})
         );
         let l = ListedSandbox::from(d);
         let v = serde_json::to_value(&l).unwrap();

@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "bash",
     "coreutils",
     "python3",
+    // `python` as a command, as E2B's base image has it.
+    "python-is-python3",
     "ca-certificates",
     "curl",
     "git",
@@ -107,13 +109,18 @@ pub fn build(
     force: bool,
 ) -> Result<Rootfs> {
     let init = recipe_dir(root).join("sandmesh-init");
-    let key = KeyHasher::new("rootfs")
+    let scripts = guest_scripts(root);
+    let mut hasher = KeyHasher::new("rootfs");
+    hasher
         .text("recipe", RECIPE_VERSION)
         .text("base", &base.key)
         .text("envd", &envd.key)
         .text("image-size", image_size)
-        .file(root, &init)?
-        .finish();
+        .file(root, &init)?;
+    for (from, _) in &scripts {
+        hasher.file(root, from)?;
+    }
+    let key = hasher.finish();
     let entry = cache.get_or_build("rootfs", &key, force, |out| {
         let tree = out.join("tree");
         run::status(
@@ -124,6 +131,9 @@ pub fn build(
         )?;
         install(&envd.binary, &tree.join("usr/local/bin/envd"), 0o755)?;
         install(&init, &tree.join("usr/local/sbin/sandmesh-init"), 0o755)?;
+        for (from, to) in &scripts {
+            install(from, &tree.join(to), 0o755)?;
+        }
         let image = out.join("rootfs.ext4");
         println!("  packing {} ext4 image", image_size);
         run::output(
@@ -150,6 +160,23 @@ pub fn build(
         image: entry.dir.join("rootfs.ext4"),
         key: entry.key,
     })
+}
+
+/// The gvisor runtime's guest side, beside envd: its init script (what the
+/// OCI bundle starts under tini), and `sudo` for a runsc that runs no
+/// setuid program — the root daemon `sandmesh-sudod` and the `sudo` in
+/// `/usr/local/bin` (ahead of `/usr/bin` in PATH) that asks it, falling
+/// back to `/usr/bin/sudo` wherever setuid works. (source, path in tree)
+fn guest_scripts(root: &Path) -> [(PathBuf, &'static str); 3] {
+    let dir = recipe_dir(root);
+    [
+        (
+            dir.join("sandmesh-gvisor-init"),
+            "usr/local/sbin/sandmesh-gvisor-init",
+        ),
+        (dir.join("sandmesh-sudod"), "usr/local/sbin/sandmesh-sudod"),
+        (dir.join("sandmesh-sudo"), "usr/local/bin/sudo"),
+    ]
 }
 
 fn install(from: &Path, to: &Path, mode: u32) -> Result<()> {

@@ -27,6 +27,7 @@ use schema::mesh::{self as wire, ErrorKind, NodeInfo, NodeState, PROTOCOL_VERSIO
 use std::time::Duration;
 
 use super::{Cluster, Forwarded, Owner};
+use crate::api::{Cursor, Order};
 use crate::http::{RESERVATION_HEADER, Reservation, closing, error_response, query_pairs};
 use crate::proxy::{self, Target};
 
@@ -620,14 +621,24 @@ fn no_room(members: &[mesh::membership::Member]) -> Response {
 }
 
 /// `GET /sandboxes` and `/v2/sandboxes`: every live node's list, merged in
-/// the order of one node's (start time, then id), paged over the merge.
+/// the order each node lists in ([`Order`]: start time, then id), paged
+/// over the merge. Each node answers its first `limit` sandboxes after the
+/// cursor in that order, so the merge's first `limit` are the cluster's:
+/// order and paging hold cluster-wide.
 async fn list(cluster: &Cluster, req: Request) -> Response {
     let v2 = req.uri().path().starts_with("/v2/");
-    let limit = query_pairs(req.uri().query().unwrap_or(""))
-        .into_iter()
+    let pairs = query_pairs(req.uri().query().unwrap_or(""));
+    let limit = pairs
+        .iter()
         .find(|(k, _)| k == "limit")
         .and_then(|(_, v)| v.parse::<usize>().ok())
         .unwrap_or(crate::api::MAX_LIST_LIMIT);
+    // A bad `order` is refused by every node (400), answered below.
+    let order = pairs
+        .iter()
+        .find(|(k, _)| k == "order")
+        .and_then(|(_, v)| Order::parse(v))
+        .unwrap_or_default();
     let rest = match to_rest(req).await {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -684,22 +695,7 @@ async fn list(cluster: &Cluster, req: Request) -> Response {
             }
         }
     }
-    let key = |v: &serde_json::Value| {
-        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
-        (s("startedAt"), s("sandboxID"))
-    };
-    items.sort_by_key(key);
-    let mut next = None;
-    if v2 {
-        more |= items.len() > limit;
-        items.truncate(limit);
-        if more && let Some(last) = items.last() {
-            let (started, id) = key(last);
-            if let Some(ms) = schema::e2b::parse_rfc3339_ms(&started) {
-                next = Some(format!("{ms}.{id}"));
-            }
-        }
-    }
+    let (items, next) = merge_page(items, order, v2.then_some(limit), more);
     let mut resp = axum::response::IntoResponse::into_response(axum::Json(items));
     if let Some(next) = next.and_then(|n| HeaderValue::from_str(&n).ok()) {
         resp.headers_mut().insert("x-next-token", next);
@@ -712,6 +708,45 @@ async fn list(cluster: &Cluster, req: Request) -> Response {
         }
     }
     resp
+}
+
+/// The (start ms, id) of a listed sandbox as a node answered it.
+fn position(v: &serde_json::Value) -> (u64, String) {
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
+    (
+        schema::e2b::parse_rfc3339_ms(s("startedAt")).unwrap_or(0),
+        s("sandboxID").to_owned(),
+    )
+}
+
+/// The nodes' answers merged in `order`, cut to `limit` (v2; `None`: v1,
+/// one page), with the next page's token when there is more: `more` says
+/// whether some node had more than it answered.
+fn merge_page(
+    mut items: Vec<serde_json::Value>,
+    order: Order,
+    limit: Option<usize>,
+    more: bool,
+) -> (Vec<serde_json::Value>, Option<String>) {
+    let mut keyed: Vec<((u64, String), serde_json::Value)> =
+        items.drain(..).map(|v| (position(&v), v)).collect();
+    keyed.sort_by(|(a, _), (b, _)| order.compare((a.0, a.1.as_str()), (b.0, b.1.as_str())));
+    let Some(limit) = limit else {
+        return (keyed.into_iter().map(|(_, v)| v).collect(), None);
+    };
+    let more = more || keyed.len() > limit;
+    keyed.truncate(limit);
+    let next = more
+        .then(|| keyed.last())
+        .flatten()
+        .map(|((started_ms, id), _)| {
+            Cursor {
+                started_ms: *started_ms,
+                id: id.clone(),
+            }
+            .token()
+        });
+    (keyed.into_iter().map(|(_, v)| v).collect(), next)
 }
 
 /// The sandbox, on another node, that a signed `/files` URL is for (no
@@ -887,5 +922,59 @@ mod tests {
             body: vec![],
         };
         assert!(from_rest(bad, "n2".into()).is_err());
+    }
+
+    #[test]
+    fn pages_of_the_merge_are_the_clusters_pages() {
+        use serde_json::json;
+        // Two nodes' sandboxes, as each answers a page of 2 (newest
+        // first): the merge pages through all five in one order.
+        let at = |ms: u64| {
+            schema::e2b::format_rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+        };
+        let sbx = |ms: u64, id: &str| json!({"sandboxID": id, "startedAt": at(ms)});
+        let n1 = [sbx(5, "e"), sbx(3, "c"), sbx(1, "a")];
+        let n2 = [sbx(4, "d"), sbx(2, "b")];
+        for (order, want) in [
+            (Order::Desc, ["e", "d", "c", "b", "a"]),
+            (Order::Asc, ["a", "b", "c", "d", "e"]),
+        ] {
+            let mut seen = Vec::new();
+            let mut cursor: Option<Cursor> = None;
+            loop {
+                // What each node answers: its own order, after the cursor.
+                let (mut items, mut more) = (Vec::new(), false);
+                for node in [&n1[..], &n2[..]] {
+                    let mut mine: Vec<_> = node
+                        .iter()
+                        .filter(|v| {
+                            let (ms, id) = position(v);
+                            cursor
+                                .as_ref()
+                                .is_none_or(|c| c.before(order, (ms, id.as_str())))
+                        })
+                        .cloned()
+                        .collect();
+                    mine.sort_by(|a, b| {
+                        let (a, b) = (position(a), position(b));
+                        order.compare((a.0, a.1.as_str()), (b.0, b.1.as_str()))
+                    });
+                    more |= mine.len() > 2;
+                    mine.truncate(2);
+                    items.extend(mine);
+                }
+                let (page, next) = merge_page(items, order, Some(2), more);
+                seen.extend(page.iter().map(|v| position(v).1));
+                match next {
+                    Some(t) => cursor = Cursor::parse(&t),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, want, "{order:?}");
+        }
+        // v1: one page, every item, in order.
+        let (all, next) = merge_page(vec![sbx(1, "a"), sbx(2, "b")], Order::Desc, None, true);
+        assert_eq!(next, None);
+        assert_eq!(position(&all[0]).1, "b");
     }
 }

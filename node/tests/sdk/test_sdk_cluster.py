@@ -197,7 +197,14 @@ def test_list_merges_every_node_and_pages(via_non_owner):
         assert len(seen) == 3 and paginator.has_next
         seen += paginator.next_items()
         assert not paginator.has_next
-        assert sorted(s.sandbox_id for s in seen) == sorted(s.sandbox_id for s in made)
+        # E2B's order, cluster-wide: newest first across both owners, and
+        # `order="asc"` the exact reverse, page after page.
+        created = [s.sandbox_id for s in made]
+        assert [s.sandbox_id for s in seen] == created[::-1]
+        paginator = Sandbox.list(query=SandboxQuery(metadata={"tag": tag}), limit=3, order="asc")
+        asc = paginator.next_items() + paginator.next_items()
+        assert not paginator.has_next
+        assert [s.sandbox_id for s in asc] == created
     finally:
         for s in made:
             s.kill()

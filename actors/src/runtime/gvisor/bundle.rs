@@ -13,14 +13,13 @@ use super::network::NETNS_DIR;
 use crate::runtime::{Limits, SandboxId};
 
 /// The sandbox's init: tini reaps orphans (`-s`: as a subreaper) and
-/// forwards signals to envd.
-pub const ENTRYPOINT: [&str; 5] = [
-    "/usr/bin/tini",
-    "-s",
-    "--",
-    "/usr/local/bin/envd",
-    "--no-vsock",
-];
+/// forwards signals to `sandmesh-gvisor-init` (`vmm/guest/rootfs/`), which
+/// starts `sandmesh-sudod` — runsc 2022-12 runs no setuid program, so
+/// `sudo` asks that root daemon instead — and then becomes envd.
+pub const ENTRYPOINT: [&str; 5] = ["/usr/bin/tini", "-s", "--", INIT, "--no-vsock"];
+
+/// The guest-side init script of [`ENTRYPOINT`].
+pub const INIT: &str = "/usr/local/sbin/sandmesh-gvisor-init";
 
 /// The cgroup (v1 controllers or v2) runsc puts the sandbox in.
 pub fn cgroup_path(id: &SandboxId) -> String {
@@ -47,8 +46,40 @@ const CAPABILITIES: [&str; 14] = [
     "CAP_AUDIT_WRITE",
 ];
 
-/// The OCI runtime configuration of sandbox `id`.
-pub fn config(id: &SandboxId, limits: Limits) -> Value {
+/// Where the sandbox's `/proc/sys/kernel/random/boot_id` comes from: a
+/// file of its directory ([`boot_id`]), bind-mounted read-only over the
+/// path. gVisor's procfs (runsc 2022-12) has no `kernel/random` at all,
+/// and tools read the file to tell a reboot from a resume (systemd's
+/// `sd_id128_get_boot`, journald, test suites): it must exist, stay the
+/// same across pause/resume of one sandbox and differ between sandboxes.
+/// The mount is read through the gofer at every open, so a sandbox
+/// restored from a template snapshot (or its own) reads its own file.
+pub const BOOT_ID_FILE: &str = "boot_id";
+
+/// The sandbox's boot id: a UUID (version 4 layout, as Linux's) derived
+/// from its id, so that a resume — on this node or after a node restart
+/// — keeps it without storing anything, and two sandboxes never share one.
+pub fn boot_id(id: &SandboxId) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("sandmesh boot_id\0{id}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&digest[..16]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}\n",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The OCI runtime configuration of sandbox `id`, whose directory (the
+/// bundle's, holding [`BOOT_ID_FILE`]) is `dir`.
+pub fn config(id: &SandboxId, limits: Limits, dir: &Path) -> Value {
     let netns = Path::new(NETNS_DIR).join(format!("smh-{id}"));
     let memory = limits.memory_mib.saturating_mul(1024 * 1024);
     let period: u64 = 100_000;
@@ -63,6 +94,12 @@ pub fn config(id: &SandboxId, limits: Limits) -> Value {
                 "HOME=/root",
             ],
             "cwd": "/",
+            // Said outright (false is the OCI default): setuid binaries
+            // such as `sudo` only work without it. runsc releases that
+            // implement setuid honour it; runsc 2022-12 implements no
+            // setuid at all and behaves as if it were always set (gVisor
+            // issue 212): there `sudo` goes through sandmesh-sudod.
+            "noNewPrivileges": false,
             "capabilities": {
                 "bounding": CAPABILITIES,
                 "effective": CAPABILITIES,
@@ -83,6 +120,9 @@ pub fn config(id: &SandboxId, limits: Limits) -> Value {
               "options": ["nosuid", "nodev", "mode=1777"] },
             { "destination": "/sys", "type": "sysfs", "source": "sysfs",
               "options": ["nosuid", "noexec", "nodev", "ro"] },
+            { "destination": "/proc/sys/kernel/random/boot_id", "type": "bind",
+              "source": dir.join(BOOT_ID_FILE),
+              "options": ["rbind", "ro", "nosuid", "noexec", "nodev"] },
         ],
         "linux": {
             "namespaces": [
@@ -117,12 +157,41 @@ mod tests {
                 vcpus: 3,
                 memory_mib: 256,
             },
+            Path::new("/data/run/sandboxes/abc"),
         );
         assert_eq!(c["linux"]["namespaces"][1]["path"], "/run/netns/smh-abc");
         assert_eq!(c["linux"]["cgroupsPath"], "/sandmesh/abc");
         assert_eq!(c["linux"]["resources"]["memory"]["limit"], 256 << 20);
         assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 300_000);
-        assert_eq!(c["process"]["args"][3], "/usr/local/bin/envd");
+        assert_eq!(c["process"]["args"][3], INIT);
         assert_eq!(c["root"]["path"], "rootfs");
+        assert_eq!(c["process"]["noNewPrivileges"], false);
+        let boot = c["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/proc/sys/kernel/random/boot_id")
+            .unwrap();
+        assert_eq!(boot["source"], "/data/run/sandboxes/abc/boot_id");
+        assert_eq!(boot["type"], "bind");
+    }
+
+    #[test]
+    fn boot_ids_are_uuids_of_their_sandbox() {
+        let a = boot_id(&SandboxId::new("abc").unwrap());
+        assert_eq!(a, boot_id(&SandboxId::new("abc").unwrap()));
+        assert_ne!(a, boot_id(&SandboxId::new("abd").unwrap()));
+        let a = a.strip_suffix('\n').unwrap();
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(a.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()));
+        assert!(parts[2].starts_with('4'), "version 4: {a}");
+        assert!(
+            matches!(&parts[3][..1], "8" | "9" | "a" | "b"),
+            "variant: {a}"
+        );
     }
 }

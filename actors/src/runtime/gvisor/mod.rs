@@ -8,6 +8,7 @@
 //! <data_dir>/run/sandboxes/<id>/
 //!     meta.json                          written first: id, template, limits
 //!     config.json                        the OCI bundle (bundle.rs); root = rootfs
+//!     boot_id                            the guest's /proc/sys/kernel/random/boot_id
 //!     upper/ work/                       the overlay's writable layer
 //!     rootfs/                            overlay: lowerdir = template root (never written)
 //!     console.log                        the guest's stdout and stderr (envd's log)
@@ -626,7 +627,10 @@ impl Inner {
         netns.create()?;
         tracing::debug!(sandbox = %id, "step: mount+netns {:?}", tq.elapsed());
         let tq = Instant::now();
-        write_json(&dir.join("config.json"), &bundle::config(id, limits))?;
+        let boot_id = dir.join(bundle::BOOT_ID_FILE);
+        std::fs::write(&boot_id, bundle::boot_id(id))
+            .map_err(|e| RuntimeError::io("writing", &boot_id, e))?;
+        write_json(&dir.join("config.json"), &bundle::config(id, limits, &dir))?;
 
         let console_path = dir.join("console.log");
         let console = std::fs::OpenOptions::new()
@@ -1154,6 +1158,10 @@ fn check_template(template: &Template) -> Result<()> {
     for (path, what) in [
         ("usr/local/bin/envd", "envd"),
         ("usr/bin/tini", "tini (Debian package tini)"),
+        (
+            "usr/local/sbin/sandmesh-gvisor-init",
+            "the gvisor init script (vmm/guest/rootfs/, installed by `cargo xtask guest`)",
+        ),
     ] {
         if !template.rootfs_dir.join(path).is_file() {
             return Err(bad(format!(
