@@ -15,11 +15,12 @@
 //! Nothing here depends on the node crate: the node depends on this one.
 //!
 //! Modules import each other one way, leaves first: [`clock`], [`store`],
-//! [`metrics`], [`wire`] <- [`template_cache`], [`placement`] <- [`sandbox`]
+//! [`metrics`], [`wire`], [`holding`] <- [`template_cache`], [`placement`] <- [`sandbox`]
 //! <- [`directory`] <- [`node_supervisor`] <- [`service`].
 
 pub mod clock;
 pub mod directory;
+pub mod holding;
 pub mod metrics;
 pub mod node_supervisor;
 pub mod placement;

@@ -31,11 +31,10 @@
 //!   again by the verification loop once the peer answers again.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use super::lock;
 use actors::directory::{self, DirectoryMsg};
 use actors::placement::{self, PlacementMsg};
 use ractor::rpc::CallResult;
@@ -45,7 +44,7 @@ use schema::mesh::{
     ACTOR_PROTOCOL, ClusterCall, ClusterReply, ErrorKind, MAX_SANDBOX_PAYLOAD, NodeInfo,
     SandboxCall, SandboxReply, SessionHeader,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// How long a remote actor call may take before the caller gives up.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -332,10 +331,6 @@ pub fn refusal(
     None
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Clears a dial's entry when its session's reader goes (the session
 /// ended), so that the next verification round dials again.
 struct DialGuard {
@@ -392,10 +387,9 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     fn split(self: Box<Self>) -> (BoxRead, BoxWrite) {
-        let read = Guarded {
-            inner: self.recv,
-            _guard: self.guard,
-        };
+        // The read half holds the dial's guard for as long as the
+        // session reads.
+        let read = actors::holding::Holding::new(self.recv, self.guard);
         (Box::new(read), Box::new(self.send))
     }
 
@@ -405,23 +399,6 @@ where
 
     fn local_label(&self) -> Option<String> {
         Some(format!("mesh:{}", self.local))
-    }
-}
-
-/// The read half, holding the dial's guard for as long as the session
-/// reads.
-struct Guarded<R> {
-    inner: R,
-    _guard: Option<DialGuard>,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Guarded<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
