@@ -9,6 +9,7 @@ target/sandmesh-guest-artifacts.json). Without them the tests are skipped
 with the reason, except when SANDMESH_REQUIRE_ARTIFACTS is set.
 """
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -152,6 +153,22 @@ def point_sdk_at(monkeypatch, url, key):
     monkeypatch.setenv("E2B_SANDBOX_URL", url)
     monkeypatch.setenv("E2B_API_KEY", key)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@contextlib.contextmanager
+def module_sandbox(node, **create):
+    """One sandbox for a whole test module (`Sandbox.create(**create)` on
+    the session's node), killed at the module's end."""
+    from e2b import Sandbox
+
+    url, key = node
+    with pytest.MonkeyPatch.context() as mp:
+        point_sdk_at(mp, url, key)
+        box = Sandbox.create(**create)
+        try:
+            yield box
+        finally:
+            box.kill()
 
 
 @pytest.fixture

@@ -12,19 +12,13 @@ import httpx
 import pytest
 from e2b import CommandExitException, Sandbox, SandboxQuery, SandboxState, Template
 
-from conftest import point_sdk_at
+from conftest import module_sandbox
 
 
 @pytest.fixture(scope="module")
 def sbx(node):
-    url, key = node
-    with pytest.MonkeyPatch.context() as mp:
-        point_sdk_at(mp, url, key)
-        box = Sandbox.create(metadata={"suite": "compat-api"})
-        try:
-            yield box
-        finally:
-            box.kill()
+    with module_sandbox(node, metadata={"suite": "compat-api"}) as box:
+        yield box
 
 
 @pytest.fixture

@@ -13,19 +13,13 @@ import pytest
 from e2b import AsyncSandbox, FilesystemEventType, Sandbox
 from e2b.sandbox.filesystem.filesystem import FileType
 
-from conftest import point_sdk_at
+from conftest import module_sandbox
 
 
 @pytest.fixture(scope="module")
 def sbx(node):
-    url, key = node
-    with pytest.MonkeyPatch.context() as mp:
-        point_sdk_at(mp, url, key)
-        box = Sandbox.create()
-        try:
-            yield box
-        finally:
-            box.kill()
+    with module_sandbox(node) as box:
+        yield box
 
 
 def fresh(prefix):

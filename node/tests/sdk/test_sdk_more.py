@@ -19,19 +19,13 @@ from e2b import (
 )
 from e2b.sandbox.filesystem.filesystem import FileType
 
-from conftest import point_sdk_at
+from conftest import module_sandbox, point_sdk_at
 
 
 @pytest.fixture(scope="module")
 def sbx(node):
-    url, key = node
-    with pytest.MonkeyPatch.context() as mp:
-        point_sdk_at(mp, url, key)
-        box = Sandbox.create()
-        try:
-            yield box
-        finally:
-            box.kill()
+    with module_sandbox(node) as box:
+        yield box
 
 
 def test_background_wait_and_on_stdout(sbx):

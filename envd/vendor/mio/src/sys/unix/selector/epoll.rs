@@ -62,9 +62,8 @@ impl Registered {
         *self.tokens.entry(token).or_insert(0) += 1;
     }
 
-    /// Before `EPOLL_CTL_MOD` gives `fd` the token `token`: count it too.
-    fn add_alias(&mut self, fd: RawFd, token: u64) {
-        let _ = fd;
+    /// Before `EPOLL_CTL_MOD` gives an fd the token `token`: count it too.
+    fn add_alias(&mut self, token: u64) {
         *self.tokens.entry(token).or_insert(0) += 1;
     }
 
@@ -193,7 +192,7 @@ impl Selector {
         let token = event.u64;
         // Both tokens count until the kernel has switched: an event in
         // flight for either is genuine.
-        self.registered().add_alias(fd, token);
+        self.registered().add_alias(token);
         let result = syscall!(epoll_ctl(ep, libc::EPOLL_CTL_MOD, fd, &mut event)).map(|_| ());
         self.registered().settle(fd, token, result.is_ok());
         result
