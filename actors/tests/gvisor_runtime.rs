@@ -559,6 +559,86 @@ async fn checkpoint_and_restore_keep_memory_and_files() {
     }
 }
 
+/// The sandbox (sentry) and gofer pids runsc recorded for `id`.
+fn runsc_pids(env: &Env, id: &SandboxId) -> (i32, i32) {
+    let state = env
+        .data
+        .join("run/runsc")
+        .join(format!("{id}_sandbox:{id}.state"));
+    let text = std::fs::read_to_string(&state).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let pid = |v: &serde_json::Value| v.as_i64().unwrap() as i32;
+    (pid(&state["sandbox"]["pid"]), pid(&state["goferPid"]))
+}
+
+/// On a loaded host a SIGKILLed gofer took longer to go than the runtime
+/// waited, and a finished save was thrown away with the sandbox. Here the
+/// gofer sits in a frozen cgroup (a killed process cannot exit until
+/// thawed) for 4 s around the save: the snapshot must be kept, whole, and
+/// nothing may be left once the gofer has gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_save_whose_processes_are_slow_to_die_keeps_its_snapshot() {
+    let Some(env) = env("a_save_whose_processes_are_slow_to_die_keeps_its_snapshot") else {
+        return;
+    };
+    let freezer = Path::new("/sys/fs/cgroup/freezer");
+    if !freezer.join("cgroup.procs").exists() {
+        eprintln!("SKIP: no cgroup v1 freezer to hold a process");
+        return;
+    }
+    let veths = veth_count();
+    let id = sid("slow");
+    env.rt
+        .create(&id, &env.base, Limits::default())
+        .await
+        .unwrap();
+    sh(&env.rt, &id, "echo kept > /root/file").await;
+
+    // The save itself needs the gofer, to its end; so freeze it the moment
+    // the sentry has gone (the save done), before the runtime's SIGKILL.
+    let (sentry, gofer) = runsc_pids(&env, &id);
+    let frozen = freezer.join(format!("smh-test-{}-slow", std::process::id()));
+    std::fs::create_dir_all(&frozen).unwrap();
+    std::fs::write(frozen.join("cgroup.procs"), gofer.to_string()).unwrap();
+    let dest = env.data.join("snap-slow");
+    let freeze = {
+        let frozen = frozen.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let running =
+                || std::fs::read(format!("/proc/{sentry}/cmdline")).is_ok_and(|c| !c.is_empty());
+            while running() && t0.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            std::fs::write(frozen.join("freezer.state"), "FROZEN").unwrap();
+            let frozen_at = Instant::now();
+            std::thread::sleep(Duration::from_secs(4));
+            std::fs::write(frozen.join("freezer.state"), "THAWED").unwrap();
+            frozen_at
+        })
+    };
+
+    let t0 = Instant::now();
+    let snap = env.rt.checkpoint(&id, &dest).await;
+    let frozen_at = freeze.join().unwrap();
+    eprintln!(
+        "checkpoint: {:?}, gofer frozen {:?} after it began",
+        t0.elapsed(),
+        frozen_at - t0
+    );
+    let snap = snap.unwrap();
+    let _ = std::fs::remove_dir(&frozen);
+    assert_gone(&env, &id, veths);
+
+    env.rt
+        .restore(&id, &env.base, &snap, Limits::default())
+        .await
+        .unwrap();
+    assert_eq!(sh(&env.rt, &id, "cat /root/file").await, "kept\n");
+    env.rt.kill(&id).await.unwrap();
+    assert_gone(&env, &id, veths);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn template_snapshot_creates_are_fast() {
     let Some(env) = env("template_snapshot_creates_are_fast") else {
