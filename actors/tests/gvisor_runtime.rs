@@ -875,7 +875,7 @@ fn runtime_selection_reports_its_reason() {
     use actors::runtime::select::{RuntimeChoice, select};
     let data = std::env::temp_dir().join(format!("sandmesh-select-{}", std::process::id()));
     let started = std::time::Instant::now();
-    let microvm = select(RuntimeChoice::Microvm, &data, None);
+    let microvm = select(RuntimeChoice::Microvm, &data, None, None);
     let err = microvm
         .err()
         .expect("microvm needs a guest kernel, and KVM that runs it");
@@ -890,7 +890,7 @@ fn runtime_selection_reports_its_reason() {
     if vmm::probe::probe_kvm().native {
         return eprintln!("SKIP the gvisor half: this host runs guest kernels natively");
     }
-    match select(RuntimeChoice::Auto, &data, None) {
+    match select(RuntimeChoice::Auto, &data, None, None) {
         Ok(selected) => {
             assert_eq!(
                 selected.runtime.kind(),

@@ -153,6 +153,11 @@ struct NodeArgs {
     /// guest` built.
     #[arg(long, env = "SANDMESH_KERNEL")]
     kernel: Option<PathBuf>,
+    /// gVisor's runsc for the gvisor runtime. Default: `runsc` on PATH.
+    /// Use a release of 2024-07-29 or later (older ones fail `ls` in
+    /// sandboxes); `cargo xtask up` fetches one.
+    #[arg(long, env = "SANDMESH_RUNSC")]
+    runsc: Option<PathBuf>,
     /// Kill every sandbox when the node stops (SIGTERM/Ctrl-C). By default
     /// sandboxes outlive the node and a restarted node re-adopts them.
     #[arg(long)]
@@ -610,6 +615,7 @@ fn node_run(args: NodeArgs) -> Result<()> {
             runtime,
             templates,
             guest_kernel,
+            runsc: args.runsc,
             config,
             mesh: Some(mesh),
         })

@@ -160,6 +160,8 @@ pub struct NodeOptions {
     pub templates: Vec<TemplateSpec>,
     /// The microvm runtime's guest kernel (`None`: microvm unavailable).
     pub guest_kernel: Option<PathBuf>,
+    /// The gvisor runtime's runsc (`None`: `$SANDMESH_RUNSC`, else `PATH`).
+    pub runsc: Option<PathBuf>,
     pub config: Config,
     /// Join a mesh; `None`: a cluster of one (tests, embedding).
     pub mesh: Option<MeshOptions>,
@@ -192,7 +194,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<Node> {
         }),
         _ => None,
     };
-    let selected = select(opts.runtime, &opts.data_dir, microvm)?;
+    let selected = select(opts.runtime, &opts.data_dir, microvm, opts.runsc.clone())?;
     tracing::info!("runtime: {}", selected.reason);
     let config = Config {
         snapshots_dir: opts.data_dir.join("snapshots"),

@@ -40,6 +40,10 @@ pub const TEST: &[Package] = &[
         "the gvisor sandbox runtime (gVisor), used where KVM cannot run a guest kernel",
     ),
     pkg(
+        "curl",
+        "fetching the pinned runsc (Debian 13's; see xtask/src/runsc.rs)",
+    ),
+    pkg(
         "iproute2",
         "network namespaces and veth pairs of gvisor sandboxes",
     ),

@@ -15,6 +15,7 @@ mod kernel;
 mod python;
 mod rootfs;
 mod run;
+mod runsc;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -144,6 +145,7 @@ fn guest(root: &Path, force: bool, image_size: &str) -> Result<GuestArtifacts> {
 fn up(root: &Path) -> Result<()> {
     deps::ensure(deps::TEST)?;
     let manifest = guest(root, false, rootfs::DEFAULT_IMAGE_SIZE)?;
+    runsc::provide(&cache::Cache::open()?)?;
     run::cargo(root, &["build", "--release", "--package", "node"], &[])?;
     let sandmesh = root.join("target/release/sandmesh");
     let data_dir = root.join(".sandmesh");
@@ -205,6 +207,7 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
     let started = Instant::now();
     deps::ensure(deps::TEST)?;
     guest(root, false, rootfs::DEFAULT_IMAGE_SIZE)?;
+    runsc::provide(&cache::Cache::open()?)?;
     let manifest = manifest_path(root);
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     if !cargo_args.is_empty() {
@@ -256,6 +259,7 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
 
 fn bench(root: &Path) -> Result<()> {
     let manifest = guest(root, false, rootfs::DEFAULT_IMAGE_SIZE)?;
+    runsc::provide(&cache::Cache::open()?)?;
     let python = python::sdk_python(&cache::Cache::open()?, root)?;
     bench::run(
         root,

@@ -5,7 +5,7 @@
 //! emulates it (nested PVM) or is missing, gVisor. The choice and its reason
 //! are logged by the node and reported per sandbox.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::gvisor::GvisorRuntime;
@@ -45,11 +45,14 @@ fn microvm(
 }
 
 /// Open the runtime `choice` names, keeping its state under `data_dir`.
-/// `microvm` is what the microvm runtime needs (kernel, VMM binary).
+/// `microvm` is what the microvm runtime needs (kernel, VMM binary);
+/// `runsc` the gvisor runtime's binary (`None`: `$SANDMESH_RUNSC`, else
+/// `runsc` on `PATH`).
 pub fn select(
     choice: RuntimeChoice,
     data_dir: &Path,
     microvm_config: Option<MicrovmConfig>,
+    runsc: Option<PathBuf>,
 ) -> Result<Selected> {
     match choice {
         RuntimeChoice::Microvm => match microvm(data_dir, microvm_config) {
@@ -63,7 +66,7 @@ pub fn select(
             }),
         },
         RuntimeChoice::Gvisor => Ok(Selected {
-            runtime: Arc::new(GvisorRuntime::new(data_dir)?),
+            runtime: Arc::new(GvisorRuntime::with_runsc(data_dir, runsc)?),
             reason: "gvisor was requested (--runtime gvisor)".into(),
         }),
         RuntimeChoice::Auto => {
@@ -76,7 +79,7 @@ pub fn select(
                 }
                 Err(reason) => reason,
             };
-            match GvisorRuntime::new(data_dir) {
+            match GvisorRuntime::with_runsc(data_dir, runsc) {
                 Ok(gvisor) => Ok(Selected {
                     runtime: Arc::new(gvisor),
                     reason: format!("gvisor, because microvm is unavailable: {why_not_microvm}"),

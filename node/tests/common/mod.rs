@@ -103,6 +103,7 @@ pub async fn node_with(test: &str, max_sandboxes: usize) -> Option<TestNode> {
         data_dir: data.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         runtime: RuntimeChoice::Gvisor,
+        runsc: None,
         templates: vec![
             actors::template_cache::TemplateSpec {
                 name: "base".into(),

@@ -1,5 +1,6 @@
-//! The gvisor runtime: one `runsc` sandbox (platform `ptrace`, gVisor's own
-//! network stack) per sandmesh sandbox.
+//! The gvisor runtime: one `runsc` sandbox (platform `systrap`, or `ptrace`
+//! where runsc predates 2024-07; gVisor's own network stack) per sandmesh
+//! sandbox.
 //!
 //! # On disk
 //!
