@@ -22,9 +22,11 @@ use actors::runtime::{
     ENVD_PORT, Limits, Runtime, RuntimeError, SandboxId, SandboxState, Snapshot, Template,
     TemplateId,
 };
-use base64::Engine;
 use schema::guest::{GuestArtifacts, REQUIRE_ENV};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[path = "../../node/tests/common/envd.rs"]
+mod envd;
 
 // ---------------------------------------------------------------- set-up
 
@@ -103,132 +105,21 @@ fn sid(s: &str) -> SandboxId {
 
 /// `GET /health` through the runtime's stream; the status code.
 async fn health(rt: &GvisorRuntime, id: &SandboxId) -> u16 {
-    let mut s = rt.connect(id, ENVD_PORT).await.expect("connect to envd");
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: sandbox\r\n\r\n")
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await;
-    head.split(' ').nth(1).unwrap_or("").parse().unwrap_or(0)
+    let s = rt.connect(id, ENVD_PORT).await.expect("connect to envd");
+    let status = envd::health(s).await;
+    status.split(' ').nth(1).unwrap_or("").parse().unwrap_or(0)
 }
 
-async fn read_head(s: &mut (impl AsyncReadExt + Unpin)) -> String {
-    let mut buf = Vec::new();
-    let mut b = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
-            .await
-            .expect("response head in time")
-            .unwrap();
-        assert!(n > 0, "connection closed in the response head: {buf:?}");
-        buf.push(b[0]);
-    }
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-/// What a process started through envd printed, and its exit code.
-struct Ran {
-    stdout: String,
-    stderr: String,
-    exit_code: i64,
-}
-
-/// Run `cmd args` as `user` through Connect `process.Process/Start` (JSON,
-/// server streaming) and collect its events.
-async fn run(rt: &GvisorRuntime, id: &SandboxId, user: &str, cmd: &str, args: &[&str]) -> Ran {
-    let body = serde_json::json!({ "process": { "cmd": cmd, "args": args } }).to_string();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(body.as_bytes());
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
-    let mut s = rt.connect(id, ENVD_PORT).await.expect("connect to envd");
-    let head = format!(
-        "POST /process.Process/Start HTTP/1.1\r\nHost: sandbox\r\ncontent-type: application/connect+json\r\n\
-         connect-protocol-version: 1\r\nauthorization: Basic {auth}\r\ncontent-length: {}\r\n\r\n",
-        frame.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(&frame).await.unwrap();
-    let head = read_head(&mut s).await;
-    assert!(
-        head.starts_with("HTTP/1.1 200"),
-        "Process/Start answered {:?} (an envd older than process.Process? rebuild the guest artifacts)",
-        head.lines().next()
-    );
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let mut body = Vec::new();
-    let mut ran = Ran {
-        stdout: String::new(),
-        stderr: String::new(),
-        exit_code: i64::MIN,
-    };
-    let b64 = base64::engine::general_purpose::STANDARD;
-    loop {
-        // Decode every complete envelope of the de-chunked body so far.
-        let mut done = false;
-        while body.len() >= 5 {
-            let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-            if body.len() < 5 + len {
-                break;
-            }
-            let flags = body[0];
-            let msg: serde_json::Value =
-                serde_json::from_slice(&body[5..5 + len]).unwrap_or_default();
-            body.drain(..5 + len);
-            if flags & 2 != 0 {
-                assert!(msg.get("error").is_none(), "Process/Start failed: {msg}");
-                done = true;
-                break;
-            }
-            let event = &msg["event"];
-            if let Some(out) = event["data"]["stdout"].as_str() {
-                ran.stdout += &String::from_utf8_lossy(&b64.decode(out).unwrap_or_default());
-            }
-            if let Some(err) = event["data"]["stderr"].as_str() {
-                ran.stderr += &String::from_utf8_lossy(&b64.decode(err).unwrap_or_default());
-            }
-            if event.get("end").is_some() {
-                ran.exit_code = event["end"]["exitCode"].as_i64().unwrap_or(0);
-            }
-        }
-        if done {
-            break;
-        }
-        let chunk = if chunked {
-            read_chunk(&mut s).await
-        } else {
-            let mut b = vec![0u8; 4096];
-            let n = s.read(&mut b).await.unwrap();
-            b.truncate(n);
-            b
-        };
-        if chunk.is_empty() {
-            break;
-        }
-        body.extend_from_slice(&chunk);
-    }
-    ran
-}
-
-async fn read_chunk(s: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while !line.ends_with(b"\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b))
-            .await
-            .expect("chunk in time")
-            .unwrap();
-        if n == 0 {
-            return Vec::new();
-        }
-        line.push(b[0]);
-    }
-    let size = usize::from_str_radix(String::from_utf8_lossy(&line).trim(), 16).unwrap_or(0);
-    let mut data = vec![0u8; size + 2];
-    s.read_exact(&mut data).await.unwrap();
-    data.truncate(size);
-    data
+/// Run `cmd args` as `user` through envd's `process.Process/Start`.
+async fn run(
+    rt: &GvisorRuntime,
+    id: &SandboxId,
+    user: &str,
+    cmd: &str,
+    args: &[&str],
+) -> envd::Ran {
+    let s = rt.connect(id, ENVD_PORT).await.expect("connect to envd");
+    envd::run(s, user, cmd, args).await
 }
 
 /// `sh -c script` as root; its stdout, asserting exit 0.
@@ -728,7 +619,7 @@ async fn state(rt: &GvisorRuntime, id: &SandboxId) -> String {
     s.write_all(b"GET /state HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    read_head(&mut s).await;
+    envd::read_head(&mut s).await;
     let mut v = vec![0u8; 16];
     s.read_exact(&mut v).await.unwrap();
     String::from_utf8(v).unwrap()

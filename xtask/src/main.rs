@@ -5,6 +5,8 @@
 //! - `test`: the whole test suite, exactly what CI runs.
 //! - `bench`: the benchmarks; writes `BENCHMARKS.md`.
 //! - `guest`: build (or rebuild) the guest kernel, envd and root filesystem.
+//! - `nested`: run a command on an L1 host whose KVM boots Linux guests
+//!   (QEMU's software emulation with nested SVM; see `nested.rs`).
 
 mod bench;
 mod cache;
@@ -12,6 +14,7 @@ mod deps;
 mod envd;
 mod fuzz;
 mod kernel;
+mod nested;
 mod python;
 mod rootfs;
 mod run;
@@ -51,6 +54,23 @@ enum Task {
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
+    /// Run a command on an emulated L1 host whose KVM boots Linux guests
+    /// (QEMU TCG with nested SVM), with this host's files, as root.
+    Nested {
+        /// Kill L1 after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// vCPUs of L1.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Memory of L1 in MiB.
+        #[arg(long, default_value_t = 6144)]
+        memory_mib: u32,
+        /// The command and its arguments (after `--`), run in the current
+        /// directory.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Build the guest artifacts (kernel, envd, root filesystem) into the cache.
     Guest {
         /// Rebuild even when the cache holds an artifact with the same inputs.
@@ -74,6 +94,7 @@ fn main() -> std::process::ExitCode {
 
 fn run_task(cli: Cli) -> Result<()> {
     let root = workspace_root();
+    let invoked_in = std::env::current_dir()?;
     std::env::set_current_dir(&root)?;
     match cli.task {
         Task::Up => up(&root),
@@ -86,6 +107,34 @@ fn run_task(cli: Cli) -> Result<()> {
                 targets
             };
             fuzz::run(&cache::Cache::open()?, &root, &targets, seconds)
+        }
+        Task::Nested {
+            timeout,
+            cpus,
+            memory_mib,
+            command,
+        } => {
+            let l1 = nested::build(&cache::Cache::open()?, false)?;
+            let script = command
+                .iter()
+                .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let code = nested::run_in(
+                &l1,
+                &nested::RunSpec {
+                    script: &script,
+                    cwd: &invoked_in,
+                    timeout: std::time::Duration::from_secs(timeout),
+                    run_dir: &root.join("target/nested/run"),
+                    cpus,
+                    memory_mib,
+                },
+            )?;
+            if code != 0 {
+                anyhow::bail!("the command exited with status {code} in L1");
+            }
+            Ok(())
         }
         Task::Guest { force, image_size } => {
             guest(&root, force, &image_size)?;
@@ -245,6 +294,10 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
         ],
     )?;
 
+    // Linux microVMs: the tests that need KVM to run guest kernels, on the
+    // emulated L1 host with nested SVM (this machine's KVM cannot).
+    nested_suite(root, &manifest)?;
+
     // A short fuzz run of every target: they build, and the seeds and a few
     // seconds of mutation find no crash. Longer runs: `cargo xtask fuzz`.
     let targets: Vec<String> = fuzz::TARGETS.iter().map(|(t, _)| t.to_string()).collect();
@@ -255,6 +308,68 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The integration tests that boot Linux in our VMM, run inside L1 (see
+/// `nested.rs`) where KVM runs guest kernels, required not to skip there.
+const NESTED_TESTS: &[(&str, &str)] = &[("node", "microvm_linux"), ("node", "microvm_runtime")];
+
+fn nested_suite(root: &Path, manifest: &Path) -> Result<()> {
+    let started = Instant::now();
+    let l1 = nested::build(&cache::Cache::open()?, false)?;
+    let mut script = format!(
+        "export {ARTIFACTS_ENV}='{}' {REQUIRE_ENV}=1 SANDMESH_REQUIRE_NATIVE_KVM=1 RUST_BACKTRACE=1\n",
+        manifest.display()
+    );
+    for (package, test) in NESTED_TESTS {
+        let exe = test_executable(root, package, test)?;
+        // cargo runs a test binary in its package's directory.
+        script += &format!(
+            "echo '== {package}/{test}'; cd '{}' && '{}' --test-threads 1 --nocapture || exit 1\n",
+            root.join(package).display(),
+            exe.display()
+        );
+    }
+    let code = nested::run_in(
+        &l1,
+        &nested::RunSpec {
+            script: &script,
+            cwd: root,
+            timeout: std::time::Duration::from_secs(1500),
+            run_dir: &root.join("target/nested/test"),
+            cpus: 2,
+            memory_mib: 6144,
+        },
+    )?;
+    if code != 0 {
+        anyhow::bail!(
+            "the nested microVM suite failed in L1 (status {code}); see the l1| lines above"
+        );
+    }
+    println!(
+        "nested microVM suite passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The path of an integration test's binary, built by the `cargo test` before.
+fn test_executable(root: &Path, package: &str, test: &str) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = run::output(std::process::Command::new(cargo).current_dir(root).args([
+        "test",
+        "--no-run",
+        "--message-format=json",
+        "--package",
+        package,
+        "--test",
+        test,
+    ]))?;
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"]["name"] == *test)
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo built no test binary {package}/{test}"))
 }
 
 fn bench(root: &Path) -> Result<()> {

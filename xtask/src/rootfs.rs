@@ -166,9 +166,12 @@ pub fn build(
 /// OCI bundle starts under tini), and `sudo` for a runsc that runs no
 /// setuid program — the root daemon `sandmesh-sudod` and the `sudo` in
 /// `/usr/local/bin` (ahead of `/usr/bin` in PATH) that asks it, falling
-/// back to `/usr/bin/sudo` wherever setuid works. (source, path in tree)
-fn guest_scripts(root: &Path) -> [(PathBuf, &'static str); 3] {
+/// back to `/usr/bin/sudo` wherever setuid works; and `poweroff` (also as
+/// `halt`, `reboot`, `shutdown`), which resets a microVM so its VMM ends
+/// with status 0 (see the script). (source, path in tree)
+fn guest_scripts(root: &Path) -> [(PathBuf, &'static str); 7] {
     let dir = recipe_dir(root);
+    let poweroff = dir.join("sandmesh-poweroff");
     [
         (
             dir.join("sandmesh-gvisor-init"),
@@ -176,6 +179,10 @@ fn guest_scripts(root: &Path) -> [(PathBuf, &'static str); 3] {
         ),
         (dir.join("sandmesh-sudod"), "usr/local/sbin/sandmesh-sudod"),
         (dir.join("sandmesh-sudo"), "usr/local/bin/sudo"),
+        (poweroff.clone(), "usr/local/sbin/poweroff"),
+        (poweroff.clone(), "usr/local/sbin/halt"),
+        (poweroff.clone(), "usr/local/sbin/reboot"),
+        (poweroff, "usr/local/sbin/shutdown"),
     ]
 }
 

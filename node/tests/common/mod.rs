@@ -3,6 +3,8 @@
 //! built guest root tree, and helpers to call it.
 #![allow(dead_code)]
 
+pub mod envd;
+
 use std::path::PathBuf;
 
 use actors::runtime::select::RuntimeChoice;

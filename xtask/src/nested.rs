@@ -1,0 +1,338 @@
+//! `cargo xtask nested`: run a command on an L1 Linux host whose KVM runs
+//! guest kernels, inside QEMU's software emulation.
+//!
+//! This machine's `/dev/kvm` emulates guest kernel mode (nested PVM) and
+//! cannot boot Linux; QEMU's TCG with `-cpu max` gives its guest a CPU with
+//! SVM and nested paging, so `kvm_amd` loads there and our VMM boots Linux
+//! as an L2 guest (../shared/nested-svm.md has the measurements).
+//!
+//! L1 is Debian's own kernel package (downloaded with apt, never installed)
+//! and a busybox initramfs with the modules L1 needs (`L1_MODULES` and what
+//! they depend on). Its root filesystem is this host's, shared read-only
+//! over 9p with a tmpfs overlay on top: every binary, test and artifact of
+//! the checkout is there at the same path, and nothing L1 writes reaches
+//! the host, except the run directory (a second, writable 9p share at the
+//! same path on both sides) that carries the command, its working directory
+//! and its exit status. The scripts are `xtask/nested/init` (initramfs) and
+//! `xtask/nested/stage2` (PID 1 on the host's root).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cache::{Cache, KeyHasher};
+use crate::deps::{self, Package};
+use crate::run;
+
+/// What building and running L1 needs.
+pub const PACKAGES: &[Package] = &[
+    Package {
+        name: "qemu-system-x86",
+        why: "the L1 host with nested SVM (cargo xtask nested)",
+    },
+    Package {
+        name: "busybox-static",
+        why: "the L1 host's initramfs",
+    },
+    Package {
+        name: "cpio",
+        why: "packing the L1 host's initramfs",
+    },
+];
+
+/// Modules L1 loads at boot, in this order (their dependencies first,
+/// from the package's own `modules.dep`): the 9p shares, the overlay root,
+/// KVM with nested SVM, and what the VMM's jail and devices use.
+const L1_MODULES: &[&str] = &[
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "kvm_amd",
+    "tun",
+    "veth",
+];
+
+const INIT: &str = include_str!("../nested/init");
+const STAGE2: &str = include_str!("../nested/stage2");
+
+/// A built L1: its kernel and initramfs.
+pub struct L1 {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+/// Debian's current kernel package (`linux-image-<abi>-amd64`) and version.
+fn kernel_package() -> Result<(String, String)> {
+    let deps = run::output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))
+        .context("asking apt for Debian's kernel package (is this Debian or Ubuntu?)")?;
+    let package = deps
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: "))
+        .filter(|p| p.starts_with("linux-image-"))
+        .map(str::to_owned)
+        .context("apt knows no linux-image-amd64 (run apt-get update)")?;
+    let show =
+        run::output(Command::new("apt-cache").args(["show", "--no-all-versions", &package]))?;
+    let version = show
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .with_context(|| format!("apt shows no version of {package}"))?
+        .to_owned();
+    Ok((package, version))
+}
+
+/// Build (or find in the cache) the L1 kernel and initramfs.
+pub fn build(cache: &Cache, force: bool) -> Result<L1> {
+    deps::ensure(PACKAGES)?;
+    let (package, version) = kernel_package()?;
+    let busybox = deps::version("busybox-static")?;
+    let mut key = KeyHasher::new("l1");
+    key.text("kernel", &format!("{package} {version}"))
+        .text("busybox", &busybox)
+        .text("modules", &L1_MODULES.join(" "))
+        .text("init", INIT)
+        .text("stage2", STAGE2);
+    let entry = cache.get_or_build("l1", &key.finish(), force, |dir| build_into(dir, &package))?;
+    Ok(L1 {
+        kernel: entry.dir.join("vmlinuz"),
+        initramfs: entry.dir.join("initramfs.cpio"),
+    })
+}
+
+fn build_into(dir: &Path, package: &str) -> Result<()> {
+    println!("downloading {package} (the L1 kernel; nothing is installed)");
+    run::output(
+        Command::new("apt-get")
+            .current_dir(dir)
+            .args(["download", package]),
+    )?;
+    let deb = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    let unpacked = dir.join("pkg");
+    run::status(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let modules_root = unpacked.join("lib/modules");
+    let release = std::fs::read_dir(&modules_root)?
+        .flatten()
+        .next()
+        .context("the kernel package holds no lib/modules/<release>")?
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    let vmlinuz = unpacked.join(format!("boot/vmlinuz-{release}"));
+    std::fs::copy(&vmlinuz, dir.join("vmlinuz"))
+        .with_context(|| format!("copying {}", vmlinuz.display()))?;
+    // Debian's package ships no modules.dep: make it (busybox's depmod).
+    run::status(
+        Command::new("busybox")
+            .args(["depmod", "-b"])
+            .arg(&unpacked)
+            .arg(&release),
+    )?;
+
+    let ir = dir.join("initramfs");
+    for d in [
+        "bin", "dev", "proc", "sys", "etc", "lower", "upper", "newroot",
+    ] {
+        std::fs::create_dir_all(ir.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", ir.join("bin/busybox")).context("copying /bin/busybox")?;
+    write_exec(&ir.join("init"), INIT)?;
+    write_exec(&ir.join("etc/l1-stage2"), STAGE2)?;
+    std::fs::write(ir.join("etc/l1-modules"), L1_MODULES.join("\n") + "\n")?;
+    let src = modules_root.join(&release);
+    let dst = ir.join("lib/modules").join(&release);
+    for file in module_closure(&src, L1_MODULES)? {
+        let to = dst.join(&file);
+        std::fs::create_dir_all(to.parent().context("module path")?)?;
+        std::fs::copy(src.join(&file), &to)?;
+    }
+    for f in [
+        "modules.dep",
+        "modules.alias",
+        "modules.symbols",
+        "modules.builtin",
+    ] {
+        std::fs::copy(src.join(f), dst.join(f))?;
+    }
+    run::status(
+        Command::new("sh")
+            .current_dir(&ir)
+            .args(["-c", "find . | cpio -o -H newc --quiet > ../initramfs.cpio"]),
+    )?;
+    for d in [&ir, &unpacked] {
+        std::fs::remove_dir_all(d)?;
+    }
+    std::fs::remove_file(&deb)?;
+    Ok(())
+}
+
+fn write_exec(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// The module files (relative to `dir`) of `names` and everything they
+/// depend on, from `dir/modules.dep`.
+fn module_closure(dir: &Path, names: &[&str]) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(dir.join("modules.dep"))?;
+    let deps: std::collections::HashMap<&str, Vec<&str>> = text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(m, d)| (m.trim(), d.split_whitespace().collect()))
+        .collect();
+    let file_of = |name: &str| {
+        deps.keys().copied().find(|path| {
+            let stem = Path::new(path)
+                .file_stem()
+                .map(|s| s.to_string_lossy().replace('-', "_"));
+            stem.as_deref() == Some(&name.replace('-', "_"))
+        })
+    };
+    let mut out: Vec<String> = Vec::new();
+    let mut stack: Vec<&str> = Vec::new();
+    for name in names {
+        stack.push(file_of(name).with_context(|| format!("the L1 kernel has no module {name}"))?);
+    }
+    while let Some(file) = stack.pop() {
+        if out.iter().any(|f| f == file) {
+            continue;
+        }
+        out.push(file.to_owned());
+        stack.extend(deps.get(file).into_iter().flatten());
+    }
+    Ok(out)
+}
+
+/// How to run one command in L1.
+pub struct RunSpec<'a> {
+    /// A shell script (run by `/bin/sh` in L1).
+    pub script: &'a str,
+    pub cwd: &'a Path,
+    pub timeout: Duration,
+    /// Where the run directory goes (created; must be on this host's root).
+    pub run_dir: &'a Path,
+    /// vCPUs and MiB of memory of L1.
+    pub cpus: u32,
+    pub memory_mib: u32,
+}
+
+/// Boot L1, run `spec.script` there, stream the console (prefixed `l1| `)
+/// and return the script's exit status. QEMU is killed at the time limit.
+pub fn run_in(l1: &L1, spec: &RunSpec<'_>) -> Result<i32> {
+    let run_dir = spec.run_dir;
+    if run_dir.exists() {
+        std::fs::remove_dir_all(run_dir)?;
+    }
+    std::fs::create_dir_all(run_dir)?;
+    let run_dir = run_dir.canonicalize()?;
+    let mut script = String::from(
+        "export HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
+    );
+    script.push_str(spec.script);
+    std::fs::write(run_dir.join("cmd.sh"), script)?;
+    std::fs::write(run_dir.join("cwd"), spec.cwd.display().to_string())?;
+    let console = run_dir.join("console.log");
+    let run_arg = run_dir.display().to_string();
+    if run_arg.contains([' ', ',', '"']) {
+        bail!("the run directory {run_arg} must hold no space, comma or quote");
+    }
+
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-cpu", "max", "-nographic", "-no-reboot"])
+        .args([
+            "-smp",
+            &spec.cpus.to_string(),
+            "-m",
+            &spec.memory_mib.to_string(),
+        ])
+        .arg("-kernel")
+        .arg(&l1.kernel)
+        .arg("-initrd")
+        .arg(&l1.initramfs)
+        .args([
+            "-append",
+            &format!("console=ttyS0 quiet panic=-1 sandmesh.run={run_arg}"),
+        ])
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .args([
+            "-virtfs",
+            &format!("local,path={run_arg},mount_tag=out,security_model=none"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    let (tx, rx) = mpsc::channel::<()>();
+    let mut log = std::fs::File::create(&console)?;
+    let out = child.stdout.take().context("qemu stdout")?;
+    let err = child.stderr.take().context("qemu stderr")?;
+    let err_thread = std::thread::spawn(move || {
+        BufReader::new(err)
+            .lines()
+            .map_while(|l| l.ok())
+            .collect::<Vec<_>>()
+    });
+    let out_thread = std::thread::spawn(move || {
+        for line in BufReader::new(out).split(b'\n').map_while(|l| l.ok()) {
+            let text = String::from_utf8_lossy(&line);
+            // The firmware's screen-clearing escapes are noise in a CI log.
+            let text = text.trim_end_matches('\r');
+            let _ = writeln!(log, "{text}");
+            if !text.contains('\x1b') && !text.trim().is_empty() {
+                println!("l1| {text}");
+            }
+        }
+        let _ = tx.send(());
+    });
+    let timed_out = loop {
+        if child.try_wait()?.is_some() {
+            break false;
+        }
+        if started.elapsed() > spec.timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break true;
+        }
+        let _ = rx.recv_timeout(Duration::from_millis(200));
+    };
+    let _ = out_thread.join();
+    let qemu_errors = err_thread.join().unwrap_or_default();
+    if timed_out {
+        bail!(
+            "L1 ran past its limit of {:?} and was killed; its console is {}",
+            spec.timeout,
+            console.display()
+        );
+    }
+    let status = std::fs::read_to_string(run_dir.join("status")).map_err(|_| {
+        anyhow::anyhow!(
+            "L1 ended without the command's exit status (it did not boot or the command \
+             crashed it); console: {}; qemu: {}",
+            console.display(),
+            qemu_errors.join(" / ")
+        )
+    })?;
+    let code: i32 = status
+        .trim()
+        .parse()
+        .with_context(|| format!("reading the exit status {status:?}"))?;
+    println!(
+        "l1: exit status {code} after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(code)
+}
