@@ -57,7 +57,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         rootfs_image: None,
         snapshot: None,
     };
-    let template = rt.prepare_template(&base).await?;
+    let template = rt.prepare_template(&base, Limits::default()).await?;
 
     // Create from the template snapshot until envd answers, and the raw
     // `runsc restore` inside each of those creates.

@@ -208,7 +208,7 @@ impl Sandboxes {
             };
             let started = std::time::Instant::now();
             let prepared_at_ms = now_ms();
-            let t = runtime.prepare_template(&t).await?;
+            let t = runtime.prepare_template(&t, spec.limits).await?;
             tracing::info!(template = %spec.name, took = ?started.elapsed(), "template prepared");
             prepared.push(TemplateEntry {
                 template: t,

@@ -536,7 +536,11 @@ async fn template_snapshot_creates_are_fast() {
         return;
     };
     let t0 = Instant::now();
-    let prepared = env.rt.prepare_template(&env.base).await.unwrap();
+    let prepared = env
+        .rt
+        .prepare_template(&env.base, Limits::default())
+        .await
+        .unwrap();
     eprintln!("prepare_template: {:?}", t0.elapsed());
     assert!(prepared.snapshot.is_some());
     let id = sid("from-tpl");
@@ -678,7 +682,11 @@ async fn runtime_checkpoint_restore_and_template_snapshots() {
 
     // Template snapshots: every create restores the same booted agent.
     let t0 = Instant::now();
-    let prepared = env.rt.prepare_template(&stub).await.unwrap();
+    let prepared = env
+        .rt
+        .prepare_template(&stub, Limits::default())
+        .await
+        .unwrap();
     eprintln!("stub: prepare_template: {:?}", t0.elapsed());
     let mut values = Vec::new();
     let mut times = Vec::new();

@@ -22,6 +22,9 @@ use schema::guest::GuestArtifacts;
 const REQUIRE_NATIVE_ENV: &str = "SANDMESH_REQUIRE_NATIVE_KVM";
 /// Boots in a row (`SANDMESH_LINUX_BOOTS` overrides).
 const BOOTS: u32 = 20;
+/// vCPUs of each guest: the runtime's default (`SANDMESH_TEST_VCPUS`
+/// overrides; the emulated L1 host sets 1, see ARCHITECTURE.md).
+const VCPUS: u32 = 2;
 /// One boot's limit to envd's health, and to the VMM's exit on power-off.
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
 const EXIT_LIMIT: Duration = Duration::from_secs(60);
@@ -52,7 +55,7 @@ struct Vm {
 }
 
 impl Vm {
-    fn boot(artifacts: &GuestArtifacts, dir: &Path) -> Vm {
+    fn boot(artifacts: &GuestArtifacts, dir: &Path, vcpus: u32) -> Vm {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sandmesh"))
@@ -67,6 +70,8 @@ impl Vm {
             .arg("--jail-dir")
             .arg(dir.join("jail"))
             .args(["--uid", "65534", "--gid", "65534", "--memory-mib", "512"])
+            .arg("--vcpus")
+            .arg(vcpus.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("vmm.log")).unwrap())
@@ -158,12 +163,16 @@ async fn linux_boots_to_envd_runs_commands_and_powers_off_many_times() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(BOOTS);
+    let vcpus: u32 = std::env::var("SANDMESH_TEST_VCPUS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(VCPUS);
     let base = std::env::temp_dir().join(format!("smh-linux-{}", std::process::id()));
     let mut ready_times = Vec::new();
     for n in 0..boots {
         let dir = base.join(format!("boot{n}"));
         let t0 = Instant::now();
-        let mut vm = Vm::boot(&artifacts, &dir);
+        let mut vm = Vm::boot(&artifacts, &dir, vcpus);
         let ready = vm.wait_ready(t0).await;
         ready_times.push(ready);
 

@@ -499,9 +499,15 @@ pub trait Runtime: Send + Sync {
     fn kind(&self) -> RuntimeKind;
 
     /// Make `template` ready for fast creates: boot a sandbox from its root
-    /// tree, wait for envd, and checkpoint it as the template snapshot.
-    /// Returns the template with [`Template::snapshot`] set.
-    fn prepare_template<'a>(&'a self, template: &'a Template) -> BoxFuture<'a, Result<Template>>;
+    /// tree with `limits` (the template's own: a microVM snapshot fixes
+    /// the vCPUs and memory of every sandbox restored from it), wait for
+    /// envd, and checkpoint it as the template snapshot. Returns the
+    /// template with [`Template::snapshot`] set.
+    fn prepare_template<'a>(
+        &'a self,
+        template: &'a Template,
+        limits: Limits,
+    ) -> BoxFuture<'a, Result<Template>>;
 
     /// Start sandbox `id` from `template`: restore its snapshot when it has
     /// one, else boot its root tree. Returns once envd answers `/health`.

@@ -1,6 +1,9 @@
 """Fixtures for driving a sandmesh node with the official E2B Python SDK.
 
-The node (`sandmesh node --runtime gvisor`) runs the real gvisor runtime; the unmodified SDK reaches its REST API through
+The node (`sandmesh node --runtime gvisor`, or SANDMESH_RUNTIME: `cargo xtask
+test` runs a subset with `auto`, i.e. microVMs, on its emulated L1 host, with
+extra node arguments in SANDMESH_NODE_ARGS) runs the real runtime; the
+unmodified SDK reaches its REST API through
 E2B_API_URL and all sandbox traffic through E2B_SANDBOX_URL (routed by the
 E2b-Sandbox-Id / E2b-Sandbox-Port headers the SDK then adds).
 
@@ -12,6 +15,7 @@ with the reason, except when SANDMESH_REQUIRE_ARTIFACTS is set.
 import contextlib
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,6 +25,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).parents[3]
 SANDMESH = os.environ.get("SANDMESH_BIN", str(REPO / "target/debug/sandmesh"))
+RUNTIME = os.environ.get("SANDMESH_RUNTIME", "gvisor")
 ARTIFACTS = os.environ.get(
     "SANDMESH_GUEST_ARTIFACTS", str(REPO / "target/sandmesh-guest-artifacts.json")
 )
@@ -63,7 +68,8 @@ class NodeProcess:
                 input=key + "\n", check=True, capture_output=True, text=True, env=env,
             )
             self.key = key
-        cmd = [SANDMESH, "node", "--data-dir", str(data), "--listen", f"{ip}:0", "--runtime", "gvisor"]
+        cmd = [SANDMESH, "node", "--data-dir", str(data), "--listen", f"{ip}:0", "--runtime", RUNTIME]
+        cmd += shlex.split(os.environ.get("SANDMESH_NODE_ARGS", ""))
         for seed in seeds:
             cmd += ["--seed", seed]
         cmd += list(extra)

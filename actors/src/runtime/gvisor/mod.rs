@@ -302,7 +302,11 @@ impl Runtime for GvisorRuntime {
         RuntimeKind::Gvisor
     }
 
-    fn prepare_template<'a>(&'a self, template: &'a Template) -> BoxFuture<'a, Result<Template>> {
+    fn prepare_template<'a>(
+        &'a self,
+        template: &'a Template,
+        limits: Limits,
+    ) -> BoxFuture<'a, Result<Template>> {
         Box::pin(async move {
             static SEQ: AtomicU64 = AtomicU64::new(0);
             let n = SEQ.fetch_add(1, Ordering::Relaxed);
@@ -320,7 +324,7 @@ impl Runtime for GvisorRuntime {
                 snapshot: None,
                 ..template.clone()
             };
-            self.start(&id, &booted, Limits::default(), None).await?;
+            self.start(&id, &booted, limits, None).await?;
             let snapshot = match self.checkpoint(&id, &tmp).await {
                 Ok(s) => s,
                 Err(e) => {

@@ -531,7 +531,18 @@ impl Inner {
             }
             Err(e) => return Err(refused(e.to_string())),
         }
-        // The VM is paused and saved: stop it, then keep its disk layer.
+        // The VM is paused and saved. A jailed VMM removes its jail, `/snap`
+        // included, when it ends: take the snapshot out of it first (the
+        // VMM writes nothing more there), then stop the VMM, which writes
+        // the overlay's map back, and keep the disk layer.
+        let taken = dir.join("snap-taken");
+        if let Err(e) = move_dir(&on_host, &taken) {
+            let _ = self.control(id, schema::vmm::Request::Resume);
+            let _ = std::fs::remove_dir_all(&on_host);
+            return Err(refused(format!(
+                "taking the snapshot out of the VMM's jail: {e}"
+            )));
+        }
         let _ = self.control(id, schema::vmm::Request::Shutdown);
         let t0 = Instant::now();
         while vmm_alive(meta.pid, id) && t0.elapsed() < Duration::from_secs(5) {
@@ -542,7 +553,7 @@ impl Inner {
         let finish = || -> Result<()> {
             let vm = dest.join("vm");
             std::fs::create_dir_all(dest).map_err(|e| RuntimeError::io("creating", dest, e))?;
-            move_dir(&on_host, &vm)?;
+            move_dir(&taken, &vm)?;
             copy_sparse(&dir.join("overlay"), &vm.join("overlay"))?;
             copy_sparse(&dir.join("overlay.map"), &vm.join("overlay.map"))?;
             // Written last: a snapshot without its manifest is never restored.
@@ -724,7 +735,11 @@ impl Runtime for MicrovmRuntime {
         RuntimeKind::Microvm
     }
 
-    fn prepare_template<'a>(&'a self, template: &'a Template) -> BoxFuture<'a, Result<Template>> {
+    fn prepare_template<'a>(
+        &'a self,
+        template: &'a Template,
+        limits: Limits,
+    ) -> BoxFuture<'a, Result<Template>> {
         Box::pin(async move {
             let dest = self
                 .inner
@@ -738,7 +753,11 @@ impl Runtime for MicrovmRuntime {
                 template: template.id.clone(),
                 runtime: RuntimeKind::Microvm,
             };
-            if self.inner.check_snapshot(template, &snapshot).is_ok() {
+            // A snapshot taken with other limits would give its sandboxes
+            // the wrong vCPUs and memory: only one with these is reused.
+            let same_limits = read_json::<Manifest>(&dest.join("manifest.json"))
+                .is_ok_and(|m| m.limits == limits);
+            if same_limits && self.inner.check_snapshot(template, &snapshot).is_ok() {
                 return Ok(Template {
                     snapshot: Some(snapshot),
                     ..template.clone()
@@ -751,7 +770,7 @@ impl Runtime for MicrovmRuntime {
                 snapshot: None,
                 ..template.clone()
             };
-            self.create(&id, &booted, Limits::default()).await?;
+            self.create(&id, &booted, limits).await?;
             let snapshot = self.checkpoint(&id, &dest).await;
             let _ = self.kill(&id).await;
             Ok(Template {
