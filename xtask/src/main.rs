@@ -347,7 +347,7 @@ fn nested_suite(root: &Path, manifest: &Path) -> Result<()> {
     let python = python::sdk_python(&cache::Cache::open()?, root)?;
     script += &format!(
         "echo '== E2B SDK on sandmesh node --runtime auto'; cd '{}' && \
-         SANDMESH_BIN='{}' SANDMESH_RUNTIME=auto SANDMESH_SDK_PAUSE_CYCLES=3 \
+         SANDMESH_BIN='{}' SANDMESH_RUNTIME=auto SANDMESH_SDK_PAUSE_CYCLES=3 SANDMESH_SDK_STATE_TIMEOUT=180 \
          SANDMESH_NODE_ARGS='--template base={},cpu=1,image={}' \
          '{}' -m pytest -p no:cacheprovider -q -rs {} || exit 1\n",
         root.display(),

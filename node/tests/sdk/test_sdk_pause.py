@@ -27,11 +27,14 @@ while True:
 """
 
 
-# Pause/resume cycles of the first test (fewer on the slow emulated L1 host).
+# Pause/resume cycles of the first test, and how long the counter may take
+# to show progress (fewer cycles, more time on the emulated L1 host, where
+# a guest's Python takes many seconds to start).
 CYCLES = int(os.environ.get("SANDMESH_SDK_PAUSE_CYCLES", "50"))
+STATE_TIMEOUT = float(os.environ.get("SANDMESH_SDK_STATE_TIMEOUT", "10"))
 
 
-def read_state(sbx, after=0, timeout=10):
+def read_state(sbx, after=0, timeout=STATE_TIMEOUT):
     """(pid, secret, n) of the counter once n > `after`."""
     deadline = time.monotonic() + timeout
     while True:
