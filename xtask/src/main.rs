@@ -295,8 +295,17 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
     )?;
 
     // Linux microVMs: the tests that need KVM to run guest kernels, on the
-    // emulated L1 host with nested SVM (this machine's KVM cannot).
-    nested_suite(root, &manifest)?;
+    // emulated L1 host with nested SVM (this machine's KVM cannot). Opt-in
+    // for now: L1 itself still hangs now and then under TCG (issue 22).
+    if std::env::var_os(NESTED_ENV).is_some() {
+        nested_suite(root, &manifest)?;
+    } else {
+        println!(
+            "nested microVM suite skipped: the emulated L1 host still hangs now and then \
+             (TCG's nested SVM; issue 22); run it with {NESTED_ENV}=1 cargo xtask test, \
+             or alone: cargo xtask nested -- CMD"
+        );
+    }
 
     // A short fuzz run of every target: they build, and the seeds and a few
     // seconds of mutation find no crash. Longer runs: `cargo xtask fuzz`.
@@ -309,6 +318,9 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
     );
     Ok(())
 }
+
+/// Set to run the nested microVM suite in `cargo xtask test`.
+const NESTED_ENV: &str = "SANDMESH_NESTED";
 
 /// The integration tests that boot Linux in our VMM, run inside L1 (see
 /// `nested.rs`) where KVM runs guest kernels, required not to skip there.
