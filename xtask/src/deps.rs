@@ -11,7 +11,7 @@ pub struct Package {
     pub why: &'static str,
 }
 
-const fn pkg(name: &'static str, why: &'static str) -> Package {
+pub const fn pkg(name: &'static str, why: &'static str) -> Package {
     Package { name, why }
 }
 

@@ -25,23 +25,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::cache::{Cache, KeyHasher};
-use crate::deps::{self, Package};
+use crate::deps::{self, Package, pkg};
 use crate::run;
 
 /// What building and running L1 needs.
 pub const PACKAGES: &[Package] = &[
-    Package {
-        name: "qemu-system-x86",
-        why: "the L1 host with nested SVM (cargo xtask nested)",
-    },
-    Package {
-        name: "busybox-static",
-        why: "the L1 host's initramfs",
-    },
-    Package {
-        name: "cpio",
-        why: "packing the L1 host's initramfs",
-    },
+    pkg(
+        "qemu-system-x86",
+        "the L1 host with nested SVM (cargo xtask nested)",
+    ),
+    pkg("busybox-static", "the L1 host's initramfs"),
+    pkg("cpio", "packing the L1 host's initramfs"),
 ];
 
 /// Modules L1 loads at boot, in this order (their dependencies first,
@@ -235,11 +229,10 @@ pub struct RunSpec<'a> {
     pub timeout: Duration,
     /// Where the run directory goes (created; must be on this host's root).
     pub run_dir: &'a Path,
-    /// vCPUs and MiB of memory of L1. One vCPU: with two (multi-threaded
-    /// TCG), L1's kernel died in a loop of page faults inside its own
-    /// page-fault handler (stack guard page hit) after one to six L2
-    /// boots, with our VMM and with QEMU as the L2's VMM alike; with one,
-    /// 20 boots in a row pass, and faster.
+    /// vCPUs and MiB of memory of L1. Two: with `vgif=0` (see
+    /// `L1_MODULES`) 20 L2 boots in a row passed on two; on one, L1 hung
+    /// silently on the third boot of a CI run (and, with `vgif=1`, on the
+    /// fifth).
     pub cpus: u32,
     pub memory_mib: u32,
 }

@@ -17,35 +17,41 @@ pub struct Ran {
     pub exit_code: i64,
 }
 
-/// Read an HTTP/1.1 response head (through the blank line).
-pub async fn read_head(s: &mut (impl AsyncRead + Unpin)) -> String {
+/// Bytes up to and including `end`, read one at a time (what follows
+/// belongs to the body); `Err` with what came at EOF.
+async fn read_through(
+    s: &mut (impl AsyncRead + Unpin),
+    end: &[u8],
+    limit: Duration,
+) -> Result<Vec<u8>, Vec<u8>> {
     let mut buf = Vec::new();
     let mut b = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+    while !buf.ends_with(end) {
+        let n = tokio::time::timeout(limit, s.read(&mut b))
             .await
-            .expect("response head in time")
+            .expect("response bytes in time")
             .unwrap();
-        assert!(n > 0, "connection closed in the response head: {buf:?}");
+        if n == 0 {
+            return Err(buf);
+        }
         buf.push(b[0]);
     }
-    String::from_utf8_lossy(&buf).into_owned()
+    Ok(buf)
+}
+
+/// Read an HTTP/1.1 response head (through the blank line).
+pub async fn read_head(s: &mut (impl AsyncRead + Unpin)) -> String {
+    match read_through(s, b"\r\n\r\n", Duration::from_secs(10)).await {
+        Ok(head) => String::from_utf8_lossy(&head).into_owned(),
+        Err(part) => panic!("connection closed in the response head: {part:?}"),
+    }
 }
 
 /// One chunk of a chunked body; empty at the end (or at EOF).
 pub async fn read_chunk(s: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while !line.ends_with(b"\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b))
-            .await
-            .expect("chunk in time")
-            .unwrap();
-        if n == 0 {
-            return Vec::new();
-        }
-        line.push(b[0]);
-    }
+    let Ok(line) = read_through(s, b"\r\n", Duration::from_secs(30)).await else {
+        return Vec::new();
+    };
     let size = usize::from_str_radix(String::from_utf8_lossy(&line).trim(), 16).unwrap_or(0);
     let mut data = vec![0u8; size + 2];
     s.read_exact(&mut data).await.unwrap();

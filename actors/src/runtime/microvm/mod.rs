@@ -589,7 +589,9 @@ impl Inner {
         })
     }
 
-    fn check_snapshot(&self, template: &Template, snapshot: &Snapshot) -> Result<()> {
+    /// Check that `snapshot` is a whole microvm snapshot of `template`;
+    /// its manifest.
+    fn check_snapshot(&self, template: &Template, snapshot: &Snapshot) -> Result<Manifest> {
         let bad = |reason: String| RuntimeError::BadSnapshot {
             dir: snapshot.dir.clone(),
             reason,
@@ -611,7 +613,7 @@ impl Inner {
                 manifest.template, template.id
             )));
         }
-        Ok(())
+        Ok(manifest)
     }
 
     fn list(&self) -> Result<Vec<SandboxRecord>> {
@@ -755,9 +757,11 @@ impl Runtime for MicrovmRuntime {
             };
             // A snapshot taken with other limits would give its sandboxes
             // the wrong vCPUs and memory: only one with these is reused.
-            let same_limits = read_json::<Manifest>(&dest.join("manifest.json"))
+            let reusable = self
+                .inner
+                .check_snapshot(template, &snapshot)
                 .is_ok_and(|m| m.limits == limits);
-            if same_limits && self.inner.check_snapshot(template, &snapshot).is_ok() {
+            if reusable {
                 return Ok(Template {
                     snapshot: Some(snapshot),
                     ..template.clone()
