@@ -204,7 +204,8 @@ impl Machine {
 
     /// Put a virtio device on the MMIO bus behind a virtio-mmio transport:
     /// a window and IRQ from the MMIO gap, its interrupt registered as an
-    /// irqfd. The slot's [`MmioSlot::cmdline_fragment`] must go on the
+    /// irqfd and each queue's notification as an ioeventfd (served by
+    /// [`Machine::event_loop`]). The slot's [`MmioSlot::cmdline_fragment`] must go on the
     /// kernel command line for Linux to find the device. Devices must be
     /// added before [`Machine::create_vcpus`] (which clones the bus).
     ///
@@ -239,6 +240,11 @@ impl Machine {
         {
             let d = device.lock().unwrap_or_else(|e| e.into_inner());
             self.vm.register_irqfd(d.interrupt().event_fd(), slot.irq)?;
+            // QueueNotify writes go to the event loop, not to a vCPU exit.
+            let notify = slot.base + crate::devices::virtio::mmio::regs::QUEUE_NOTIFY;
+            for (index, evt) in d.queue_events().iter().enumerate() {
+                self.vm.register_ioevent(evt, notify, index as u32)?;
+            }
         }
         let transport = match transport_state {
             None => MmioTransport::new(self.memory.clone(), device),
@@ -253,6 +259,20 @@ impl Machine {
             device: persistent,
         });
         Ok(slot)
+    }
+
+    /// The device event loop for this machine's virtio devices (see
+    /// [`crate::event_loop`]); it must run for any device to do work.
+    pub fn event_loop(
+        &self,
+    ) -> Result<crate::event_loop::EventLoop, crate::event_loop::EventLoopError> {
+        crate::event_loop::EventLoop::new(self.virtio.iter().map(|e| {
+            e.transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device()
+                .clone()
+        }))
     }
 
     /// Load a vmlinux and write the zero page, command line and MP table.

@@ -9,6 +9,7 @@ pub mod arch;
 pub mod builder;
 pub mod control;
 pub mod devices;
+pub mod event_loop;
 pub mod guest_kernel;
 pub mod jail;
 pub mod loader;

@@ -4,14 +4,13 @@
 //! invocation leaves nothing behind); [`run`] builds the machine — serial
 //! console to the log file, i8042, virtio-blk over the copy-on-write disk,
 //! virtio-vsock on the hybrid unix socket, both on virtio-mmio — loads the
-//! kernel, starts the vCPUs and the control socket, and returns when the
-//! guest resets or powers off, or a control `Shutdown` arrives.
+//! kernel, starts the device event loop, the vCPUs and the control socket,
+//! and returns when the guest resets or powers off, or a control
+//! `Shutdown` arrives.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use kvm_ioctls::Kvm;
 use linux_loader::cmdline::Cmdline;
@@ -21,7 +20,7 @@ use crate::builder::{BuildError, Machine, MachineConfig};
 use crate::control::{ControlServer, VmController};
 use crate::devices::virtio::block::{Block, CowDisk, CowPaths};
 use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::vsock::event_handler::spawn_host_poller;
+use crate::event_loop::{EventLoop, EventLoopError};
 use crate::guest_kernel::{self, KernelImageError};
 use crate::jail::{self, HostDisks, JailConfig, JailError};
 use crate::vstate::exit::ExitReason;
@@ -95,6 +94,8 @@ pub enum RunError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Jail(#[from] JailError),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
 }
 
 fn path_err(what: &'static str, path: &Path, reason: impl ToString) -> RunError {
@@ -313,6 +314,7 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
     )?;
     let kernel = machine.load_kernel(&image, &cmdline)?;
     let vcpus = machine.create_vcpus(kernel.entry, EntryMode::Kernel)?;
+    let devices = machine.event_loop()?;
     // Everything is open: from here on only the seccomp allowlist, and
     // every thread `serve` starts inherits it.
     if let (Some(j), Some(inside)) = (&cfg.jail, &inside) {
@@ -321,29 +323,22 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
     serve(
         Arc::new(machine),
         vcpus,
-        Some(vsock),
+        devices,
         cfg.memory_mib,
         &paths.control,
     )
 }
 
-/// Start the vCPUs, the vsock poller and the control socket (snapshots
-/// enabled), and wait for the VM to end.
+/// Start the device event loop, the vCPUs and the control socket
+/// (snapshots enabled), and wait for the VM to end.
 fn serve(
     machine: Arc<Machine>,
     vcpus: Vec<crate::vstate::vcpu::Vcpu>,
-    vsock: Option<Arc<Mutex<Vsock>>>,
+    devices: EventLoop,
     memory_mib: u64,
     control: &Path,
 ) -> Result<ExitReason, RunError> {
-    let stop_poller = Arc::new(AtomicBool::new(false));
-    let poller = match vsock {
-        Some(vsock) => Some(
-            spawn_host_poller(vsock, Duration::from_millis(2), stop_poller.clone())
-                .map_err(|e| RunError::Vsock(e.to_string()))?,
-        ),
-        None => None,
-    };
+    let devices = devices.start().map_err(EventLoopError::from)?;
     let mut handles = Vec::new();
     for v in vcpus {
         handles.push(v.start()?);
@@ -364,10 +359,7 @@ fn serve(
             Err(RunError::Control(e))
         }
     };
-    stop_poller.store(true, std::sync::atomic::Ordering::Release);
-    if let Some(poller) = poller {
-        let _ = poller.join();
-    }
+    devices.stop();
     result
 }
 
@@ -538,6 +530,9 @@ pub fn restore(cfg: &RestoreConfig) -> Result<ExitReason, RunError> {
             return Err(RunError::Snapshot(e.to_string()));
         }
     };
+    // The loop's start-up kick serves what the guest queued before the
+    // snapshot.
+    let devices = restored.machine.event_loop()?;
     // Everything is restored: from here on only the seccomp allowlist.
     if let (Some((j, _)), Some(inside)) = (&jailed, &inside) {
         jail::lock_down(j, inside)?;
@@ -546,7 +541,7 @@ pub fn restore(cfg: &RestoreConfig) -> Result<ExitReason, RunError> {
     serve(
         Arc::new(restored.machine),
         vcpus,
-        restored.vsock,
+        devices,
         memory_mib,
         &control,
     )

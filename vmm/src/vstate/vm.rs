@@ -52,12 +52,19 @@ pub enum VmError {
     },
     #[error("KVM_IRQFD for GSI {gsi} failed: {source}")]
     RegisterIrqfd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("KVM_IOEVENTFD at {addr:#x} (value {value}) failed: {source}")]
+    RegisterIoevent {
+        addr: u64,
+        value: u32,
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// Capabilities without which the VMM cannot work at all.
 const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
     (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
     (Cap::Pit2, "KVM_CAP_PIT2"),
     (Cap::PitState2, "KVM_CAP_PIT_STATE2"),
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
@@ -197,5 +204,18 @@ impl Vm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(|source| VmError::RegisterIrqfd { gsi, source })
+    }
+
+    /// Have KVM complete a guest's 4-byte write of `value` to the MMIO
+    /// address `addr` by signalling `evt`, without exiting to the VMM
+    /// (virtio QueueNotify; `value` is the queue index).
+    pub fn register_ioevent(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), value)
+            .map_err(|source| VmError::RegisterIoevent {
+                addr,
+                value,
+                source,
+            })
     }
 }

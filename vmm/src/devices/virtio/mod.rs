@@ -17,11 +17,18 @@
 //! through [`VirtioDevice::queues_mut`] and activates the device when the
 //! driver sets DRIVER_OK.
 //!
+//! Work reaches a device on the VMM's event loop ([`crate::event_loop`]),
+//! never on a vCPU: each queue has an `EventFd` that KVM signals when the
+//! driver writes the queue's index to QueueNotify (an ioeventfd, so the
+//! vCPU does not even exit), and a device with host-side sources (the
+//! vsock's unix sockets) exposes one pollable descriptor for them.
+//!
 //! Everything the guest writes — registers, rings, descriptors, request
 //! headers — is hostile input: it is checked, never `unwrap`ped, and a bad
 //! value fails the request (or sets FAILED/NEEDS_RESET), never the VMM.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_queue::{Queue, QueueT};
@@ -133,10 +140,29 @@ pub trait VirtioDevice: Send {
     /// Back to the state before feature negotiation (status 0): queues
     /// reset, features un-acked, deactivated.
     fn reset(&mut self);
-    /// The driver notified queue `index` (QueueNotify). Called
-    /// synchronously by the transport until the event loop owns the
-    /// queues' ioeventfds.
+    /// One `EventFd` per queue, in queue order: the VMM registers each as
+    /// an ioeventfd on the transport's QueueNotify register with the
+    /// queue's index as datamatch, and the event loop waits on them.
+    fn queue_events(&self) -> &[EventFd];
+    /// The driver notified queue `index` (its ioeventfd fired). Called on
+    /// the event loop, only once the device is activated.
     fn queue_notify(&mut self, index: u32);
+    /// A descriptor that is readable when host-side sources have work for
+    /// the device (the vsock muxer's epoll); `None` for a device that
+    /// only reacts to the guest.
+    fn host_event_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// [`VirtioDevice::host_event_fd`] is readable. Must consume what made
+    /// it readable (or stop watching it), else the event loop spins.
+    fn handle_host_event(&mut self) {}
+}
+
+/// `count` queue notification `EventFd`s (non-blocking).
+pub fn new_queue_events(count: usize) -> io::Result<Vec<EventFd>> {
+    (0..count)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+        .collect()
 }
 
 /// Copy `config[offset..]` into `data`; what lies past the end reads as 0.

@@ -33,6 +33,7 @@ pub struct DummyDevice {
     pub activated: bool,
     pub notified: Vec<u32>,
     pub irq: IrqTrigger,
+    pub queue_evts: Vec<vmm_sys_util::eventfd::EventFd>,
     pub config: [u8; 8],
 }
 
@@ -48,6 +49,7 @@ impl DummyDevice {
             activated: false,
             notified: Vec::new(),
             irq: IrqTrigger::new().expect("irq"),
+            queue_evts: super::new_queue_events(queues).expect("queue events"),
             config: *b"abcdefgh",
         }
     }
@@ -104,6 +106,9 @@ impl VirtioDevice for DummyDevice {
         self.acked = 0;
         self.activated = false;
         self.irq.reset();
+    }
+    fn queue_events(&self) -> &[vmm_sys_util::eventfd::EventFd] {
+        &self.queue_evts
     }
     fn queue_notify(&mut self, index: u32) {
         self.notified.push(index);

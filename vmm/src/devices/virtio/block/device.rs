@@ -28,10 +28,12 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{BlockBackend, NUM_QUEUES, QUEUE_SIZE, SECTOR_SIZE};
 use crate::devices::virtio::{
-    ActivateError, IrqTrigger, IrqType, VirtioDevice, activate_queues, read_config_bytes,
+    ActivateError, IrqTrigger, IrqType, VirtioDevice, activate_queues, new_queue_events,
+    read_config_bytes,
 };
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -310,6 +312,8 @@ pub struct Block {
     /// in sectors). The rest reads as zero (its features are not offered).
     pub(super) config: [u8; 8],
     pub(super) queues: Vec<Queue>,
+    /// Queue notifications (ioeventfds), one per queue.
+    pub(super) queue_evts: Vec<EventFd>,
     pub(super) irq: IrqTrigger,
     /// Guest memory, once activated.
     pub(super) mem: Option<GuestMemoryMmap>,
@@ -352,6 +356,7 @@ impl Block {
             acked_features: 0,
             config: capacity.to_le_bytes(),
             queues,
+            queue_evts: new_queue_events(NUM_QUEUES)?,
             irq: IrqTrigger::new()?,
             mem: None,
             counters: BlockCounters::default(),
@@ -437,6 +442,9 @@ impl VirtioDevice for Block {
         self.acked_features = 0;
         self.mem = None;
         self.irq.reset();
+    }
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
     }
     fn queue_notify(&mut self, index: u32) {
         self.handle_queue_notify(index);

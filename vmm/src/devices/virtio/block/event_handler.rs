@@ -1,12 +1,10 @@
 //! Queue notifications for virtio-blk.
 //!
-//! Today the transport calls [`Block::handle_queue_notify`] synchronously
-//! from the vCPU's MMIO exit on a QueueNotify write, so a request completes
-//! before the vCPU re-enters the guest. When the VMM's event loop lands
-//! (an event-manager thread, as Firecracker has), each queue gets an
-//! `EventFd` registered with KVM as an ioeventfd on the QueueNotify
-//! address, the write no longer exits to user space, and the loop calls
-//! this same method when the queue's `EventFd` fires.
+//! The driver's QueueNotify write is taken by KVM (the queue's ioeventfd)
+//! and the VMM's event loop ([`crate::event_loop`]) calls
+//! [`Block::handle_queue_notify`]: the request is served on the device
+//! thread while the vCPU runs on, and the used-ring update raises the
+//! irqfd.
 
 use super::device::{Block, ProcessOutcome};
 

@@ -58,8 +58,15 @@ impl Harness {
             .expect("bring-up");
     }
 
+    /// QueueNotify, then what the event loop does when the queue's
+    /// ioeventfd fires.
     fn notify(&mut self) {
         self.t.write(regs::QUEUE_NOTIFY, &0u32.to_le_bytes());
+        self.dispatch();
+    }
+
+    fn dispatch(&mut self) {
+        crate::event_loop::dispatch_queue_events(&mut *self.dev.lock().expect("dev"));
     }
 
     fn reg(&mut self, offset: u64) -> u32 {
@@ -373,6 +380,7 @@ fn malformed_chains_are_survived() {
     // A queue notify for a queue that does not exist.
     MmioDriver::new(&mut h.t).write(regs::QUEUE_NOTIFY, 7);
     MmioDriver::new(&mut h.t).write(regs::QUEUE_NOTIFY, u32::MAX);
+    h.dispatch();
 
     assert_eq!(h.disk(), before);
     let c = h.dev.lock().expect("dev").counters;

@@ -22,6 +22,8 @@ use std::io::{self, Read, Write};
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
 
+use vmm_sys_util::epoll::EventSet;
+
 use super::HOST_CID;
 use super::packet::{
     MAX_PKT_BUF_SIZE, OP_CREDIT_UPDATE, OP_RW, OP_SHUTDOWN, PacketHeader, SHUTDOWN_RCV,
@@ -77,6 +79,9 @@ pub struct Connection {
     /// The guest will receive no more data.
     guest_shut_rcv: bool,
     host_write_shut: bool,
+    /// What the muxer's epoll watches on `stream` now (empty: not in the
+    /// set). See [`Connection::wanted_events`].
+    pub(crate) watched: EventSet,
 }
 
 impl Connection {
@@ -101,6 +106,7 @@ impl Connection {
             guest_shut_send: false,
             guest_shut_rcv: false,
             host_write_shut: false,
+            watched: EventSet::empty(),
         }
     }
 
@@ -252,6 +258,31 @@ impl Connection {
                 Err(e)
             }
         }
+    }
+
+    /// The host stream's events worth waking for: readable while the
+    /// guest has credit and the buffer room, writable while guest bytes
+    /// wait for the host. Empty otherwise — the stream then leaves the
+    /// epoll set, so a peer that hung up (EPOLLHUP is reported whatever
+    /// the interest) cannot make the loop spin while the guest is slow;
+    /// the hang-up is read when the guest has room again.
+    pub fn wanted_events(&self) -> EventSet {
+        let mut events = EventSet::empty();
+        if self.wants_host_data() {
+            events |= EventSet::IN;
+        }
+        if !self.to_host.is_empty() {
+            events |= EventSet::OUT;
+        }
+        events
+    }
+
+    /// [`Connection::fill_from_host`] would read something.
+    fn wants_host_data(&self) -> bool {
+        self.state == ConnState::Established
+            && !self.host_eof
+            && !self.guest_shut_rcv
+            && (self.peer_free() as usize).min(MAX_PKT_BUF_SIZE as usize) > self.from_host.len()
     }
 
     /// Whether [`Connection::take_rx`] has something for the guest.

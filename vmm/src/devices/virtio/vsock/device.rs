@@ -14,6 +14,7 @@
 //! queue. Nothing a guest writes can panic the device or make it read or
 //! write outside guest memory.
 
+use std::os::fd::RawFd;
 use std::path::Path;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -21,12 +22,14 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::packet;
 use super::unix::VsockMuxer;
 use super::{EVENT_TRANSPORT_RESET, EVQ, HOST_CID, NUM_QUEUES, QUEUE_SIZE, RXQ, TXQ};
 use crate::devices::virtio::{
-    ActivateError, IrqTrigger, IrqType, VirtioDevice, activate_queues, read_config_bytes,
+    ActivateError, IrqTrigger, IrqType, VirtioDevice, activate_queues, new_queue_events,
+    read_config_bytes,
 };
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -66,6 +69,8 @@ pub struct Vsock {
     pub(super) avail_features: u64,
     pub(super) acked_features: u64,
     pub(super) queues: Vec<Queue>,
+    /// Queue notifications (ioeventfds), one per queue.
+    pub(super) queue_evts: Vec<EventFd>,
     pub(super) irq: IrqTrigger,
     pub(super) mem: Option<GuestMemoryMmap>,
     /// A TRANSPORT_RESET waits for an event buffer.
@@ -101,6 +106,7 @@ impl Vsock {
             avail_features: 1u64 << VIRTIO_F_VERSION_1,
             acked_features: 0,
             queues,
+            queue_evts: new_queue_events(NUM_QUEUES)?,
             irq: IrqTrigger::new()?,
             mem: None,
             pending_reset_event: false,
@@ -123,6 +129,7 @@ impl Vsock {
         let mut out = ProcessOutcome::default();
         let Some(mem) = self.mem.clone() else {
             self.muxer.poll_host();
+            self.muxer.update_interest();
             return out;
         };
         let mut notify = false;
@@ -136,6 +143,7 @@ impl Vsock {
         let (n, want) = self.process_evq(&mem);
         out.events = n;
         notify |= want;
+        self.muxer.update_interest();
         if notify {
             // A lost signal (eventfd saturated) still leaves the status bit.
             let _ = self.irq.trigger(IrqType::Vring);
@@ -306,7 +314,16 @@ impl VirtioDevice for Vsock {
         self.muxer.reset();
         self.pending_reset_event = false;
     }
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
     fn queue_notify(&mut self, index: u32) {
         self.handle_queue_notify(index);
+    }
+    fn host_event_fd(&self) -> Option<RawFd> {
+        Some(self.muxer.epoll_fd())
+    }
+    fn handle_host_event(&mut self) {
+        self.handle_host_events();
     }
 }

@@ -12,6 +12,14 @@
 //! - Guest-initiated: an OP_REQUEST to host port `P` connects to the unix
 //!   socket `<uds_path>_<P>`; OP_RESPONSE if it accepts, OP_RST if not.
 //!
+//! The muxer owns an epoll set of its sockets — the listener, streams
+//! still sending their CONNECT line, and each connection's stream for the
+//! events it can act on now ([`Connection::wanted_events`], refreshed by
+//! [`VsockMuxer::update_interest`] after every pass) — whose descriptor
+//! ([`VsockMuxer::epoll_fd`]) the VMM's event loop watches: it is
+//! readable exactly when a pass would find work, so an idle muxer costs
+//! nothing and a busy one is served at once.
+//!
 //! Packets to the guest wait here until the device has an RX buffer:
 //! control packets (REQUEST, RESPONSE, RST) in a bounded queue, data and
 //! credit updates in their connection. The device stops taking TX packets
@@ -20,8 +28,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::super::HOST_CID;
 use super::super::connection::{ConnState, Connection};
@@ -53,6 +64,9 @@ pub struct MuxerCounters {
     pub rst_sent: u64,
     /// Host connections closed for a bad CONNECT line.
     pub bad_handshake: u64,
+    /// epoll_ctl calls that failed (the socket is then served only when
+    /// something else wakes the muxer).
+    pub epoll_errors: u64,
 }
 
 #[derive(Debug)]
@@ -60,6 +74,8 @@ pub struct VsockMuxer {
     guest_cid: u64,
     uds_path: PathBuf,
     listener: UnixListener,
+    /// The sockets' epoll set (see the module doc).
+    epoll: Epoll,
     handshakes: Vec<(UnixStream, Vec<u8>)>,
     conns: HashMap<ConnKey, Connection>,
     control: VecDeque<PacketHeader>,
@@ -78,10 +94,18 @@ impl VsockMuxer {
             )
         })?;
         listener.set_nonblocking(true)?;
+        let epoll = Epoll::new()?;
+        let fd = listener.as_raw_fd();
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, fd as u64),
+        )?;
         Ok(Self {
             guest_cid,
             uds_path: uds_path.to_owned(),
             listener,
+            epoll,
             handshakes: Vec::new(),
             conns: HashMap::new(),
             control: VecDeque::new(),
@@ -96,6 +120,46 @@ impl VsockMuxer {
 
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
+    }
+
+    /// Readable when [`VsockMuxer::poll_host`] has work (see the module
+    /// doc).
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Bring the epoll set in line with what each connection can act on
+    /// now. Call after every pass over TX, the host sockets and RX (a
+    /// closed stream left the set by itself).
+    pub fn update_interest(&mut self) {
+        for conn in self.conns.values_mut() {
+            let want = conn.wanted_events();
+            if want == conn.watched {
+                continue;
+            }
+            let fd = conn.stream.as_raw_fd();
+            let op = if conn.watched.is_empty() {
+                ControlOperation::Add
+            } else if want.is_empty() {
+                ControlOperation::Delete
+            } else {
+                ControlOperation::Modify
+            };
+            match self.epoll.ctl(op, fd, EpollEvent::new(want, fd as u64)) {
+                Ok(()) => conn.watched = want,
+                Err(_) => self.counters.epoll_errors += 1,
+            }
+        }
+    }
+
+    fn unwatch(&mut self, fd: RawFd) {
+        if self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+            .is_err()
+        {
+            self.counters.epoll_errors += 1;
+        }
     }
 
     /// Live connections (any state).
@@ -251,6 +315,21 @@ impl VsockMuxer {
                     {
                         continue; // dropped: closed
                     }
+                    let fd = stream.as_raw_fd();
+                    if self
+                        .epoll
+                        .ctl(
+                            ControlOperation::Add,
+                            fd,
+                            EpollEvent::new(EventSet::IN, fd as u64),
+                        )
+                        .is_err()
+                    {
+                        // Unwatched, its line would only be read when
+                        // something else wakes the muxer: refuse it.
+                        self.counters.epoll_errors += 1;
+                        continue;
+                    }
                     self.handshakes.push((stream, Vec::new()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -279,6 +358,9 @@ impl VsockMuxer {
                 None => i += 1,
                 Some(result) => {
                     let (stream, _) = self.handshakes.swap_remove(i);
+                    // A connection's stream is watched for what it wants
+                    // (update_interest), from nothing.
+                    self.unwatch(stream.as_raw_fd());
                     match result {
                         Some(port) if self.conns.len() < MAX_CONNECTIONS => {
                             let local = self.alloc_local_port();
