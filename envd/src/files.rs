@@ -413,10 +413,18 @@ fn write_error(e: &io::Error, guest: &Path) -> ApiError {
             format!("not enough disk space to write {}", guest.display()),
         )
     } else {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("writing {}: {e}", guest.display()),
-        )
+        // The caller's mistakes (a name longer than the filesystem takes,
+        // a path through a file, a directory in the way, no permission)
+        // are 4xx, as everywhere else in envd; only the rest is ours.
+        let mapped = crate::connect::ConnectError::from_io(e, &guest.display().to_string());
+        if mapped.code == crate::connect::Code::Internal {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("writing {}: {e}", guest.display()),
+            )
+        } else {
+            ApiError::from(mapped)
+        }
     }
 }
 

@@ -714,6 +714,27 @@ async fn no_space_is_507_and_cleans_up() {
     assert!(!dir.join("too-big.bin").exists());
 }
 
+/// Names the filesystem refuses are the caller's error (400), not envd's
+/// (found by the `files_multipart` fuzz target: a 300-byte name was a 500).
+#[tokio::test]
+async fn an_unwritable_name_is_a_client_error() {
+    let envd = Envd::start();
+    let long = format!("/home/user/{}", "n".repeat(300));
+    let (status, body) = upload_raw(&envd, &long, b"x".to_vec()).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], 400);
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("nnnn"),
+        "{body}"
+    );
+    // A path through a regular file.
+    let (status, _) = upload_raw(&envd, "/home/user/plain", b"x".to_vec()).await;
+    assert_eq!(status, 200);
+    let (status, body) = upload_raw(&envd, "/home/user/plain/inside", b"x".to_vec()).await;
+    assert!((400..500).contains(&status), "{status} {body}");
+    assert!(temp_files(&envd.host("/home/user")).is_empty());
+}
+
 /// What the SDK's own watch tests expect: writing a new file shows as
 /// exactly create, chmod (the chown), write on its name, already in the
 /// first `GetWatcherEvents` after the upload returned.

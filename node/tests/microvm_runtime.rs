@@ -107,6 +107,62 @@ async fn a_guest_that_cannot_boot_fails_the_create_and_leaves_nothing() {
 }
 
 #[tokio::test]
+async fn a_kernel_or_root_disk_that_is_not_ours_is_refused_before_anything_starts() {
+    let test = "a_kernel_or_root_disk_that_is_not_ours_is_refused_before_anything_starts";
+    let Some((artifacts, data)) = setup(test) else {
+        return;
+    };
+    std::fs::create_dir_all(&data).unwrap();
+    // A bzImage-style file, and an ELF kernel without the guest's options.
+    let bz = data.join("vmlinuz");
+    let mut bz_image = b"MZ not an ELF kernel: a compressed bzImage".to_vec();
+    bz_image.resize(4096, 0);
+    std::fs::write(&bz, bz_image).unwrap();
+    let foreign = |kernel: PathBuf| MicrovmConfig {
+        kernel,
+        ..config(&artifacts, Duration::from_secs(5))
+    };
+    let err = MicrovmRuntime::new_unprobed(&data, foreign(bz.clone())).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("not a sandmesh guest kernel"), "{msg}");
+    assert!(msg.contains("not an ELF file"), "{msg}");
+    let elf_without_config = data.join("other-vmlinux");
+    let mut elf = vec![0u8; 4096];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    (elf[4], elf[5], elf[16], elf[18]) = (2, 1, 2, 0x3e);
+    std::fs::write(&elf_without_config, elf).unwrap();
+    let msg = MicrovmRuntime::new_unprobed(&data, foreign(elf_without_config))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("embedded configuration"), "{msg}");
+
+    // Our kernel, someone else's root disk: the create is refused by name
+    // and leaves nothing (no VMM was started).
+    let rt =
+        MicrovmRuntime::new_unprobed(&data, config(&artifacts, Duration::from_secs(5))).unwrap();
+    let zeros = data.join("zeros.ext4");
+    std::fs::write(&zeros, vec![0u8; 1 << 20]).unwrap();
+    let id = SandboxId::new("microvmforeign1").unwrap();
+    let err = rt
+        .create(
+            &id,
+            &Template {
+                rootfs_image: Some(zeros),
+                ..template(&artifacts)
+            },
+            Limits::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::BadTemplate { .. }), "{err}");
+    assert!(err.to_string().contains("not an ext4 filesystem"), "{err}");
+    assert!(!rt.sandbox_dir(&id).exists());
+    assert!(rt.list().await.unwrap().is_empty());
+    assert_eq!(processes_naming(id.as_str()), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[tokio::test]
 async fn lifecycle_on_native_kvm() {
     let test = "lifecycle_on_native_kvm";
     let Some((artifacts, data)) = setup(test) else {

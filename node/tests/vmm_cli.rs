@@ -75,7 +75,7 @@ fn sandmesh(args: &[&str], dir: &Dir, overrides: &[(&str, String)]) -> Output {
 fn setup(name: &str) -> Dir {
     let d = Dir::new(name);
     std::fs::write(d.p("vmlinux"), fake_elf()).unwrap();
-    std::fs::write(d.p("rootfs.ext4"), vec![0u8; 4096]).unwrap();
+    std::fs::write(d.p("rootfs.ext4"), vmm::guest_rootfs::stand_in_image(4096)).unwrap();
     d
 }
 
@@ -120,6 +120,33 @@ fn missing_files_name_the_path() {
         "not a regular file",
     );
     assert_eq!(d.entries(), before, "nothing left behind");
+}
+
+#[test]
+fn a_root_disk_that_is_not_ours_is_refused_by_name() {
+    let d = setup("foreign");
+    std::fs::write(d.p("zeros.img"), vec![0u8; 1 << 16]).unwrap();
+    let before = d.entries();
+    assert_fails(
+        &sandmesh(
+            &[],
+            &d,
+            &[("--rootfs", d.p("zeros.img").display().to_string())],
+        ),
+        "not an ext4 filesystem",
+    );
+    // An ext4 image of someone else's (another label).
+    let mut img = vmm::guest_rootfs::stand_in_image(1 << 16);
+    img[1024 + 0x78..1024 + 0x78 + 16].copy_from_slice(b"cloudimg-rootfs\0");
+    std::fs::write(d.p("cloud.img"), img).unwrap();
+    let out = sandmesh(
+        &[],
+        &d,
+        &[("--rootfs", d.p("cloud.img").display().to_string())],
+    );
+    assert_fails(&out, "\"cloudimg-rootfs\"");
+    assert_fails(&out, "not a sandmesh guest image");
+    assert_eq!(d.entries().len(), before.len() + 1, "nothing left behind");
 }
 
 #[test]

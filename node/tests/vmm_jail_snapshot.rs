@@ -80,7 +80,11 @@ impl Scratch {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("vmlinux"), tiny_elf(&guest_code())).unwrap();
-        std::fs::write(d.join("rootfs.ext4"), vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(
+            d.join("rootfs.ext4"),
+            vmm::guest_rootfs::stand_in_image(1 << 20),
+        )
+        .unwrap();
         Self(d)
     }
     fn p(&self, f: &str) -> PathBuf {

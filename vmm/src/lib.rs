@@ -11,6 +11,7 @@ pub mod control;
 pub mod devices;
 pub mod event_loop;
 pub mod guest_kernel;
+pub mod guest_rootfs;
 pub mod jail;
 pub mod loader;
 pub mod probe;

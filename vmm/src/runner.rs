@@ -171,6 +171,8 @@ pub fn validate(cfg: &VmmConfig) -> Result<Vec<u8>, RunError> {
         error,
     })?;
     regular_file("root disk", &cfg.rootfs)?;
+    crate::guest_rootfs::check_image(&cfg.rootfs)
+        .map_err(|e| path_err("root disk", &cfg.rootfs, e))?;
     if let Some(overlay) = &cfg.overlay
         && overlay.exists()
     {

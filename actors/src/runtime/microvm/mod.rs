@@ -181,6 +181,10 @@ impl MicrovmRuntime {
                 });
             }
         }
+        check_guest_kernel(&config.kernel).map_err(|reason| RuntimeError::Unavailable {
+            runtime: RuntimeKind::Microvm,
+            reason,
+        })?;
         let data_dir = std::path::absolute(&data_dir)
             .map_err(|e| RuntimeError::io("resolving", &data_dir, e))?;
         let inner = Inner { data_dir, config };
@@ -194,7 +198,31 @@ impl MicrovmRuntime {
     pub fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
         self.inner.sandbox_dir(id)
     }
+}
 
+/// Refuse a kernel that is not a sandmesh guest kernel up front — an
+/// uncompressed x86-64 vmlinux whose embedded configuration has every
+/// option the guest needs — instead of every create failing later with
+/// envd never answering.
+fn check_guest_kernel(path: &Path) -> std::result::Result<(), String> {
+    use vmm::guest_kernel::{REQUIRED_FRAGMENT, check_elf, embedded_config, missing_required};
+    let not_ours = |why: String| {
+        format!(
+            "the guest kernel {} is not a sandmesh guest kernel: {why} (build it with `cargo xtask guest`)",
+            path.display()
+        )
+    };
+    let image = std::fs::read(path).map_err(|e| not_ours(e.to_string()))?;
+    check_elf(&image).map_err(|e| not_ours(e.to_string()))?;
+    let config = embedded_config(&image).map_err(|e| not_ours(e.to_string()))?;
+    let missing = missing_required(REQUIRED_FRAGMENT, &config);
+    if !missing.is_empty() {
+        return Err(not_ours(format!("it lacks {}", missing.join(", "))));
+    }
+    Ok(())
+}
+
+impl MicrovmRuntime {
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
@@ -356,6 +384,10 @@ impl Inner {
                                 .into(),
                     }
                         })?;
+                vmm::guest_rootfs::check_image(image).map_err(|e| RuntimeError::BadTemplate {
+                    template: template.id.clone(),
+                    reason: format!("{}: {e}", image.display()),
+                })?;
                 cmd.arg("--kernel")
                     .arg(&self.config.kernel)
                     .arg("--rootfs")
