@@ -54,7 +54,7 @@ const L1_MODULES: &[(&str, &str)] = &[
 ];
 
 /// L1's CPU: everything TCG emulates, SVM with nested paging included.
-const L1_CPU: &str = "max";
+pub const L1_CPU: &str = "max";
 
 const INIT: &str = include_str!("../nested/init");
 const STAGE2: &str = include_str!("../nested/stage2");
@@ -63,6 +63,8 @@ const STAGE2: &str = include_str!("../nested/stage2");
 pub struct L1 {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// The Debian kernel package and version L1 boots.
+    pub kernel_version: String,
 }
 
 /// Debian's current kernel package (`linux-image-<abi>-amd64`) and version.
@@ -100,7 +102,17 @@ pub fn build(cache: &Cache, force: bool) -> Result<L1> {
     Ok(L1 {
         kernel: entry.dir.join("vmlinuz"),
         initramfs: entry.dir.join("initramfs.cpio"),
+        kernel_version: format!("{package} {version}"),
     })
+}
+
+/// `qemu-system-x86_64 --version`'s number.
+pub fn qemu_version() -> Result<String> {
+    let out = run::output(Command::new("qemu-system-x86_64").arg("--version"))?;
+    out.split_whitespace()
+        .nth(3)
+        .map(str::to_owned)
+        .context("qemu-system-x86_64 --version says no version")
 }
 
 fn build_into(dir: &Path, package: &str) -> Result<()> {
