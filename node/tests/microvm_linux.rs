@@ -1,7 +1,8 @@
 //! Linux in our own VMM: `sandmesh vmm` (jailed) boots the built guest
 //! kernel and root image to envd, runs commands through envd over vsock,
 //! and ends with status 0 when the guest powers off — many times in a row,
-//! none may hang.
+//! none may hang. The first guest also connects out to a host socket
+//! through the jail (guest-initiated vsock).
 //!
 //! Runs where KVM runs guest kernels natively: bare metal, clouds with
 //! nested virtualisation, and the L1 host of `cargo xtask nested` (QEMU's
@@ -153,6 +154,37 @@ impl Drop for Vm {
     }
 }
 
+/// A guest-initiated vsock connection: the guest connects to host port
+/// 5000, which the jailed VMM (running as the jail's uid, in its own root)
+/// splices to the unix socket `v.sock_5000` beside its `v.sock` — a
+/// socket the host creates in the jail root and lets the jail's uid
+/// connect to.
+async fn guest_connects_out_through_the_jail(vm: &Vm) {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let path = vm.dir.join("jail/root/v.sock_5000");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let host = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut got = [0u8; 20];
+        s.read_exact(&mut got).unwrap();
+        s.write_all(b"hello from the host\n").unwrap();
+        got
+    });
+    let s = vm.connect(schema::envd::ENVD_PORT).await.unwrap();
+    let code = "import socket\n\
+                s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n\
+                s.connect((2, 5000))\n\
+                s.sendall(b'hello from the guest')\n\
+                print(s.makefile().readline(), end='')\n";
+    let ran = envd::run(s, "user", "python3", &["-c", code]).await;
+    assert_eq!(ran.exit_code, 0, "{}\n{}", ran.stderr, vm.logs());
+    assert_eq!(ran.stdout, "hello from the host\n");
+    assert_eq!(&host.join().unwrap(), b"hello from the guest");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn linux_boots_to_envd_runs_commands_and_powers_off_many_times() {
     let test = "linux_boots_to_envd_runs_commands_and_powers_off_many_times";
@@ -184,6 +216,10 @@ async fn linux_boots_to_envd_runs_commands_and_powers_off_many_times() {
             "{}",
             ran.stdout
         );
+
+        if n == 0 {
+            guest_connects_out_through_the_jail(&vm).await;
+        }
 
         // `poweroff` ends the guest, so its call never answers: send it and
         // let the stream go.

@@ -3,7 +3,8 @@
 //!
 //! Where KVM runs guest kernels natively the whole lifecycle runs: template
 //! snapshot, create by restore, envd over vsock, checkpoint, restore under
-//! a new id, kill. On nested-PVM hosts (this project's CI) the guest kernel
+//! a new id, a checkpoint whose VMM is killed mid-way (the earlier
+//! snapshot still restores), kill. On nested-PVM hosts (this project's CI) the guest kernel
 //! cannot boot: there the test checks that a create fails with the reason
 //! and leaves nothing behind (no process, no jail, no directory).
 
@@ -228,7 +229,43 @@ async fn lifecycle_on_native_kvm() {
     let b = SandboxId::new("microvmlife2").unwrap();
     rt.restore(&b, &tpl, &saved, limits).await.unwrap();
     assert!(health(b.clone()).await.starts_with("HTTP/1.1 204"));
+
+    // The VMM killed while it writes a snapshot: the checkpoint fails, no
+    // half-written snapshot is visible (no manifest), and the earlier
+    // snapshot still restores.
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rt.sandbox_dir(&b).join("meta.json")).unwrap())
+            .unwrap();
+    let pid = meta["pid"].as_i64().unwrap() as i32;
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
+    let torn = data.join("snap-b");
+    let err = rt.checkpoint(&b, &torn).await.unwrap_err();
+    killer.join().unwrap();
+    eprintln!("checkpoint with its VMM killed: {err}");
+    assert!(
+        matches!(
+            err,
+            RuntimeError::CheckpointFailed {
+                sandbox_lost: true,
+                ..
+            } | RuntimeError::NotRunning(_)
+        ),
+        "{err:?}"
+    );
+    assert!(
+        !torn.join("manifest.json").exists(),
+        "a torn snapshot looks complete"
+    );
     rt.kill(&b).await.unwrap();
+    assert!(!rt.sandbox_dir(&b).exists());
+    let c = SandboxId::new("microvmlife3").unwrap();
+    rt.restore(&c, &tpl, &saved, limits).await.unwrap();
+    assert!(health(c.clone()).await.starts_with("HTTP/1.1 204"));
+    rt.kill(&c).await.unwrap();
     assert!(rt.list().await.unwrap().is_empty());
     assert_eq!(processes_naming("microvmlife"), Vec::<String>::new());
     let _ = std::fs::remove_dir_all(&data);

@@ -18,7 +18,8 @@ pub struct Ran {
 }
 
 /// Bytes up to and including `end`, read one at a time (what follows
-/// belongs to the body); `Err` with what came at EOF.
+/// belongs to the body); `Err` with what came before EOF, an error, or a
+/// pause longer than `limit`.
 async fn read_through(
     s: &mut (impl AsyncRead + Unpin),
     end: &[u8],
@@ -27,12 +28,9 @@ async fn read_through(
     let mut buf = Vec::new();
     let mut b = [0u8; 1];
     while !buf.ends_with(end) {
-        let n = tokio::time::timeout(limit, s.read(&mut b))
-            .await
-            .expect("response bytes in time")
-            .unwrap();
-        if n == 0 {
-            return Err(buf);
+        match tokio::time::timeout(limit, s.read(&mut b)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Err(buf),
         }
         buf.push(b[0]);
     }
@@ -43,7 +41,10 @@ async fn read_through(
 pub async fn read_head(s: &mut (impl AsyncRead + Unpin)) -> String {
     match read_through(s, b"\r\n\r\n", Duration::from_secs(10)).await {
         Ok(head) => String::from_utf8_lossy(&head).into_owned(),
-        Err(part) => panic!("connection closed in the response head: {part:?}"),
+        Err(part) => panic!(
+            "no complete response head (closed, failed or silent for 10 s): {:?}",
+            String::from_utf8_lossy(&part)
+        ),
     }
 }
 
@@ -59,13 +60,21 @@ pub async fn read_chunk(s: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
     data
 }
 
-/// `GET /health` on a fresh stream to envd; the response's status line.
+/// `GET /health` on a fresh stream to envd; the response's status line,
+/// empty when none came (a guest still booting: callers poll).
 pub async fn health(mut s: impl AsyncRead + AsyncWrite + Unpin) -> String {
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await;
-    head.lines().next().unwrap_or_default().to_owned()
+    let request = b"GET /health HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\n\r\n";
+    if s.write_all(request).await.is_err() {
+        return String::new();
+    }
+    match read_through(&mut s, b"\r\n\r\n", Duration::from_secs(10)).await {
+        Ok(head) => String::from_utf8_lossy(&head)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        Err(_) => String::new(),
+    }
 }
 
 /// Send a `process.Process/Start` request for `cmd args` as `user`,

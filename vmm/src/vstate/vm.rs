@@ -94,9 +94,12 @@ impl Vm {
                 return Err(VmError::MissingCapability(name));
             }
         }
-        let supported_cpuid = kvm
+        let mut supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmError::SupportedCpuid)?;
+        if kvm.check_extension(Cap::TscDeadlineTimer) {
+            crate::arch::x86_64::cpuid::offer_tsc_deadline(supported_cpuid.as_mut_slice());
+        }
         let max_memslots = kvm.get_nr_memslots();
         let msr_index_list = kvm.get_msr_index_list().map_err(VmError::MsrIndexList)?;
         let msrs_to_save = super::persist::msrs_to_save(msr_index_list.as_slice());

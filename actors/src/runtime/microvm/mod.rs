@@ -561,7 +561,20 @@ impl Inner {
                 let _ = self.control(id, schema::vmm::Request::Resume);
                 return Err(refused(format!("unexpected VMM answer {other:?}")));
             }
-            Err(e) => return Err(refused(e.to_string())),
+            Err(e) => {
+                // No answer: a VMM that died mid-save took the sandbox
+                // with it (what it wrote is thrown away: the snapshot's
+                // manifest was never written, so it is never restored).
+                let lost = !vmm_alive(meta.pid, id);
+                if lost {
+                    let _ = std::fs::remove_dir_all(&on_host);
+                }
+                return Err(RuntimeError::CheckpointFailed {
+                    id: id.clone(),
+                    reason: e.to_string(),
+                    sandbox_lost: lost,
+                });
+            }
         }
         // The VM is paused and saved. A jailed VMM removes its jail, `/snap`
         // included, when it ends: take the snapshot out of it first (the

@@ -18,6 +18,8 @@ use kvm_bindings::kvm_cpuid_entry2;
 
 /// Leaf 0x1 ECX bit 31: running under a hypervisor.
 pub const ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 0x1 ECX bit 24: the local APIC timer has a TSC-deadline mode.
+pub const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 0x1 EDX bit 28: the package has more than one logical CPU.
 pub const EDX_HTT: u32 = 1 << 28;
 /// KVM's paravirtual leaves start here ("KVMKVMKVM\0\0\0").
@@ -38,6 +40,19 @@ fn id_bits(n: u8) -> u32 {
         0
     } else {
         u32::BITS - u32::from(n - 1).leading_zeros()
+    }
+}
+
+/// Offer the TSC-deadline timer (leaf 0x1). KVM emulates it with its
+/// in-kernel local APIC but reports it as a capability
+/// (`KVM_CAP_TSC_DEADLINE_TIMER`), not in its supported CPUID, so a VMM
+/// sets the bit itself (QEMU and Firecracker do). It matters beyond speed:
+/// with TSC-deadline and ARAT (leaf 0x6, which KVM does report) a Linux
+/// guest needs no PIT — it stops it at boot and never calibrates against
+/// it — so the in-kernel PIT and its timer thread stay idle.
+pub fn offer_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == 0x1) {
+        e.ecx |= ECX_TSC_DEADLINE;
     }
 }
 
@@ -145,6 +160,14 @@ mod tests {
             eax,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn tsc_deadline_is_offered_in_leaf_1_only() {
+        let mut e = vec![entry(0x1, 0, 0), entry(0x6, 0, 4)];
+        offer_tsc_deadline(&mut e);
+        assert_ne!(e[0].ecx & ECX_TSC_DEADLINE, 0);
+        assert_eq!(e[1].ecx, 0);
     }
 
     #[test]
