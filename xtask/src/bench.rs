@@ -133,7 +133,13 @@ const NESTED_HEADING: &str = "## Linux microVMs inside the emulated L1 host";
 /// BENCHMARKS.md's L1 section with their ratios: everything in L1 runs
 /// under TCG, so only ratios between figures of the same run mean
 /// something.
-pub fn nested(root: &Path, manifest_path: &Path, report: &Path) -> Result<()> {
+pub fn nested(
+    root: &Path,
+    manifest_path: &Path,
+    manifest: &GuestArtifacts,
+    firecracker: Option<&Path>,
+    report: &Path,
+) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     crate::run::status(Command::new(&cargo).current_dir(root).args([
         "build",
@@ -150,7 +156,7 @@ pub fn nested(root: &Path, manifest_path: &Path, report: &Path) -> Result<()> {
     let l1 = crate::nested::build(&cache, false)?;
     let run_dir = root.join("target/nested/bench");
     let examples = root.join("target/release/examples");
-    let script = format!(
+    let mut script = format!(
         "export {env}='{manifest}'\n\
          '{ex}/bench_restore' > '{out}/restore.jsonl' || exit 1\n\
          '{ex}/bench_linux' > '{out}/linux.jsonl' || exit 1\n",
@@ -159,6 +165,23 @@ pub fn nested(root: &Path, manifest_path: &Path, report: &Path) -> Result<()> {
         ex = examples.display(),
         out = run_dir.display(),
     );
+    if let Some(fc) = firecracker {
+        let fc = std::path::absolute(fc)?;
+        if !fc.is_file() {
+            bail!("no Firecracker binary at {}", fc.display());
+        }
+        // The same guest, kernel command line and shape as bench_linux.
+        script += &format!(
+            "FC_BIN='{fc}' KERNEL='{kernel}' ROOTFS='{rootfs}' N=5 \
+             BOOT_ARGS='{cmdline}' bash '{sh}' > '{out}/firecracker.jsonl' || exit 1\n",
+            fc = fc.display(),
+            kernel = manifest.kernel.display(),
+            rootfs = manifest.rootfs_image.display(),
+            cmdline = vmm::runner::BASE_CMDLINE,
+            sh = root.join("xtask/bench/firecracker.sh").display(),
+            out = run_dir.display(),
+        );
+    }
     let started = Instant::now();
     let code = crate::nested::run_in(
         &l1,
@@ -167,7 +190,7 @@ pub fn nested(root: &Path, manifest_path: &Path, report: &Path) -> Result<()> {
             cwd: root,
             timeout: Duration::from_secs(1500),
             run_dir: &run_dir,
-            cpus: 2,
+            cpus: 1,
             memory_mib: 6144,
         },
     )?;
@@ -181,6 +204,10 @@ pub fn nested(root: &Path, manifest_path: &Path, report: &Path) -> Result<()> {
     };
     let tiny = read("restore.jsonl")?;
     let linux = read("linux.jsonl")?;
+    let fc = match firecracker {
+        Some(_) => read("firecracker.jsonl")?,
+        None => Vec::new(),
+    };
     let timed = |rows: &[Row], prefix: &str| -> Option<Duration> {
         rows.iter().find_map(|r| match r {
             Row::Timed(s) if s.name.starts_with(prefix) => Some(s.percentile(0.5)),
@@ -192,13 +219,19 @@ pub fn nested(root: &Path, manifest_path: &Path, report: &Path) -> Result<()> {
         timed(&tiny, "vmm restore tiny guest, fresh").context("bench_restore gave no restore")?;
     let boot = timed(&linux, "microvm: boot").context("bench_linux gave no boot")?;
     let restore = timed(&linux, "microvm: restore").context("bench_linux gave no restore")?;
-    let ratio = |a: Duration, b: Duration| format!("{:.0}x", a.as_secs_f64() / b.as_secs_f64());
+    let ratio = |a: Duration, b: Duration| {
+        let r = a.as_secs_f64() / b.as_secs_f64();
+        if r < 10.0 {
+            format!("{r:.1}x")
+        } else {
+            format!("{r:.0}x")
+        }
+    };
     let mut md = format!(
-        "{NESTED_HEADING}\n\n- machine: {} running QEMU {} TCG (`-cpu {}`, 2 vCPUs, 6 GiB), \
+        "{NESTED_HEADING}\n\n- machine: {} running QEMU {} TCG (`-cpu {}`, 1 vCPU, 6 GiB), \
          L1 kernel {}, `kvm_amd vgif=0`\n- date: {}; L1 run {:.0} s\n\
          - written by `cargo xtask bench --nested`. Everything below runs emulated, so \
-         only the ratios are comparable with a real host. Firecracker is not measured \
-         beside ours yet.\n\n\
+         only the ratios are comparable with a real host. {}\n\n\
          | benchmark | runtime | samples | median | p95 |\n|---|---|---|---|---|\n",
         machine(),
         crate::nested::qemu_version().unwrap_or_else(|_| "?".into()),
@@ -206,6 +239,18 @@ pub fn nested(root: &Path, manifest_path: &Path, report: &Path) -> Result<()> {
         l1.kernel_version,
         date(),
         started.elapsed().as_secs_f64(),
+        match firecracker {
+            Some(_) =>
+                "Firecracker (built from its source for this measurement only, \
+                        glibc build without its seccomp filter, never part of this \
+                        repository) boots and loads the same guest in the same L1: \
+                        each sample from its process launch through its API calls \
+                        (curl), ours from `runner::run` / `runner::restore` in a \
+                        running process.",
+            None =>
+                "Firecracker was not run beside ours this time \
+                     (`--firecracker BIN` runs it).",
+        },
     );
     let mut rows: Vec<Row> = tiny
         .into_iter()
@@ -232,6 +277,23 @@ pub fn nested(root: &Path, manifest_path: &Path, report: &Path) -> Result<()> {
         runtime: "microvm".into(),
         value: ratio(boot, restore),
     });
+    if let (Some(fc_boot), Some(fc_load)) = (
+        timed(&fc, "firecracker: boot"),
+        timed(&fc, "firecracker: snapshot load"),
+    ) {
+        let fine = |a: Duration, b: Duration| format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64());
+        rows.extend(fc);
+        rows.push(Row::Value {
+            name: "ours / Firecracker: boot -> envd, p50 ratio".into(),
+            runtime: "microvm".into(),
+            value: fine(boot, fc_boot),
+        });
+        rows.push(Row::Value {
+            name: "ours / Firecracker: restore (snapshot load) -> envd, p50 ratio".into(),
+            runtime: "microvm".into(),
+            value: fine(restore, fc_load),
+        });
+    }
     for r in &rows {
         let line = row_line(r);
         print!("{line}");

@@ -241,10 +241,13 @@ pub struct RunSpec<'a> {
     pub timeout: Duration,
     /// Where the run directory goes (created; must be on this host's root).
     pub run_dir: &'a Path,
-    /// vCPUs and MiB of memory of L1. Two: with `vgif=0` (see
-    /// `L1_MODULES`) 20 L2 boots in a row passed on two; on one, L1 hung
-    /// silently on the third boot of a CI run (and, with `vgif=1`, on the
-    /// fifth).
+    /// vCPUs and MiB of memory of L1. One: with two, L1's own kernel
+    /// locked up now and then (a vCPU thread and `kvm-pit` stuck on both
+    /// CPUs; guests triple-faulting) — TCG's multi-threaded emulation of
+    /// nested SVM is not sound with L2 memory touched from two L1 CPUs at
+    /// once (the VMM's device thread beside its vCPU, or two guest vCPUs).
+    /// On one, with `vgif=0` and guests that need no PIT (TSC-deadline
+    /// offered), 20 boots in a row pass (ARCHITECTURE.md, "The L1 host").
     pub cpus: u32,
     pub memory_mib: u32,
 }
@@ -294,6 +297,11 @@ pub fn run_in(l1: &L1, spec: &RunSpec<'_>) -> Result<i32> {
             "-virtfs",
             &format!("local,path={run_arg},mount_tag=out,security_model=none"),
         ])
+        // QEMU's monitor, for looking into (or poking) a stuck L1.
+        .args([
+            "-monitor",
+            &format!("unix:{run_arg}/monitor.sock,server=on,wait=off"),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -321,6 +329,7 @@ pub fn run_in(l1: &L1, spec: &RunSpec<'_>) -> Result<i32> {
         }
         let _ = tx.send(());
     });
+    let mut stall = StallWatch::new(child.id(), &console, run_dir.join("monitor.sock"));
     let timed_out = loop {
         if child.try_wait()?.is_some() {
             break false;
@@ -330,8 +339,15 @@ pub fn run_in(l1: &L1, spec: &RunSpec<'_>) -> Result<i32> {
             let _ = child.wait();
             break true;
         }
+        stall.check();
         let _ = rx.recv_timeout(Duration::from_millis(200));
     };
+    if stall.pokes > 0 {
+        println!(
+            "L1 was idle and silent for {STALL_WINDOW:?} {} time(s) and woken with a key press",
+            stall.pokes
+        );
+    }
     let _ = out_thread.join();
     let qemu_errors = err_thread.join().unwrap_or_default();
     if timed_out {
@@ -358,4 +374,80 @@ pub fn run_in(l1: &L1, spec: &RunSpec<'_>) -> Result<i32> {
         started.elapsed().as_secs_f64()
     );
     Ok(code)
+}
+
+/// How long L1 may be both silent (no console output) and idle (QEMU using
+/// almost no CPU) before it is poked.
+const STALL_WINDOW: Duration = Duration::from_secs(45);
+
+/// Wakes an L1 that went to sleep for good. Under TCG, L1 (one vCPU) was
+/// seen to stop with QEMU idle and its console silent — a CPU halted
+/// waiting for an interrupt that never came (a wakeup lost by the
+/// emulation of nested SVM; with two L1 vCPUs the same runs locked up
+/// instead). Any interrupt ends such a halt, so when a window passes with
+/// no console output and under 2 % of a CPU used, a key press goes to L1's
+/// keyboard through QEMU's monitor (IRQ 1; nothing reads the keyboard) and
+/// the run says so at the end.
+struct StallWatch {
+    qemu_pid: u32,
+    console: PathBuf,
+    monitor: PathBuf,
+    since: Instant,
+    console_len: u64,
+    cpu_ticks: u64,
+    pokes: u32,
+}
+
+impl StallWatch {
+    fn new(qemu_pid: u32, console: &Path, monitor: PathBuf) -> Self {
+        Self {
+            qemu_pid,
+            console: console.to_owned(),
+            monitor,
+            since: Instant::now(),
+            console_len: 0,
+            cpu_ticks: cpu_ticks(qemu_pid),
+            pokes: 0,
+        }
+    }
+
+    fn check(&mut self) {
+        if self.since.elapsed() < STALL_WINDOW {
+            return;
+        }
+        let len = std::fs::metadata(&self.console).map_or(0, |m| m.len());
+        let ticks = cpu_ticks(self.qemu_pid);
+        // USER_HZ is 100: 2 % of the window.
+        let idle = ticks.saturating_sub(self.cpu_ticks) < STALL_WINDOW.as_secs() * 2;
+        if len == self.console_len && idle {
+            println!(
+                "L1 silent and idle for {STALL_WINDOW:?}: waking it with a key press (a wakeup lost under TCG?)"
+            );
+            let poke = std::os::unix::net::UnixStream::connect(&self.monitor)
+                .and_then(|mut m| m.write_all(b"sendkey ret\n"));
+            if let Err(e) = poke {
+                println!("  (cannot reach QEMU's monitor: {e})");
+            }
+            self.pokes += 1;
+        }
+        self.since = Instant::now();
+        self.console_len = len;
+        self.cpu_ticks = ticks;
+    }
+}
+
+/// User plus system CPU time of `pid` in clock ticks (0 if unreadable).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ")".
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    get(11) + get(12)
 }
