@@ -528,6 +528,58 @@ fn killing_the_supervisor_kills_the_jailed_vmm() {
     assert_fails(&out, "already exists");
 }
 
+/// A VMM killed outright (supervisor and all) leaves its cgroup behind;
+/// the next VMM of that name takes the empty cgroup back instead of
+/// refusing to start (a sandbox resumed after its VMM was killed).
+#[test]
+fn a_cgroup_left_by_a_killed_vmm_is_taken_back() {
+    const TEST: &str = "a_cgroup_left_by_a_killed_vmm_is_taken_back";
+    if let Some(reason) = skip_reason() {
+        return eprintln!("SKIP {TEST}: {reason}");
+    }
+    if !cgroups_writable() {
+        return eprintln!("SKIP {TEST}: no writable cgroup hierarchy here");
+    }
+    let s = Scratch::new("cgleft");
+    let name = format!("cg{}", std::process::id());
+    let mut j = Jailed::start(&s, &name, &[]);
+    let dirs: Vec<PathBuf> = cgroup_checks(j.vmm_pid, &name)
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    assert!(!dirs.is_empty(), "the VMM is in no sandmesh cgroup");
+    j.supervisor.kill().unwrap();
+    let _ = j.supervisor.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while j.proc("").exists() {
+        assert!(Instant::now() < deadline, "the VMM outlived its supervisor");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        dirs.iter().all(|d| d.exists()),
+        "no cgroup was left: {dirs:?}"
+    );
+    // What the runtime's clean-up does: the sandbox directory goes.
+    std::fs::remove_dir_all(s.p(&name)).unwrap();
+    let mut again = Jailed::start(&s, &name, &[]);
+    assert!(again.proc("").exists());
+    let after: Vec<PathBuf> = cgroup_checks(again.vmm_pid, &name)
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    assert_eq!(after, dirs, "the same cgroup, taken back");
+    again.supervisor.kill().unwrap();
+    let _ = again.supervisor.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while again.proc("").exists() {
+        assert!(Instant::now() < deadline, "the VMM outlived its supervisor");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for d in &dirs {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
 fn assert_fails(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "should fail: {err}");

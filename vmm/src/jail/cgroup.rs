@@ -119,15 +119,30 @@ fn not_writable(e: &io::Error) -> bool {
     )
 }
 
+/// A cgroup directory with no process in it (`cgroup.procs` empty).
+fn is_empty_cgroup(path: &Path) -> bool {
+    std::fs::read_to_string(path.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty())
+}
+
 fn make_dir(path: &Path) -> Result<bool, JailError> {
     match std::fs::create_dir(path) {
         Ok(()) => Ok(true),
         Err(e) if not_writable(&e) => Ok(false),
+        // Left by a VMM that was killed outright (its supervisor removes
+        // it otherwise): nothing runs in it, so it is taken back. A cgroup
+        // with processes is another live VM of this name.
+        Err(e)
+            if e.kind() == io::ErrorKind::AlreadyExists
+                && is_empty_cgroup(path)
+                && std::fs::remove_dir(path).is_ok() =>
+        {
+            make_dir(path)
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(JailError::Cgroup {
             path: path.to_owned(),
             source: io::Error::new(
                 e.kind(),
-                "already exists (another VM of this name, or left by a crash: rmdir it)",
+                "already exists with processes in it (another running VM of this name)",
             ),
         }),
         Err(source) => Err(JailError::Cgroup {

@@ -10,7 +10,7 @@
 //!     overlay, overlay.map   the root disk's copy-on-write layer (the base
 //!                        image is never written)
 //!     vmm.log            the VMM process's own stderr
-//!     jail/root/         the VMM's whole world when jailed: its sockets
+//!     jail-<id>/root/    the VMM's whole world when jailed: its sockets
 //!                        (v.sock, c.sock), the disks bind-mounted in
 //!     console.log        the guest's serial console (envd's log)
 //! <data_dir>/cache/templates/<template>/microvm/   the template snapshot
@@ -320,11 +320,18 @@ impl Inner {
         self.sandboxes_dir().join(id.as_str())
     }
 
+    /// The VMM's jail directory. Its file name is the VM's name, which
+    /// names its cgroup (`sandmesh-<name>`): it must differ between the
+    /// sandboxes of a host, hence the id in it.
+    fn jail_dir(&self, id: &SandboxId) -> PathBuf {
+        self.sandbox_dir(id).join(format!("jail-{id}"))
+    }
+
     /// Where the VMM's own files are seen from the host: the jail root, or
     /// the sandbox directory.
     fn vm_root(&self, id: &SandboxId) -> PathBuf {
         match self.config.confinement {
-            Confinement::Jailed { .. } => self.sandbox_dir(id).join("jail").join("root"),
+            Confinement::Jailed { .. } => self.jail_dir(id).join("root"),
             Confinement::Unjailed => self.sandbox_dir(id),
         }
     }
@@ -402,7 +409,7 @@ impl Inner {
         match self.config.confinement {
             Confinement::Jailed { uid, gid } => {
                 cmd.arg("--jail-dir")
-                    .arg(dir.join("jail"))
+                    .arg(self.jail_dir(id))
                     .arg("--uid")
                     .arg(uid.to_string())
                     .arg("--gid")
