@@ -414,14 +414,20 @@ mod tests {
             read(m.join("memory.limit_in_bytes")),
             ((1024 + VMM_OVERHEAD_MIB) << 20).to_string()
         );
-        // A second VM of the same name is refused, and says what to do.
+        // A second VM of the same name, while a process is in the first,
+        // is refused, and says why.
+        std::fs::write(cpu.join("a/sandmesh-vm2/cgroup.procs"), "4242\n").unwrap();
         let again = Cgroup::create_v1(
             "sandmesh-vm2",
             &limits,
             &[mount(&cpu, "cgroup", &["rw", "cpu"])],
             &[(vec!["cpu".into()], "/a".into())],
         );
-        assert!(again.unwrap_err().to_string().contains("rmdir it"));
+        let err = again.unwrap_err().to_string();
+        assert!(err.contains("already exists with processes in it"), "{err}");
+        assert!(!is_empty_cgroup(&cpu.join("a/sandmesh-vm2")));
+        std::fs::write(cpu.join("a/sandmesh-vm2/cgroup.procs"), "").unwrap();
+        assert!(is_empty_cgroup(&cpu.join("a/sandmesh-vm2")));
         let _ = std::fs::remove_dir_all(&root);
     }
 
