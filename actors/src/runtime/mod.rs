@@ -364,7 +364,7 @@ pub enum RuntimeError {
     CheckpointRefused { id: SandboxId, reason: String },
     #[error(
         "checkpoint of sandbox {id} failed{}: {reason}",
-        if *sandbox_lost { " and the sandbox was lost (gVisor stops a sandbox whose save fails); it has been cleaned up" } else { "; the sandbox keeps running" }
+        if *sandbox_lost { " and the sandbox was lost (its runtime stopped with the save); it has been cleaned up" } else { "; the sandbox keeps running" }
     )]
     CheckpointFailed {
         id: SandboxId,
