@@ -49,6 +49,41 @@ fn setup(test: &str) -> Option<GuestArtifacts> {
     Some(artifacts)
 }
 
+/// Each thread of process `pid`: its name, scheduler state and, where
+/// readable (root), its kernel stack. For a guest that stops making
+/// progress this tells a halted vCPU (`kvm_vcpu_halt`/`kvm_vcpu_block`:
+/// the guest waits for an interrupt) from a VMM blocked on itself
+/// (`futex_wait` in the vCPU or device thread).
+fn thread_report(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(the process is gone)".into();
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let read = |name: &str| std::fs::read_to_string(path.join(name)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?");
+        let stack = read("stack");
+        let stack: Vec<&str> = stack
+            .lines()
+            .map(|l| l.split_whitespace().nth(1).unwrap_or(l))
+            .take(8)
+            .collect();
+        out += &format!(
+            "{} {} [{}] {}\n",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            state,
+            stack.join(" < ")
+        );
+    }
+    out
+}
+
 /// A jailed `sandmesh vmm` booting the guest, and where its files are.
 struct Vm {
     child: Child,
@@ -99,9 +134,10 @@ impl Vm {
             lines[lines.len().saturating_sub(15)..].join("\n")
         };
         format!(
-            "console:\n{}\nvmm log:\n{}",
+            "console:\n{}\nvmm log:\n{}\nvmm threads:\n{}",
             tail("console.log"),
-            tail("vmm.log")
+            tail("vmm.log"),
+            thread_report(self.child.id())
         )
     }
 

@@ -193,7 +193,8 @@ pub fn nested(
             cpus: 1,
             memory_mib: 6144,
         },
-    )?;
+    )?
+    .code;
     if code != 0 {
         bail!("the benchmarks failed in L1 (status {code}); see the l1| lines above");
     }

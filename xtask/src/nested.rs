@@ -252,9 +252,19 @@ pub struct RunSpec<'a> {
     pub memory_mib: u32,
 }
 
+/// How a command in L1 ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Ran {
+    /// The command's exit status.
+    pub code: i32,
+    /// How often L1 was found stalled (idle and silent for a window) and
+    /// poked.
+    pub stalls: u32,
+}
+
 /// Boot L1, run `spec.script` there, stream the console (prefixed `l1| `)
 /// and return the script's exit status. QEMU is killed at the time limit.
-pub fn run_in(l1: &L1, spec: &RunSpec<'_>) -> Result<i32> {
+pub fn run_in(l1: &L1, spec: &RunSpec<'_>) -> Result<Ran> {
     let run_dir = spec.run_dir;
     if run_dir.exists() {
         std::fs::remove_dir_all(run_dir)?;
@@ -373,7 +383,10 @@ pub fn run_in(l1: &L1, spec: &RunSpec<'_>) -> Result<i32> {
         "l1: exit status {code} after {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    Ok(code)
+    Ok(Ran {
+        code,
+        stalls: stall.pokes,
+    })
 }
 
 /// How long L1 may be both silent (no console output) and idle (QEMU using
@@ -423,6 +436,20 @@ impl StallWatch {
             println!(
                 "L1 silent and idle for {STALL_WINDOW:?}: waking it with a key press (a wakeup lost under TCG?)"
             );
+            // What L1's CPU was doing, for the record: halted or not, and
+            // its local APIC timer (armed? for when?).
+            let state = monitor_query(&self.monitor, &["info registers", "info lapic"]);
+            let record = self
+                .console
+                .with_file_name(format!("stall-{}.txt", self.pokes + 1));
+            let _ = std::fs::write(&record, &state);
+            for line in state.lines().filter(|l| {
+                ["RIP=", "HLT=", "timer", "LVTT", "Timer"]
+                    .iter()
+                    .any(|k| l.contains(k))
+            }) {
+                println!("  l1 cpu: {}", line.trim());
+            }
             let poke = std::os::unix::net::UnixStream::connect(&self.monitor)
                 .and_then(|mut m| m.write_all(b"sendkey ret\n"));
             if let Err(e) = poke {
@@ -434,6 +461,33 @@ impl StallWatch {
         self.console_len = len;
         self.cpu_ticks = ticks;
     }
+}
+
+/// Ask QEMU's human monitor each of `commands`; what it answered (the
+/// banner and prompts included), or why it could not be asked.
+fn monitor_query(monitor: &Path, commands: &[&str]) -> String {
+    use std::io::Read;
+    let mut m = match std::os::unix::net::UnixStream::connect(monitor) {
+        Ok(m) => m,
+        Err(e) => return format!("(cannot reach QEMU's monitor: {e})"),
+    };
+    let _ = m.set_read_timeout(Some(Duration::from_millis(500)));
+    for cmd in commands {
+        let _ = m.write_all(format!("{cmd}\n").as_bytes());
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        match m.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            // The read timeout: the monitor has said all it will.
+            Err(_) if !out.is_empty() => break,
+            Err(_) => {}
+        }
+    }
+    String::from_utf8_lossy(&out).replace('\r', "")
 }
 
 /// User plus system CPU time of `pid` in clock ticks (0 if unreadable).
