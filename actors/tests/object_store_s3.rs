@@ -200,7 +200,9 @@ async fn snapshots_round_trip_through_s3s_fs_and_survive_its_death() {
         }),
     };
     let store = SnapshotStore::open(&url, &options).unwrap();
+    // Neither the description nor Debug (object_store's included) shows the secret.
     assert!(!store.describe().contains(SECRET_KEY));
+    assert!(!format!("{store:?}").contains(SECRET_KEY));
 
     let src = tmp.path().join("src");
     make_snapshot(&src);
