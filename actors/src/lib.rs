@@ -13,6 +13,8 @@
 //! it starts the tree. The actors persist sandbox records in sled
 //! ([`store`]) and run sandboxes through a [`runtime`] (microvm, gvisor).
 //! Nothing here depends on the node crate: the node depends on this one.
+//! [`objects`] stores snapshot directories in an object store (a leaf: it
+//! uses only [`metrics`]).
 //!
 //! Modules import each other one way, leaves first: [`clock`], [`store`],
 //! [`metrics`], [`wire`], [`holding`] <- [`template_cache`], [`placement`] <- [`sandbox`]
@@ -23,6 +25,7 @@ pub mod directory;
 pub mod holding;
 pub mod metrics;
 pub mod node_supervisor;
+pub mod objects;
 pub mod placement;
 pub mod runtime;
 pub mod sandbox;

@@ -18,3 +18,18 @@ pub const RESUME_SECONDS: &str = "sandmesh_sandbox_resume_seconds";
 /// Counts an actor restart, by `actor` (`template_cache`, `placement`,
 /// `sandbox_supervisor`).
 pub const RESTARTS: &str = "sandmesh_actor_restarts_total";
+/// Compressed bytes of snapshot chunks uploaded to the object store.
+pub const SNAPSHOT_BYTES_UPLOADED: &str = "sandmesh_snapshot_bytes_uploaded_total";
+/// Compressed bytes of snapshot chunks fetched from the object store (the
+/// local chunk cache's hits not counted).
+pub const SNAPSHOT_BYTES_DOWNLOADED: &str = "sandmesh_snapshot_bytes_downloaded_total";
+/// Snapshot chunks uploaded (the store had them not).
+pub const SNAPSHOT_CHUNKS_UPLOADED: &str = "sandmesh_snapshot_chunks_uploaded_total";
+/// Snapshot chunks not uploaded because the store had them already.
+pub const SNAPSHOT_CHUNKS_DEDUPLICATED: &str = "sandmesh_snapshot_chunks_deduplicated_total";
+/// Time of a successful snapshot upload, scan to manifest written.
+pub const SNAPSHOT_UPLOAD_SECONDS: &str = "sandmesh_snapshot_upload_seconds";
+/// Time of a successful snapshot download, manifest read to rename.
+pub const SNAPSHOT_DOWNLOAD_SECONDS: &str = "sandmesh_snapshot_download_seconds";
+/// Unreferenced snapshot chunks deleted by GC.
+pub const SNAPSHOT_GC_CHUNKS_DELETED: &str = "sandmesh_snapshot_gc_chunks_deleted_total";

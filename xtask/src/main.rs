@@ -19,6 +19,7 @@ mod python;
 mod rootfs;
 mod run;
 mod runsc;
+mod s3s_fs;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -273,6 +274,8 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
     deps::ensure(deps::TEST)?;
     guest(root, false, rootfs::DEFAULT_IMAGE_SIZE)?;
     runsc::provide(&cache::Cache::open()?)?;
+    // The S3 server of the snapshot store's integration test.
+    let s3s_fs = s3s_fs::provide(&cache::Cache::open()?)?;
     let manifest = manifest_path(root);
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     if !cargo_args.is_empty() {
@@ -283,6 +286,7 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
         (ARTIFACTS_ENV, manifest.to_string_lossy().into_owned()),
         // Under xtask the artifacts are built, so their checks must not skip.
         (REQUIRE_ENV, "1".to_string()),
+        (s3s_fs::S3S_FS_ENV, s3s_fs.to_string_lossy().into_owned()),
     ];
     run::cargo(root, &args, &env)?;
 

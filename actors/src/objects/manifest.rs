@@ -1,0 +1,363 @@
+//! The manifest: what a snapshot is, written last.
+//!
+//! `snapshots/<name>/manifest.json` lists every directory and file of the
+//! snapshot directory with its permission bits, size and chunk list. It is
+//! the commit point of an upload: the chunks go first, the manifest after
+//! the last of them, so a snapshot that is visible is complete.
+//!
+//! A manifest is input from the store, and the store may be shared or
+//! damaged, so [`Manifest::validate`] checks everything a restore relies on
+//! before a single file is written: paths stay below the destination, a
+//! path's parent is a directory of the same manifest (so no path runs
+//! through a file), chunk lists match sizes.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::chunks::ChunkId;
+
+/// The manifest format this code writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Chunk sizes a manifest may declare. A reader decompresses a chunk into a
+/// buffer of this size, so the bound is also a memory bound.
+const MIN_CHUNK_SIZE: u64 = 64 << 10;
+const MAX_CHUNK_SIZE: u64 = 64 << 20;
+
+/// Longest relative path accepted (Linux's PATH_MAX).
+const MAX_PATH: usize = 4096;
+
+/// Permission bits kept and restored. Setuid, setgid and sticky are left
+/// out on purpose: a snapshot fetched from a shared store must not grant
+/// privileges on the host that restores it.
+pub const MODE_MASK: u32 = 0o777;
+
+/// A snapshot as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    /// The snapshot's name; `snapshots/<name>/manifest.json`.
+    pub name: String,
+    /// Size of every chunk but a file's last.
+    pub chunk_size: u64,
+    /// When the upload finished, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    pub metadata: SnapshotMetadata,
+    /// Directories and files, parents before children.
+    pub entries: Vec<Entry>,
+}
+
+/// What the caller says about a snapshot. The store does not interpret it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotMetadata {
+    /// What the snapshot is, e.g. `template` or `pause`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_id: Option<String>,
+    /// `microvm` or `gvisor`: a snapshot restores only under its runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+    /// Anything else the caller wants to keep with the snapshot.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub extra: serde_json::Value,
+}
+
+/// One directory or regular file, by its path relative to the snapshot
+/// directory (`/`-separated, UTF-8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Entry {
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    File {
+        path: String,
+        mode: u32,
+        size: u64,
+        /// One per `chunk_size` bytes of the file; `null` for a chunk of
+        /// zeros, which is not stored and is restored as a hole.
+        chunks: Vec<Option<ChunkId>>,
+    },
+}
+
+impl Entry {
+    pub fn path(&self) -> &str {
+        match self {
+            Entry::Dir { path, .. } | Entry::File { path, .. } => path,
+        }
+    }
+
+    pub fn mode(&self) -> u32 {
+        match self {
+            Entry::Dir { mode, .. } | Entry::File { mode, .. } => *mode,
+        }
+    }
+}
+
+/// Why a manifest (or a path for one) is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest version {0} is not supported (this build reads version {MANIFEST_VERSION})")]
+    Version(u32),
+    #[error("manifest names snapshot {found:?}, expected {expected:?}")]
+    Name { expected: String, found: String },
+    #[error("chunk size {0} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")]
+    ChunkSize(u64),
+    #[error("path {path:?} is refused: {reason}")]
+    Path { path: String, reason: &'static str },
+    #[error("path {0:?} appears twice")]
+    Duplicate(String),
+    #[error("path {0:?} comes before its parent directory, or its parent is not a directory")]
+    Orphan(String),
+    #[error("mode {mode:#o} of {path:?} has bits outside {MODE_MASK:#o}")]
+    Mode { path: String, mode: u32 },
+    #[error("file {path:?} of {size} bytes lists {got} chunks, expected {expected}")]
+    ChunkCount {
+        path: String,
+        size: u64,
+        got: usize,
+        expected: u64,
+    },
+}
+
+/// Check a relative path as it appears in a manifest: non-empty, relative,
+/// `/`-separated, no empty, `.` or `..` component, no NUL. This is what
+/// keeps a restore inside its destination directory.
+pub fn check_relative_path(path: &str) -> Result<(), ManifestError> {
+    let refuse = |reason| {
+        Err(ManifestError::Path {
+            path: path.to_owned(),
+            reason,
+        })
+    };
+    if path.is_empty() {
+        return refuse("it is empty");
+    }
+    if path.len() > MAX_PATH {
+        return refuse("it is longer than 4096 bytes");
+    }
+    if path.starts_with('/') {
+        return refuse("it is absolute");
+    }
+    if path.contains('\0') {
+        return refuse("it contains a NUL byte");
+    }
+    for component in path.split('/') {
+        match component {
+            "" => return refuse("it has an empty component (// or a trailing /)"),
+            "." => return refuse("it has a '.' component"),
+            ".." => return refuse("it has a '..' component"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The parent of a checked relative path; `None` for a top-level entry.
+fn parent(path: &str) -> Option<&str> {
+    path.rsplit_once('/').map(|(parent, _)| parent)
+}
+
+impl Manifest {
+    /// Everything a restore relies on. `name` is the name the manifest was
+    /// read under; a manifest copied to another name is refused, since its
+    /// metadata would describe another snapshot.
+    pub fn validate(&self, name: &str) -> Result<(), ManifestError> {
+        if self.version != MANIFEST_VERSION {
+            return Err(ManifestError::Version(self.version));
+        }
+        if self.name != name {
+            return Err(ManifestError::Name {
+                expected: name.to_owned(),
+                found: self.name.clone(),
+            });
+        }
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
+            return Err(ManifestError::ChunkSize(self.chunk_size));
+        }
+        let mut dirs: HashSet<&str> = HashSet::new();
+        let mut seen: HashSet<&str> = HashSet::new();
+        for entry in &self.entries {
+            let path = entry.path();
+            check_relative_path(path)?;
+            if !seen.insert(path) {
+                return Err(ManifestError::Duplicate(path.to_owned()));
+            }
+            if let Some(parent) = parent(path)
+                && !dirs.contains(parent)
+            {
+                return Err(ManifestError::Orphan(path.to_owned()));
+            }
+            if entry.mode() & !MODE_MASK != 0 {
+                return Err(ManifestError::Mode {
+                    path: path.to_owned(),
+                    mode: entry.mode(),
+                });
+            }
+            match entry {
+                Entry::Dir { .. } => {
+                    dirs.insert(path);
+                }
+                Entry::File { size, chunks, .. } => {
+                    let expected = size.div_ceil(self.chunk_size);
+                    if chunks.len() as u64 != expected {
+                        return Err(ManifestError::ChunkCount {
+                            path: path.to_owned(),
+                            size: *size,
+                            got: chunks.len(),
+                            expected,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of all files, holes included.
+    pub fn total_size(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| match e {
+                Entry::File { size, .. } => *size,
+                Entry::Dir { .. } => 0,
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(entries: Vec<Entry>) -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            name: "t".into(),
+            chunk_size: 64 << 10,
+            created_unix_ms: 1,
+            metadata: SnapshotMetadata::default(),
+            entries,
+        }
+    }
+
+    fn file(path: &str, size: u64, chunks: usize) -> Entry {
+        Entry::File {
+            path: path.into(),
+            mode: 0o644,
+            size,
+            chunks: vec![None; chunks],
+        }
+    }
+
+    fn dir(path: &str) -> Entry {
+        Entry::Dir {
+            path: path.into(),
+            mode: 0o755,
+        }
+    }
+
+    #[test]
+    fn relative_paths_that_could_leave_the_destination_are_refused() {
+        for ok in ["a", "a/b", "mem.snap", "..a", "a..", ".hidden", "a/.b/c"] {
+            check_relative_path(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "..",
+            "../x",
+            "a/../../x",
+            "a/..",
+            ".",
+            "./a",
+            "a//b",
+            "a/",
+            "a\0b",
+        ] {
+            assert!(
+                matches!(check_relative_path(bad), Err(ManifestError::Path { .. })),
+                "{bad:?} was accepted"
+            );
+        }
+        assert!(check_relative_path(&"a".repeat(4097)).is_err());
+    }
+
+    #[test]
+    fn a_good_manifest_passes_and_round_trips_through_json() {
+        let mut m = manifest(vec![
+            dir("d"),
+            dir("d/e"),
+            file("d/e/f", 0, 0),
+            file("top", (64 << 10) + 1, 2),
+        ]);
+        m.metadata = SnapshotMetadata {
+            kind: "pause".into(),
+            template_id: Some("base".into()),
+            runtime: Some("microvm".into()),
+            sandbox_id: None,
+            extra: serde_json::json!({"vcpus": 2}),
+        };
+        if let Entry::File { chunks, .. } = &mut m.entries[3] {
+            chunks[0] = Some(ChunkId::of(b"x"));
+        }
+        m.validate("t").unwrap();
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.contains("\"type\":\"file\""), "{json}");
+        let back: Manifest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn crafted_manifests_are_refused() {
+        type Check = fn(&ManifestError) -> bool;
+        let path: Check = |e| matches!(e, ManifestError::Path { .. });
+        let orphan: Check = |e| matches!(e, ManifestError::Orphan(_));
+        let cases: Vec<(Manifest, Check)> = vec![
+            (manifest(vec![file("../escape", 1, 1)]), path),
+            (manifest(vec![file("/abs", 1, 1)]), path),
+            (manifest(vec![dir("d"), file("d/../../x", 1, 1)]), path),
+            // A path below a file, or below a directory the manifest never
+            // declared (which a restore would have to invent).
+            (manifest(vec![file("f", 1, 1), file("f/g", 1, 1)]), orphan),
+            (manifest(vec![file("d/g", 1, 1)]), orphan),
+            (manifest(vec![file("d/g", 1, 1), dir("d")]), orphan),
+            (manifest(vec![file("f", 1, 1), file("f", 1, 1)]), |e| {
+                matches!(e, ManifestError::Duplicate(_))
+            }),
+            (manifest(vec![file("f", (64 << 10) + 1, 1)]), |e| {
+                matches!(e, ManifestError::ChunkCount { .. })
+            }),
+            (manifest(vec![file("f", 0, 1)]), |e| {
+                matches!(e, ManifestError::ChunkCount { .. })
+            }),
+            (
+                manifest(vec![Entry::File {
+                    path: "suid".into(),
+                    mode: 0o4755,
+                    size: 0,
+                    chunks: vec![],
+                }]),
+                |e| matches!(e, ManifestError::Mode { .. }),
+            ),
+        ];
+        for (m, check) in cases {
+            let err = m.validate("t").expect_err("refused");
+            assert!(check(&err), "{:?}: {err}", m.entries);
+        }
+        let mut m = manifest(vec![]);
+        m.version = 2;
+        assert_eq!(m.validate("t"), Err(ManifestError::Version(2)));
+        let mut m = manifest(vec![]);
+        m.chunk_size = 1 << 30;
+        assert!(matches!(m.validate("t"), Err(ManifestError::ChunkSize(_))));
+        assert!(matches!(
+            manifest(vec![]).validate("other"),
+            Err(ManifestError::Name { .. })
+        ));
+    }
+}

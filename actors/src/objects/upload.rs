@@ -1,0 +1,379 @@
+//! Uploading a snapshot directory: scan, chunk, hash, deduplicate, upload,
+//! and the manifest last.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectStoreExt, PutPayload};
+
+use super::chunks::{self, CHUNK_SIZE, ChunkId, KnownChunks};
+use super::manifest::{Entry, MANIFEST_VERSION, MODE_MASK, Manifest, SnapshotMetadata};
+use super::{ObjectsError, SnapshotStore, check_name, chunk_path, unix_ms};
+use crate::metrics;
+
+/// What an upload did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UploadStats {
+    pub files: u64,
+    pub dirs: u64,
+    /// Chunks of all files, zero ones included.
+    pub chunks: u64,
+    /// Chunks of zeros: recorded, not stored.
+    pub zero_chunks: u64,
+    /// Chunks not uploaded because the store has them: known from earlier
+    /// manifests, found by HEAD, or met earlier in this same upload.
+    pub deduplicated_chunks: u64,
+    pub uploaded_chunks: u64,
+    /// Bytes of all files (holes read as zeros).
+    pub bytes_read: u64,
+    /// Compressed bytes sent to the store.
+    pub bytes_uploaded: u64,
+    pub elapsed: Duration,
+}
+
+impl UploadStats {
+    /// Deduplicated chunks over the chunks that hold data: 1.0 when nothing
+    /// needed uploading, 0.0 when everything did. 1.0 for no data at all.
+    pub fn dedup_ratio(&self) -> f64 {
+        let data = self.chunks - self.zero_chunks;
+        if data == 0 {
+            1.0
+        } else {
+            self.deduplicated_chunks as f64 / data as f64
+        }
+    }
+}
+
+/// A directory or file found under the snapshot directory.
+enum Scanned {
+    Dir {
+        rel: String,
+        mode: u32,
+    },
+    File {
+        rel: String,
+        abs: PathBuf,
+        mode: u32,
+        size: u64,
+    },
+}
+
+/// Walk `root`, parents before children, children sorted by name, so the
+/// same directory always gives the same manifest. Refuses what a manifest
+/// cannot hold, naming the file.
+fn scan(root: &Path) -> Result<Vec<Scanned>, ObjectsError> {
+    let meta = std::fs::metadata(root).map_err(|e| ObjectsError::io(root, e))?;
+    if !meta.is_dir() {
+        return Err(ObjectsError::io(
+            root,
+            std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        ));
+    }
+    let mut out = Vec::new();
+    scan_into(root, "", &mut out)?;
+    Ok(out)
+}
+
+fn scan_into(dir: &Path, rel_dir: &str, out: &mut Vec<Scanned>) -> Result<(), ObjectsError> {
+    let mut children: Vec<std::fs::DirEntry> = std::fs::read_dir(dir)
+        .map_err(|e| ObjectsError::io(dir, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| ObjectsError::io(dir, e))?;
+    children.sort_by_key(|c| c.file_name());
+    for child in children {
+        let abs = child.path();
+        let name = child
+            .file_name()
+            .into_string()
+            .map_err(|_| ObjectsError::NotUtf8 { path: abs.clone() })?;
+        let rel = if rel_dir.is_empty() {
+            name
+        } else {
+            format!("{rel_dir}/{name}")
+        };
+        let meta = std::fs::symlink_metadata(&abs).map_err(|e| ObjectsError::io(&abs, e))?;
+        let kind = meta.file_type();
+        let mode = meta.permissions().mode() & MODE_MASK;
+        if kind.is_dir() {
+            out.push(Scanned::Dir {
+                rel: rel.clone(),
+                mode,
+            });
+            scan_into(&abs, &rel, out)?;
+        } else if kind.is_file() {
+            out.push(Scanned::File {
+                rel,
+                abs,
+                mode,
+                size: meta.len(),
+            });
+        } else {
+            let what = if kind.is_symlink() {
+                "a symlink"
+            } else if kind.is_fifo() {
+                "a FIFO"
+            } else if kind.is_socket() {
+                "a socket"
+            } else if kind.is_block_device() {
+                "a block device"
+            } else if kind.is_char_device() {
+                "a character device"
+            } else {
+                "a special file"
+            };
+            return Err(ObjectsError::Unsupported { path: abs, what });
+        }
+    }
+    Ok(())
+}
+
+/// One chunk to upload.
+struct Job {
+    /// Index of the file among the scanned files.
+    file: usize,
+    index: usize,
+    offset: u64,
+    len: u64,
+}
+
+/// What happened to one chunk.
+enum Outcome {
+    Zero,
+    Deduplicated(ChunkId),
+    Uploaded(ChunkId, u64),
+}
+
+/// An open file being uploaded, shared by its chunks' tasks.
+struct Source {
+    file: File,
+    path: PathBuf,
+}
+
+impl SnapshotStore {
+    /// Store the directory `dir` as snapshot `name` and return its
+    /// manifest. Chunks in `known` are taken to be in the store already
+    /// (see [`KnownChunks`]); others are looked up, and uploaded if absent.
+    /// The manifest is written only after every chunk is, so on any error
+    /// nothing new is visible (uploaded chunks stay until GC).
+    ///
+    /// A manifest of the same name is replaced.
+    pub async fn put_dir(
+        &self,
+        dir: &Path,
+        name: &str,
+        metadata: SnapshotMetadata,
+        known: &KnownChunks,
+    ) -> Result<(Manifest, UploadStats), ObjectsError> {
+        check_name(name)?;
+        let started = Instant::now();
+        let root = dir.to_owned();
+        let (scanned, sources) = tokio::task::spawn_blocking(move || {
+            let scanned = scan(&root)?;
+            let mut sources = Vec::new();
+            for entry in &scanned {
+                if let Scanned::File { abs, .. } = entry {
+                    let file = File::open(abs).map_err(|e| ObjectsError::io(abs, e))?;
+                    sources.push(Arc::new(Source {
+                        file,
+                        path: abs.clone(),
+                    }));
+                }
+            }
+            Ok::<_, ObjectsError>((scanned, sources))
+        })
+        .await??;
+
+        let mut stats = UploadStats::default();
+        let mut jobs = Vec::new();
+        let mut chunk_lists: Vec<Vec<Option<ChunkId>>> = Vec::new();
+        for entry in &scanned {
+            match entry {
+                Scanned::Dir { .. } => stats.dirs += 1,
+                Scanned::File { size, .. } => {
+                    let file = chunk_lists.len();
+                    let count = size.div_ceil(CHUNK_SIZE);
+                    for index in 0..count {
+                        let offset = index * CHUNK_SIZE;
+                        jobs.push(Job {
+                            file,
+                            index: index as usize,
+                            offset,
+                            len: CHUNK_SIZE.min(size - offset),
+                        });
+                    }
+                    chunk_lists.push(vec![None; count as usize]);
+                    stats.files += 1;
+                    stats.bytes_read += size;
+                }
+            }
+        }
+        stats.chunks = jobs.len() as u64;
+
+        // Chunks some task of this upload has taken on, so a chunk that
+        // repeats within the snapshot is looked up and sent once.
+        let claimed = Mutex::new(HashSet::new());
+        let mut results = futures::stream::iter(jobs)
+            .map(|job| {
+                let source = Arc::clone(&sources[job.file]);
+                let claimed = &claimed;
+                async move {
+                    let outcome = self.upload_chunk(source, &job, known, claimed).await?;
+                    Ok::<_, ObjectsError>((job, outcome))
+                }
+            })
+            .buffer_unordered(self.options.concurrency.max(1));
+        while let Some((job, outcome)) = results.try_next().await? {
+            let id = match outcome {
+                Outcome::Zero => {
+                    stats.zero_chunks += 1;
+                    None
+                }
+                Outcome::Deduplicated(id) => {
+                    stats.deduplicated_chunks += 1;
+                    ::metrics::counter!(metrics::SNAPSHOT_CHUNKS_DEDUPLICATED).increment(1);
+                    Some(id)
+                }
+                Outcome::Uploaded(id, bytes) => {
+                    stats.uploaded_chunks += 1;
+                    stats.bytes_uploaded += bytes;
+                    ::metrics::counter!(metrics::SNAPSHOT_CHUNKS_UPLOADED).increment(1);
+                    ::metrics::counter!(metrics::SNAPSHOT_BYTES_UPLOADED).increment(bytes);
+                    Some(id)
+                }
+            };
+            chunk_lists[job.file][job.index] = id;
+        }
+        drop(results);
+
+        // A file that grew while we read it would be stored cut short.
+        let sizes: Vec<u64> = scanned
+            .iter()
+            .filter_map(|e| match e {
+                Scanned::File { size, .. } => Some(*size),
+                Scanned::Dir { .. } => None,
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            for (source, size) in sources.iter().zip(sizes) {
+                let now = source
+                    .file
+                    .metadata()
+                    .map_err(|e| ObjectsError::io(&source.path, e))?;
+                if now.len() != size {
+                    return Err(ObjectsError::Changed {
+                        path: source.path.clone(),
+                    });
+                }
+            }
+            Ok(())
+        })
+        .await??;
+
+        let mut chunk_lists = chunk_lists.into_iter();
+        let entries = scanned
+            .into_iter()
+            .map(|entry| match entry {
+                Scanned::Dir { rel, mode } => Entry::Dir { path: rel, mode },
+                Scanned::File {
+                    rel, mode, size, ..
+                } => Entry::File {
+                    path: rel,
+                    mode,
+                    size,
+                    chunks: chunk_lists.next().unwrap_or_default(),
+                },
+            })
+            .collect();
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            name: name.to_owned(),
+            chunk_size: CHUNK_SIZE,
+            created_unix_ms: unix_ms(SystemTime::now()),
+            metadata,
+            entries,
+        };
+        self.put_manifest(&manifest).await?;
+
+        stats.elapsed = started.elapsed();
+        ::metrics::histogram!(metrics::SNAPSHOT_UPLOAD_SECONDS).record(stats.elapsed.as_secs_f64());
+        tracing::info!(
+            store = %self.describe,
+            snapshot = name,
+            files = stats.files,
+            chunks = stats.chunks,
+            zero = stats.zero_chunks,
+            deduplicated = stats.deduplicated_chunks,
+            uploaded = stats.uploaded_chunks,
+            bytes_uploaded = stats.bytes_uploaded,
+            secs = stats.elapsed.as_secs_f64(),
+            "snapshot uploaded"
+        );
+        Ok((manifest, stats))
+    }
+
+    async fn upload_chunk(
+        &self,
+        source: Arc<Source>,
+        job: &Job,
+        known: &KnownChunks,
+        claimed: &Mutex<HashSet<ChunkId>>,
+    ) -> Result<Outcome, ObjectsError> {
+        let (offset, len) = (job.offset, job.len);
+        // Reading and hashing 4 MiB is milliseconds of CPU: off the async
+        // threads, which also serve the node's requests.
+        let read = tokio::task::spawn_blocking(move || {
+            let mut data = vec![0u8; len as usize];
+            source
+                .file
+                .read_exact_at(&mut data, offset)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => ObjectsError::Changed {
+                        path: source.path.clone(),
+                    },
+                    _ => ObjectsError::io(&source.path, e),
+                })?;
+            if chunks::is_zero(&data) {
+                return Ok::<_, ObjectsError>(None);
+            }
+            Ok(Some((ChunkId::of(&data), data)))
+        })
+        .await??;
+        let Some((id, data)) = read else {
+            return Ok(Outcome::Zero);
+        };
+        if known.contains(&id) {
+            return Ok(Outcome::Deduplicated(id));
+        }
+        let first = claimed.lock().map(|mut c| c.insert(id)).unwrap_or(true);
+        if !first {
+            return Ok(Outcome::Deduplicated(id));
+        }
+        let path = chunk_path(&id);
+        match self.store.head(&path).await {
+            Ok(meta) => {
+                let age_ms =
+                    unix_ms(SystemTime::now()) as i64 - meta.last_modified.timestamp_millis();
+                if age_ms < self.options.refresh_after.as_millis() as i64 {
+                    return Ok(Outcome::Deduplicated(id));
+                }
+                // Old enough to be garbage a GC may be deleting: rewrite.
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(source) => return Err(ObjectsError::store("head", &path, source)),
+        }
+        let stored = tokio::task::spawn_blocking(move || chunks::compress(&data))
+            .await?
+            .map_err(|source| ObjectsError::Compress { hash: id, source })?;
+        let bytes = stored.len() as u64;
+        self.store
+            .put(&path, PutPayload::from(stored))
+            .await
+            .map_err(|source| ObjectsError::store("put", &path, source))?;
+        Ok(Outcome::Uploaded(id, bytes))
+    }
+}
