@@ -55,6 +55,9 @@ pub struct Config {
     /// Where paused sandboxes' snapshots go (the node's `server::start`
     /// sets it to `<data_dir>/snapshots`).
     pub snapshots_dir: std::path::PathBuf,
+    /// The object store that paused sandboxes' snapshots are published to
+    /// (the node opens `--object-store`; `None`: snapshots stay local).
+    pub objects: Option<crate::objects::SnapshotStore>,
 }
 
 impl Default for Config {
@@ -66,6 +69,7 @@ impl Default for Config {
             domain: None,
             max_sandboxes: 64,
             snapshots_dir: "./.sandmesh/snapshots".into(),
+            objects: None,
         }
     }
 }
@@ -230,6 +234,7 @@ impl Sandboxes {
             creating: std::sync::atomic::AtomicUsize::new(0),
             reservations: Mutex::new(HashMap::new()),
             snapshots_dir: config.snapshots_dir.clone(),
+            objects: config.objects.clone(),
         });
         std::fs::create_dir_all(&config.snapshots_dir).map_err(|e| {
             SandboxError::Io(format!(
@@ -399,6 +404,7 @@ impl Sandboxes {
             // `end_at` refused a negative one already.
             timeout_secs: req.timeout.map_or(0, |t| t.max(0) as u64),
             snapshot_dir: None,
+            snapshot_object: None,
         };
         // Written before the runtime starts anything, so that a node that
         // crashes in the middle of the create finds the leftovers.

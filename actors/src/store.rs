@@ -71,6 +71,11 @@ pub struct SandboxRecord {
     /// being written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_dir: Option<std::path::PathBuf>,
+    /// The name in the object store of the sandbox's latest pause snapshot
+    /// (`sandboxes/<id>/<ms>`): what a resume fetches when the local copy
+    /// is gone, and what the next pause deduplicates against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_object: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,6 +253,7 @@ mod tests {
             auto_resume: false,
             timeout_secs: 0,
             snapshot_dir: None,
+            snapshot_object: None,
         };
         {
             let s = Store::open(&dir).unwrap();

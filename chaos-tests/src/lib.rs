@@ -270,6 +270,9 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("smh-chaos-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the test directory");
+        // reqwest refuses to build a client without a rustls provider (see
+        // the workspace Cargo.toml); another test may have installed it.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut cluster = Self {
             test: test.into(),
             dir,

@@ -202,6 +202,7 @@ async fn malformed_messages_are_invalid_argument_and_envd_survives() {
 #[tokio::test]
 async fn serves_http2_cleartext() {
     let envd = Envd::start();
+    // (Envd::start installed the rustls provider reqwest needs.)
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()

@@ -187,6 +187,13 @@ struct NodeArgs {
     /// host (give it when listening on 0.0.0.0).
     #[arg(long, env = "SANDMESH_ADVERTISE")]
     advertise: Option<std::net::IpAddr>,
+    /// Where paused sandboxes' snapshots are published, so that any node
+    /// can resume them: `file:///DIR` or
+    /// `s3://BUCKET[/PREFIX]?endpoint=URL&region=R` (credentials from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY). Default:
+    /// `<data-dir>/objects`, which only this node reads.
+    #[arg(long, env = "SANDMESH_OBJECT_STORE", value_name = "URL")]
+    object_store: Option<actors::objects::StoreUrl>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -618,6 +625,7 @@ fn node_run(args: NodeArgs) -> Result<()> {
             runsc: args.runsc,
             config,
             mesh: Some(mesh),
+            object_store: args.object_store,
         })
         .await?;
         // Machine-readable readiness lines (tests and scripts wait for the

@@ -165,6 +165,9 @@ pub struct NodeOptions {
     pub config: Config,
     /// Join a mesh; `None`: a cluster of one (tests, embedding).
     pub mesh: Option<MeshOptions>,
+    /// Where paused sandboxes' snapshots are published (`None`:
+    /// `file://<data_dir>/objects`, a store of this node alone).
+    pub object_store: Option<actors::objects::StoreUrl>,
 }
 
 /// A started node.
@@ -196,8 +199,18 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<Node> {
     };
     let selected = select(opts.runtime, &opts.data_dir, microvm, opts.runsc.clone())?;
     tracing::info!("runtime: {}", selected.reason);
+    let store_url = match opts.object_store {
+        Some(url) => url,
+        None => actors::objects::StoreUrl::Local {
+            dir: std::path::absolute(opts.data_dir.join("objects"))?,
+        },
+    };
+    let objects = actors::objects::SnapshotStore::open(&store_url, &Default::default())
+        .map_err(|e| anyhow::anyhow!("opening the object store {store_url}: {e}"))?;
+    tracing::info!("object store: {store_url}");
     let config = Config {
         snapshots_dir: opts.data_dir.join("snapshots"),
+        objects: Some(objects),
         ..opts.config
     };
     let sandboxes = Sandboxes::start(selected.runtime, store, opts.templates, config).await?;

@@ -496,3 +496,141 @@ async fn runtime_killed_during_pause_leaves_no_half_snapshot() {
     assert!(t.node.sandboxes.runtime().list().await.unwrap().is_empty());
     assert!(t.node.sandboxes.store().sandboxes().unwrap().is_empty());
 }
+
+/// The `published` field of each "sandbox paused" event of sandbox `id`.
+async fn pause_events(t: &common::TestNode, id: &str) -> Vec<String> {
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}/logs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let logs: Value = r.json().await.unwrap();
+    logs["logEntries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["message"] == "sandbox paused")
+        .map(|e| e["fields"]["published"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+/// The number before `word` in a "published" field ("… 3 deduplicated").
+fn count_before(text: &str, word: &str) -> u64 {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| w.trim_end_matches(',') == word)
+        .unwrap_or_else(|| panic!("no {word:?} in {text:?}"));
+    words[at - 1]
+        .parse()
+        .unwrap_or_else(|_| panic!("no count before {word:?} in {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_sandboxes_are_published_and_resume_from_the_object_store() {
+    let Some(t) = node("paused_sandboxes_are_published_and_resume_from_the_object_store").await
+    else {
+        return;
+    };
+    let objects_dir = t.data.join("objects");
+    let objects = actors::objects::SnapshotStore::open(
+        &actors::objects::StoreUrl::Local {
+            dir: objects_dir.clone(),
+        },
+        &Default::default(),
+    )
+    .unwrap();
+    let r = t
+        .create(json!({"templateID": "base", "timeout": 300}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let sbx: Value = r.json().await.unwrap();
+    let id = sbx["sandboxID"].as_str().unwrap().to_owned();
+    let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
+    // A file, and a process whose life proves memory came back.
+    let (status, _) = t
+        .run(
+            &id,
+            Some(&token),
+            "echo kept > /tmp/kept; \
+             sh -c 'while :; do sleep 0.2; done' >/dev/null 2>&1 & echo $! > /tmp/loop.pid",
+        )
+        .await;
+    assert_eq!(status, 200);
+    let prefix = format!("sandboxes/{id}");
+
+    // ---- pause publishes; the local copy is only a cache
+    let pause = |t: &common::TestNode| t.api(M::POST, &format!("/sandboxes/{id}/pause")).send();
+    let resume = |t: &common::TestNode| {
+        t.api(M::POST, &format!("/sandboxes/{id}/resume"))
+            .json(&json!({"timeout": 300}))
+            .send()
+    };
+    let r = pause(&t).await.unwrap();
+    assert_eq!(r.status(), 204, "{:?}", r.text().await);
+    let published = objects.list(&prefix).await.unwrap();
+    assert_eq!(published.len(), 1, "{published:?}");
+    let first = pause_events(&t, &id).await;
+    assert!(count_before(&first[0], "uploaded") > 0, "{first:?}");
+    let snapshots = t.data.join("snapshots");
+    for e in std::fs::read_dir(&snapshots).unwrap().flatten() {
+        std::fs::remove_dir_all(e.path()).unwrap();
+    }
+    let r = resume(&t).await.unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    let alive = "cat /tmp/kept; kill -0 $(cat /tmp/loop.pid) && echo alive";
+    let (status, out) = t.run(&id, Some(&token), alive).await;
+    assert_eq!((status, out.as_str()), (200, "kept\nalive\n"));
+
+    // ---- a second pause replaces the first. (It is deduplicated against
+    // it, but gVisor's image is one packed stream whose fixed-size chunks
+    // all shift when anything changes, so nothing is shared yet: issue 15
+    // moves to content-defined chunks.)
+    let r = pause(&t).await.unwrap();
+    assert_eq!(r.status(), 204, "{:?}", r.text().await);
+    let events = pause_events(&t, &id).await;
+    let second = events.last().unwrap();
+    eprintln!("second pause: {second}");
+    assert!(count_before(second, "uploaded") > 0, "{second}");
+    let now = objects.list(&prefix).await.unwrap();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, published, "the new snapshot replaced the old");
+    let r = resume(&t).await.unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+
+    // ---- the store is down: the pause fails clearly, the sandbox runs on
+    let away = t.data.join("objects.away");
+    std::fs::rename(&objects_dir, &away).unwrap();
+    std::fs::write(&objects_dir, b"not a directory").unwrap();
+    let r = pause(&t).await.unwrap();
+    let msg = json_error(r, 503).await;
+    assert!(msg.contains("keeps running"), "{msg}");
+    let (status, out) = t.run(&id, Some(&token), alive).await;
+    assert_eq!((status, out.as_str()), (200, "kept\nalive\n"));
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    let detail: Value = r.json().await.unwrap();
+    assert_eq!(detail["state"], "running", "{detail}");
+    // The store is back: pausing works again.
+    std::fs::remove_file(&objects_dir).unwrap();
+    std::fs::rename(&away, &objects_dir).unwrap();
+    let r = pause(&t).await.unwrap();
+    assert_eq!(r.status(), 204, "{:?}", r.text().await);
+    let r = resume(&t).await.unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    let (status, out) = t.run(&id, Some(&token), alive).await;
+    assert_eq!((status, out.as_str()), (200, "kept\nalive\n"));
+
+    // ---- kill takes its published snapshots with it
+    let r = t
+        .api(M::DELETE, &format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(objects.list(&prefix).await.unwrap().is_empty());
+}

@@ -3,6 +3,7 @@
 
 use super::envd::init_envd;
 use super::*;
+use crate::objects::{KnownChunks, ObjectsError, SnapshotMetadata};
 
 /// Messages of a [`SandboxActor`].
 pub enum SandboxMsg {
@@ -136,6 +137,10 @@ impl SandboxState {
             Ok(_) => {
                 self.record.state = RecordState::Paused;
                 self.disarm();
+                let published = match self.publish(&dest).await {
+                    Ok(p) => p,
+                    Err(e) => return Err(self.resume_after_failed_publish(e).await),
+                };
                 let took = started.elapsed();
                 metrics::counter!(crate::metrics::PAUSES, "result" => "ok").increment(1);
                 metrics::histogram!(crate::metrics::PAUSE_SECONDS).record(took.as_secs_f64());
@@ -147,6 +152,7 @@ impl SandboxState {
                         ("why", why.to_owned()),
                         ("took_ms", took.as_millis().to_string()),
                         ("snapshot_bytes", dir_size(&dest).to_string()),
+                        ("published", published),
                     ],
                 )))?;
                 Ok(self.record.clone())
@@ -200,6 +206,7 @@ impl SandboxState {
             ));
         };
         let template = self.shared.template(&self.record.template).await?;
+        let dir = self.local_snapshot(dir).await?;
         let snapshot = crate::runtime::Snapshot {
             dir: dir.clone(),
             template: template.template.id.clone(),
@@ -278,6 +285,123 @@ impl SandboxState {
             tracing::error!(sandbox = %self.id, "removing the used snapshot {}: {e}", dir.display());
         }
         Ok(self.record.clone())
+    }
+}
+
+impl SandboxState {
+    /// Publish the snapshot in `dir` (just written by a pause) to the
+    /// object store as `sandboxes/<id>/<ms>`, deduplicated against the
+    /// sandbox's previous one, which it then replaces. Returns what the
+    /// pause's log entry says about it.
+    async fn publish(&mut self, dir: &std::path::Path) -> Result<String, ObjectsError> {
+        let Some(objects) = self.shared.objects.clone() else {
+            return Ok("no object store".into());
+        };
+        let previous = self.record.snapshot_object.clone();
+        let mut known = Vec::new();
+        if let Some(name) = &previous {
+            // A previous snapshot that cannot be read only costs dedup.
+            match objects.manifest(name).await {
+                Ok(m) => known.push(m),
+                Err(e) => tracing::warn!(sandbox = %self.id, "previous snapshot {name}: {e}"),
+            }
+        }
+        let known = KnownChunks::from_manifests(&known);
+        let name = format!("sandboxes/{}/{}", self.id, now_ms());
+        let mut record = self.record.clone();
+        record.snapshot_dir = None;
+        record.snapshot_object = Some(name.clone());
+        let metadata = SnapshotMetadata {
+            kind: "pause".into(),
+            template_id: Some(self.record.template.clone()),
+            runtime: Some(self.shared.runtime.kind().to_string()),
+            sandbox_id: Some(self.record.id.clone()),
+            // The record travels with the snapshot: another node resumes
+            // the sandbox from it (same id, token, metadata, deadline).
+            extra: serde_json::to_value(&record).unwrap_or_default(),
+        };
+        let (_, stats) = objects.put_dir(dir, &name, metadata, &known).await?;
+        self.record.snapshot_object = Some(name.clone());
+        if let Some(old) = previous
+            && old != name
+            && let Err(e) = objects.delete(&old).await
+        {
+            // Its chunks are shared with the new one; the manifest alone
+            // leaks until the sandbox is killed.
+            tracing::warn!(sandbox = %self.id, "removing the previous snapshot {old}: {e}");
+        }
+        Ok(format!(
+            "{name}: {} uploaded, {} deduplicated, {} zero of {} chunks; {} bytes sent in {} ms",
+            stats.uploaded_chunks,
+            stats.deduplicated_chunks,
+            stats.zero_chunks,
+            stats.chunks,
+            stats.bytes_uploaded,
+            stats.elapsed.as_millis()
+        ))
+    }
+
+    /// The pause could not publish its snapshot: bring the sandbox back
+    /// from the local copy so that it keeps running, and say so.
+    async fn resume_after_failed_publish(&mut self, e: ObjectsError) -> SandboxError {
+        metrics::counter!(crate::metrics::PAUSES, "result" => "store_failed").increment(1);
+        let store = self
+            .shared
+            .objects
+            .as_ref()
+            .map_or_else(String::new, |o| o.describe().to_owned());
+        tracing::warn!(sandbox = %self.id, "publishing the snapshot to {store} failed: {e}");
+        let _ = self.save(None);
+        match self.resume(self.record.end_at_ms).await {
+            Ok(_) => SandboxError::ObjectStore(format!(
+                "pausing sandbox {} failed: the object store ({store}) refused its snapshot: {e}; \
+                 the sandbox keeps running — retry the pause when the store is back",
+                self.record.id
+            )),
+            Err(r) => SandboxError::ObjectStore(format!(
+                "pausing sandbox {} failed: the object store ({store}) refused its snapshot: {e}; \
+                 resuming it from its local snapshot failed too ({r}), so it stays paused on \
+                 this node only",
+                self.record.id
+            )),
+        }
+    }
+
+    /// The local copy of the paused sandbox's snapshot: `dir` if it is
+    /// there, else fetched from the object store into a new directory.
+    async fn local_snapshot(
+        &mut self,
+        dir: std::path::PathBuf,
+    ) -> Result<std::path::PathBuf, SandboxError> {
+        if dir.exists() {
+            return Ok(dir);
+        }
+        let (Some(objects), Some(name)) = (
+            self.shared.objects.clone(),
+            self.record.snapshot_object.clone(),
+        ) else {
+            return Err(SandboxError::Lost(
+                self.record.id.clone(),
+                format!("its snapshot {} is gone", dir.display()),
+            ));
+        };
+        let dest = self
+            .shared
+            .snapshots_dir
+            .join(format!("{}-{}", self.record.id, now_ms()));
+        let (_, stats) = objects.get_dir(&name, &dest, None).await.map_err(|e| {
+            SandboxError::ObjectStore(format!(
+                "resuming sandbox {} needs its snapshot {name} from the object store ({}): {e}; \
+                 it stays paused",
+                self.record.id,
+                objects.describe()
+            ))
+        })?;
+        tracing::info!(sandbox = %self.id, snapshot = %name, took = ?stats.elapsed,
+            bytes = stats.bytes_downloaded, "snapshot fetched from the object store");
+        self.record.snapshot_dir = Some(dest.clone());
+        self.save(None)?;
+        Ok(dest)
     }
 }
 
@@ -514,6 +638,10 @@ impl Actor for SandboxActor {
             }
             SandboxMsg::Pause { reply } => {
                 let r = st.pause("requested").await;
+                if r.is_err() && st.record.state == RecordState::Running {
+                    // Refused, or brought back after the store failed.
+                    st.arm(&myself);
+                }
                 let lost = matches!(r, Err(SandboxError::Lost(..)));
                 if let Err(SandboxError::Lost(_, why)) = &r {
                     tracing::error!(sandbox = %st.id, "lost while pausing: {why}");
@@ -572,6 +700,22 @@ pub(super) async fn kill(
             "removing the snapshot {}: {e}",
             dir.display()
         )));
+    }
+    // Its published snapshots go too (their chunks stay until GC). A store
+    // that cannot be reached now leaves them behind, which costs space but
+    // never a kill.
+    if let Some(objects) = &shared.objects {
+        let prefix = format!("sandboxes/{id}");
+        match objects.list(&prefix).await {
+            Ok(names) => {
+                for name in names {
+                    if let Err(e) = objects.delete(&name).await {
+                        tracing::warn!(sandbox = %id, "removing its snapshot {name}: {e}");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(sandbox = %id, "listing its snapshots: {e}"),
+        }
     }
     shared.store.remove_sandbox(id.as_str())?;
     tracing::info!(sandbox = %id, "sandbox killed");

@@ -88,6 +88,10 @@ pub enum SandboxError {
     Stopping,
     #[error("sandbox actors: {0}")]
     Actor(String),
+    /// The object store failed; the message says what happened to the
+    /// sandbox (a failed pause leaves it running).
+    #[error("{0}")]
+    ObjectStore(String),
 }
 
 impl SandboxError {
@@ -101,7 +105,7 @@ impl SandboxError {
             | Self::PauseRefused(..) => 409,
             Self::AtCapacity(_) => 429,
             Self::NotImplemented(_) => 501,
-            Self::Stopping => 503,
+            Self::Stopping | Self::ObjectStore(_) => 503,
             Self::Envd { .. } => 502,
             Self::Runtime(_)
             | Self::Init { .. }
@@ -166,6 +170,9 @@ pub struct Shared {
     /// under `live`'s lock (taken first).
     pub(crate) reservations: Mutex<HashMap<u64, std::time::Instant>>,
     pub(crate) snapshots_dir: std::path::PathBuf,
+    /// Where pause snapshots are published (`None`: local only — tests of
+    /// the lifecycle alone).
+    pub(crate) objects: Option<crate::objects::SnapshotStore>,
 }
 
 impl Shared {

@@ -76,6 +76,9 @@ impl Envd {
             .strip_prefix("envd listening on tcp ")
             .unwrap_or_else(|| panic!("unexpected readiness line {line:?}"))
             .to_owned();
+        // reqwest refuses to build a client without a rustls provider (see
+        // the workspace Cargo.toml); another test may have installed it.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Envd {
             child,
             url: format!("http://{addr}"),

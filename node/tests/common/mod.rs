@@ -130,6 +130,7 @@ pub async fn node_with(test: &str, max_sandboxes: usize) -> Option<TestNode> {
             ..Config::default()
         },
         mesh: None,
+        object_store: None,
     })
     .await
     {
@@ -141,6 +142,10 @@ pub async fn node_with(test: &str, max_sandboxes: usize) -> Option<TestNode> {
         Err(e) => panic!("{test}: starting the node: {e:#}"),
     };
     let key = node.sandboxes.store().create_api_key().unwrap();
+    // reqwest refuses to build a client without a rustls provider (see
+    // the workspace Cargo.toml); another test may have installed it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
     Some(TestNode {
         node,
         key,

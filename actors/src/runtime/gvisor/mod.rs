@@ -811,7 +811,16 @@ impl Inner {
         std::fs::create_dir_all(&image).map_err(|e| RuntimeError::io("creating", &image, e))?;
         let image_arg = image.display().to_string();
         let mut cmd = self.runsc.command(Enter::Netns(&netns.guest_path()))?;
-        cmd.args(["checkpoint", "--image-path", &image_arg, id.as_str()]);
+        // Uncompressed: the object store compresses (zstd, per chunk) and
+        // deduplicates, and a deflate stream would change entirely with one
+        // changed page, so no two pauses of a sandbox would share a chunk.
+        cmd.args([
+            "checkpoint",
+            "--compression=none",
+            "--image-path",
+            &image_arg,
+            id.as_str(),
+        ]);
         // Freeze the whole guest first and let it settle; only then save.
         // This was a guess at issue 14's unresumable images, which turned
         // out to be gVisor re-delivering deleted epoll interests on restore
