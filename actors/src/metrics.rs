@@ -9,7 +9,9 @@ pub const CREATES: &str = "sandmesh_sandbox_creates_total";
 pub const LOST: &str = "sandmesh_sandboxes_lost_total";
 /// Sandboxes killed by their timeout.
 pub const TIMED_OUT: &str = "sandmesh_sandboxes_timed_out_total";
-/// Pauses by `result` (`ok`, `refused`: the sandbox kept running, `lost`).
+/// Pauses by `result` (`ok`, `refused`: the sandbox kept running, `lost`,
+/// `store_failed`: the object store refused the snapshot and the sandbox
+/// was brought back).
 pub const PAUSES: &str = "sandmesh_sandbox_pauses_total";
 /// Time of a successful pause (checkpoint), request to snapshot written.
 pub const PAUSE_SECONDS: &str = "sandmesh_sandbox_pause_seconds";

@@ -5,7 +5,12 @@
 
 use std::sync::OnceLock;
 
-use actors::metrics::{CREATE_SECONDS, CREATES, LOST, TIMED_OUT};
+use actors::metrics::{
+    CREATE_SECONDS, CREATES, LOST, PAUSE_SECONDS, PAUSES, RESUME_SECONDS,
+    SNAPSHOT_BYTES_DOWNLOADED, SNAPSHOT_BYTES_UPLOADED, SNAPSHOT_CHUNKS_DEDUPLICATED,
+    SNAPSHOT_CHUNKS_UPLOADED, SNAPSHOT_DOWNLOAD_SECONDS, SNAPSHOT_GC_CHUNKS_DELETED,
+    SNAPSHOT_UPLOAD_SECONDS, TIMED_OUT,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Sandboxes by state (`running`, `creating`), set when scraped.
@@ -64,6 +69,50 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
                 "calls and streams sent to other nodes, by kind and outcome"
             );
             metrics::describe_gauge!(MESH_MEMBERS, "cluster members seen by state");
+            metrics::describe_counter!(PAUSES, "pauses by result");
+            metrics::describe_histogram!(
+                PAUSE_SECONDS,
+                metrics::Unit::Seconds,
+                "successful pauses, request to snapshot saved and published"
+            );
+            metrics::describe_histogram!(
+                RESUME_SECONDS,
+                metrics::Unit::Seconds,
+                "successful resumes, request to envd initialised (a fetch included)"
+            );
+            metrics::describe_counter!(
+                SNAPSHOT_BYTES_UPLOADED,
+                metrics::Unit::Bytes,
+                "compressed snapshot bytes sent to the object store"
+            );
+            metrics::describe_counter!(
+                SNAPSHOT_BYTES_DOWNLOADED,
+                metrics::Unit::Bytes,
+                "compressed snapshot bytes fetched from the object store"
+            );
+            metrics::describe_counter!(
+                SNAPSHOT_CHUNKS_UPLOADED,
+                "snapshot chunks uploaded (the store lacked them)"
+            );
+            metrics::describe_counter!(
+                SNAPSHOT_CHUNKS_DEDUPLICATED,
+                "snapshot chunks not uploaded: the store had them (dedup ratio: this over \
+                 this plus uploaded)"
+            );
+            metrics::describe_histogram!(
+                SNAPSHOT_UPLOAD_SECONDS,
+                metrics::Unit::Seconds,
+                "snapshot uploads, scan to manifest written"
+            );
+            metrics::describe_histogram!(
+                SNAPSHOT_DOWNLOAD_SECONDS,
+                metrics::Unit::Seconds,
+                "snapshot downloads, manifest read to files in place"
+            );
+            metrics::describe_counter!(
+                SNAPSHOT_GC_CHUNKS_DELETED,
+                "unreferenced snapshot chunks deleted by GC"
+            );
             Some(handle)
         })
         .as_ref()

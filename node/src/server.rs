@@ -178,6 +178,32 @@ pub struct Node {
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// How often the node collects the object store's garbage, and the age
+/// below which an unreferenced chunk is kept: an upload in progress has
+/// not written its manifest yet, and an upload rewrites a chunk it finds
+/// older than an hour (`StoreOptions::refresh_after`), so two hours cover
+/// any upload shorter than one.
+const OBJECT_GC_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+const OBJECT_GC_GRACE: std::time::Duration = std::time::Duration::from_secs(2 * 3600);
+
+/// Delete chunks no snapshot refers to any more (those of snapshots
+/// replaced by a later pause, or of killed sandboxes), hourly. Every node
+/// of a fleet sharing a store does this; the grace makes that safe.
+fn spawn_object_gc(objects: actors::objects::SnapshotStore) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(OBJECT_GC_EVERY);
+        // The first tick is immediate: let the node start first.
+        every.tick().await;
+        loop {
+            every.tick().await;
+            match objects.gc(OBJECT_GC_GRACE).await {
+                Ok(stats) => tracing::info!(?stats, "object store garbage collected"),
+                Err(e) => tracing::warn!("object store GC failed: {e}"),
+            }
+        }
+    });
+}
+
 /// Open the state, pick the runtime, prepare the base template and serve.
 pub async fn start(opts: NodeOptions) -> anyhow::Result<Node> {
     std::fs::create_dir_all(&opts.data_dir)?;
@@ -208,6 +234,7 @@ pub async fn start(opts: NodeOptions) -> anyhow::Result<Node> {
     let objects = actors::objects::SnapshotStore::open(&store_url, &Default::default())
         .map_err(|e| anyhow::anyhow!("opening the object store {store_url}: {e}"))?;
     tracing::info!("object store: {store_url}");
+    spawn_object_gc(objects.clone());
     let config = Config {
         snapshots_dir: opts.data_dir.join("snapshots"),
         objects: Some(objects),
