@@ -187,8 +187,8 @@ struct NodeArgs {
     /// host (give it when listening on 0.0.0.0).
     #[arg(long, env = "SANDMESH_ADVERTISE")]
     advertise: Option<std::net::IpAddr>,
-    /// Where paused sandboxes' snapshots are published, so that any node
-    /// can resume them: `file:///DIR` or
+    /// Where paused sandboxes' snapshots are published (a resume fetches
+    /// from it when the node's local copy is gone): `file:///DIR` or
     /// `s3://BUCKET[/PREFIX]?endpoint=URL&region=R` (credentials from
     /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY). Default:
     /// `<data-dir>/objects`, which only this node reads.
