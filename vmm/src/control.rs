@@ -256,7 +256,7 @@ pub struct ControlServer {
 impl ControlServer {
     /// Listen at `path` (which must not exist) and serve `controller`.
     pub fn spawn(path: &Path, controller: Arc<VmController>) -> io::Result<Self> {
-        let listener = UnixListener::bind(path).map_err(|e| {
+        let listener = crate::uds::listen(path).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot listen on control socket {}: {e}", path.display()),

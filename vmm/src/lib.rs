@@ -17,4 +17,5 @@ pub mod loader;
 pub mod probe;
 pub mod runner;
 pub mod snapshot;
+pub mod uds;
 pub mod vstate;

@@ -87,7 +87,7 @@ impl VsockMuxer {
     /// Listen at `uds_path`; the path must not exist (a socket path in use
     /// is an error, not something to take over).
     pub fn new(guest_cid: u64, uds_path: &Path) -> io::Result<Self> {
-        let listener = UnixListener::bind(uds_path).map_err(|e| {
+        let listener = crate::uds::listen(uds_path).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot listen on vsock socket {}: {e}", uds_path.display()),
