@@ -1,22 +1,45 @@
 //! Chunks: the unit of storage and of deduplication.
 //!
+//! Files are cut at content-defined boundaries (FastCDC, 2020 variant): a
+//! cut falls where a rolling hash of the last bytes matches a mask, so it
+//! depends on the bytes around it, not on its offset. Bytes inserted or
+//! removed early in a file (a gVisor checkpoint is a packed stream whose
+//! sections change size from one pause to the next) move the cuts near the
+//! change only; later chunks keep their bytes and so their names. Fixed
+//! 4 MiB chunks shared nothing between two such checkpoints.
+//!
 //! A chunk is named by the SHA-256 of its *uncompressed* bytes, so the same
-//! 4 MiB of guest memory has one name whatever the zstd level or version
-//! that compressed it, and a reader can check every byte it restores
+//! bytes of guest memory have one name whatever the zstd level or version
+//! that compressed them, and a reader can check every byte it restores
 //! against the name it asked for. It is stored zstd-compressed.
 
 use std::collections::HashSet;
 use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 
+use fastcdc::v2020::FastCDC;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
-use super::manifest::{Entry, Manifest};
+use super::manifest::{ChunkRef, Entry, Manifest};
 
-/// Size of every chunk but a file's last. 4 MiB: big enough that a 512 MiB
-/// memory file is 128 requests, small enough that a changed page uploads
-/// little and eight chunks in flight stay under 64 MiB of memory.
-pub const CHUNK_SIZE: u64 = 4 << 20;
+/// Smallest chunk but a file's last. Below this the rolling hash is not
+/// even consulted, which bounds the request count: no run of bytes can
+/// make an upload send more than one chunk per 256 KiB.
+pub const CHUNK_MIN: u32 = 256 << 10;
+/// The size cuts aim for. The granularity of deduplication: a change
+/// costs about two chunks, ~2 MiB, where fixed 4 MiB chunks cost 4 MiB and
+/// an insertion cost the whole rest of the file. Smaller would dedup finer
+/// but multiply requests (each a round trip to S3) and manifest entries;
+/// 1 MiB keeps a 512 MiB memory file at ~512 requests at most, and its
+/// zero regions, which are never stored, cost none.
+pub const CHUNK_AVG: u32 = 1 << 20;
+/// Largest chunk. A run of bytes that never matches the mask (zeros do
+/// not) is cut here, so a zero region becomes 4 MiB zero chunks. Also the
+/// memory bound: a reader decompresses a chunk into a buffer of at most
+/// this size, and eight chunks in flight stay under 64 MiB.
+pub const CHUNK_MAX: u32 = 4 << 20;
 
 /// zstd's default level: on guest memory it is several times faster than
 /// the upload it saves, and decompression speed hardly depends on it.
@@ -121,7 +144,7 @@ impl KnownChunks {
 /// The (non-zero) chunks a manifest refers to, with repeats.
 pub(crate) fn manifest_chunks(manifest: &Manifest) -> impl Iterator<Item = ChunkId> + '_ {
     manifest.entries.iter().flat_map(|entry| match entry {
-        Entry::File { chunks, .. } => chunks.iter().flatten().copied().collect::<Vec<_>>(),
+        Entry::File { chunks, .. } => chunks.iter().filter_map(|c| c.id).collect::<Vec<_>>(),
         Entry::Dir { .. } => Vec::new(),
     })
 }
@@ -133,6 +156,66 @@ pub fn is_zero(data: &[u8]) -> bool {
     // SAFETY: any bit pattern is a valid u128.
     let (head, words, tail) = unsafe { data.align_to::<u128>() };
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Cut the first `size` bytes of `file` into content-defined chunks and
+/// name them: the first pass of an upload. Zero chunks get no name. The
+/// whole file is read (holes as zeros) with `pread`, so the upload's own
+/// reads need no shared position and a file that grew since it was
+/// scanned is cut at its scanned size. Memory: one window of
+/// 2 × [`CHUNK_MAX`], whatever the file size.
+///
+/// The chunker is `fastcdc`'s slice `FastCDC::cut`, over the window, not
+/// its `StreamCDC`: that one copies every chunk out byte by byte in
+/// generic code, which is compiled at the caller's (debug) optimization
+/// level and made a 64 MiB file take most of a second in tests. A cut is
+/// asked for only with [`CHUNK_MAX`] bytes ahead of it (or the file's
+/// end), since `cut` never looks further: the cuts are those of the whole
+/// file as one stream.
+///
+/// A file shorter than `size` (it shrank since it was scanned) is an
+/// `UnexpectedEof` error.
+pub(crate) fn cut_file(file: &File, size: u64) -> std::io::Result<Vec<ChunkRef>> {
+    const WINDOW: usize = 2 * CHUNK_MAX as usize;
+    let mut buf = vec![0u8; WINDOW.min(usize::try_from(size).unwrap_or(WINDOW))];
+    let mut refs = Vec::new();
+    // Bytes of the file before `buf[0]`; `buf[start..filled]` is not cut yet.
+    let mut base = 0u64;
+    let (mut start, mut filled) = (0usize, 0usize);
+    loop {
+        // Refill: keep what is not cut yet, read up to the window or `size`.
+        buf.copy_within(start..filled, 0);
+        base += start as u64;
+        filled -= start;
+        start = 0;
+        while filled < buf.len() && base + (filled as u64) < size {
+            let want = usize::try_from(size - base - filled as u64)
+                .unwrap_or(usize::MAX)
+                .min(buf.len() - filled);
+            let got = file.read_at(&mut buf[filled..filled + want], base + filled as u64)?;
+            if got == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("read {} of {size} bytes", base + filled as u64),
+                ));
+            }
+            filled += got;
+        }
+        let at_end = base + filled as u64 == size;
+        if start == filled {
+            return Ok(refs);
+        }
+        let cdc = FastCDC::new(&buf[..filled], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX);
+        while start < filled && (at_end || filled - start >= CHUNK_MAX as usize) {
+            let (_, end) = cdc.cut(start, filled - start);
+            let data = &buf[start..end];
+            refs.push(ChunkRef {
+                id: (!is_zero(data)).then(|| ChunkId::of(data)),
+                len: data.len() as u64,
+            });
+            start = end;
+        }
+    }
 }
 
 /// The stored form of a chunk.
@@ -215,6 +298,103 @@ mod tests {
             buf[pos] = 0;
         }
         assert!(is_zero(&[]));
+    }
+
+    /// Bytes that neither compress nor repeat: a xorshift stream.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn cut_bytes(data: &[u8]) -> Vec<ChunkRef> {
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, data).unwrap();
+        cut_file(&file, data.len() as u64).unwrap()
+    }
+
+    #[test]
+    fn cuts_respect_the_sizes_and_cover_the_file() {
+        let data = noise(1, 20 << 20);
+        let refs = cut_bytes(&data);
+        assert_eq!(refs.iter().map(|r| r.len).sum::<u64>(), data.len() as u64);
+        let (last, rest) = refs.split_last().unwrap();
+        assert!(last.len <= u64::from(CHUNK_MAX));
+        for r in rest {
+            assert!(
+                (u64::from(CHUNK_MIN)..=u64::from(CHUNK_MAX)).contains(&r.len),
+                "{r:?}"
+            );
+        }
+        // Around the average: neither fixed at the maximum nor tiny.
+        assert!((8..=60).contains(&refs.len()), "{} chunks", refs.len());
+        let mut offset = 0;
+        for r in &refs {
+            let bytes = &data[offset..offset + r.len as usize];
+            assert_eq!(r.id, Some(ChunkId::of(bytes)));
+            offset += r.len as usize;
+        }
+        // The same bytes, the same cuts.
+        assert_eq!(cut_bytes(&data), refs);
+        assert!(cut_bytes(&[]).is_empty());
+    }
+
+    #[test]
+    fn the_windowed_cuts_are_those_of_fastcdc_over_the_whole_stream() {
+        // Noise, a zero region, noise again: cuts in all three, and across
+        // many window refills.
+        let mut data = noise(5, 9 << 20);
+        data.extend(std::iter::repeat_n(0u8, 11 << 20));
+        data.extend(noise(6, (7 << 20) + 12345));
+        let ours: Vec<u64> = cut_bytes(&data).iter().map(|r| r.len).collect();
+        let reference: Vec<u64> =
+            fastcdc::v2020::StreamCDC::new(&data[..], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+                .map(|c| c.unwrap().length as u64)
+                .collect();
+        assert_eq!(ours, reference);
+    }
+
+    #[test]
+    fn zeros_are_cut_at_the_maximum_and_not_named() {
+        let max = u64::from(CHUNK_MAX);
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(2 * max + 5).unwrap();
+        let refs = cut_file(&file, 2 * max + 5).unwrap();
+        let lens: Vec<u64> = refs.iter().map(|r| r.len).collect();
+        assert_eq!(lens, [max, max, 5]);
+        assert!(refs.iter().all(|r| r.id.is_none()));
+    }
+
+    #[test]
+    fn an_insertion_changes_only_the_chunks_around_it() {
+        let data = noise(2, 20 << 20);
+        let mut inserted = data[..1000].to_vec();
+        inserted.extend_from_slice(&noise(3, 100));
+        inserted.extend_from_slice(&data[1000..]);
+        let before: HashSet<ChunkId> = cut_bytes(&data).iter().filter_map(|r| r.id).collect();
+        let after = cut_bytes(&inserted);
+        let new = after
+            .iter()
+            .filter(|r| !before.contains(&r.id.unwrap()))
+            .count();
+        assert!(new <= 2, "{new} of {} chunks are new", after.len());
+    }
+
+    #[test]
+    fn a_file_shorter_than_its_scanned_size_is_an_early_eof() {
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &noise(4, 1000)).unwrap();
+        let err = cut_file(&file, 1001).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        // A file that grew is cut at its scanned size.
+        let refs = cut_file(&file, 999).unwrap();
+        assert_eq!(refs.iter().map(|r| r.len).sum::<u64>(), 999);
     }
 
     #[test]

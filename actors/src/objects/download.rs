@@ -1,4 +1,6 @@
-//! Downloading a snapshot into a new directory, all or nothing.
+//! Downloading a snapshot into a new directory, all or nothing. A chunk
+//! starts where the one before it ends (the manifest records lengths) and
+//! must decompress to exactly its recorded length and hash to its name.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -117,20 +119,24 @@ impl SnapshotStore {
         for entry in &manifest.entries {
             match entry {
                 Entry::Dir { .. } => stats.dirs += 1,
-                Entry::File { size, chunks, .. } => {
+                Entry::File { chunks, .. } => {
                     stats.files += 1;
-                    for (index, chunk) in chunks.iter().enumerate() {
+                    // A chunk starts where the one before it ends; the
+                    // validated lengths add up to the file's size.
+                    let mut offset = 0;
+                    for chunk in chunks {
                         stats.chunks += 1;
-                        let offset = index as u64 * manifest.chunk_size;
-                        let Some(id) = chunk else {
+                        let start = offset;
+                        offset += chunk.len;
+                        let Some(id) = chunk.id else {
                             stats.zero_chunks += 1;
                             continue;
                         };
                         jobs.push(Job {
                             file: file_index,
-                            id: *id,
-                            offset,
-                            len: manifest.chunk_size.min(size - offset),
+                            id,
+                            offset: start,
+                            len: chunk.len,
                         });
                     }
                     file_index += 1;

@@ -9,21 +9,22 @@
 //! damaged, so [`Manifest::validate`] checks everything a restore relies on
 //! before a single file is written: paths stay below the destination, a
 //! path's parent is a directory of the same manifest (so no path runs
-//! through a file), chunk lists match sizes.
+//! through a file), chunk lengths add up to sizes and stay within
+//! [`CHUNK_MAX`].
+//!
+//! Version 2 records each chunk's length: chunks are cut where the content
+//! says (see `chunks.rs`), so offsets are no longer index × chunk size but
+//! the sums of the lengths before. Version 1 (fixed chunks) is refused, not
+//! read: nothing stored in it is kept.
 
 use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::chunks::ChunkId;
+use super::chunks::{CHUNK_MAX, ChunkId};
 
 /// The manifest format this code writes and reads.
-pub const MANIFEST_VERSION: u32 = 1;
-
-/// Chunk sizes a manifest may declare. A reader decompresses a chunk into a
-/// buffer of this size, so the bound is also a memory bound.
-const MIN_CHUNK_SIZE: u64 = 64 << 10;
-const MAX_CHUNK_SIZE: u64 = 64 << 20;
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// Longest relative path accepted (Linux's PATH_MAX).
 const MAX_PATH: usize = 4096;
@@ -39,8 +40,6 @@ pub struct Manifest {
     pub version: u32,
     /// The snapshot's name; `snapshots/<name>/manifest.json`.
     pub name: String,
-    /// Size of every chunk but a file's last.
-    pub chunk_size: u64,
     /// When the upload finished, milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
     pub metadata: SnapshotMetadata,
@@ -78,10 +77,22 @@ pub enum Entry {
         path: String,
         mode: u32,
         size: u64,
-        /// One per `chunk_size` bytes of the file; `null` for a chunk of
-        /// zeros, which is not stored and is restored as a hole.
-        chunks: Vec<Option<ChunkId>>,
+        /// The file's chunks in order; their lengths add up to `size`.
+        chunks: Vec<ChunkRef>,
     },
+}
+
+/// One chunk of a file: `{"id": "<sha256 hex>" | null, "len": N}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// The chunk's name; `null` for a chunk of zeros, which is not stored
+    /// and is restored as a hole. Required (`deserialize_with` turns off
+    /// serde's default of `None` for a missing `Option`): a manifest that
+    /// lost the field must not restore zeros.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub id: Option<ChunkId>,
+    /// Uncompressed bytes, 1..=[`CHUNK_MAX`].
+    pub len: u64,
 }
 
 impl Entry {
@@ -105,8 +116,6 @@ pub enum ManifestError {
     Version(u32),
     #[error("manifest names snapshot {found:?}, expected {expected:?}")]
     Name { expected: String, found: String },
-    #[error("chunk size {0} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")]
-    ChunkSize(u64),
     #[error("path {path:?} is refused: {reason}")]
     Path { path: String, reason: &'static str },
     #[error("path {0:?} appears twice")]
@@ -115,13 +124,14 @@ pub enum ManifestError {
     Orphan(String),
     #[error("mode {mode:#o} of {path:?} has bits outside {MODE_MASK:#o}")]
     Mode { path: String, mode: u32 },
-    #[error("file {path:?} of {size} bytes lists {got} chunks, expected {expected}")]
-    ChunkCount {
+    #[error("chunk {index} of {path:?} has length {len}, outside 1..={CHUNK_MAX}")]
+    ChunkLen {
         path: String,
-        size: u64,
-        got: usize,
-        expected: u64,
+        index: usize,
+        len: u64,
     },
+    #[error("the chunks of {path:?} add up to {sum} bytes, but the file has {size}")]
+    ChunkSum { path: String, size: u64, sum: u128 },
 }
 
 /// Check a relative path as it appears in a manifest: non-empty, relative,
@@ -176,9 +186,6 @@ impl Manifest {
                 found: self.name.clone(),
             });
         }
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
-            return Err(ManifestError::ChunkSize(self.chunk_size));
-        }
         let mut dirs: HashSet<&str> = HashSet::new();
         let mut seen: HashSet<&str> = HashSet::new();
         for entry in &self.entries {
@@ -203,13 +210,27 @@ impl Manifest {
                     dirs.insert(path);
                 }
                 Entry::File { size, chunks, .. } => {
-                    let expected = size.div_ceil(self.chunk_size);
-                    if chunks.len() as u64 != expected {
-                        return Err(ManifestError::ChunkCount {
+                    // A reader decompresses a chunk into a buffer of its
+                    // length: this bound is also a memory bound.
+                    if let Some((index, chunk)) = chunks
+                        .iter()
+                        .enumerate()
+                        .find(|(_, c)| !(1..=u64::from(CHUNK_MAX)).contains(&c.len))
+                    {
+                        return Err(ManifestError::ChunkLen {
+                            path: path.to_owned(),
+                            index,
+                            len: chunk.len,
+                        });
+                    }
+                    // u128: no list of u64 lengths a JSON file can hold
+                    // overflows it.
+                    let sum: u128 = chunks.iter().map(|c| u128::from(c.len)).sum();
+                    if sum != u128::from(*size) {
+                        return Err(ManifestError::ChunkSum {
                             path: path.to_owned(),
                             size: *size,
-                            got: chunks.len(),
-                            expected,
+                            sum,
                         });
                     }
                 }
@@ -238,20 +259,28 @@ mod tests {
         Manifest {
             version: MANIFEST_VERSION,
             name: "t".into(),
-            chunk_size: 64 << 10,
             created_unix_ms: 1,
             metadata: SnapshotMetadata::default(),
             entries,
         }
     }
 
-    fn file(path: &str, size: u64, chunks: usize) -> Entry {
+    /// A file of zero chunks with these lengths; its size is their sum.
+    fn file(path: &str, lens: &[u64]) -> Entry {
         Entry::File {
             path: path.into(),
             mode: 0o644,
-            size,
-            chunks: vec![None; chunks],
+            size: lens.iter().sum(),
+            chunks: lens.iter().map(|&len| ChunkRef { id: None, len }).collect(),
         }
+    }
+
+    /// `entry` claiming another size than its chunks add up to.
+    fn sized(mut entry: Entry, new: u64) -> Entry {
+        if let Entry::File { size, .. } = &mut entry {
+            *size = new;
+        }
+        entry
     }
 
     fn dir(path: &str) -> Entry {
@@ -292,8 +321,8 @@ mod tests {
         let mut m = manifest(vec![
             dir("d"),
             dir("d/e"),
-            file("d/e/f", 0, 0),
-            file("top", (64 << 10) + 1, 2),
+            file("d/e/f", &[]),
+            file("top", &[u64::from(CHUNK_MAX), 1]),
         ]);
         m.metadata = SnapshotMetadata {
             kind: "pause".into(),
@@ -303,13 +332,24 @@ mod tests {
             extra: serde_json::json!({"vcpus": 2}),
         };
         if let Entry::File { chunks, .. } = &mut m.entries[3] {
-            chunks[0] = Some(ChunkId::of(b"x"));
+            chunks[0].id = Some(ChunkId::of(b"x"));
         }
         m.validate("t").unwrap();
         let json = serde_json::to_string(&m).unwrap();
         assert!(json.contains("\"type\":\"file\""), "{json}");
+        assert!(
+            json.contains(&format!(
+                "\"chunks\":[{{\"id\":\"{}\",\"len\":{CHUNK_MAX}}},{{\"id\":null,\"len\":1}}]",
+                ChunkId::of(b"x")
+            )),
+            "{json}"
+        );
         let back: Manifest = serde_json::from_str(&json).unwrap();
         assert_eq!(back, m);
+
+        // A chunk without its id is not a zero chunk but a broken manifest.
+        assert!(serde_json::from_str::<ChunkRef>(r#"{"len": 1}"#).is_err());
+        assert!(serde_json::from_str::<ChunkRef>(r#"{"id": null}"#).is_err());
     }
 
     #[test]
@@ -318,23 +358,42 @@ mod tests {
         let path: Check = |e| matches!(e, ManifestError::Path { .. });
         let orphan: Check = |e| matches!(e, ManifestError::Orphan(_));
         let cases: Vec<(Manifest, Check)> = vec![
-            (manifest(vec![file("../escape", 1, 1)]), path),
-            (manifest(vec![file("/abs", 1, 1)]), path),
-            (manifest(vec![dir("d"), file("d/../../x", 1, 1)]), path),
+            (manifest(vec![file("../escape", &[1])]), path),
+            (manifest(vec![file("/abs", &[1])]), path),
+            (manifest(vec![dir("d"), file("d/../../x", &[1])]), path),
             // A path below a file, or below a directory the manifest never
             // declared (which a restore would have to invent).
-            (manifest(vec![file("f", 1, 1), file("f/g", 1, 1)]), orphan),
-            (manifest(vec![file("d/g", 1, 1)]), orphan),
-            (manifest(vec![file("d/g", 1, 1), dir("d")]), orphan),
-            (manifest(vec![file("f", 1, 1), file("f", 1, 1)]), |e| {
+            (manifest(vec![file("f", &[1]), file("f/g", &[1])]), orphan),
+            (manifest(vec![file("d/g", &[1])]), orphan),
+            (manifest(vec![file("d/g", &[1]), dir("d")]), orphan),
+            (manifest(vec![file("f", &[1]), file("f", &[1])]), |e| {
                 matches!(e, ManifestError::Duplicate(_))
             }),
-            (manifest(vec![file("f", (64 << 10) + 1, 1)]), |e| {
-                matches!(e, ManifestError::ChunkCount { .. })
+            // Lengths that do not add up to the size, either way.
+            (manifest(vec![sized(file("f", &[100, 200]), 301)]), |e| {
+                matches!(e, ManifestError::ChunkSum { sum: 300, .. })
             }),
-            (manifest(vec![file("f", 0, 1)]), |e| {
-                matches!(e, ManifestError::ChunkCount { .. })
+            (manifest(vec![sized(file("f", &[100, 200]), 299)]), |e| {
+                matches!(e, ManifestError::ChunkSum { .. })
             }),
+            (manifest(vec![sized(file("f", &[]), 1)]), |e| {
+                matches!(e, ManifestError::ChunkSum { .. })
+            }),
+            // An empty chunk, and one bigger than a reader's buffer.
+            (manifest(vec![file("f", &[1, 0, 1])]), |e| {
+                matches!(
+                    e,
+                    ManifestError::ChunkLen {
+                        index: 1,
+                        len: 0,
+                        ..
+                    }
+                )
+            }),
+            (
+                manifest(vec![file("f", &[u64::from(CHUNK_MAX) + 1])]),
+                |e| matches!(e, ManifestError::ChunkLen { index: 0, .. }),
+            ),
             (
                 manifest(vec![Entry::File {
                     path: "suid".into(),
@@ -350,11 +409,8 @@ mod tests {
             assert!(check(&err), "{:?}: {err}", m.entries);
         }
         let mut m = manifest(vec![]);
-        m.version = 2;
-        assert_eq!(m.validate("t"), Err(ManifestError::Version(2)));
-        let mut m = manifest(vec![]);
-        m.chunk_size = 1 << 30;
-        assert!(matches!(m.validate("t"), Err(ManifestError::ChunkSize(_))));
+        m.version = 1;
+        assert_eq!(m.validate("t"), Err(ManifestError::Version(1)));
         assert!(matches!(
             manifest(vec![]).validate("other"),
             Err(ManifestError::Name { .. })

@@ -5,10 +5,16 @@
 //! checkpoint image directory. In the store it is:
 //!
 //! ```text
-//! chunks/<sha256 hex>                zstd of 4 MiB of some file (or its tail)
+//! chunks/<sha256 hex>                zstd of one chunk of some file (256 KiB..4 MiB)
 //! snapshots/<name>/manifest.json     directories, files, modes, sizes, chunk lists
 //! ```
 //!
+//! - Files are cut at content-defined boundaries (FastCDC, ~1 MiB on
+//!   average, see `chunks.rs`), so bytes inserted early in a file change
+//!   the chunks near the insertion only: two checkpoints of one gVisor
+//!   sandbox, packed streams whose sections change size, share the rest.
+//!   An upload first reads each file once to find its cuts and name its
+//!   chunks, then reads again only the chunks it must send.
 //! - Chunks are named by the SHA-256 of their uncompressed bytes, so the
 //!   snapshots of one template share the memory they did not touch: an
 //!   upload skips the chunks its caller knows ([`KnownChunks`]) and those a
@@ -30,7 +36,8 @@
 //! neither runtime's snapshot directory has any), as are devices, FIFOs and
 //! sockets; the error names the file.
 //!
-//! Not wired into pause/resume yet (issue 15).
+//! Pause publishes a sandbox's snapshot here and resume fetches it when
+//! the local copy is gone (`sandbox/actor.rs`).
 
 mod chunks;
 mod download;
@@ -49,10 +56,10 @@ use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-pub use chunks::{CHUNK_SIZE, ChunkId, KnownChunks};
+pub use chunks::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkId, KnownChunks};
 pub use download::DownloadStats;
 pub use gc::GcStats;
-pub use manifest::{Entry, MANIFEST_VERSION, Manifest, ManifestError, SnapshotMetadata};
+pub use manifest::{ChunkRef, Entry, MANIFEST_VERSION, Manifest, ManifestError, SnapshotMetadata};
 pub use upload::UploadStats;
 pub use url::{Credentials, OpenOptions, StoreUrl, UrlError};
 
@@ -162,7 +169,9 @@ impl ObjectsError {
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// Chunks in flight at once, per upload or download. Each holds up to
-    /// a chunk of memory uncompressed plus its compressed form.
+    /// a chunk of memory uncompressed plus its compressed form. Also the
+    /// files an upload's first pass cuts at once, each with a window of
+    /// two chunks.
     pub concurrency: usize,
     /// A chunk an upload finds by HEAD but that was last written longer ago
     /// than this is written again rather than reused. It may be garbage
@@ -229,11 +238,24 @@ impl SnapshotStore {
             }
             Err(source) => return Err(ObjectsError::store("get", &path, source)),
         };
-        let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|source| ObjectsError::ManifestJson {
+        let json_error = |source| ObjectsError::ManifestJson {
+            name: name.to_owned(),
+            source,
+        };
+        // The version first: a manifest of another version is refused as
+        // such, not as JSON that does not fit this version's fields.
+        #[derive(serde::Deserialize)]
+        struct Versioned {
+            version: u32,
+        }
+        let Versioned { version } = serde_json::from_slice(&bytes).map_err(json_error)?;
+        if version != MANIFEST_VERSION {
+            return Err(ObjectsError::BadManifest {
                 name: name.to_owned(),
-                source,
-            })?;
+                source: ManifestError::Version(version),
+            });
+        }
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(json_error)?;
         manifest
             .validate(name)
             .map_err(|source| ObjectsError::BadManifest {

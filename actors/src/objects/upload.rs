@@ -1,5 +1,6 @@
-//! Uploading a snapshot directory: scan, chunk, hash, deduplicate, upload,
-//! and the manifest last.
+//! Uploading a snapshot directory: scan, cut and name the chunks of every
+//! file (one blocking read of each), deduplicate, upload what is new, and
+//! the manifest last.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -11,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStoreExt, PutPayload};
 
-use super::chunks::{self, CHUNK_SIZE, ChunkId, KnownChunks};
-use super::manifest::{Entry, MANIFEST_VERSION, MODE_MASK, Manifest, SnapshotMetadata};
+use super::chunks::{self, ChunkId, KnownChunks};
+use super::manifest::{ChunkRef, Entry, MANIFEST_VERSION, MODE_MASK, Manifest, SnapshotMetadata};
 use super::{ObjectsError, SnapshotStore, check_name, chunk_path, unix_ms};
 use crate::metrics;
 
@@ -29,7 +30,8 @@ pub struct UploadStats {
     /// manifests, found by HEAD, or met earlier in this same upload.
     pub deduplicated_chunks: u64,
     pub uploaded_chunks: u64,
-    /// Bytes of all files (holes read as zeros).
+    /// Bytes of all files (holes read as zeros), each read once to find
+    /// and name its chunks; the chunks uploaded are read a second time.
     pub bytes_read: u64,
     /// Compressed bytes sent to the store.
     pub bytes_uploaded: u64,
@@ -132,20 +134,20 @@ fn scan_into(dir: &Path, rel_dir: &str, out: &mut Vec<Scanned>) -> Result<(), Ob
     Ok(())
 }
 
-/// One chunk to upload.
+/// One data chunk to upload, as the first pass found it.
 struct Job {
     /// Index of the file among the scanned files.
     file: usize,
-    index: usize,
+    id: ChunkId,
     offset: u64,
     len: u64,
 }
 
 /// What happened to one chunk.
 enum Outcome {
-    Zero,
-    Deduplicated(ChunkId),
-    Uploaded(ChunkId, u64),
+    Deduplicated,
+    /// Uploaded, with its compressed size.
+    Uploaded(u64),
 }
 
 /// An open file being uploaded, shared by its chunks' tasks.
@@ -158,7 +160,9 @@ impl SnapshotStore {
     /// Store the directory `dir` as snapshot `name` and return its
     /// manifest. Chunks in `known` are taken to be in the store already
     /// (see [`KnownChunks`]); others are looked up, and uploaded if absent.
-    /// The manifest is written only after every chunk is, so on any error
+    /// Every file is read once to find its chunks; a chunk to upload is read
+    /// again and must hash to the same name, else the file changed while
+    /// it was uploaded ([`ObjectsError::Changed`]). The manifest is written only after every chunk is, so on any error
     /// nothing new is visible (uploaded chunks stay until GC).
     ///
     /// A manifest of the same name is replaced.
@@ -188,31 +192,63 @@ impl SnapshotStore {
         })
         .await??;
 
+        // First pass: cut and name every file's chunks. A blocking read of
+        // the whole file (SHA-256 and the chunker are CPU work too), files
+        // side by side up to the concurrency; each holds at most two
+        // chunks of memory.
+        let sizes: Vec<u64> = scanned
+            .iter()
+            .filter_map(|e| match e {
+                Scanned::File { size, .. } => Some(*size),
+                Scanned::Dir { .. } => None,
+            })
+            .collect();
+        // Owned, not borrowed: the stream's futures must be `Send` for any
+        // lifetime, which closures over borrows fail to prove.
+        let files: Vec<(Arc<Source>, u64)> = sources.iter().cloned().zip(sizes.clone()).collect();
+        let chunk_lists: Vec<Vec<ChunkRef>> = futures::stream::iter(files)
+            .map(|(source, size)| async move {
+                tokio::task::spawn_blocking(move || {
+                    chunks::cut_file(&source.file, size).map_err(|e| match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof => ObjectsError::Changed {
+                            path: source.path.clone(),
+                        },
+                        _ => ObjectsError::io(&source.path, e),
+                    })
+                })
+                .await?
+            })
+            .buffered(self.options.concurrency.max(1))
+            .try_collect()
+            .await?;
+
         let mut stats = UploadStats::default();
         let mut jobs = Vec::new();
-        let mut chunk_lists: Vec<Vec<Option<ChunkId>>> = Vec::new();
         for entry in &scanned {
             match entry {
                 Scanned::Dir { .. } => stats.dirs += 1,
                 Scanned::File { size, .. } => {
-                    let file = chunk_lists.len();
-                    let count = size.div_ceil(CHUNK_SIZE);
-                    for index in 0..count {
-                        let offset = index * CHUNK_SIZE;
-                        jobs.push(Job {
-                            file,
-                            index: index as usize,
-                            offset,
-                            len: CHUNK_SIZE.min(size - offset),
-                        });
-                    }
-                    chunk_lists.push(vec![None; count as usize]);
                     stats.files += 1;
                     stats.bytes_read += size;
                 }
             }
         }
-        stats.chunks = jobs.len() as u64;
+        for (file, list) in chunk_lists.iter().enumerate() {
+            let mut offset = 0;
+            for chunk in list {
+                stats.chunks += 1;
+                match chunk.id {
+                    None => stats.zero_chunks += 1,
+                    Some(id) => jobs.push(Job {
+                        file,
+                        id,
+                        offset,
+                        len: chunk.len,
+                    }),
+                }
+                offset += chunk.len;
+            }
+        }
 
         // Chunks some task of this upload has taken on, so a chunk that
         // repeats within the snapshot is looked up and sent once.
@@ -221,43 +257,26 @@ impl SnapshotStore {
             .map(|job| {
                 let source = Arc::clone(&sources[job.file]);
                 let claimed = &claimed;
-                async move {
-                    let outcome = self.upload_chunk(source, &job, known, claimed).await?;
-                    Ok::<_, ObjectsError>((job, outcome))
-                }
+                async move { self.upload_chunk(source, job, known, claimed).await }
             })
             .buffer_unordered(self.options.concurrency.max(1));
-        while let Some((job, outcome)) = results.try_next().await? {
-            let id = match outcome {
-                Outcome::Zero => {
-                    stats.zero_chunks += 1;
-                    None
-                }
-                Outcome::Deduplicated(id) => {
+        while let Some(outcome) = results.try_next().await? {
+            match outcome {
+                Outcome::Deduplicated => {
                     stats.deduplicated_chunks += 1;
                     ::metrics::counter!(metrics::SNAPSHOT_CHUNKS_DEDUPLICATED).increment(1);
-                    Some(id)
                 }
-                Outcome::Uploaded(id, bytes) => {
+                Outcome::Uploaded(bytes) => {
                     stats.uploaded_chunks += 1;
                     stats.bytes_uploaded += bytes;
                     ::metrics::counter!(metrics::SNAPSHOT_CHUNKS_UPLOADED).increment(1);
                     ::metrics::counter!(metrics::SNAPSHOT_BYTES_UPLOADED).increment(bytes);
-                    Some(id)
                 }
-            };
-            chunk_lists[job.file][job.index] = id;
+            }
         }
         drop(results);
 
         // A file that grew while we read it would be stored cut short.
-        let sizes: Vec<u64> = scanned
-            .iter()
-            .filter_map(|e| match e {
-                Scanned::File { size, .. } => Some(*size),
-                Scanned::Dir { .. } => None,
-            })
-            .collect();
         tokio::task::spawn_blocking(move || {
             for (source, size) in sources.iter().zip(sizes) {
                 let now = source
@@ -292,7 +311,6 @@ impl SnapshotStore {
         let manifest = Manifest {
             version: MANIFEST_VERSION,
             name: name.to_owned(),
-            chunk_size: CHUNK_SIZE,
             created_unix_ms: unix_ms(SystemTime::now()),
             metadata,
             entries,
@@ -316,42 +334,25 @@ impl SnapshotStore {
         Ok((manifest, stats))
     }
 
+    /// Make sure the store has chunk `job`: known, claimed by another task
+    /// of this upload, found by HEAD, or read again, checked against its
+    /// name and put.
     async fn upload_chunk(
         &self,
         source: Arc<Source>,
-        job: &Job,
+        job: Job,
         known: &KnownChunks,
         claimed: &Mutex<HashSet<ChunkId>>,
     ) -> Result<Outcome, ObjectsError> {
-        let (offset, len) = (job.offset, job.len);
-        // Reading and hashing 4 MiB is milliseconds of CPU: off the async
-        // threads, which also serve the node's requests.
-        let read = tokio::task::spawn_blocking(move || {
-            let mut data = vec![0u8; len as usize];
-            source
-                .file
-                .read_exact_at(&mut data, offset)
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::UnexpectedEof => ObjectsError::Changed {
-                        path: source.path.clone(),
-                    },
-                    _ => ObjectsError::io(&source.path, e),
-                })?;
-            if chunks::is_zero(&data) {
-                return Ok::<_, ObjectsError>(None);
-            }
-            Ok(Some((ChunkId::of(&data), data)))
-        })
-        .await??;
-        let Some((id, data)) = read else {
-            return Ok(Outcome::Zero);
-        };
+        let Job {
+            id, offset, len, ..
+        } = job;
         if known.contains(&id) {
-            return Ok(Outcome::Deduplicated(id));
+            return Ok(Outcome::Deduplicated);
         }
         let first = claimed.lock().map(|mut c| c.insert(id)).unwrap_or(true);
         if !first {
-            return Ok(Outcome::Deduplicated(id));
+            return Ok(Outcome::Deduplicated);
         }
         let path = chunk_path(&id);
         match self.store.head(&path).await {
@@ -359,21 +360,40 @@ impl SnapshotStore {
                 let age_ms =
                     unix_ms(SystemTime::now()) as i64 - meta.last_modified.timestamp_millis();
                 if age_ms < self.options.refresh_after.as_millis() as i64 {
-                    return Ok(Outcome::Deduplicated(id));
+                    return Ok(Outcome::Deduplicated);
                 }
                 // Old enough to be garbage a GC may be deleting: rewrite.
             }
             Err(object_store::Error::NotFound { .. }) => {}
             Err(source) => return Err(ObjectsError::store("head", &path, source)),
         }
-        let stored = tokio::task::spawn_blocking(move || chunks::compress(&data))
-            .await?
-            .map_err(|source| ObjectsError::Compress { hash: id, source })?;
+        // Reading, hashing and compressing up to 4 MiB is milliseconds of
+        // CPU: off the async threads, which also serve the node's requests.
+        let stored = tokio::task::spawn_blocking(move || {
+            let mut data = vec![0u8; len as usize];
+            let changed = || ObjectsError::Changed {
+                path: source.path.clone(),
+            };
+            source
+                .file
+                .read_exact_at(&mut data, offset)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => changed(),
+                    _ => ObjectsError::io(&source.path, e),
+                })?;
+            // The bytes must still be those the first pass named, or the
+            // store would hold a chunk under another chunk's name.
+            if ChunkId::of(&data) != id {
+                return Err(changed());
+            }
+            chunks::compress(&data).map_err(|source| ObjectsError::Compress { hash: id, source })
+        })
+        .await??;
         let bytes = stored.len() as u64;
         self.store
             .put(&path, PutPayload::from(stored))
             .await
             .map_err(|source| ObjectsError::store("put", &path, source))?;
-        Ok(Outcome::Uploaded(id, bytes))
+        Ok(Outcome::Uploaded(bytes))
     }
 }
