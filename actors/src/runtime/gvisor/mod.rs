@@ -814,13 +814,11 @@ impl Inner {
         // Uncompressed: the object store compresses (zstd, per chunk) and
         // deduplicates, and a deflate stream would change entirely with one
         // changed page, so no two pauses of a sandbox would share a chunk.
-        cmd.args([
-            "checkpoint",
-            "--compression=none",
-            "--image-path",
-            &image_arg,
-            id.as_str(),
-        ]);
+        cmd.arg("checkpoint");
+        if self.runsc.uncompressed_checkpoints {
+            cmd.arg("--compression=none");
+        }
+        cmd.args(["--image-path", &image_arg, id.as_str()]);
         // Freeze the whole guest first and let it settle; only then save.
         // This was a guess at issue 14's unresumable images, which turned
         // out to be gVisor re-delivering deleted epoll interests on restore

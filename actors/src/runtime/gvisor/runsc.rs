@@ -48,6 +48,9 @@ pub struct Runsc {
     pub version: String,
     /// `--platform`: how the sentry intercepts the guest's system calls.
     pub platform: String,
+    /// `runsc checkpoint --compression=none` is understood (the releases
+    /// we support; 2022-12's has no such flag and always deflates).
+    pub uncompressed_checkpoints: bool,
 }
 
 /// How a runsc command must be entered.
@@ -122,6 +125,7 @@ impl Runsc {
             root,
             version,
             platform,
+            uncompressed_checkpoints: good,
         })
     }
 
