@@ -186,6 +186,60 @@ def pause_dirty(node):
     emit_value("node: snapshot size of that sandbox", f"{p50(sizes) / (1 << 20):.1f} MiB (median of 5)")
 
 
+def published_fields(node, sandbox_id):
+    """(upload ms, uploaded, deduplicated, data chunks) of the sandbox's last
+    pause, from its "published" log field ("... 9 uploaded, 3 deduplicated,
+    0 zero of 12 chunks; 2221527 bytes sent in 62 ms")."""
+    logs = node.http.get(f"/sandboxes/{sandbox_id}/logs").json()["logEntries"]
+    text = [e for e in logs if e["message"] == "sandbox paused"][-1]["fields"]["published"]
+    words = text.replace(",", "").replace(";", "").split()
+    before = lambda w: int(words[words.index(w) - 1])
+    total = int(words[words.index("of") + 1])
+    return before("ms") / 1000, before("uploaded"), before("deduplicated"), total - before("zero")
+
+
+def pause_to_store(node):
+    """Pause with the snapshot published to the node's object store (the
+    default file:// one) against the same pause's local part, resume from
+    the store (local copy removed) against a local resume, and the dedup of
+    a second pause of the same sandbox."""
+    from e2b import Sandbox
+
+    pauses, local_parts, local_resumes, store_resumes, dedup = [], [], [], [], []
+    snapshots = pathlib.Path(node.data) / "snapshots"
+    for _ in range(5):
+        sbx = Sandbox.create(timeout=300)
+        sbx.commands.run("sh -c 'while :; do sleep 1; done' >/dev/null 2>&1 &", background=False)
+        for second in (False, True):
+            t0 = time.perf_counter()
+            assert sbx.pause()
+            took = time.perf_counter() - t0
+            upload, uploaded, deduplicated, data = published_fields(node, sbx.sandbox_id)
+            if second:
+                dedup.append(deduplicated / max(data, 1))
+            else:
+                pauses.append(took)
+                local_parts.append(took - upload)
+            from_store = second
+            if from_store:
+                for d in snapshots.iterdir():
+                    shutil.rmtree(d)
+            t0 = time.perf_counter()
+            Sandbox.connect(sbx.sandbox_id)
+            (store_resumes if from_store else local_resumes).append(time.perf_counter() - t0)
+        node.kill(sbx.sandbox_id)
+    emit_timed("node: pause with the snapshot published to the object store (file://)", pauses)
+    emit_timed("node: the same pauses without their upload", local_parts)
+    emit_value("node: pause to the store / local pause, p50 ratio (goal <= 1.3x)",
+               f"{p50(pauses) / p50(local_parts):.2f}x")
+    emit_timed("node: resume from the local copy", local_resumes)
+    emit_timed("node: resume from the object store (local copy removed)", store_resumes)
+    emit_value("node: resume from the store / local resume, p50 ratio (goal <= 1.3x)",
+               f"{p50(store_resumes) / p50(local_resumes):.2f}x")
+    emit_value("node: dedup of a second pause of the same sandbox (chunks shared / data chunks)",
+               f"{p50(dedup) * 100:.0f} % (median of 5)")
+
+
 def sustained_creates(node, seconds=30, workers=4):
     """Creates per second over `seconds`, `workers` clients each creating
     and killing in a loop."""
@@ -299,7 +353,8 @@ def main():
     os.environ.update(E2B_API_URL=node.url, E2B_SANDBOX_URL=node.url, E2B_API_KEY=node.key,
                       NO_PROXY="127.0.0.1,localhost")
     try:
-        for bench in (sdk_create, sdk_run_true, rest_create, pause_dirty, sustained_creates, cluster_hop):
+        for bench in (sdk_create, sdk_run_true, rest_create, pause_dirty, pause_to_store, sustained_creates,
+                      cluster_hop):
             print(f"bench_node: {bench.__name__}", file=sys.stderr, flush=True)
             bench(node)
     finally:
