@@ -199,14 +199,8 @@ impl SandboxState {
             return Err(SandboxError::AlreadyRunning(self.record.id.clone()));
         }
         let started = std::time::Instant::now();
-        let Some(dir) = self.record.snapshot_dir.clone() else {
-            return Err(SandboxError::Lost(
-                self.record.id.clone(),
-                "paused without a snapshot".into(),
-            ));
-        };
         let template = self.shared.template(&self.record.template).await?;
-        let dir = self.local_snapshot(dir).await?;
+        let dir = self.local_snapshot().await?;
         let snapshot = crate::runtime::Snapshot {
             dir: dir.clone(),
             template: template.template.id.clone(),
@@ -367,24 +361,30 @@ impl SandboxState {
         }
     }
 
-    /// The local copy of the paused sandbox's snapshot: `dir` if it is
-    /// there, else fetched from the object store into a new directory.
-    async fn local_snapshot(
-        &mut self,
-        dir: std::path::PathBuf,
-    ) -> Result<std::path::PathBuf, SandboxError> {
-        if dir.exists() {
-            return Ok(dir);
+    /// The local copy of the paused sandbox's snapshot if it is there
+    /// whole (with the runtime's manifest), else a new one fetched from the
+    /// object store.
+    async fn local_snapshot(&mut self) -> Result<std::path::PathBuf, SandboxError> {
+        let local = self.record.snapshot_dir.clone();
+        if let Some(dir) = &local
+            && dir.join("manifest.json").is_file()
+        {
+            return Ok(dir.clone());
         }
         let (Some(objects), Some(name)) = (
             self.shared.objects.clone(),
             self.record.snapshot_object.clone(),
         ) else {
-            return Err(SandboxError::Lost(
-                self.record.id.clone(),
-                format!("its snapshot {} is gone", dir.display()),
-            ));
+            let why = match &local {
+                Some(dir) => format!("its snapshot {} is gone", dir.display()),
+                None => "paused without a snapshot".into(),
+            };
+            return Err(SandboxError::Lost(self.record.id.clone(), why));
         };
+        if let Some(dir) = &local {
+            // Incomplete: it would only be in the way.
+            let _ = std::fs::remove_dir_all(dir);
+        }
         let dest = self
             .shared
             .snapshots_dir

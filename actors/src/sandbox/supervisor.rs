@@ -49,7 +49,9 @@ pub(crate) async fn readopt(
         }
         let usable = match record.state {
             RecordState::Running => alive && record.end_at_ms > now_ms(),
-            RecordState::Paused => complete,
+            // The local copy is only a cache of a published snapshot: the
+            // resume fetches it again.
+            RecordState::Paused => complete || record.snapshot_object.is_some(),
             RecordState::Creating | RecordState::Pausing => false,
         } && known_template(&record.template);
         if usable {

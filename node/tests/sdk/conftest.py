@@ -56,6 +56,7 @@ class NodeProcess:
     certificate: see `join_cluster`)."""
 
     def __init__(self, data, kill_on_exit=True, key=None, ip="127.0.0.1", seeds=(), extra=()):
+        self.data = data
         env = dict(os.environ, SANDMESH_GUEST_ARTIFACTS=ARTIFACTS)
         if key is None:
             self.key = subprocess.run(

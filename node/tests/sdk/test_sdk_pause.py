@@ -139,6 +139,38 @@ def test_twenty_sandboxes_from_one_template_are_independent(sdk_env):
             sbx.kill()
 
 
+def test_a_paused_sandbox_whose_local_copy_is_gone_resumes_from_the_store(node_factory, monkeypatch):
+    """kill -9 the node with a sandbox paused, then wipe the node's local
+    snapshot copies (a replaced disk, a cleaned cache): the restarted node
+    still lists it paused and resumes it, memory and files, from the object
+    store it was published to."""
+    import pathlib
+    import shutil
+
+    from conftest import point_sdk_at
+
+    first = node_factory(kill_on_exit=False)
+    point_sdk_at(monkeypatch, first.url, first.key)
+    sbx = Sandbox.create(timeout=300)
+    sbx.files.write("/tmp/which.txt", "from the store")
+    pid = sbx.commands.run("sleep 3600 >/dev/null 2>&1 & echo $!").stdout.strip()
+    assert sbx.pause()
+    first.crash()
+    snapshots = pathlib.Path(first.data) / "snapshots"
+    wiped = [d for d in snapshots.iterdir()]
+    assert wiped, "the pause left a local copy"
+    for d in wiped:
+        shutil.rmtree(d)
+
+    second = node_factory()
+    point_sdk_at(monkeypatch, second.url, first.key)
+    assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
+    resumed = Sandbox.connect(sbx.sandbox_id)
+    assert resumed.files.read("/tmp/which.txt") == "from the store"
+    assert resumed.commands.run(f"kill -0 {pid} && echo alive").stdout == "alive\n"
+    assert resumed.kill()
+
+
 def test_node_restart_keeps_paused_sandboxes(node_factory, monkeypatch):
     """kill -9 the node with one sandbox paused and one running: the new
     node lists both, resumes the paused one with its files."""
