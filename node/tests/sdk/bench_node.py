@@ -126,8 +126,10 @@ def sdk_run_true(node):
         for _ in range(20):
             t0 = time.perf_counter()
             subprocess.run(
-                ["ip", "netns", "exec", f"smh-{sbx.sandbox_id}", "runsc", f"--root={root}", "--platform=ptrace",
-                 "exec", sbx.sandbox_id, "/bin/true"],
+                # The node's own runsc (`cargo xtask bench` pins one with
+                # SANDMESH_RUNSC); exec joins the sandbox on its platform.
+                ["ip", "netns", "exec", f"smh-{sbx.sandbox_id}", os.environ.get("SANDMESH_RUNSC") or "runsc",
+                 f"--root={root}", "exec", sbx.sandbox_id, "/bin/true"],
                 check=True, capture_output=True,
             )
             direct.append(time.perf_counter() - t0)
