@@ -264,6 +264,7 @@ pub(crate) fn decode(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::objects::tests::noise;
 
     #[test]
     fn ids_round_trip_through_hex_and_refuse_other_spellings() {
@@ -298,19 +299,6 @@ mod tests {
             buf[pos] = 0;
         }
         assert!(is_zero(&[]));
-    }
-
-    /// Bytes that neither compress nor repeat: a xorshift stream.
-    fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
     }
 
     fn cut_bytes(data: &[u8]) -> Vec<ChunkRef> {

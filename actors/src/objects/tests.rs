@@ -25,7 +25,7 @@ use super::*;
 const MIB: u64 = 1 << 20;
 
 /// Bytes that neither compress to nothing nor repeat: a xorshift stream.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
+pub(super) fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {
