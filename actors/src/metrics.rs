@@ -7,6 +7,9 @@ pub const CREATE_SECONDS: &str = "sandmesh_sandbox_create_seconds";
 pub const CREATES: &str = "sandmesh_sandbox_creates_total";
 /// Sandboxes whose runtime process died under the node.
 pub const LOST: &str = "sandmesh_sandboxes_lost_total";
+/// Paused sandboxes this node took over from the object store (their
+/// node died, or this node had lost its record of them).
+pub const TAKEN_OVER: &str = "sandmesh_sandboxes_taken_over_total";
 /// Sandboxes killed by their timeout.
 pub const TIMED_OUT: &str = "sandmesh_sandboxes_timed_out_total";
 /// Pauses by `result` (`ok`, `refused`: the sandbox kept running, `lost`,

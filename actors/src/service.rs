@@ -31,7 +31,7 @@ use crate::placement::{PlacementArgs, PlacementMsg, SlotKeeper};
 use crate::runtime::{Runtime, RuntimeError, SandboxId, Template, TemplateId};
 use crate::sandbox::{
     MAX_SAMPLES, Refs, SandboxActor, SandboxArgs, SandboxError, SandboxMsg, Shared, Start,
-    envd_metrics, new_sandbox_id, push_bounded, readopt, state_name,
+    TakeOver, envd_metrics, new_sandbox_id, push_bounded, readopt, state_name,
 };
 use crate::store::{RecordState, SandboxRecord, Store, random_bytes};
 use crate::template_cache::{TemplateEntry, TemplateMsg, TemplateSpec};
@@ -87,6 +87,9 @@ struct Inner {
     /// nodes' calls through.
     front: FrontSlot,
     registry: Registry,
+    /// One take-over from the object store at a time: they are rare, and
+    /// two calls for the same sandbox must not both adopt it.
+    taking_over: tokio::sync::Mutex<()>,
 }
 
 /// The node's capacity as the placement actor answers it: the same count
@@ -273,6 +276,7 @@ impl Sandboxes {
                 node,
                 front,
                 registry,
+                taking_over: tokio::sync::Mutex::new(()),
             }),
         };
         let refs = me.refs()?;
@@ -405,6 +409,7 @@ impl Sandboxes {
             timeout_secs: req.timeout.map_or(0, |t| t.max(0) as u64),
             snapshot_dir: None,
             snapshot_object: None,
+            claim_epoch: None,
         };
         // Written before the runtime starts anything, so that a node that
         // crashes in the middle of the create finds the leftovers.
@@ -637,6 +642,62 @@ impl Sandboxes {
             .ok_or_else(|| self.not_found(id))
     }
 
+    /// Sandbox `id` is not on this node and no live node answers for it:
+    /// if the object store holds it paused and no node that `alive`
+    /// accepts holds it, take it over (it is this node's, paused, when
+    /// this returns [`TakeOver::Taken`]). See `objects::claims`.
+    pub async fn take_over(
+        &self,
+        id: &str,
+        alive: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<TakeOver, SandboxError> {
+        if self.inner.shared.objects.is_none() {
+            return Ok(TakeOver::Unknown);
+        }
+        let _one = self.inner.taking_over.lock().await;
+        let refs = self.refs()?;
+        crate::sandbox::take_over(&self.inner.shared, &refs.sandboxes, id, alive).await
+    }
+
+    /// Node `dead` was declared dead: take over the paused sandboxes the
+    /// object store says it held (in random order, so that the nodes that
+    /// do this at once share them out; each sandbox goes to one). Returns
+    /// how many this node took.
+    pub async fn take_over_from(
+        &self,
+        dead: &str,
+        alive: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<usize, SandboxError> {
+        let Some(objects) = self.inner.shared.objects.clone() else {
+            return Ok(0);
+        };
+        let mut held: Vec<String> = objects
+            .claims()
+            .await
+            .map_err(|e| {
+                SandboxError::ObjectStore(format!(
+                    "listing the sandboxes of dead node {dead} in the object store ({}): {e}",
+                    objects.describe()
+                ))
+            })?
+            .into_iter()
+            .filter(|c| c.node == dead && c.state == crate::objects::ClaimState::Paused)
+            .map(|c| c.sandbox_id)
+            .collect();
+        shuffle(&mut held);
+        let mut taken = 0;
+        for id in held {
+            match self.take_over(&id, alive).await {
+                Ok(TakeOver::Taken) => taken += 1,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, "taking over a paused sandbox of dead node {dead}: {e}")
+                }
+            }
+        }
+        Ok(taken)
+    }
+
     /// Kill a running sandbox now.
     pub async fn kill(&self, id: &str) -> Result<(), SandboxError> {
         let actor = self.actor(id)?;
@@ -855,5 +916,16 @@ fn runtime_name(r: &SandboxRecord) -> RuntimeName {
         RuntimeName::Microvm
     } else {
         RuntimeName::Gvisor
+    }
+}
+
+/// Shuffle `items` in place (Fisher-Yates over OS randomness; order only,
+/// nothing secret).
+fn shuffle<T>(items: &mut [T]) {
+    for i in (1..items.len()).rev() {
+        let r = random_bytes(8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+            .unwrap_or(0);
+        items.swap(i, (r % (i as u64 + 1)) as usize);
     }
 }

@@ -76,6 +76,11 @@ pub struct SandboxRecord {
     /// is gone, and what the next pause deduplicates against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_object: Option<String>,
+    /// The epoch of the sandbox's claim in the object store that this
+    /// node wrote last (`objects::claims`): a resume counts only while
+    /// the store's claim is still that one. `None`: never claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_epoch: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,6 +259,7 @@ mod tests {
             timeout_secs: 0,
             snapshot_dir: None,
             snapshot_object: None,
+            claim_epoch: None,
         };
         {
             let s = Store::open(&dir).unwrap();

@@ -14,7 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use actors::objects::{
-    Credentials, KnownChunks, ObjectsError, OpenOptions, SnapshotMetadata, SnapshotStore, StoreUrl,
+    ClaimState, Credentials, KnownChunks, ObjectsError, OpenOptions, SnapshotMetadata,
+    SnapshotStore, StoreUrl,
 };
 use object_store::{BackoffConfig, RetryConfig};
 use schema::guest::REQUIRE_ENV;
@@ -233,6 +234,39 @@ async fn snapshots_round_trip_through_s3s_fs_and_survive_its_death() {
     assert_eq!(down.fetched_chunks, n);
     assert_eq!(down.bytes_downloaded, up.bytes_uploaded);
     same_files(&src, &dest);
+
+    // Claims ride S3's create-if-absent put (If-None-Match: *): a node
+    // that read an old claim cannot overwrite the newer one.
+    let first_claim = store
+        .write_claim("sbx", None, ClaimState::Paused, "n1", Some("sb/1"))
+        .await
+        .unwrap();
+    store
+        .write_claim(
+            "sbx",
+            Some(first_claim.epoch),
+            ClaimState::Paused,
+            "n2",
+            Some("sb/1"),
+        )
+        .await
+        .unwrap();
+    let stale = store
+        .write_claim(
+            "sbx",
+            Some(first_claim.epoch),
+            ClaimState::Running,
+            "n1",
+            None,
+        )
+        .await;
+    assert!(
+        matches!(&stale, Err(ObjectsError::ClaimTaken { current: Some(c), .. }) if c.node == "n2"),
+        "{stale:?}"
+    );
+    assert_eq!(store.claim("sbx").await.unwrap().unwrap().node, "n2");
+    store.forget_claims("sbx").await.unwrap();
+    assert_eq!(store.claim("sbx").await.unwrap(), None);
 
     // Everything is in the bucket already; found by HEAD.
     let (_, again) = store.put_dir(&src, "sb/2", meta(), &none).await.unwrap();

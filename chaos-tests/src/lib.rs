@@ -23,6 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 pub use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
@@ -448,7 +449,11 @@ impl Cluster {
             .arg(node.quic.to_string())
             .arg("--max-sandboxes")
             .arg(self.max_sandboxes.to_string())
-            .arg("--kill-sandboxes-on-exit");
+            .arg("--kill-sandboxes-on-exit")
+            // One store for the cluster, as a fleet shares an S3 bucket:
+            // a paused sandbox outlives its node.
+            .arg("--object-store")
+            .arg(format!("file://{}", self.dir.join("objects").display()));
         if let Some(seed) = node.seed {
             cmd.arg("--seed").arg(seed.to_string());
         }
@@ -680,6 +685,16 @@ impl Cluster {
     /// `POST /sandboxes` of template `base` on node `i`; panics unless 201.
     /// Returns the sandbox id.
     pub async fn create(&self, i: usize) -> String {
+        let body = self.create_sandbox(i).await;
+        body["sandboxID"]
+            .as_str()
+            .unwrap_or_else(|| panic!("create answered no sandboxID: {body}"))
+            .to_owned()
+    }
+
+    /// Create a sandbox (`base`, 120 s) via node `i`; the create's answer
+    /// (`sandboxID`, `envdAccessToken`, ...). Remembers its owner.
+    pub async fn create_sandbox(&self, i: usize) -> Value {
         let (status, body) = self
             .send(
                 self.api(i, Method::POST, "/sandboxes")
@@ -700,8 +715,53 @@ impl Cluster {
         self.owners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), owner_in(&body).to_owned());
-        id
+            .insert(id, owner_in(&body).to_owned());
+        body
+    }
+
+    /// Run `/bin/sh -c script` as root in sandbox `id` through node `i`
+    /// (envd's `process.Process/Start`, with the sandbox's access token):
+    /// the HTTP status and the process's stdout.
+    pub async fn run(&self, i: usize, id: &str, token: &str, script: &str) -> (StatusCode, String) {
+        let body =
+            serde_json::json!({"process": {"cmd": "/bin/sh", "args": ["-c", script]}}).to_string();
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        frame.extend_from_slice(body.as_bytes());
+        let resp = self
+            .sandbox_traffic(i, Method::POST, id, 49983, "/process.Process/Start")
+            .header("content-type", "application/connect+json")
+            .header("connect-protocol-version", "1")
+            .header("authorization", "Basic cm9vdDo=")
+            .header("X-Access-Token", token)
+            .body(frame)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{}: running {script:?} in {id}: {e:?}", self.test));
+        let status = resp.status();
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let mut stdout = Vec::new();
+        let mut b = &bytes[..];
+        while status == StatusCode::OK && b.len() >= 5 {
+            let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+            let Some(msg) = b.get(5..5 + len) else { break };
+            let msg: Value = serde_json::from_slice(msg).unwrap_or_default();
+            if b[0] & 2 != 0 {
+                assert!(
+                    msg.get("error").is_none(),
+                    "{}: Process/Start failed: {msg}",
+                    self.test
+                );
+            } else if let Some(out) = msg["event"]["data"]["stdout"].as_str() {
+                stdout.extend(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(out)
+                        .unwrap_or_default(),
+                );
+            }
+            b = &b[5 + len..];
+        }
+        (status, String::from_utf8_lossy(&stdout).into_owned())
     }
 
     /// The node that owns sandbox `id`, made by [`Cluster::create`].

@@ -320,6 +320,134 @@ async fn dead_owner_is_a_clear_503_and_traffic_through_a_non_owner_works() {
     eprintln!("{test}: deleting {id} after n2's restart: {s}");
 }
 
+/// Pause on its node, kill -9 that node: a survivor takes the paused
+/// sandbox over from the object store (listed, connectable, memory and
+/// files intact), and the old node, back, drops its stale copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_sandbox_outlives_its_node_and_resumes_on_another() {
+    let test = "a_paused_sandbox_outlives_its_node_and_resumes_on_another";
+    let Some(mut c) = Cluster::start(test, 3).await else {
+        return;
+    };
+    c.wait_converged(CONVERGE).await;
+    let sbx = c.create_sandbox(0).await;
+    let id = sbx["sandboxID"].as_str().unwrap_or_default().to_owned();
+    let token = sbx["envdAccessToken"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let owner = c.owner(&id);
+    let gone = c
+        .ids()
+        .iter()
+        .position(|n| *n == owner)
+        .unwrap_or_else(|| panic!("{test}: owner {owner} is not a node"));
+    let via = (gone + 1) % 3;
+    let (s, out) = c
+        .run(
+            via,
+            &id,
+            &token,
+            "echo kept > /tmp/kept; \
+             sh -c 'while :; do sleep 0.2; done' >/dev/null 2>&1 & echo $! > /tmp/loop.pid",
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{test}: run in {id} via n{via}: {out}");
+    let (s, b) = c
+        .send(c.api(via, Method::POST, &format!("/sandboxes/{id}/pause")))
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::NO_CONTENT,
+        "{test}: pause of {id} via n{via}: {b}"
+    );
+
+    // Its node dies; a survivor takes the paused sandbox over by itself.
+    c.kill9(gone);
+    wait_state(&c, via, &owner, "dead", Duration::from_secs(30)).await;
+    let taken = wait_until(Duration::from_secs(30), || async {
+        let (s, b) = c.get(via, &format!("/sandboxes/{id}")).await;
+        s == StatusCode::OK && b["state"] == "paused"
+    })
+    .await;
+    let (s, b) = c.get(via, &format!("/sandboxes/{id}")).await;
+    assert!(
+        taken.is_ok(),
+        "{test}: {id} was not listed paused by a survivor after {owner} died: {s} {b}\n{}",
+        c.log_tails(30)
+    );
+    eprintln!(
+        "{test}: {id} taken over {:?} after {owner} was seen dead",
+        taken.ok()
+    );
+    let (s, listed) = c.get(via, "/v2/sandboxes?state=paused").await;
+    assert_eq!(s, StatusCode::OK, "{test}: {listed}");
+    assert!(
+        listed
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x["sandboxID"] == id.as_str())),
+        "{test}: {id} is not in the paused list: {listed}"
+    );
+
+    // Connect resumes it on its new node, from the store.
+    let (s, b) = c
+        .send(
+            c.api(via, Method::POST, &format!("/sandboxes/{id}/connect"))
+                .json(&json!({"timeout": 120})),
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::CREATED,
+        "{test}: connect to {id} via n{via}: {b}"
+    );
+    assert_eq!(b["sandboxID"], id.as_str(), "{test}: {b}");
+    assert_ne!(owner_in(&b), owner, "{test}: resumed on the dead node? {b}");
+    let (s, out) = c
+        .run(
+            via,
+            &id,
+            &token,
+            "cat /tmp/kept; kill -0 $(cat /tmp/loop.pid) && echo alive",
+        )
+        .await;
+    assert_eq!(
+        (s, out.as_str()),
+        (StatusCode::OK, "kept\nalive\n"),
+        "{test}: the file and the process came back"
+    );
+
+    // The old node comes back: its copy is stale and goes; calls through
+    // it reach the sandbox where it runs now.
+    c.restart(gone);
+    wait_state(&c, via, &owner, "ready", Duration::from_secs(30)).await;
+    let log = c.nodes[gone].log_tail(400);
+    assert!(
+        log.contains("dropping this node's copy"),
+        "{test}: {owner} kept its stale copy of {id}:\n{log}"
+    );
+    let reached = wait_until(Duration::from_secs(10), || async {
+        let (s, b) = c.get(gone, &format!("/sandboxes/{id}")).await;
+        s == StatusCode::OK && b["state"] == "running"
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "{test}: {id} via the restarted {owner}: {:?}",
+        c.get(gone, &format!("/sandboxes/{id}")).await
+    );
+    let s = c.delete(gone, &id).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{test}: delete {id} via {owner}");
+    let (s, b) = c.get(via, &format!("/sandboxes/{id}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{test}: {id} after its kill: {b}");
+    let claims = c.dir.join("objects/claims").join(&id);
+    assert!(
+        !claims.exists(),
+        "{test}: the kill left {}",
+        claims.display()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn node_of_another_cluster_cannot_join() {
     let test = "node_of_another_cluster_cannot_join";

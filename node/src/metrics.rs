@@ -9,7 +9,7 @@ use actors::metrics::{
     CREATE_SECONDS, CREATES, LOST, PAUSE_SECONDS, PAUSES, RESUME_SECONDS,
     SNAPSHOT_BYTES_DOWNLOADED, SNAPSHOT_BYTES_UPLOADED, SNAPSHOT_CHUNKS_DEDUPLICATED,
     SNAPSHOT_CHUNKS_UPLOADED, SNAPSHOT_DOWNLOAD_SECONDS, SNAPSHOT_GC_CHUNKS_DELETED,
-    SNAPSHOT_UPLOAD_SECONDS, TIMED_OUT,
+    SNAPSHOT_UPLOAD_SECONDS, TAKEN_OVER, TIMED_OUT,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -57,6 +57,10 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             );
             metrics::describe_counter!(CREATES, "creates by result");
             metrics::describe_counter!(LOST, "sandboxes whose runtime process died");
+            metrics::describe_counter!(
+                TAKEN_OVER,
+                "paused sandboxes taken over from the object store (their node died)"
+            );
             metrics::describe_counter!(TIMED_OUT, "sandboxes killed by their timeout");
             metrics::describe_counter!(
                 PROXY_BYTES,

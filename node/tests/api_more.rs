@@ -10,6 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use actors::objects::ClaimState;
 use common::{json_error, node, node_with};
 use reqwest::Method as M;
 use serde_json::{Value, json};
@@ -627,6 +628,57 @@ async fn paused_sandboxes_are_published_and_resume_from_the_object_store() {
     let (status, out) = t.run(&id, Some(&token), alive).await;
     assert_eq!((status, out.as_str()), (200, "kept\nalive\n"));
 
+    // ---- the store records who holds the sandbox, and how
+    let running = objects.claim(&id).await.unwrap().expect("a claim");
+    assert_eq!(running.state, ClaimState::Running, "{running:?}");
+    let r = pause(&t).await.unwrap();
+    assert_eq!(r.status(), 204, "{:?}", r.text().await);
+    let paused = objects.claim(&id).await.unwrap().expect("a claim");
+    assert_eq!(
+        (paused.state, paused.epoch, paused.node.as_str()),
+        (ClaimState::Paused, running.epoch + 1, running.node.as_str())
+    );
+    assert_eq!(paused.snapshot, objects.list(&prefix).await.unwrap().pop());
+
+    // ---- another node took it over while this one was cut off: this
+    // node's copy is stale; its resume says so and drops the copy
+    objects
+        .write_claim(
+            &id,
+            Some(paused.epoch),
+            ClaimState::Paused,
+            "elsewhere",
+            paused.snapshot.as_deref(),
+        )
+        .await
+        .unwrap();
+    let msg = json_error(resume(&t).await.unwrap(), 409).await;
+    assert!(msg.contains("held by node elsewhere"), "{msg}");
+    assert_eq!(
+        std::fs::read_dir(&snapshots).unwrap().count(),
+        0,
+        "the stale local copy is gone"
+    );
+
+    // ---- that node is no member of this cluster: the next call for the
+    // sandbox takes it over from the store, and it resumes here whole
+    let r = t
+        .api(M::GET, &format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let detail: Value = r.json().await.unwrap();
+    assert_eq!(detail["state"], "paused", "{detail}");
+    assert_eq!(
+        objects.claim(&id).await.unwrap().unwrap().node,
+        running.node
+    );
+    let r = resume(&t).await.unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    let (status, out) = t.run(&id, Some(&token), alive).await;
+    assert_eq!((status, out.as_str()), (200, "kept\nalive\n"));
+
     // ---- kill takes its published snapshots with it
     let r = t
         .api(M::DELETE, &format!("/sandboxes/{id}"))
@@ -635,4 +687,5 @@ async fn paused_sandboxes_are_published_and_resume_from_the_object_store() {
         .unwrap();
     assert_eq!(r.status(), 204);
     assert!(objects.list(&prefix).await.unwrap().is_empty());
+    assert_eq!(objects.claim(&id).await.unwrap(), None);
 }

@@ -7,6 +7,7 @@
 //! ```text
 //! chunks/<sha256 hex>                zstd of one chunk of some file (256 KiB..4 MiB)
 //! snapshots/<name>/manifest.json     directories, files, modes, sizes, chunk lists
+//! claims/<sandbox id>/<epoch>        which node holds a sandbox (claims.rs)
 //! ```
 //!
 //! - Files are cut at content-defined boundaries (FastCDC, ~1 MiB on
@@ -37,9 +38,13 @@
 //! sockets; the error names the file.
 //!
 //! Pause publishes a sandbox's snapshot here and resume fetches it when
-//! the local copy is gone (`sandbox/actor.rs`).
+//! the local copy is gone (`sandbox/actor.rs`). Which node holds a
+//! sandbox is recorded next to the snapshots (`claims/`, see `claims.rs`),
+//! so that another node can take a paused sandbox over and a stale copy
+//! is never resumed.
 
 mod chunks;
+mod claims;
 mod download;
 mod gc;
 pub mod manifest;
@@ -57,6 +62,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 pub use chunks::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkId, KnownChunks};
+pub use claims::{Claim, ClaimState};
 pub use download::DownloadStats;
 pub use gc::GcStats;
 pub use manifest::{ChunkRef, Entry, MANIFEST_VERSION, Manifest, ManifestError, SnapshotMetadata};
@@ -142,6 +148,24 @@ pub enum ObjectsError {
     DestinationExists { path: PathBuf },
     #[error("a worker thread failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(
+        "sandbox {sandbox_id} changed hands: expected its claim at epoch {}, the store says {}",
+        expected.map_or_else(|| "none".to_owned(), |e| e.to_string()),
+        current.as_ref().map_or_else(|| "it has no claim".to_owned(), |c| format!("it is {c}"))
+    )]
+    ClaimTaken {
+        sandbox_id: String,
+        expected: Option<u64>,
+        current: Option<Box<Claim>>,
+    },
+    #[error("claim {object} is not a claim document: {source}")]
+    ClaimJson {
+        object: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the claims of sandbox {sandbox_id} kept changing while being read; retry")]
+    ClaimBusy { sandbox_id: String },
 }
 
 impl ObjectsError {

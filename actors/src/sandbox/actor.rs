@@ -3,7 +3,7 @@
 
 use super::envd::init_envd;
 use super::*;
-use crate::objects::{KnownChunks, ObjectsError, SnapshotMetadata};
+use crate::objects::{ClaimState, KnownChunks, ObjectsError, SnapshotMetadata};
 
 /// Messages of a [`SandboxActor`].
 pub enum SandboxMsg {
@@ -54,8 +54,15 @@ pub(crate) enum Start {
         env_vars: BTreeMap<String, String>,
     },
     /// It already runs, or is paused (a node restart found it): take it
-    /// over.
-    Adopt,
+    /// over. `from`: the node it is taken over from (paused, from the
+    /// object store); `None`: this node, after a restart.
+    Adopt { from: Option<String> },
+}
+
+/// How a [`SandboxActor`]'s start went.
+enum Began {
+    Created(crate::runtime::Instance),
+    Adopted { from: Option<String> },
 }
 
 /// Owns one sandbox: creates it (runtime create + envd `/init`) in
@@ -195,12 +202,33 @@ impl SandboxState {
     /// (fresh clock), then drop the snapshot. A failed restore leaves the
     /// sandbox paused with its snapshot.
     async fn resume(&mut self, end_at_ms: u64) -> Result<SandboxRecord, SandboxError> {
+        self.resume_claimed(end_at_ms, true).await
+    }
+
+    /// [`SandboxState::resume`]; `claim`: record in the object store that
+    /// the sandbox runs here first (false only when a pause failed to
+    /// publish: the store never learned that it paused).
+    async fn resume_claimed(
+        &mut self,
+        end_at_ms: u64,
+        claim: bool,
+    ) -> Result<SandboxRecord, SandboxError> {
         if self.record.state == RecordState::Running {
             return Err(SandboxError::AlreadyRunning(self.record.id.clone()));
         }
         let started = std::time::Instant::now();
         let template = self.shared.template(&self.record.template).await?;
-        let dir = self.local_snapshot().await?;
+        let claimed_at = self.record.claim_epoch;
+        if claim {
+            self.claim(ClaimState::Running, None).await?;
+        }
+        let dir = match self.local_snapshot().await {
+            Ok(dir) => dir,
+            Err(e) => {
+                self.unclaim_running(claimed_at).await;
+                return Err(e);
+            }
+        };
         let snapshot = crate::runtime::Snapshot {
             dir: dir.clone(),
             template: template.template.id.clone(),
@@ -247,6 +275,7 @@ impl SandboxState {
                 if let Err(k) = self.shared.runtime.kill(&self.id).await {
                     tracing::error!(sandbox = %self.id, "cleaning up after a failed resume: {k}");
                 }
+                self.unclaim_running(claimed_at).await;
                 let _ = self.save(Some(log_entry(
                     LogLevel::Error,
                     "resume failed; the sandbox stays paused",
@@ -315,6 +344,28 @@ impl SandboxState {
             extra: serde_json::to_value(&record).unwrap_or_default(),
         };
         let (_, stats) = objects.put_dir(dir, &name, metadata, &known).await?;
+        // The snapshot is the sandbox only once the claim says so: until
+        // then another node that took the sandbox over would resume its
+        // own older snapshot.
+        let claim = match objects
+            .write_claim(
+                self.id.as_str(),
+                self.record.claim_epoch,
+                ClaimState::Paused,
+                &self.shared.node_id,
+                Some(&name),
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                if let Err(d) = objects.delete(&name).await {
+                    tracing::warn!(sandbox = %self.id, "removing the unclaimed snapshot {name}: {d}");
+                }
+                return Err(e);
+            }
+        };
+        self.record.claim_epoch = Some(claim.epoch);
         self.record.snapshot_object = Some(name.clone());
         if let Some(old) = previous
             && old != name
@@ -335,6 +386,59 @@ impl SandboxState {
         ))
     }
 
+    /// Record in the object store that this node holds the sandbox in
+    /// `state`, after the claim this node wrote last. Nothing to do for a
+    /// sandbox never claimed (never published) or without a store. When
+    /// another node took the sandbox over meanwhile, this node's copy is
+    /// stale: [`SandboxError::Moved`] (the caller forgets the copy).
+    async fn claim(
+        &mut self,
+        state: ClaimState,
+        snapshot: Option<&str>,
+    ) -> Result<(), SandboxError> {
+        let (Some(objects), Some(after)) = (self.shared.objects.clone(), self.record.claim_epoch)
+        else {
+            return Ok(());
+        };
+        match objects
+            .write_claim(
+                self.id.as_str(),
+                Some(after),
+                state,
+                &self.shared.node_id,
+                snapshot,
+            )
+            .await
+        {
+            Ok(claim) => {
+                self.record.claim_epoch = Some(claim.epoch);
+                self.save(None)
+            }
+            Err(ObjectsError::ClaimTaken { current, .. }) => {
+                let holder = current.map_or_else(|| "none (it was killed)".to_owned(), |c| c.node);
+                Err(SandboxError::Moved(self.record.id.clone(), holder))
+            }
+            Err(e) => Err(SandboxError::ObjectStore(format!(
+                "sandbox {} stays paused: the object store ({}) must record that this node runs it, and failed: {e}; retry when the store is back",
+                self.record.id,
+                objects.describe()
+            ))),
+        }
+    }
+
+    /// A resume that claimed the sandbox as running failed before it ran:
+    /// claim it paused again at its snapshot, so that it is not taken for
+    /// lost if this node dies. `claimed_at`: the epoch before the resume.
+    async fn unclaim_running(&mut self, claimed_at: Option<u64>) {
+        if self.record.claim_epoch == claimed_at {
+            return;
+        }
+        let snapshot = self.record.snapshot_object.clone();
+        if let Err(e) = self.claim(ClaimState::Paused, snapshot.as_deref()).await {
+            tracing::warn!(sandbox = %self.id, "claiming the sandbox paused again after a failed resume: {e}");
+        }
+    }
+
     /// The pause could not publish its snapshot: bring the sandbox back
     /// from the local copy so that it keeps running, and say so.
     async fn resume_after_failed_publish(&mut self, e: ObjectsError) -> SandboxError {
@@ -346,7 +450,7 @@ impl SandboxState {
             .map_or_else(String::new, |o| o.describe().to_owned());
         tracing::warn!(sandbox = %self.id, "publishing the snapshot to {store} failed: {e}");
         let _ = self.save(None);
-        match self.resume(self.record.end_at_ms).await {
+        match self.resume_claimed(self.record.end_at_ms, false).await {
             Ok(_) => SandboxError::ObjectStore(format!(
                 "pausing sandbox {} failed: the object store ({store}) refused its snapshot: {e}; \
                  the sandbox keeps running — retry the pause when the store is back",
@@ -444,7 +548,7 @@ impl Actor for SandboxActor {
                     limits,
                     env_vars,
                 } => (template, limits, env_vars),
-                Start::Adopt => return Ok(None),
+                Start::Adopt { from } => return Ok(Began::Adopted { from }),
             };
             let instance = shared.runtime.create(&id, &template, limits).await?;
             // Every sandbox from one template snapshot starts identical:
@@ -463,7 +567,7 @@ impl Actor for SandboxActor {
             }
             record.state = RecordState::Running;
             shared.store.put_sandbox(&record)?;
-            Ok(Some(instance))
+            Ok(Began::Created(instance))
         }
         .await;
         let instance = match created {
@@ -485,7 +589,7 @@ impl Actor for SandboxActor {
             }
         };
         let first = match instance {
-            Some(i) => {
+            Began::Created(i) => {
                 tracing::info!(sandbox = %id, template = %record.template,
                     ready_after = ?i.ready_after, "sandbox created");
                 log_entry(
@@ -501,7 +605,18 @@ impl Actor for SandboxActor {
                     ],
                 )
             }
-            None => {
+            Began::Adopted { from: Some(from) } => log_entry(
+                LogLevel::Warn,
+                "paused sandbox taken over from the object store",
+                [
+                    ("from_node", from),
+                    (
+                        "snapshot",
+                        record.snapshot_object.clone().unwrap_or_default(),
+                    ),
+                ],
+            ),
+            Began::Adopted { from: None } => {
                 tracing::info!(sandbox = %id, template = %record.template, state = ?record.state,
                     "sandbox re-adopted after a node restart");
                 log_entry(
@@ -663,7 +778,19 @@ impl Actor for SandboxActor {
                 if r.is_ok() {
                     st.arm(&myself);
                 }
+                let moved = matches!(r, Err(SandboxError::Moved(..)));
+                if let Err(SandboxError::Moved(_, holder)) = &r {
+                    tracing::warn!(sandbox = %st.id, %holder, "another node took the paused sandbox over: forgetting this node's copy");
+                    if let Err(e) =
+                        forget(&st.shared, &st.id, st.record.snapshot_dir.as_deref()).await
+                    {
+                        tracing::error!(sandbox = %st.id, "forgetting a sandbox another node holds: {e}");
+                    }
+                }
                 let _ = reply.send(r);
+                if moved {
+                    myself.stop(Some("moved".into()));
+                }
             }
         }
         Ok(())
@@ -692,19 +819,14 @@ pub(super) async fn kill(
     shared.cut_connections(id.as_str());
     shared.live.lock().unwrap().remove(id.as_str());
     shared.runtime.kill(id).await?;
-    if let Some(dir) = snapshot
-        && let Err(e) = std::fs::remove_dir_all(dir)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        return Err(SandboxError::Io(format!(
-            "removing the snapshot {}: {e}",
-            dir.display()
-        )));
-    }
-    // Its published snapshots go too (their chunks stay until GC). A store
-    // that cannot be reached now leaves them behind, which costs space but
-    // never a kill.
+    remove_snapshot(snapshot)?;
+    // Its published snapshots and claims go too (chunks stay until GC). A
+    // store that cannot be reached now leaves them behind, which costs
+    // space but never a kill.
     if let Some(objects) = &shared.objects {
+        if let Err(e) = objects.forget_claims(id.as_str()).await {
+            tracing::warn!(sandbox = %id, "removing its claims: {e}");
+        }
         let prefix = format!("sandboxes/{id}");
         match objects.list(&prefix).await {
             Ok(names) => {
@@ -719,6 +841,37 @@ pub(super) async fn kill(
     }
     shared.store.remove_sandbox(id.as_str())?;
     tracing::info!(sandbox = %id, "sandbox killed");
+    Ok(())
+}
+
+/// Drop this node's copy of a sandbox that another node holds now (it
+/// took the paused sandbox over): routing, runtime leftovers, the local
+/// snapshot and the record go; the object store, now the other node's, is
+/// left alone.
+pub(super) async fn forget(
+    shared: &Shared,
+    id: &SandboxId,
+    snapshot: Option<&std::path::Path>,
+) -> Result<(), SandboxError> {
+    shared.cut_connections(id.as_str());
+    shared.live.lock().unwrap().remove(id.as_str());
+    shared.runtime.kill(id).await?;
+    remove_snapshot(snapshot)?;
+    shared.store.remove_sandbox(id.as_str())?;
+    tracing::info!(sandbox = %id, "sandbox forgotten: another node holds it");
+    Ok(())
+}
+
+fn remove_snapshot(snapshot: Option<&std::path::Path>) -> Result<(), SandboxError> {
+    if let Some(dir) = snapshot
+        && let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(SandboxError::Io(format!(
+            "removing the snapshot {}: {e}",
+            dir.display()
+        )));
+    }
     Ok(())
 }
 

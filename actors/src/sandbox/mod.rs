@@ -29,10 +29,11 @@ mod supervisor;
 pub use actor::{SandboxActor, SandboxMsg};
 pub(crate) use actor::{SandboxArgs, Start};
 pub(crate) use envd::envd_metrics;
+pub use supervisor::TakeOver;
 pub use supervisor::{SWEEP_EVERY, SandboxSupervisor, SupervisorMsg};
-pub(crate) use supervisor::{adopt_orphans, readopt};
+pub(crate) use supervisor::{adopt_orphans, readopt, take_over};
 
-use actor::kill;
+use actor::{forget, kill};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -92,6 +93,12 @@ pub enum SandboxError {
     /// sandbox (a failed pause leaves it running).
     #[error("{0}")]
     ObjectStore(String),
+    /// Another node took the paused sandbox over (this node was cut off
+    /// from the cluster meanwhile): this node's copy is stale and gone.
+    #[error(
+        "sandbox {0} is held by node {1} now (it took the paused sandbox over while this node was unreachable); call again: the cluster routes the call there"
+    )]
+    Moved(String, String),
 }
 
 impl SandboxError {
@@ -102,7 +109,8 @@ impl SandboxError {
             Self::AlreadyRunning(_)
             | Self::AlreadyPaused(_)
             | Self::Paused(_)
-            | Self::PauseRefused(..) => 409,
+            | Self::PauseRefused(..)
+            | Self::Moved(..) => 409,
             Self::AtCapacity(_) => 429,
             Self::NotImplemented(_) => 501,
             Self::Stopping | Self::ObjectStore(_) => 503,

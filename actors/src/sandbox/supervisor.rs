@@ -54,8 +54,18 @@ pub(crate) async fn readopt(
             RecordState::Paused => complete || record.snapshot_object.is_some(),
             RecordState::Creating | RecordState::Pausing => false,
         } && known_template(&record.template);
+        if usable && record.state == RecordState::Paused && !still_ours(shared, &record).await {
+            let forgotten = match SandboxId::new(record.id.clone()) {
+                Ok(id) => forget(shared, &id, record.snapshot_dir.as_deref()).await,
+                Err(_) => shared.store.remove_sandbox(&record.id).map_err(Into::into),
+            };
+            if let Err(e) = forgotten {
+                tracing::error!(sandbox = %record.id, "forgetting a sandbox another node holds: {e}");
+            }
+            continue;
+        }
         if usable {
-            adopt(shared, &record, supervisor).await?;
+            adopt(shared, &record, supervisor, None).await?;
             continue;
         }
         tracing::warn!(sandbox = %record.id, state = ?record.state, alive,
@@ -118,18 +128,152 @@ pub enum SupervisorMsg {
 // graph) every message type says whether it can cross nodes; this one cannot.
 impl ractor::Message for SupervisorMsg {}
 
+/// Whether the object store still says this node holds paused sandbox
+/// `record` (a node that was down or cut off may find that another took
+/// it over, or that it was killed). A store that cannot be asked now
+/// leaves the answer to the resume, which claims the sandbox first.
+async fn still_ours(shared: &Shared, record: &SandboxRecord) -> bool {
+    let (Some(objects), Some(epoch)) = (&shared.objects, record.claim_epoch) else {
+        return true;
+    };
+    match objects.claim(&record.id).await {
+        Ok(Some(c)) if c.node == shared.node_id && c.epoch == epoch => true,
+        Ok(current) => {
+            let now = current.map_or_else(|| "no claim (killed)".to_owned(), |c| c.to_string());
+            tracing::warn!(sandbox = %record.id, "paused sandbox held elsewhere now ({now}): dropping this node's copy");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(sandbox = %record.id, "cannot check who holds the paused sandbox: {e}; keeping it");
+            true
+        }
+    }
+}
+
+/// What the object store says about a sandbox this node does not have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakeOver {
+    /// It is this node's now, paused (taken over, or it was already).
+    Taken,
+    /// A live node holds it.
+    HeldBy(String),
+    /// It ran on `node` when last recorded: lost with that node.
+    LostWith(String),
+    /// The store knows nothing of it (never paused, killed, or no store).
+    Unknown,
+}
+
+/// Take over paused sandbox `id` from the object store (its node is dead,
+/// or this node lost its record of it), unless a node that `alive` accepts
+/// holds it. The claim decides: of nodes that try at once, one wins.
+pub(crate) async fn take_over(
+    shared: &Arc<Shared>,
+    supervisor: &ActorRef<SupervisorMsg>,
+    id: &str,
+    alive: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<TakeOver, SandboxError> {
+    let Some(objects) = shared.objects.clone() else {
+        return Ok(TakeOver::Unknown);
+    };
+    // An id no sandbox can have (the 404 says so) is not looked up.
+    if SandboxId::new(id.to_owned()).is_err() || crate::objects::check_name(id).is_err() {
+        return Ok(TakeOver::Unknown);
+    }
+    let store_error = |e: crate::objects::ObjectsError| {
+        SandboxError::ObjectStore(format!(
+            "sandbox {id} is not on a live node; asking the object store ({}) for it failed: {e}",
+            objects.describe()
+        ))
+    };
+    // A lost race is followed by another look: the winner may have been
+    // this node's own concurrent call, or a node that died since.
+    for _ in 0..3 {
+        if shared.live.lock().unwrap().contains_key(id) {
+            return Ok(TakeOver::Taken);
+        }
+        let Some(claim) = objects.claim(id).await.map_err(store_error)? else {
+            return Ok(TakeOver::Unknown);
+        };
+        let from_elsewhere = claim.node != shared.node_id;
+        if from_elsewhere && alive(&claim.node) {
+            return Ok(TakeOver::HeldBy(claim.node));
+        }
+        if claim.state == crate::objects::ClaimState::Running {
+            return Ok(TakeOver::LostWith(claim.node));
+        }
+        let Some(snapshot) = claim.snapshot.clone() else {
+            return Err(SandboxError::ObjectStore(format!(
+                "sandbox {id}: its claim says paused but names no snapshot"
+            )));
+        };
+        let manifest = objects.manifest(&snapshot).await.map_err(store_error)?;
+        let mut record: SandboxRecord = serde_json::from_value(manifest.metadata.extra.clone())
+            .map_err(|e| {
+                SandboxError::ObjectStore(format!(
+                    "sandbox {id}: snapshot {snapshot} carries no sandbox record this node reads: {e}"
+                ))
+            })?;
+        if record.id != id {
+            return Err(SandboxError::ObjectStore(format!(
+                "sandbox {id}: snapshot {snapshot} is of sandbox {}",
+                record.id
+            )));
+        }
+        let runtime = shared.runtime.kind().to_string();
+        if record.runtime != runtime {
+            return Err(SandboxError::ObjectStore(format!(
+                "sandbox {id} was paused by the {} runtime; this node runs {runtime} and cannot restore it",
+                record.runtime
+            )));
+        }
+        // Refused before claiming: a node without the template must leave
+        // the sandbox to one that has it.
+        shared.template(&record.template).await?;
+        let taken = match objects
+            .write_claim(
+                id,
+                Some(claim.epoch),
+                crate::objects::ClaimState::Paused,
+                &shared.node_id,
+                Some(&snapshot),
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(crate::objects::ObjectsError::ClaimTaken { .. }) => continue,
+            Err(e) => return Err(store_error(e)),
+        };
+        record.state = RecordState::Paused;
+        record.snapshot_dir = None;
+        record.snapshot_object = Some(snapshot.clone());
+        record.claim_epoch = Some(taken.epoch);
+        shared.store.put_sandbox(&record)?;
+        let from = from_elsewhere.then(|| claim.node.clone());
+        adopt(shared, &record, supervisor, from.clone()).await?;
+        metrics::counter!(crate::metrics::TAKEN_OVER).increment(1);
+        tracing::info!(sandbox = %id, from = from.as_deref().unwrap_or("this node"), %snapshot,
+            "paused sandbox taken over from the object store");
+        return Ok(TakeOver::Taken);
+    }
+    Err(SandboxError::ObjectStore(format!(
+        "sandbox {id} kept changing hands while this node tried to take it over; retry"
+    )))
+}
+
 /// Start a SandboxActor under `supervisor` that takes over the running or
-/// paused sandbox of `record`, and wait until it has.
+/// paused sandbox of `record`, and wait until it has. `from`: the node it
+/// is taken over from (`None`: this node, after a restart).
 async fn adopt(
     shared: &Arc<Shared>,
     record: &SandboxRecord,
     supervisor: &ActorRef<SupervisorMsg>,
+    from: Option<String>,
 ) -> Result<(), SandboxError> {
     let (ready, ready_rx) = oneshot::channel();
     let args = SandboxArgs {
         shared: shared.clone(),
         record: record.clone(),
-        start: Start::Adopt,
+        start: Start::Adopt { from },
         ready,
     };
     Actor::spawn_linked(None, SandboxActor, args, supervisor.get_cell())
@@ -153,7 +297,7 @@ pub(crate) async fn adopt_orphans(
         live.values().map(|l| l.record.clone()).collect()
     };
     for record in &records {
-        adopt(shared, record, supervisor).await?;
+        adopt(shared, record, supervisor, None).await?;
     }
     for record in shared.store.sandboxes()? {
         if record.state == RecordState::Creating
@@ -251,7 +395,7 @@ impl Actor for SandboxSupervisor {
                 let args = SandboxArgs {
                     shared: shared.clone(),
                     record,
-                    start: Start::Adopt,
+                    start: Start::Adopt { from: None },
                     ready,
                 };
                 Actor::spawn_linked(None, SandboxActor, args, myself.get_cell()).await?;

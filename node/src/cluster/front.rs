@@ -30,6 +30,7 @@ use super::{Cluster, Forwarded, Owner};
 use crate::api::{Cursor, Order};
 use crate::http::{RESERVATION_HEADER, Reservation, closing, error_response, query_pairs};
 use crate::proxy::{self, Target};
+use actors::sandbox::TakeOver;
 
 /// Largest REST request body carried to another node. E2B's REST bodies
 /// are small JSON documents (files go through envd, as traffic).
@@ -109,7 +110,12 @@ pub async fn route(cluster: &Cluster, req: Request, next: Next) -> Response {
         Call::Create => create(cluster, req).await,
         Call::List => list(cluster, req).await,
         Call::Sandbox(id) => match cluster.owner(&id).await {
-            Owner::Local => next.run(req).await,
+            Owner::Local if cluster.sandboxes().get(&id).is_some() => next.run(req).await,
+            // Nobody has it: the object store may hold it paused.
+            Owner::Local => match take_over(cluster, &id).await {
+                Ok(_) => next.run(req).await,
+                Err(resp) => closing(resp),
+            },
             Owner::Remote(info) => {
                 let rest = match to_rest(req).await {
                     Ok(r) => r,
@@ -131,15 +137,44 @@ pub async fn route(cluster: &Cluster, req: Request, next: Next) -> Response {
                 }
             }
             // Answered without reading the body: see `http::closing`.
-            Owner::Dead(info) => {
-                count("sandbox", "dead");
-                closing(owner_dead(&id, &info.id))
-            }
-            Owner::Unknown(node) => closing(error_response(
-                StatusCode::NOT_FOUND,
-                format!("sandbox {id} not found: its node {node} is not a member of this cluster"),
-            )),
+            Owner::Dead(info) => match take_over(cluster, &id).await {
+                Ok(true) => next.run(req).await,
+                Ok(false) => {
+                    count("sandbox", "dead");
+                    closing(owner_dead(&id, &info.id))
+                }
+                Err(resp) => closing(resp),
+            },
+            Owner::Unknown(node) => match take_over(cluster, &id).await {
+                Ok(true) => next.run(req).await,
+                Ok(false) => closing(error_response(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "sandbox {id} not found: its node {node} is not a member of this cluster"
+                    ),
+                )),
+                Err(resp) => closing(resp),
+            },
         },
+    }
+}
+
+/// Sandbox `id` is on no live node: if the object store holds it paused
+/// (its node died, or this node lost its record), take it over here.
+/// `Ok(true)`: this node has it now, paused.
+async fn take_over(cluster: &Cluster, id: &str) -> Result<bool, Response> {
+    let alive = cluster.live_peer_ids();
+    match cluster
+        .sandboxes()
+        .take_over(id, &|n| alive.contains(n))
+        .await
+    {
+        Ok(TakeOver::Taken) => Ok(true),
+        Ok(TakeOver::HeldBy(_) | TakeOver::LostWith(_) | TakeOver::Unknown) => Ok(false),
+        Err(e) => Err(error_response(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            e.to_string(),
+        )),
     }
 }
 
@@ -800,10 +835,16 @@ pub async fn find_signed(cluster: &Cluster, method: &Method, query: &str) -> Opt
 pub async fn traffic(cluster: &Cluster, target: Target, req: Request) -> Response {
     match cluster.owner(&target.sandbox_id).await {
         Owner::Local => proxy::forward(cluster.sandboxes(), target, req).await,
-        Owner::Dead(info) => {
-            count("traffic", "dead");
-            closing(owner_dead(&target.sandbox_id, &info.id))
-        }
+        Owner::Dead(info) => match take_over(cluster, &target.sandbox_id).await {
+            // Paused here now: the proxy answers as for any paused one
+            // (and resumes it if it was created with autoResume).
+            Ok(true) => proxy::forward(cluster.sandboxes(), target, req).await,
+            Ok(false) => {
+                count("traffic", "dead");
+                closing(owner_dead(&target.sandbox_id, &info.id))
+            }
+            Err(resp) => closing(resp),
+        },
         Owner::Unknown(node) => closing(error_response(
             StatusCode::BAD_GATEWAY,
             format!(

@@ -78,6 +78,10 @@ impl std::fmt::Debug for MeshOptions {
     }
 }
 
+/// How long after its start a node begins to take over the paused
+/// sandboxes of members gossip shows dead.
+pub const TAKE_OVER_AFTER_START: Duration = Duration::from_secs(10);
+
 /// Marks a request that another node (or this node's own placement)
 /// handed to this node to serve itself: it must not be forwarded again.
 /// An extension, not a header, so a client cannot set it.
@@ -309,7 +313,67 @@ impl Cluster {
                 }
             });
         }
+        if cluster.inner.mesh.is_some() {
+            cluster.spawn_take_overs();
+        }
         Ok(cluster)
+    }
+
+    /// Watch for members declared dead and take over the paused sandboxes
+    /// they held (from the object store; every live node tries, the
+    /// store's claims give each sandbox to one). A node back alive and
+    /// dead again is looked at again.
+    fn spawn_take_overs(&self) {
+        let Some(mut members) = self.inner.mesh.as_ref().map(|m| m.membership.watch()) else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            // Gossip's first view after a start may show members as dead
+            // that are only not heard from yet.
+            tokio::time::sleep(TAKE_OVER_AFTER_START).await;
+            let mut dead: HashSet<String> = HashSet::new();
+            loop {
+                let newly_dead: Vec<String> = {
+                    let now = members.borrow_and_update();
+                    let Some(inner) = weak.upgrade() else { break };
+                    dead.retain(|id| now.iter().any(|m| &m.info.id == id && !m.live));
+                    now.iter()
+                        .filter(|m| !m.live && m.info.id != inner.node_id)
+                        .filter(|m| dead.insert(m.info.id.clone()))
+                        .map(|m| m.info.id.clone())
+                        .collect()
+                };
+                for node in newly_dead {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let cluster = Cluster { inner };
+                    tokio::spawn(async move {
+                        let alive = cluster.live_peer_ids();
+                        let alive = |n: &str| alive.contains(n);
+                        match cluster.sandboxes().take_over_from(&node, &alive).await {
+                            Ok(0) => {}
+                            Ok(n) => {
+                                tracing::info!(%node, taken = n, "took over paused sandboxes of a dead node")
+                            }
+                            Err(e) => {
+                                tracing::warn!(%node, "taking over the paused sandboxes of a dead node: {e}")
+                            }
+                        }
+                    });
+                }
+                if members.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// The ids of the live members other than this node.
+    pub(crate) fn live_peer_ids(&self) -> HashSet<String> {
+        self.live_peers(|_| true)
+            .into_iter()
+            .map(|i| i.id)
+            .collect()
     }
 
     /// Start a ping to each live member not verified yet under its
