@@ -11,9 +11,10 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use schema::e2b::{
-    ConnectRequest, ListedSandbox, LogLevel, NewSandbox, RefreshRequest, ResumeRequest,
-    SandboxDetail, SandboxLog, SandboxLogEntry, SandboxLogs, SandboxLogsV2, SandboxMetric,
-    TemplateAliasResponse, TemplateInfo, TimeoutRequest,
+    ConnectRequest, ForkRequest, ForkResult, ListedSandbox, LogLevel, NewSandbox, RefreshRequest,
+    ResumeRequest, SandboxDetail, SandboxLog, SandboxLogEntry, SandboxLogs, SandboxLogsV2,
+    SandboxMetric, SnapshotInfo, SnapshotRequest, TemplateAliasResponse, TemplateInfo,
+    TimeoutRequest,
 };
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
@@ -84,7 +85,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     ),
     paths(
         create, list_v2, list_v1, get_one, kill, set_timeout, refresh, connect, pause, resume,
-        sandbox_logs, sandbox_logs_v2, sandbox_metrics, templates, template, template_alias
+        sandbox_logs, sandbox_logs_v2, sandbox_metrics, templates, template, template_alias,
+        create_snapshot, fork, list_snapshots, delete_template
     ),
     components(schemas(schema::e2b::ApiError)),
     modifiers(&ApiKeyAuth)
@@ -116,7 +118,10 @@ pub fn router(sandboxes: Sandboxes) -> Router {
     Router::new()
         .route("/openapi.json", get(openapi_json))
         .route("/templates", get(templates))
-        .route("/templates/{id}", get(template))
+        .route("/templates/{id}", get(template).delete(delete_template))
+        .route("/snapshots", get(list_snapshots))
+        .route("/sandboxes/{id}/snapshots", post(create_snapshot))
+        .route("/sandboxes/{id}/fork", post(fork))
         .route("/templates/aliases/{alias}", get(template_alias))
         .route("/sandboxes/{id}/logs", get(sandbox_logs))
         .route("/v2/sandboxes/{id}/logs", get(sandbox_logs_v2))
@@ -467,6 +472,135 @@ async fn sandbox_metrics(
     }
     let samples = s.metrics(&id, start, end).await?;
     Ok(axum::Json(samples).into_response())
+}
+
+/// A JSON body that may be empty (then the type's default).
+fn optional_body<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+}
+
+/// A copy of the running sandbox, published to the object store: the
+/// sandbox keeps running; `Sandbox.create(template=<snapshotID>)` creates
+/// from it on any node.
+#[utoipa::path(post, path = "/sandboxes/{id}/snapshots", params(("id" = String, Path)),
+    request_body(content = SnapshotRequest, description = "optional"),
+    responses((status = 201, body = SnapshotInfo), (status = 404, body = schema::e2b::ApiError),
+        (status = 409, description = "paused: resume it first", body = schema::e2b::ApiError)))]
+async fn create_snapshot(
+    State(s): State<Sandboxes>,
+    Path(id): Path<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let req: SnapshotRequest = optional_body(&body)?;
+    let info = s.snapshot(&id, req).await?;
+    Ok((StatusCode::CREATED, axum::Json(info)).into_response())
+}
+
+/// `count` (1 to 20, default 1) new sandboxes, each a copy of the running
+/// sandbox as it is now, on its node; the source keeps running. One entry
+/// per fork: the sandbox, or the error of that fork.
+#[utoipa::path(post, path = "/sandboxes/{id}/fork", params(("id" = String, Path)),
+    request_body(content = ForkRequest, description = "optional"),
+    responses((status = 201, body = Vec<ForkResult>), (status = 400, body = schema::e2b::ApiError),
+        (status = 404, body = schema::e2b::ApiError)))]
+async fn fork(
+    State(s): State<Sandboxes>,
+    Path(id): Path<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let req: ForkRequest = optional_body(&body)?;
+    let forks = s.fork(&id, req.count.unwrap_or(1), req.timeout).await?;
+    let answer: Vec<ForkResult> = forks
+        .into_iter()
+        .map(|f| match f {
+            Ok(sandbox) => ForkResult {
+                sandbox: Some(sandbox),
+                error: None,
+            },
+            Err(e) => {
+                let ApiError(status, message) = e.into();
+                ForkResult {
+                    sandbox: None,
+                    error: Some(schema::e2b::ApiError {
+                        code: status.as_u16(),
+                        message,
+                    }),
+                }
+            }
+        })
+        .collect();
+    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
+}
+
+/// The snapshots in the object store, by id; those of `sandboxID`, named
+/// `name`, when given; `limit` per page (default and most 100), the next
+/// page's token in `x-next-token`.
+#[utoipa::path(get, path = "/snapshots",
+    params(("sandboxID" = Option<String>, Query), ("name" = Option<String>, Query),
+        ("limit" = Option<u32>, Query), ("nextToken" = Option<String>, Query)),
+    responses((status = 200, body = Vec<SnapshotInfo>), (status = 400, body = schema::e2b::ApiError)))]
+async fn list_snapshots(
+    State(s): State<Sandboxes>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let (mut sandbox, mut name, mut limit, mut after) = (None, None, MAX_LIST_LIMIT, None);
+    for (k, v) in query_pairs(raw.as_deref().unwrap_or("")) {
+        match k.as_str() {
+            "sandboxID" => sandbox = Some(v),
+            "name" => name = Some(v),
+            "limit" => {
+                limit = match v.parse::<usize>() {
+                    Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => n,
+                    _ => {
+                        return Err(ApiError::bad_request(format!(
+                            "limit {v:?}: give 1 to {MAX_LIST_LIMIT}"
+                        )));
+                    }
+                }
+            }
+            "nextToken" => after = Some(v),
+            _ => {}
+        }
+    }
+    let (page, next) = s
+        .snapshots(sandbox.as_deref(), name.as_deref(), limit, after.as_deref())
+        .await?;
+    let mut resp = axum::Json(page).into_response();
+    if let Some(next) = next.and_then(|n| HeaderValue::from_str(&n).ok()) {
+        resp.headers_mut().insert("x-next-token", next);
+    }
+    Ok(resp)
+}
+
+/// Delete a snapshot (the SDK's `delete_snapshot` calls this): 204, or
+/// 404 when there is no such snapshot. Templates themselves come from the
+/// node's configuration and are not deleted through the API.
+#[utoipa::path(delete, path = "/templates/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = schema::e2b::ApiError),
+        (status = 501, body = schema::e2b::ApiError)))]
+async fn delete_template(
+    State(s): State<Sandboxes>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if s.delete_snapshot(&id).await? {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    if s.template(&id).await?.is_some() {
+        return Err(ApiError(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "template {id} comes from the node's configuration and cannot be deleted through the API"
+            ),
+        ));
+    }
+    Err(ApiError(
+        StatusCode::NOT_FOUND,
+        format!("snapshot or template {id} not found"),
+    ))
 }
 
 async fn not_implemented(req: Request<Body>) -> ApiError {

@@ -420,6 +420,48 @@ pub struct SandboxLogsV2 {
     pub logs: Vec<SandboxLogEntry>,
 }
 
+/// `POST /sandboxes/{id}/snapshots` body (`SandboxSnapshotRequest`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SnapshotRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `false`: the filesystem only (E2B's `mode="filesystem"`). Not
+    /// supported: a snapshot here always holds memory too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
+}
+
+/// A snapshot a sandbox can be created from (`SnapshotInfo`): its id is
+/// what `Sandbox.create(template=...)` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SnapshotInfo {
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    pub names: Vec<String>,
+}
+
+/// `POST /sandboxes/{id}/fork` body (`SandboxForkRequest`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ForkRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<i64>,
+}
+
+/// One entry of the fork answer: the new sandbox, or why that fork failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ForkResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Sandbox>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
 /// Every error body: the SDK parses `code` (int) and `message` for each
 /// documented status and crashes on anything else.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

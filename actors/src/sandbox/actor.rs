@@ -24,6 +24,12 @@ pub enum SandboxMsg {
     Pause {
         reply: RpcReplyPort<Result<SandboxRecord, SandboxError>>,
     },
+    /// Save a copy of the running sandbox into the new directory `dest`
+    /// and keep it running (snapshots and forks start from the copy).
+    Copy {
+        dest: std::path::PathBuf,
+        reply: RpcReplyPort<Result<SandboxRecord, SandboxError>>,
+    },
     /// Start a paused sandbox again from its snapshot; it then dies (or
     /// pauses) at `end_at_ms`.
     Resume {
@@ -52,6 +58,16 @@ pub(crate) enum Start {
         template: Template,
         limits: Limits,
         env_vars: BTreeMap<String, String>,
+    },
+    /// Restore it from `snapshot`, a copy of another sandbox (a fork, or
+    /// a create from a user snapshot), then `/init` envd with its own
+    /// identity and token (`source_token`: the one the copy's envd holds).
+    Restore {
+        template: Template,
+        snapshot: crate::runtime::Snapshot,
+        limits: Limits,
+        env_vars: BTreeMap<String, String>,
+        source_token: String,
     },
     /// It already runs, or is paused (a node restart found it): take it
     /// over. `from`: the node it is taken over from (paused, from the
@@ -115,10 +131,10 @@ impl SandboxState {
         saved.map_err(Into::into)
     }
 
-    /// Pause: stop routing to the sandbox, reset the connections into it,
-    /// checkpoint it into a new snapshot directory. A save that fails with
-    /// the sandbox still running leaves it running (409 with the reason);
-    /// one that loses the sandbox reports it lost.
+    /// Pause: save the sandbox into a new snapshot directory
+    /// ([`SandboxState::checkpoint_into`]) and publish it. A save that
+    /// fails with the sandbox still running leaves it running (409 with
+    /// the reason); one that loses the sandbox reports it lost.
     async fn pause(&mut self, why: &str) -> Result<SandboxRecord, SandboxError> {
         if self.record.state == RecordState::Paused {
             return Err(SandboxError::AlreadyPaused(self.record.id.clone()));
@@ -128,8 +144,51 @@ impl SandboxState {
             .shared
             .snapshots_dir
             .join(format!("{}-{}", self.record.id, now_ms()));
+        self.checkpoint_into(&dest).await?;
+        let published = match self.publish(&dest).await {
+            Ok(p) => p,
+            Err(e) => return Err(self.resume_after_failed_publish(e).await),
+        };
+        let took = started.elapsed();
+        metrics::counter!(crate::metrics::PAUSES, "result" => "ok").increment(1);
+        metrics::histogram!(crate::metrics::PAUSE_SECONDS).record(took.as_secs_f64());
+        tracing::info!(sandbox = %self.id, ?took, why, "sandbox paused");
+        self.save(Some(log_entry(
+            LogLevel::Info,
+            "sandbox paused",
+            [
+                ("why", why.to_owned()),
+                ("took_ms", took.as_millis().to_string()),
+                ("snapshot_bytes", dir_size(&dest).to_string()),
+                ("published", published),
+            ],
+        )))?;
+        Ok(self.record.clone())
+    }
+
+    /// After a pause or a copy: when `r` says the save lost the sandbox,
+    /// remember why and clean up; true when the actor must stop.
+    async fn lost_in_a_save<T>(&mut self, r: &Result<T, SandboxError>) -> bool {
+        let Err(SandboxError::Lost(_, why)) = r else {
+            return false;
+        };
+        tracing::error!(sandbox = %self.id, "lost while saving: {why}");
+        self.shared.remember_lost(self.id.as_str(), why);
+        metrics::counter!(crate::metrics::LOST).increment(1);
+        if let Err(e) = kill(&self.shared, &self.id, self.record.snapshot_dir.as_deref()).await {
+            tracing::error!(sandbox = %self.id, "cleaning up after a failed save: {e}");
+        }
+        true
+    }
+
+    /// Stop routing to the running sandbox, reset the connections into
+    /// it, and checkpoint it into the new directory `dest`: then it is
+    /// paused there. A save refused or failed with the sandbox still
+    /// running leaves it running (`PauseRefused`, `dest` removed); one
+    /// that loses the sandbox is `Lost`.
+    async fn checkpoint_into(&mut self, dest: &std::path::Path) -> Result<(), SandboxError> {
         self.record.state = RecordState::Pausing;
-        self.record.snapshot_dir = Some(dest.clone());
+        self.record.snapshot_dir = Some(dest.to_path_buf());
         // In sled before the runtime writes anything: a node that dies in
         // the middle finds the snapshot (complete only with its manifest).
         if let Err(e) = self.save(None) {
@@ -139,30 +198,12 @@ impl SandboxState {
             return Err(e);
         }
         self.shared.cut_connections(self.id.as_str());
-        let saved = self.shared.runtime.checkpoint(&self.id, &dest).await;
+        let saved = self.shared.runtime.checkpoint(&self.id, dest).await;
         match saved {
             Ok(_) => {
                 self.record.state = RecordState::Paused;
                 self.disarm();
-                let published = match self.publish(&dest).await {
-                    Ok(p) => p,
-                    Err(e) => return Err(self.resume_after_failed_publish(e).await),
-                };
-                let took = started.elapsed();
-                metrics::counter!(crate::metrics::PAUSES, "result" => "ok").increment(1);
-                metrics::histogram!(crate::metrics::PAUSE_SECONDS).record(took.as_secs_f64());
-                tracing::info!(sandbox = %self.id, ?took, why, "sandbox paused");
-                self.save(Some(log_entry(
-                    LogLevel::Info,
-                    "sandbox paused",
-                    [
-                        ("why", why.to_owned()),
-                        ("took_ms", took.as_millis().to_string()),
-                        ("snapshot_bytes", dir_size(&dest).to_string()),
-                        ("published", published),
-                    ],
-                )))?;
-                Ok(self.record.clone())
+                Ok(())
             }
             // The sandbox still runs: refused before saving (connections
             // that would not close), or a save that failed without harm.
@@ -179,7 +220,7 @@ impl SandboxState {
                 self.record.snapshot_dir = None;
                 // The connections were cut for the save; new ones may come.
                 self.shared.reconnectable(self.id.as_str());
-                let _ = std::fs::remove_dir_all(&dest);
+                let _ = std::fs::remove_dir_all(dest);
                 tracing::warn!(sandbox = %self.id, "pause refused: {reason}");
                 self.save(Some(log_entry(
                     LogLevel::Warn,
@@ -198,20 +239,50 @@ impl SandboxState {
         }
     }
 
+    /// Save a copy of the running sandbox into the new directory `dest`
+    /// and keep it running (same id, token and deadline): checkpoint, then
+    /// restore from the copy, which stays (a runtime's restore leaves its
+    /// snapshot unchanged). What snapshots and forks start from. A
+    /// restore that fails leaves the sandbox paused with `dest` as its
+    /// snapshot (the error says so), so the caller must not use `dest`.
+    async fn copy(&mut self, dest: &std::path::Path) -> Result<(), SandboxError> {
+        match self.record.state {
+            RecordState::Running => {}
+            RecordState::Paused | RecordState::Pausing => {
+                return Err(SandboxError::Paused(self.record.id.clone()));
+            }
+            RecordState::Creating => return Err(SandboxError::NotFound(self.record.id.clone())),
+        }
+        let started = std::time::Instant::now();
+        self.checkpoint_into(dest).await?;
+        self.resume_claimed(self.record.end_at_ms, false, true)
+            .await
+            .map_err(|e| {
+                SandboxError::Io(format!(
+                    "sandbox {} was saved, but running it again from the copy failed: {e}; it stays paused (resume it)",
+                    self.record.id
+                ))
+            })?;
+        tracing::info!(sandbox = %self.id, took = ?started.elapsed(), "sandbox copied");
+        Ok(())
+    }
+
     /// Resume: restore the snapshot under the same id, `/init` envd again
     /// (fresh clock), then drop the snapshot. A failed restore leaves the
     /// sandbox paused with its snapshot.
     async fn resume(&mut self, end_at_ms: u64) -> Result<SandboxRecord, SandboxError> {
-        self.resume_claimed(end_at_ms, true).await
+        self.resume_claimed(end_at_ms, true, false).await
     }
 
     /// [`SandboxState::resume`]; `claim`: record in the object store that
-    /// the sandbox runs here first (false only when a pause failed to
-    /// publish: the store never learned that it paused).
+    /// the sandbox runs here first (false when the store never learned
+    /// that it paused: a pause that failed to publish, a copy); `keep`:
+    /// leave the snapshot directory in place (a copy's).
     async fn resume_claimed(
         &mut self,
         end_at_ms: u64,
         claim: bool,
+        keep: bool,
     ) -> Result<SandboxRecord, SandboxError> {
         if self.record.state == RecordState::Running {
             return Err(SandboxError::AlreadyRunning(self.record.id.clone()));
@@ -259,6 +330,7 @@ impl SandboxState {
                 &self.id,
                 &BTreeMap::new(),
                 &self.record.envd_access_token,
+                None,
             )
             .await
             .map_err(|detail| SandboxError::Init {
@@ -304,7 +376,7 @@ impl SandboxState {
         )))?;
         // Only now: until the record says running, the snapshot is the
         // sandbox.
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if !keep && let Err(e) = std::fs::remove_dir_all(&dir) {
             tracing::error!(sandbox = %self.id, "removing the used snapshot {}: {e}", dir.display());
         }
         Ok(self.record.clone())
@@ -450,7 +522,10 @@ impl SandboxState {
             .map_or_else(String::new, |o| o.describe().to_owned());
         tracing::warn!(sandbox = %self.id, "publishing the snapshot to {store} failed: {e}");
         let _ = self.save(None);
-        match self.resume_claimed(self.record.end_at_ms, false).await {
+        match self
+            .resume_claimed(self.record.end_at_ms, false, false)
+            .await
+        {
             Ok(_) => SandboxError::ObjectStore(format!(
                 "pausing sandbox {} failed: the object store ({store}) refused its snapshot: {e}; \
                  the sandbox keeps running — retry the pause when the store is back",
@@ -542,23 +617,46 @@ impl Actor for SandboxActor {
         } = args;
         let id = SandboxId::new(record.id.clone())?;
         let created = async {
-            let (template, limits, env_vars) = match start {
+            let (instance, env_vars, current_token) = match start {
                 Start::Create {
                     template,
                     limits,
                     env_vars,
-                } => (template, limits, env_vars),
+                } => (
+                    shared.runtime.create(&id, &template, limits).await?,
+                    env_vars,
+                    None,
+                ),
+                Start::Restore {
+                    template,
+                    snapshot,
+                    limits,
+                    env_vars,
+                    source_token,
+                } => (
+                    shared
+                        .runtime
+                        .restore(&id, &template, &snapshot, limits)
+                        .await?,
+                    env_vars,
+                    Some(source_token),
+                ),
                 Start::Adopt { from } => return Ok(Began::Adopted { from }),
             };
-            let instance = shared.runtime.create(&id, &template, limits).await?;
             // Every sandbox from one template snapshot starts identical:
             // its identity comes with /init (as E2B's does).
             let mut env_vars = env_vars;
             env_vars.insert("E2B_SANDBOX".into(), "true".into());
             env_vars.insert("E2B_SANDBOX_ID".into(), record.id.clone());
             env_vars.insert("E2B_TEMPLATE_ID".into(), record.template.clone());
-            if let Err(detail) =
-                init_envd(&*shared.runtime, &id, &env_vars, &record.envd_access_token).await
+            if let Err(detail) = init_envd(
+                &*shared.runtime,
+                &id,
+                &env_vars,
+                &record.envd_access_token,
+                current_token.as_deref(),
+            )
+            .await
             {
                 return Err(SandboxError::Init {
                     id: record.id.clone(),
@@ -757,17 +855,18 @@ impl Actor for SandboxActor {
                     // Refused, or brought back after the store failed.
                     st.arm(&myself);
                 }
-                let lost = matches!(r, Err(SandboxError::Lost(..)));
-                if let Err(SandboxError::Lost(_, why)) = &r {
-                    tracing::error!(sandbox = %st.id, "lost while pausing: {why}");
-                    st.shared.remember_lost(st.id.as_str(), why);
-                    metrics::counter!(crate::metrics::LOST).increment(1);
-                    if let Err(e) =
-                        kill(&st.shared, &st.id, st.record.snapshot_dir.as_deref()).await
-                    {
-                        tracing::error!(sandbox = %st.id, "cleaning up after a failed pause: {e}");
-                    }
+                let lost = st.lost_in_a_save(&r).await;
+                let _ = reply.send(r);
+                if lost {
+                    myself.stop(Some("lost".into()));
                 }
+            }
+            SandboxMsg::Copy { dest, reply } => {
+                let r = st.copy(&dest).await.map(|()| st.record.clone());
+                if st.record.state == RecordState::Running {
+                    st.arm(&myself);
+                }
+                let lost = st.lost_in_a_save(&r).await;
                 let _ = reply.send(r);
                 if lost {
                     myself.stop(Some("lost".into()));

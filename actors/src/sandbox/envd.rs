@@ -6,11 +6,15 @@ use super::http::send;
 use super::*;
 
 /// POST /init to envd through the runtime's stream.
+/// `/init` envd of sandbox `id`: env vars, the access token `token`, the
+/// host's clock and fresh entropy. `current_token`: the token envd holds
+/// now when it differs (a fork restored from another sandbox's copy).
 pub(super) async fn init_envd(
     runtime: &dyn Runtime,
     id: &SandboxId,
     env_vars: &BTreeMap<String, String>,
     token: &str,
+    current_token: Option<&str>,
 ) -> Result<(), String> {
     use base64::Engine;
     // Every sandbox from one snapshot starts with the same kernel RNG
@@ -30,8 +34,9 @@ pub(super) async fn init_envd(
     let req = hyper::Request::post("/init")
         .header(hyper::header::HOST, "localhost")
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        // Needed once envd has a token (a resume); harmless before.
-        .header("X-Access-Token", token)
+        // Needed once envd has a token (a resume; a fork, whose envd
+        // still holds its source's); harmless before.
+        .header("X-Access-Token", current_token.unwrap_or(token))
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("a valid request");
     let resp = send(stream, req).await.map_err(|e| e.to_string())?;

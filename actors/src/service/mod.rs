@@ -24,6 +24,10 @@ use schema::e2b::{self, LogLevel, NewSandbox, RuntimeName, SandboxLogEntry, Sand
 use schema::mesh::{ClusterCall, ClusterReply, NodeInfo};
 use tokio::sync::oneshot;
 
+mod snapshots;
+
+pub use snapshots::{MAX_FORKS, is_snapshot_id};
+
 use crate::clock::{now_ms, rfc3339_ms};
 use crate::directory::{DirectoryArgs, FrontSlot, Registry, RemoteFront};
 use crate::node_supervisor::{NodeArgs, NodeMsg, NodeSupervisor};
@@ -90,6 +94,8 @@ struct Inner {
     /// One take-over from the object store at a time: they are rare, and
     /// two calls for the same sandbox must not both adopt it.
     taking_over: tokio::sync::Mutex<()>,
+    /// One fetch of a user snapshot into this node's cache at a time.
+    snapshot_cache: tokio::sync::Mutex<()>,
 }
 
 /// The node's capacity as the placement actor answers it: the same count
@@ -277,6 +283,7 @@ impl Sandboxes {
                 front,
                 registry,
                 taking_over: tokio::sync::Mutex::new(()),
+                snapshot_cache: tokio::sync::Mutex::new(()),
             }),
         };
         let refs = me.refs()?;
@@ -381,36 +388,90 @@ impl Sandboxes {
             .call(|reply| TemplateMsg::Spawn { name, reply }, None)
             .await
         {
-            Ok(CallResult::Success(found)) => found?,
+            Ok(CallResult::Success(found)) => found,
             _ => {
                 return Err(SandboxError::Actor(
                     "the template cache did not answer".into(),
                 ));
             }
         };
+        // Not a template: it may be a user snapshot (`snapshots.rs`).
+        let (entry, copy_of) = match entry {
+            Ok(entry) => (entry, None),
+            Err(unknown) => match self.user_snapshot(&req.template_id).await? {
+                Some(snap) => (snap.entry, Some((snap.source, snap.dir))),
+                None => return Err(unknown.into()),
+            },
+        };
         let _slot = self.reserve_slot(token)?;
-        let started = std::time::Instant::now();
-        let id = new_sandbox_id()?;
-        let token = hex::encode(random_bytes(24)?);
-        let record = SandboxRecord {
-            id: id.clone(),
-            template: req.template_id.clone(),
-            metadata: req.metadata.unwrap_or_default(),
-            envd_access_token: token.clone(),
+        let template = copy_of
+            .as_ref()
+            .map_or(&req.template_id, |(source, _)| &source.template);
+        let mut record = self.new_record(template, end_at_ms, entry.limits)?;
+        record.metadata = req.metadata.unwrap_or_default();
+        record.auto_pause = req.auto_pause.unwrap_or(false);
+        record.auto_resume = req.auto_resume.is_some_and(|a| a.enabled);
+        // `end_at` refused a negative one already.
+        record.timeout_secs = req.timeout.map_or(0, |t| t.max(0) as u64);
+        let env_vars = req.env_vars.unwrap_or_default();
+        let start = match copy_of {
+            None => Start::Create {
+                template: entry.template,
+                limits: entry.limits,
+                env_vars,
+            },
+            Some((source, dir)) => Start::Restore {
+                snapshot: crate::runtime::Snapshot {
+                    dir,
+                    template: entry.template.id.clone(),
+                    runtime: inner.shared.runtime.kind(),
+                },
+                template: entry.template,
+                limits: entry.limits,
+                env_vars,
+                source_token: source.envd_access_token,
+            },
+        };
+        self.start_sandbox(record, start).await
+    }
+
+    /// A new sandbox's record, `creating`: fresh id and access token.
+    fn new_record(
+        &self,
+        template: &str,
+        end_at_ms: u64,
+        limits: crate::runtime::Limits,
+    ) -> Result<SandboxRecord, SandboxError> {
+        Ok(SandboxRecord {
+            id: new_sandbox_id()?,
+            template: template.to_owned(),
+            metadata: BTreeMap::new(),
+            envd_access_token: hex::encode(random_bytes(24)?),
             started_at_ms: now_ms(),
             end_at_ms,
-            vcpus: entry.limits.vcpus,
-            memory_mib: entry.limits.memory_mib,
-            runtime: inner.shared.runtime.kind().to_string(),
+            vcpus: limits.vcpus,
+            memory_mib: limits.memory_mib,
+            runtime: self.inner.shared.runtime.kind().to_string(),
             state: RecordState::Creating,
-            auto_pause: req.auto_pause.unwrap_or(false),
-            auto_resume: req.auto_resume.is_some_and(|a| a.enabled),
-            // `end_at` refused a negative one already.
-            timeout_secs: req.timeout.map_or(0, |t| t.max(0) as u64),
+            auto_pause: false,
+            auto_resume: false,
+            timeout_secs: 0,
             snapshot_dir: None,
             snapshot_object: None,
             claim_epoch: None,
-        };
+        })
+    }
+
+    /// Start the actor of new sandbox `record` (in its slot, taken by the
+    /// caller) and wait until the sandbox runs.
+    async fn start_sandbox(
+        &self,
+        record: SandboxRecord,
+        start: Start,
+    ) -> Result<e2b::Sandbox, SandboxError> {
+        let inner = &self.inner;
+        let refs = self.refs()?;
+        let started = std::time::Instant::now();
         // Written before the runtime starts anything, so that a node that
         // crashes in the middle of the create finds the leftovers.
         inner.shared.store.put_sandbox(&record)?;
@@ -418,11 +479,7 @@ impl Sandboxes {
         let args = SandboxArgs {
             shared: inner.shared.clone(),
             record,
-            start: Start::Create {
-                template: entry.template,
-                limits: entry.limits,
-                env_vars: req.env_vars.unwrap_or_default(),
-            },
+            start,
             ready,
         };
         let supervisor = refs.sandboxes.get_cell();
