@@ -44,7 +44,7 @@ pub fn group(node_id: &str) -> String {
 }
 
 /// What answers a [`ClusterCall`]: the node's capacity (implemented over
-/// the sandboxes it runs, in `service.rs`).
+/// the sandboxes it runs, in `service/`).
 pub trait SlotKeeper: Send + Sync + 'static {
     fn answer(&self, call: ClusterCall) -> ClusterReply;
 }
