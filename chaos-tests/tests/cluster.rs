@@ -322,7 +322,8 @@ async fn dead_owner_is_a_clear_503_and_traffic_through_a_non_owner_works() {
 
 /// Pause on its node, kill -9 that node: a survivor takes the paused
 /// sandbox over from the object store (listed, connectable, memory and
-/// files intact), and the old node, back, drops its stale copy.
+/// files intact), a sandbox that was running there is reported lost and
+/// can be killed, and the old node, back, drops its stale copies.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_sandbox_outlives_its_node_and_resumes_on_another() {
     let test = "a_paused_sandbox_outlives_its_node_and_resumes_on_another";
@@ -330,19 +331,39 @@ async fn a_paused_sandbox_outlives_its_node_and_resumes_on_another() {
         return;
     };
     c.wait_converged(CONVERGE).await;
+    // Both sandboxes on n2: the others drain meanwhile.
+    for i in [0, 1] {
+        let (s, b) = c.send(c.api(i, Method::POST, "/node/drain")).await;
+        assert_eq!(s, StatusCode::OK, "{test}: POST /node/drain on n{i}: {b}");
+    }
+    wait_state(&c, 0, "n0", "draining", Duration::from_secs(10)).await;
+    wait_state(&c, 0, "n1", "draining", Duration::from_secs(10)).await;
     let sbx = c.create_sandbox(0).await;
+    let running = c.create(0).await;
+    for i in [0, 1] {
+        let (s, b) = c.send(c.api(i, Method::DELETE, "/node/drain")).await;
+        assert_eq!(s, StatusCode::OK, "{test}: DELETE /node/drain on n{i}: {b}");
+    }
     let id = sbx["sandboxID"].as_str().unwrap_or_default().to_owned();
     let token = sbx["envdAccessToken"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    let owner = c.owner(&id);
-    let gone = c
-        .ids()
-        .iter()
-        .position(|n| *n == owner)
-        .unwrap_or_else(|| panic!("{test}: owner {owner} is not a node"));
-    let via = (gone + 1) % 3;
+    let (gone, owner, via) = (2, "n2".to_owned(), 0);
+    assert_eq!(
+        (c.owner(&id), c.owner(&running)),
+        (owner.clone(), owner.clone())
+    );
+    // The running one is recorded in the store (after its create answered).
+    let claims = c.dir.join("objects/claims");
+    let recorded = wait_until(Duration::from_secs(10), || async {
+        claims.join(&running).is_dir()
+    })
+    .await;
+    assert!(
+        recorded.is_ok(),
+        "{test}: {running} has no claim in the store"
+    );
     let (s, out) = c
         .run(
             via,
@@ -364,6 +385,7 @@ async fn a_paused_sandbox_outlives_its_node_and_resumes_on_another() {
 
     // Its node dies; a survivor takes the paused sandbox over by itself.
     c.kill9(gone);
+    wait_state(&c, 1, &owner, "dead", Duration::from_secs(30)).await;
     wait_state(&c, via, &owner, "dead", Duration::from_secs(30)).await;
     let taken = wait_until(Duration::from_secs(30), || async {
         let (s, b) = c.get(via, &format!("/sandboxes/{id}")).await;
@@ -387,6 +409,32 @@ async fn a_paused_sandbox_outlives_its_node_and_resumes_on_another() {
             .as_array()
             .is_some_and(|l| l.iter().any(|x| x["sandboxID"] == id.as_str())),
         "{test}: {id} is not in the paused list: {listed}"
+    );
+
+    // The one that was running is lost with its node: said so, and a kill
+    // frees what the cluster keeps of it.
+    let (s, b) = c.get(via, &format!("/sandboxes/{running}")).await;
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{test}: {running} via n{via}: {b}"
+    );
+    assert!(
+        b["message"].as_str().is_some_and(|m| m.contains("lost")),
+        "{test}: {b}"
+    );
+    let s = c.delete(via, &running).await;
+    assert_eq!(
+        s,
+        StatusCode::NO_CONTENT,
+        "{test}: kill of the lost {running}"
+    );
+    assert!(!claims.join(&running).exists(), "{test}: its claims stayed");
+    let (s, b) = c.get(via, &format!("/sandboxes/{running}")).await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "{test}: {running} after its kill: {b}"
     );
 
     // Connect resumes it on its new node, from the store.
@@ -422,9 +470,10 @@ async fn a_paused_sandbox_outlives_its_node_and_resumes_on_another() {
     c.restart(gone);
     wait_state(&c, via, &owner, "ready", Duration::from_secs(30)).await;
     let log = c.nodes[gone].log_tail(400);
-    assert!(
-        log.contains("dropping this node's copy"),
-        "{test}: {owner} kept its stale copy of {id}:\n{log}"
+    assert_eq!(
+        log.matches("dropping this node's copy").count(),
+        2,
+        "{test}: {owner} kept a stale copy of {id} or {running}:\n{log}"
     );
     let reached = wait_until(Duration::from_secs(10), || async {
         let (s, b) = c.get(gone, &format!("/sandboxes/{id}")).await;

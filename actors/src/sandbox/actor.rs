@@ -24,6 +24,10 @@ pub enum SandboxMsg {
     Pause {
         reply: RpcReplyPort<Result<SandboxRecord, SandboxError>>,
     },
+    /// Record in the object store that this node runs the new sandbox, so
+    /// that if the node dies the others can say it was lost with it (and
+    /// kill it). Sent by the actor to itself once the create answered.
+    ClaimCreated,
     /// Save a copy of the running sandbox into the new directory `dest`
     /// and keep it running (snapshots and forks start from the copy).
     Copy {
@@ -686,6 +690,7 @@ impl Actor for SandboxActor {
                 return Err(msg.into());
             }
         };
+        let created = matches!(instance, Began::Created(_));
         let first = match instance {
             Began::Created(i) => {
                 tracing::info!(sandbox = %id, template = %record.template,
@@ -764,6 +769,9 @@ impl Actor for SandboxActor {
             timer: None,
         };
         state.arm(&myself);
+        if created && state.shared.objects.is_some() {
+            let _ = myself.cast(SandboxMsg::ClaimCreated);
+        }
         if ready.send(Ok(record)).is_err() {
             tracing::warn!(sandbox = %state.id, "the create request went away; the sandbox keeps running until its timeout");
         }
@@ -861,6 +869,34 @@ impl Actor for SandboxActor {
                     myself.stop(Some("lost".into()));
                 }
             }
+            SandboxMsg::ClaimCreated => {
+                if let Some(objects) = st.shared.objects.clone()
+                    && st.record.claim_epoch.is_none()
+                    && st.record.state == RecordState::Running
+                {
+                    match objects
+                        .write_claim(
+                            st.id.as_str(),
+                            None,
+                            ClaimState::Running,
+                            &st.shared.node_id,
+                            None,
+                        )
+                        .await
+                    {
+                        Ok(c) => {
+                            st.record.claim_epoch = Some(c.epoch);
+                            if let Err(e) = st.save(None) {
+                                tracing::error!(sandbox = %st.id, "saving the claim: {e}");
+                            }
+                        }
+                        // Only costs what others can say if this node dies.
+                        Err(e) => {
+                            tracing::warn!(sandbox = %st.id, "recording the new sandbox in the object store: {e}")
+                        }
+                    }
+                }
+            }
             SandboxMsg::Copy { dest, reply } => {
                 let r = st.copy(&dest).await.map(|()| st.record.clone());
                 if st.record.state == RecordState::Running {
@@ -923,24 +959,32 @@ pub(super) async fn kill(
     // store that cannot be reached now leaves them behind, which costs
     // space but never a kill.
     if let Some(objects) = &shared.objects {
-        if let Err(e) = objects.forget_claims(id.as_str()).await {
-            tracing::warn!(sandbox = %id, "removing its claims: {e}");
-        }
-        let prefix = format!("sandboxes/{id}");
-        match objects.list(&prefix).await {
-            Ok(names) => {
-                for name in names {
-                    if let Err(e) = objects.delete(&name).await {
-                        tracing::warn!(sandbox = %id, "removing its snapshot {name}: {e}");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(sandbox = %id, "listing its snapshots: {e}"),
-        }
+        forget_in_store(objects, id.as_str()).await;
     }
     shared.store.remove_sandbox(id.as_str())?;
     tracing::info!(sandbox = %id, "sandbox killed");
     Ok(())
+}
+
+/// Remove sandbox `id`'s claims and published snapshots from the object
+/// store (their chunks stay until GC). Failures are logged: they cost
+/// space, never a kill.
+pub(crate) async fn forget_in_store(objects: &crate::objects::SnapshotStore, id: &str) {
+    // The claims first: without them nobody takes the sandbox for alive.
+    if let Err(e) = objects.forget_claims(id).await {
+        tracing::warn!(sandbox = %id, "removing its claims: {e}");
+    }
+    let prefix = format!("sandboxes/{id}");
+    match objects.list(&prefix).await {
+        Ok(names) => {
+            for name in names {
+                if let Err(e) = objects.delete(&name).await {
+                    tracing::warn!(sandbox = %id, "removing its snapshot {name}: {e}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(sandbox = %id, "listing its snapshots: {e}"),
+    }
 }
 
 /// Drop this node's copy of a sandbox that another node holds now (it
@@ -954,7 +998,17 @@ pub(super) async fn forget(
 ) -> Result<(), SandboxError> {
     shared.cut_connections(id.as_str());
     shared.live.lock().unwrap().remove(id.as_str());
-    shared.runtime.kill(id).await?;
+    // Only what this node's runtime has: some of an id's resources are
+    // named host-wide (gVisor's network namespaces), and the node that
+    // holds the sandbox now may run it on this same host.
+    let here = shared
+        .runtime
+        .list()
+        .await
+        .map_or(true, |l| l.iter().any(|r| r.id == *id));
+    if here {
+        shared.runtime.kill(id).await?;
+    }
     remove_snapshot(snapshot)?;
     shared.store.remove_sandbox(id.as_str())?;
     tracing::info!(sandbox = %id, "sandbox forgotten: another node holds it");

@@ -33,6 +33,7 @@ pub use supervisor::TakeOver;
 pub use supervisor::{SWEEP_EVERY, SandboxSupervisor, SupervisorMsg};
 pub(crate) use supervisor::{adopt_orphans, readopt, take_over};
 
+pub(crate) use actor::forget_in_store;
 use actor::{forget, kill};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -200,7 +201,7 @@ impl Shared {
     }
 
     /// Remember why sandbox `id` was lost, for later calls naming it.
-    fn remember_lost(&self, id: &str, reason: &str) {
+    pub(crate) fn remember_lost(&self, id: &str, reason: &str) {
         let mut lost = self.lost.lock().unwrap();
         if lost.len() >= 1024 {
             lost.clear();

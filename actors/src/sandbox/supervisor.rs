@@ -54,7 +54,7 @@ pub(crate) async fn readopt(
             RecordState::Paused => complete || record.snapshot_object.is_some(),
             RecordState::Creating | RecordState::Pausing => false,
         } && known_template(&record.template);
-        if usable && record.state == RecordState::Paused && !still_ours(shared, &record).await {
+        if usable && !still_ours(shared, &record).await {
             let forgotten = match SandboxId::new(record.id.clone()) {
                 Ok(id) => forget(shared, &id, record.snapshot_dir.as_deref()).await,
                 Err(_) => shared.store.remove_sandbox(&record.id).map_err(Into::into),
@@ -128,10 +128,11 @@ pub enum SupervisorMsg {
 // graph) every message type says whether it can cross nodes; this one cannot.
 impl ractor::Message for SupervisorMsg {}
 
-/// Whether the object store still says this node holds paused sandbox
-/// `record` (a node that was down or cut off may find that another took
-/// it over, or that it was killed). A store that cannot be asked now
-/// leaves the answer to the resume, which claims the sandbox first.
+/// Whether the object store still says this node holds sandbox `record`
+/// (a node that was down or cut off may find that another took its paused
+/// sandbox over, or that a sandbox was killed through another node while
+/// this one was dead). A store that cannot be asked now leaves the answer
+/// to the resume, which claims the sandbox first.
 async fn still_ours(shared: &Shared, record: &SandboxRecord) -> bool {
     let (Some(objects), Some(epoch)) = (&shared.objects, record.claim_epoch) else {
         return true;
@@ -140,11 +141,11 @@ async fn still_ours(shared: &Shared, record: &SandboxRecord) -> bool {
         Ok(Some(c)) if c.node == shared.node_id && c.epoch == epoch => true,
         Ok(current) => {
             let now = current.map_or_else(|| "no claim (killed)".to_owned(), |c| c.to_string());
-            tracing::warn!(sandbox = %record.id, "paused sandbox held elsewhere now ({now}): dropping this node's copy");
+            tracing::warn!(sandbox = %record.id, "sandbox held elsewhere now ({now}): dropping this node's copy");
             false
         }
         Err(e) => {
-            tracing::warn!(sandbox = %record.id, "cannot check who holds the paused sandbox: {e}; keeping it");
+            tracing::warn!(sandbox = %record.id, "cannot check who holds the sandbox: {e}; keeping it");
             true
         }
     }

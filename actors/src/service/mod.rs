@@ -716,6 +716,42 @@ impl Sandboxes {
         crate::sandbox::take_over(&self.inner.shared, &refs.sandboxes, id, alive).await
     }
 
+    /// Kill sandbox `id`, which was running on node `node` when that node
+    /// died (a [`TakeOver::LostWith`]): its records in the object store
+    /// go, so that nobody takes it for alive, and the node, if it comes
+    /// back, kills its copy. `Ok(false)`: the store says otherwise now.
+    pub async fn kill_lost(&self, id: &str, node: &str) -> Result<bool, SandboxError> {
+        let Some(objects) = self.inner.shared.objects.clone() else {
+            return Ok(false);
+        };
+        let _one = self.inner.taking_over.lock().await;
+        match objects.claim(id).await {
+            Ok(Some(c)) if c.node == node && c.state == crate::objects::ClaimState::Running => {}
+            Ok(_) => return Ok(false),
+            Err(e) => {
+                return Err(SandboxError::ObjectStore(format!(
+                    "killing lost sandbox {id}: the object store ({}): {e}",
+                    objects.describe()
+                )));
+            }
+        }
+        crate::sandbox::forget_in_store(&objects, id).await;
+        // Calls naming it are a 404 from now on, not "its node is dead".
+        self.inner.registry.forget(id);
+        self.inner
+            .shared
+            .remember_lost(id, &format!("it was killed after its node {node} died"));
+        tracing::info!(sandbox = %id, %node, "lost sandbox killed: its records are gone");
+        Ok(true)
+    }
+
+    /// Whether this node knows sandbox `id` is gone (lost under it, or
+    /// killed through it after its node died): calls naming it get the
+    /// 404 that says why.
+    pub fn known_gone(&self, id: &str) -> bool {
+        self.inner.shared.lost.lock().unwrap().contains_key(id)
+    }
+
     /// Node `dead` was declared dead: take over the paused sandboxes the
     /// object store says it held (in random order, so that the nodes that
     /// do this at once share them out; each sandbox goes to one). Returns

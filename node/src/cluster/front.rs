@@ -113,41 +113,37 @@ pub async fn route(cluster: &Cluster, req: Request, next: Next) -> Response {
             Owner::Local if cluster.sandboxes().get(&id).is_some() => next.run(req).await,
             // Nobody has it: the object store may hold it paused.
             Owner::Local => match take_over(cluster, &id).await {
+                Ok(TakeOver::LostWith(node)) => lost(cluster, &id, &node, is_kill(&req, &id)).await,
+                // The store knows its holder before gossip told this node
+                // (one that just started, say).
+                Ok(TakeOver::HeldBy(node)) => match cluster.live_member(&node).await {
+                    Some(info) => {
+                        cluster.sandboxes().registry().remember(&id, &node);
+                        to_owner(cluster, &id, &info, req).await
+                    }
+                    None => next.run(req).await,
+                },
                 Ok(_) => next.run(req).await,
                 Err(resp) => closing(resp),
             },
-            Owner::Remote(info) => {
-                let rest = match to_rest(req).await {
-                    Ok(r) => r,
-                    Err(resp) => return resp,
-                };
-                match cluster.call_owner(&info, rest).await {
-                    Ok(resp) => {
-                        count("sandbox", "ok");
-                        resp
-                    }
-                    Err(OwnerError::Died) => {
-                        count("sandbox", "dead");
-                        owner_dead(&id, &info.id)
-                    }
-                    Err(OwnerError::Failed(e)) => {
-                        count("sandbox", "unreachable");
-                        owner_unreachable(&id, &info.id, &e)
-                    }
-                }
-            }
+            Owner::Remote(info) => to_owner(cluster, &id, &info, req).await,
             // Answered without reading the body: see `http::closing`.
+            Owner::Dead(_) | Owner::Unknown(_) if cluster.sandboxes().known_gone(&id) => {
+                next.run(req).await
+            }
             Owner::Dead(info) => match take_over(cluster, &id).await {
-                Ok(true) => next.run(req).await,
-                Ok(false) => {
+                Ok(TakeOver::Taken) => next.run(req).await,
+                Ok(TakeOver::LostWith(node)) => lost(cluster, &id, &node, is_kill(&req, &id)).await,
+                Ok(_) => {
                     count("sandbox", "dead");
                     closing(owner_dead(&id, &info.id))
                 }
                 Err(resp) => closing(resp),
             },
             Owner::Unknown(node) => match take_over(cluster, &id).await {
-                Ok(true) => next.run(req).await,
-                Ok(false) => closing(error_response(
+                Ok(TakeOver::Taken) => next.run(req).await,
+                Ok(TakeOver::LostWith(node)) => lost(cluster, &id, &node, is_kill(&req, &id)).await,
+                Ok(_) => closing(error_response(
                     StatusCode::NOT_FOUND,
                     format!(
                         "sandbox {id} not found: its node {node} is not a member of this cluster"
@@ -159,23 +155,79 @@ pub async fn route(cluster: &Cluster, req: Request, next: Next) -> Response {
     }
 }
 
+/// Carry a call on sandbox `id` to its owner `info` and relay the answer.
+async fn to_owner(cluster: &Cluster, id: &str, info: &NodeInfo, req: Request) -> Response {
+    let rest = match to_rest(req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    match cluster.call_owner(info, rest).await {
+        Ok(resp) => {
+            count("sandbox", "ok");
+            resp
+        }
+        Err(OwnerError::Died) => {
+            count("sandbox", "dead");
+            owner_dead(id, &info.id)
+        }
+        Err(OwnerError::Failed(e)) => {
+            count("sandbox", "unreachable");
+            owner_unreachable(id, &info.id, &e)
+        }
+    }
+}
+
 /// Sandbox `id` is on no live node: if the object store holds it paused
-/// (its node died, or this node lost its record), take it over here.
-/// `Ok(true)`: this node has it now, paused.
-async fn take_over(cluster: &Cluster, id: &str) -> Result<bool, Response> {
+/// (its node died, or this node lost its record), take it over here
+/// ([`TakeOver::Taken`]: this node has it now, paused).
+async fn take_over(cluster: &Cluster, id: &str) -> Result<TakeOver, Response> {
     let alive = cluster.live_peer_ids();
-    match cluster
+    cluster
         .sandboxes()
         .take_over(id, &|n| alive.contains(n))
         .await
-    {
-        Ok(TakeOver::Taken) => Ok(true),
-        Ok(TakeOver::HeldBy(_) | TakeOver::LostWith(_) | TakeOver::Unknown) => Ok(false),
-        Err(e) => Err(error_response(
-            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            e.to_string(),
-        )),
+        .map_err(|e| {
+            error_response(
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                e.to_string(),
+            )
+        })
+}
+
+/// Whether `req` kills sandbox `id` (`DELETE /sandboxes/{id}`).
+fn is_kill(req: &Request, id: &str) -> bool {
+    let path = req.uri().path();
+    req.method() == Method::DELETE
+        && (path == format!("/sandboxes/{id}") || path == format!("/v2/sandboxes/{id}"))
+}
+
+/// The answer for sandbox `id`, which was running on `node` when that
+/// node died: a kill (`DELETE /sandboxes/{id}`) removes what the cluster
+/// keeps of it; anything else is a 503 saying so.
+async fn lost(cluster: &Cluster, id: &str, node: &str, is_kill: bool) -> Response {
+    count("sandbox", "lost");
+    if is_kill {
+        match cluster.sandboxes().kill_lost(id, node).await {
+            Ok(true) => {
+                let mut resp = Response::new(Body::empty());
+                *resp.status_mut() = StatusCode::NO_CONTENT;
+                return resp;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                return closing(error_response(
+                    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    e.to_string(),
+                ));
+            }
+        }
     }
+    closing(error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "sandbox {id} was running on node {node}, which is dead: the sandbox is lost unless that node comes back (kill it to free what the cluster keeps of it)"
+        ),
+    ))
 }
 
 /// Why a call carried to a sandbox's owner got no answer.
@@ -838,8 +890,8 @@ pub async fn traffic(cluster: &Cluster, target: Target, req: Request) -> Respons
         Owner::Dead(info) => match take_over(cluster, &target.sandbox_id).await {
             // Paused here now: the proxy answers as for any paused one
             // (and resumes it if it was created with autoResume).
-            Ok(true) => proxy::forward(cluster.sandboxes(), target, req).await,
-            Ok(false) => {
+            Ok(TakeOver::Taken) => proxy::forward(cluster.sandboxes(), target, req).await,
+            Ok(_) => {
                 count("traffic", "dead");
                 closing(owner_dead(&target.sandbox_id, &info.id))
             }

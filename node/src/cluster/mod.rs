@@ -368,6 +368,19 @@ impl Cluster {
         });
     }
 
+    /// Member `id` if it is live, verified and speaks this mesh protocol
+    /// (not this node).
+    pub(crate) async fn live_member(&self, id: &str) -> Option<NodeInfo> {
+        if id == self.inner.node_id {
+            return None;
+        }
+        self.members()
+            .await
+            .into_iter()
+            .find(|m| m.info.id == id && self.callable(m))
+            .map(|m| m.info)
+    }
+
     /// The ids of the live members other than this node.
     pub(crate) fn live_peer_ids(&self) -> HashSet<String> {
         self.live_peers(|_| true)
