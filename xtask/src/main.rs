@@ -311,6 +311,8 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
             ("SANDMESH_BIN", sandmesh_bin),
             (ARTIFACTS_ENV, manifest.to_string_lossy().into_owned()),
             (REQUIRE_ENV, "1".to_string()),
+            // The fleet tests share one bucket of a real S3 server.
+            (s3s_fs::S3S_FS_ENV, s3s_fs.to_string_lossy().into_owned()),
         ],
     )?;
 

@@ -112,46 +112,57 @@ pub async fn route(cluster: &Cluster, req: Request, next: Next) -> Response {
         Call::Sandbox(id) => match cluster.owner(&id).await {
             Owner::Local if cluster.sandboxes().get(&id).is_some() => next.run(req).await,
             // Nobody has it: the object store may hold it paused.
-            Owner::Local => match take_over(cluster, &id).await {
-                Ok(TakeOver::LostWith(node)) => lost(cluster, &id, &node, is_kill(&req, &id)).await,
-                // The store knows its holder before gossip told this node
-                // (one that just started, say).
-                Ok(TakeOver::HeldBy(node)) => match cluster.live_member(&node).await {
-                    Some(info) => {
-                        cluster.sandboxes().registry().remember(&id, &node);
-                        to_owner(cluster, &id, &info, req).await
-                    }
-                    None => next.run(req).await,
-                },
-                Ok(_) => next.run(req).await,
-                Err(resp) => closing(resp),
-            },
+            Owner::Local => unowned(cluster, &id, Unowned::Nobody, req, next).await,
             Owner::Remote(info) => to_owner(cluster, &id, &info, req).await,
-            // Answered without reading the body: see `http::closing`.
             Owner::Dead(_) | Owner::Unknown(_) if cluster.sandboxes().known_gone(&id) => {
                 next.run(req).await
             }
-            Owner::Dead(info) => match take_over(cluster, &id).await {
-                Ok(TakeOver::Taken) => next.run(req).await,
-                Ok(TakeOver::LostWith(node)) => lost(cluster, &id, &node, is_kill(&req, &id)).await,
-                Ok(_) => {
-                    count("sandbox", "dead");
-                    closing(owner_dead(&id, &info.id))
-                }
-                Err(resp) => closing(resp),
-            },
-            Owner::Unknown(node) => match take_over(cluster, &id).await {
-                Ok(TakeOver::Taken) => next.run(req).await,
-                Ok(TakeOver::LostWith(node)) => lost(cluster, &id, &node, is_kill(&req, &id)).await,
-                Ok(_) => closing(error_response(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "sandbox {id} not found: its node {node} is not a member of this cluster"
-                    ),
-                )),
-                Err(resp) => closing(resp),
-            },
+            Owner::Dead(info) => unowned(cluster, &id, Unowned::Dead(info), req, next).await,
+            Owner::Unknown(node) => unowned(cluster, &id, Unowned::Unknown(node), req, next).await,
         },
+    }
+}
+
+/// Why no live node this node knows of has a sandbox.
+enum Unowned {
+    /// Nobody said they have it.
+    Nobody,
+    /// Its owner is dead.
+    Dead(NodeInfo),
+    /// Its owner is no member this node knows.
+    Unknown(String),
+}
+
+/// A call on sandbox `id`, which no live node this node knows of has: the
+/// object store's claim decides. Paused on a node that is gone: taken over
+/// here and served here. Held by a live node (one that took it over, or
+/// that this node has not heard of yet): carried there. Running on a node
+/// that is gone: lost (see [`lost`]). The store knows nothing: not found,
+/// or the dead owner's 503. Answers without reading the body where it does
+/// not carry the call (see `http::closing`).
+async fn unowned(cluster: &Cluster, id: &str, why: Unowned, req: Request, next: Next) -> Response {
+    match take_over(cluster, id).await {
+        Ok(TakeOver::Taken) => return next.run(req).await,
+        Ok(TakeOver::LostWith(node)) => return lost(cluster, id, &node, is_kill(&req, id)).await,
+        Ok(TakeOver::HeldBy(node)) => {
+            if let Some(info) = cluster.live_member(&node).await {
+                cluster.sandboxes().registry().remember(id, &node);
+                return to_owner(cluster, id, &info, req).await;
+            }
+        }
+        Ok(TakeOver::Unknown) => {}
+        Err(resp) => return closing(resp),
+    }
+    match why {
+        Unowned::Nobody => next.run(req).await,
+        Unowned::Dead(info) => {
+            count("sandbox", "dead");
+            closing(owner_dead(id, &info.id))
+        }
+        Unowned::Unknown(node) => closing(error_response(
+            StatusCode::NOT_FOUND,
+            format!("sandbox {id} not found: its node {node} is not a member of this cluster"),
+        )),
     }
 }
 
@@ -885,18 +896,33 @@ pub async fn find_signed(cluster: &Cluster, method: &Method, query: &str) -> Opt
 /// Sandbox traffic for `target`: to the sandbox here, or over a raw mesh
 /// stream to its owner.
 pub async fn traffic(cluster: &Cluster, target: Target, req: Request) -> Response {
-    match cluster.owner(&target.sandbox_id).await {
-        Owner::Local => proxy::forward(cluster.sandboxes(), target, req).await,
+    let owner = match cluster.owner(&target.sandbox_id).await {
+        // The object store's claim says where it went (see `unowned`).
         Owner::Dead(info) => match take_over(cluster, &target.sandbox_id).await {
             // Paused here now: the proxy answers as for any paused one
             // (and resumes it if it was created with autoResume).
-            Ok(TakeOver::Taken) => proxy::forward(cluster.sandboxes(), target, req).await,
-            Ok(_) => {
-                count("traffic", "dead");
-                closing(owner_dead(&target.sandbox_id, &info.id))
-            }
-            Err(resp) => closing(resp),
+            Ok(TakeOver::Taken) => Owner::Local,
+            Ok(TakeOver::HeldBy(node)) => match cluster.live_member(&node).await {
+                Some(holder) => {
+                    cluster
+                        .sandboxes()
+                        .registry()
+                        .remember(&target.sandbox_id, &node);
+                    Owner::Remote(holder)
+                }
+                None => Owner::Dead(info),
+            },
+            Ok(_) => Owner::Dead(info),
+            Err(resp) => return closing(resp),
         },
+        owner => owner,
+    };
+    match owner {
+        Owner::Local => proxy::forward(cluster.sandboxes(), target, req).await,
+        Owner::Dead(info) => {
+            count("traffic", "dead");
+            closing(owner_dead(&target.sandbox_id, &info.id))
+        }
         Owner::Unknown(node) => closing(error_response(
             StatusCode::BAD_GATEWAY,
             format!(

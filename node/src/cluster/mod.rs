@@ -347,6 +347,11 @@ impl Cluster {
                 for node in newly_dead {
                     let Some(inner) = weak.upgrade() else { return };
                     let cluster = Cluster { inner };
+                    if cluster.state() != NodeState::Ready {
+                        // A draining node takes no new work; the ready
+                        // ones take these (or the first call for one).
+                        continue;
+                    }
                     tokio::spawn(async move {
                         let alive = cluster.live_peer_ids();
                         let alive = |n: &str| alive.contains(n);

@@ -53,11 +53,12 @@ class NodeProcess:
     `key`: the API key to use (added to this node's keys); a new one when
     None. `ip`: the loopback address it listens on. `seeds`: gossip
     addresses of nodes to join (the data dir must then hold a cluster
-    certificate: see `join_cluster`)."""
+    certificate: see `join_cluster`). `extra`: more node arguments; `env`:
+    more environment variables."""
 
-    def __init__(self, data, kill_on_exit=True, key=None, ip="127.0.0.1", seeds=(), extra=()):
+    def __init__(self, data, kill_on_exit=True, key=None, ip="127.0.0.1", seeds=(), extra=(), env=None):
         self.data = data
-        env = dict(os.environ, SANDMESH_GUEST_ARTIFACTS=ARTIFACTS)
+        env = dict(os.environ, SANDMESH_GUEST_ARTIFACTS=ARTIFACTS, **(env or {}))
         if key is None:
             self.key = subprocess.run(
                 [SANDMESH, "apikey", "create", "--data-dir", str(data)],
