@@ -17,6 +17,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -47,7 +48,7 @@ class Node:
     """A node on `data`. `key`: an API key to accept (a new one when None);
     `ip`, `seeds`: where it listens and which gossip addresses it joins."""
 
-    def __init__(self, data, key=None, ip="127.0.0.1", seeds=()):
+    def __init__(self, data, key=None, ip="127.0.0.1", seeds=(), extra=(), env=None):
         self.data = data
         os.makedirs(data, exist_ok=True)
         if key is None:
@@ -63,7 +64,9 @@ class Node:
                "--kill-sandboxes-on-exit", "--max-sandboxes", "100"]
         for seed in seeds:
             cmd += ["--seed", seed]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        cmd += list(extra)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=dict(os.environ, **(env or {})))
         line = self.proc.stdout.readline().strip()
         if not line.startswith("listening on "):
             raise SystemExit(f"the node did not start: {line!r} (log: {data}/node.log)")
@@ -242,6 +245,113 @@ def pause_to_store(node):
                f"{p50(dedup) * 100:.0f} % (median of 5)")
 
 
+def resume_elsewhere(node):
+    """Two nodes sharing one bucket of a real S3 server on loopback
+    (s3s-fs, SANDMESH_S3S_FS): pause to S3, resume on the same node, and
+    resume through the other node after the first was killed with -9 (the
+    other takes the sandbox over from the store, fetches and restores it)."""
+    from e2b import Sandbox
+
+    binary = os.environ.get("SANDMESH_S3S_FS")
+    if not binary:
+        print("bench_node: resume_elsewhere skipped: no SANDMESH_S3S_FS", file=sys.stderr, flush=True)
+        return
+    base = tempfile.mkdtemp(prefix="smh-bench-s3-")
+    root = os.path.join(base, "s3")
+    os.makedirs(os.path.join(root, "bench"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    s3 = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", str(port), "--access-key", "bench",
+                           "--secret-key", "bench-secret", root], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
+    extra = ["--object-store", f"s3://bench?endpoint=http://127.0.0.1:{port}&region=us-east-1"]
+    keeper_dir, mover_dir = os.path.join(base, "keeper"), os.path.join(base, "mover")
+    subprocess.run([SANDMESH, "cluster", "init", "--data-dir", keeper_dir, "--node-id", "keeper"],
+                   check=True, capture_output=True, text=True)
+    token = subprocess.run([SANDMESH, "cluster", "join-token", "--data-dir", keeper_dir, "--node-id", "mover"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run([SANDMESH, "cluster", "join", "--data-dir", mover_dir, "--token", token],
+                   check=True, capture_output=True, text=True)
+    deadline = time.monotonic() + 30
+    while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        if time.monotonic() > deadline:
+            raise SystemExit("s3s-fs did not listen")
+        time.sleep(0.05)
+    # The keeper is drained: every create lands on the mover, which is
+    # the node killed each round.
+    keeper = Node(keeper_dir, key=node.key, ip="127.0.0.3", extra=extra, env=env)
+    keeper.http.post("/node/drain").raise_for_status()
+    mover = None
+
+    def start_mover():
+        m = Node(mover_dir, key=node.key, ip="127.0.0.4", seeds=[keeper.gossip], extra=extra, env=env)
+        wait_view(keeper, lambda v: v.get("mover") == ("ready", True), "the mover ready")
+        return m
+
+    def wait_view(n, check, what):
+        deadline = time.monotonic() + 60
+        while True:
+            view = {x["nodeID"]: (x["state"], x["verified"] and x["actors"])
+                    for x in n.http.get("/cluster").json()["nodes"]}
+            if check(view):
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"waiting for {what}: {view}")
+            time.sleep(0.1)
+
+    def point(n):
+        os.environ.update(E2B_API_URL=n.url, E2B_SANDBOX_URL=n.url)
+
+    pauses, local, elsewhere = [], [], []
+    try:
+        for _ in range(5):
+            mover = start_mover()
+            point(keeper)
+            for attempt in range(50):
+                try:
+                    sbx = Sandbox.create(timeout=300)
+                    break
+                except Exception:
+                    # The keeper's actor session with the new mover opens
+                    # a moment after gossip shows it ready.
+                    if attempt == 49:
+                        raise
+                    time.sleep(0.2)
+            sbx.commands.run("sh -c 'while :; do sleep 1; done' >/dev/null 2>&1 &")
+            t0 = time.perf_counter()
+            assert sbx.pause()
+            pauses.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            Sandbox.connect(sbx.sandbox_id)
+            local.append(time.perf_counter() - t0)
+            assert sbx.pause()
+            mover.proc.kill()
+            mover.proc.wait()
+            wait_view(keeper, lambda v: v.get("mover", ("dead",))[0] == "dead", "the mover dead")
+            t0 = time.perf_counter()
+            moved = Sandbox.connect(sbx.sandbox_id)
+            elsewhere.append(time.perf_counter() - t0)
+            moved.commands.run("true")
+            moved.kill()
+        mover = start_mover()
+    finally:
+        point(node)
+        for n in (mover, keeper):
+            if n is not None:
+                n.stop()
+        s3.kill()
+        s3.wait()
+        shutil.rmtree(base, ignore_errors=True)
+    emit_timed("store: pause to an S3 store (s3s-fs on loopback)", pauses)
+    emit_timed("store: resume on the same node (local copy)", local)
+    emit_timed("store: resume through another node after its node was killed -9 (take-over, fetch from S3, restore)",
+               elsewhere)
+    emit_value("store: resume on another node / local resume, p50 ratio (goal <= 1.3x)",
+               f"{p50(elsewhere) / p50(local):.2f}x")
+
+
 def sustained_creates(node, seconds=30, workers=4):
     """Creates per second over `seconds`, `workers` clients each creating
     and killing in a loop."""
@@ -355,8 +465,11 @@ def main():
     os.environ.update(E2B_API_URL=node.url, E2B_SANDBOX_URL=node.url, E2B_API_KEY=node.key,
                       NO_PROXY="127.0.0.1,localhost")
     try:
-        for bench in (sdk_create, sdk_run_true, rest_create, pause_dirty, pause_to_store, sustained_creates,
-                      cluster_hop):
+        only = os.environ.get("SANDMESH_BENCH_ONLY")
+        for bench in (sdk_create, sdk_run_true, rest_create, pause_dirty, pause_to_store, resume_elsewhere,
+                      sustained_creates, cluster_hop):
+            if only and bench.__name__ not in only.split(","):
+                continue
             print(f"bench_node: {bench.__name__}", file=sys.stderr, flush=True)
             bench(node)
     finally:
