@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod ops;
 pub mod proxy;
 pub mod server;
+pub mod store_cli;

@@ -50,6 +50,10 @@ enum Command {
     /// API keys for the REST API (stored hashed in the data directory).
     #[command(subcommand)]
     Apikey(ApikeyCommand),
+    /// The object store the nodes publish snapshots to: list what is in
+    /// it, collect garbage. Works with every node down.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Guest kernel tools.
     #[command(subcommand)]
     Kernel(KernelCommand),
@@ -284,6 +288,39 @@ struct VmmArgs {
 }
 
 #[derive(Subcommand)]
+enum StoreCommand {
+    /// List the snapshots: paused sandboxes (and the node that holds
+    /// each), user snapshots; size and age. Then the sandboxes recorded
+    /// running, and where.
+    Ls {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Delete the chunks no snapshot refers to any more. Nodes do this
+    /// hourly; this is for a store no node runs against.
+    Gc {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Keep unreferenced chunks younger than this many seconds (an
+        /// upload in flight has chunks but no manifest yet).
+        #[arg(long, default_value_t = 7200)]
+        grace_secs: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// The store, as given to `sandmesh node --object-store` (credentials
+    /// for s3:// from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
+    #[arg(long, env = "SANDMESH_OBJECT_STORE", value_name = "URL")]
+    object_store: Option<actors::objects::StoreUrl>,
+    /// Without --object-store: the node data directory whose default
+    /// store (`<data-dir>/objects`) to use.
+    #[arg(long, env = "SANDMESH_DATA_DIR", default_value = "./.sandmesh")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
 enum KernelCommand {
     /// Check that a kernel image can be booted by the sandmesh VMM: an
     /// uncompressed x86-64 ELF vmlinux with the options the guest needs.
@@ -313,6 +350,14 @@ fn main() -> std::process::ExitCode {
             )
         }
         Command::Cluster(c) => cluster_command(c),
+        Command::Store(StoreCommand::Ls { store }) => remote_run(|| async move {
+            let objects = node::store_cli::open(store.object_store, &store.data_dir)?;
+            node::store_cli::list(&objects).await
+        }),
+        Command::Store(StoreCommand::Gc { store, grace_secs }) => remote_run(|| async move {
+            let objects = node::store_cli::open(store.object_store, &store.data_dir)?;
+            node::store_cli::gc(&objects, std::time::Duration::from_secs(grace_secs)).await
+        }),
         Command::Apikey(ApikeyCommand::Create { data_dir }) => apikey_create(&data_dir),
         Command::Apikey(ApikeyCommand::Add { data_dir }) => apikey_add(&data_dir),
     };

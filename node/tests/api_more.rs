@@ -639,6 +639,22 @@ async fn paused_sandboxes_are_published_and_resume_from_the_object_store() {
         (ClaimState::Paused, running.epoch + 1, running.node.as_str())
     );
     assert_eq!(paused.snapshot, objects.list(&prefix).await.unwrap().pop());
+    // What an operator sees of it.
+    let ls = std::process::Command::new(env!("CARGO_BIN_EXE_sandmesh"))
+        .args(["store", "ls", "--object-store"])
+        .arg(format!("file://{}", objects_dir.display()))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&ls.stdout);
+    assert!(ls.status.success(), "{table}");
+    let line = table
+        .lines()
+        .find(|l| l.starts_with(paused.snapshot.as_deref().unwrap_or("?")))
+        .unwrap_or_else(|| panic!("sandmesh store ls does not list the snapshot:\n{table}"));
+    assert!(
+        line.contains(&format!("{id} (paused on {})", running.node)) && line.contains("pause"),
+        "{line}"
+    );
 
     // ---- another node took it over while this one was cut off: this
     // node's copy is stale; its resume says so and drops the copy
