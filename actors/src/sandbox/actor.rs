@@ -423,14 +423,8 @@ impl SandboxState {
         // The snapshot is the sandbox only once the claim says so: until
         // then another node that took the sandbox over would resume its
         // own older snapshot.
-        let claim = match objects
-            .write_claim(
-                self.id.as_str(),
-                self.record.claim_epoch,
-                ClaimState::Paused,
-                &self.shared.node_id,
-                Some(&name),
-            )
+        let claim = match self
+            .write_own_claim(&objects, ClaimState::Paused, Some(&name))
             .await
         {
             Ok(c) => c,
@@ -472,20 +466,11 @@ impl SandboxState {
         state: ClaimState,
         snapshot: Option<&str>,
     ) -> Result<(), SandboxError> {
-        let (Some(objects), Some(after)) = (self.shared.objects.clone(), self.record.claim_epoch)
+        let (Some(objects), Some(_)) = (self.shared.objects.clone(), self.record.claim_epoch)
         else {
             return Ok(());
         };
-        match objects
-            .write_claim(
-                self.id.as_str(),
-                Some(after),
-                state,
-                &self.shared.node_id,
-                snapshot,
-            )
-            .await
-        {
+        match self.write_own_claim(&objects, state, snapshot).await {
             Ok(claim) => {
                 self.record.claim_epoch = Some(claim.epoch);
                 self.save(None)
@@ -499,6 +484,32 @@ impl SandboxState {
                 self.record.id,
                 objects.describe()
             ))),
+        }
+    }
+
+    /// Write the sandbox's next claim, naming this node, after the one
+    /// this node wrote last. A claim in force that names this node is this
+    /// node's own (a write whose answer was lost): the write follows it.
+    async fn write_own_claim(
+        &mut self,
+        objects: &crate::objects::SnapshotStore,
+        state: ClaimState,
+        snapshot: Option<&str>,
+    ) -> Result<crate::objects::Claim, ObjectsError> {
+        let me = self.shared.node_id.clone();
+        let id = self.id.as_str().to_owned();
+        match objects
+            .write_claim(&id, self.record.claim_epoch, state, &me, snapshot)
+            .await
+        {
+            Err(ObjectsError::ClaimTaken {
+                current: Some(c), ..
+            }) if c.node == me => {
+                objects
+                    .write_claim(&id, Some(c.epoch), state, &me, snapshot)
+                    .await
+            }
+            r => r,
         }
     }
 

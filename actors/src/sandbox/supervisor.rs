@@ -54,7 +54,7 @@ pub(crate) async fn readopt(
             RecordState::Paused => complete || record.snapshot_object.is_some(),
             RecordState::Creating | RecordState::Pausing => false,
         } && known_template(&record.template);
-        if usable && !still_ours(shared, &record).await {
+        if usable && !still_ours(shared, &mut record).await {
             let forgotten = match SandboxId::new(record.id.clone()) {
                 Ok(id) => forget(shared, &id, record.snapshot_dir.as_deref()).await,
                 Err(_) => shared.store.remove_sandbox(&record.id).map_err(Into::into),
@@ -133,12 +133,24 @@ impl ractor::Message for SupervisorMsg {}
 /// sandbox over, or that a sandbox was killed through another node while
 /// this one was dead). A store that cannot be asked now leaves the answer
 /// to the resume, which claims the sandbox first.
-async fn still_ours(shared: &Shared, record: &SandboxRecord) -> bool {
-    let (Some(objects), Some(epoch)) = (&shared.objects, record.claim_epoch) else {
+///
+/// A claim naming this node is this node's whatever its epoch (a write
+/// whose answer was lost leaves the record one behind): the record takes
+/// its epoch.
+async fn still_ours(shared: &Shared, record: &mut SandboxRecord) -> bool {
+    let (Some(objects), Some(_)) = (&shared.objects, record.claim_epoch) else {
         return true;
     };
     match objects.claim(&record.id).await {
-        Ok(Some(c)) if c.node == shared.node_id && c.epoch == epoch => true,
+        Ok(Some(c)) if c.node == shared.node_id => {
+            if record.claim_epoch != Some(c.epoch) {
+                record.claim_epoch = Some(c.epoch);
+                if let Err(e) = shared.store.put_sandbox(record) {
+                    tracing::warn!(sandbox = %record.id, "saving the claim's epoch: {e}");
+                }
+            }
+            true
+        }
         Ok(current) => {
             let now = current.map_or_else(|| "no claim (killed)".to_owned(), |c| c.to_string());
             tracing::warn!(sandbox = %record.id, "sandbox held elsewhere now ({now}): dropping this node's copy");
