@@ -40,7 +40,7 @@ enum Row {
 
 /// The node driven by the unmodified E2B SDK (`node/tests/sdk/bench_node.py`)
 /// on the release `sandmesh` binary.
-fn node_bench(root: &Path, manifest_path: &Path, python: &Path) -> Result<Vec<Row>> {
+fn node_bench(root: &Path, manifest_path: &Path, python: &Path, s3s_fs: &Path) -> Result<Vec<Row>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     crate::run::status(Command::new(&cargo).current_dir(root).args([
         "build",
@@ -56,6 +56,7 @@ fn node_bench(root: &Path, manifest_path: &Path, python: &Path) -> Result<Vec<Ro
             .arg("node/tests/sdk/bench_node.py")
             .env("SANDMESH_BIN", root.join("target/release/sandmesh"))
             .env(schema::guest::ARTIFACTS_ENV, manifest_path)
+            .env(crate::s3s_fs::S3S_FS_ENV, s3s_fs)
             .stderr(Stdio::inherit()),
     )?;
     parse_rows(&out).context("reading bench_node.py")
@@ -74,6 +75,7 @@ pub fn run(
     manifest_path: &Path,
     manifest: &GuestArtifacts,
     python: &Path,
+    s3s_fs: &Path,
     report: &Path,
 ) -> Result<()> {
     let envd = manifest.rootfs_dir.join("usr/local/bin/envd");
@@ -100,7 +102,7 @@ pub fn run(
         )?;
         rows.extend(parse_rows(&out).with_context(|| format!("reading {package}/{example}"))?);
     }
-    rows.extend(node_bench(root, manifest_path, python)?);
+    rows.extend(node_bench(root, manifest_path, python, s3s_fs)?);
     let mut md = String::from("# Benchmarks\n\n");
     md += &format!("- machine: {}\n", machine());
     md += &format!("- date: {}\n", date());

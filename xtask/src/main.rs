@@ -466,12 +466,15 @@ fn bench(root: &Path, nested: bool, firecracker: Option<&Path>) -> Result<()> {
         );
     }
     runsc::provide(&cache::Cache::open()?)?;
+    // The S3 server of the cross-node resume benchmark.
+    let s3s_fs = s3s_fs::provide(&cache::Cache::open()?)?;
     let python = python::sdk_python(&cache::Cache::open()?, root)?;
     bench::run(
         root,
         &manifest_path(root),
         &manifest,
         &python,
+        &s3s_fs,
         &root.join("BENCHMARKS.md"),
     )
 }
