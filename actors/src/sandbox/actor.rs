@@ -28,6 +28,9 @@ pub enum SandboxMsg {
     /// that if the node dies the others can say it was lost with it (and
     /// kill it). Sent by the actor to itself once the create answered.
     ClaimCreated,
+    /// Fetch the paused sandbox's snapshot from the object store now, so
+    /// that its resume is local (sent after a take-over).
+    Prefetch,
     /// Save a copy of the running sandbox into the new directory `dest`
     /// and keep it running (snapshots and forks start from the copy).
     Copy {
@@ -906,6 +909,13 @@ impl Actor for SandboxActor {
                             tracing::warn!(sandbox = %st.id, "recording the new sandbox in the object store: {e}")
                         }
                     }
+                }
+            }
+            SandboxMsg::Prefetch => {
+                if st.record.state == RecordState::Paused
+                    && let Err(e) = st.local_snapshot().await
+                {
+                    tracing::warn!(sandbox = %st.id, "fetching the snapshot ahead of a resume: {e}");
                 }
             }
             SandboxMsg::Copy { dest, reply } => {

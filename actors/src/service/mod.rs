@@ -781,7 +781,13 @@ impl Sandboxes {
         let mut taken = 0;
         for id in held {
             match self.take_over(&id, alive).await {
-                Ok(TakeOver::Taken) => taken += 1,
+                Ok(TakeOver::Taken) => {
+                    taken += 1;
+                    // Resumes here will be local: calls for it come here.
+                    if let Ok(actor) = self.actor(&id) {
+                        let _ = actor.cast(SandboxMsg::Prefetch);
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(sandbox = %id, "taking over a paused sandbox of dead node {dead}: {e}")
