@@ -408,16 +408,6 @@ impl SandboxState {
                 Err(e) => tracing::warn!(sandbox = %self.id, "previous snapshot {name}: {e}"),
             }
         }
-        // What the sandbox did not change of its booted template.
-        if let Some(m) = self
-            .shared
-            .template_manifests
-            .lock()
-            .unwrap()
-            .get(&self.record.template)
-        {
-            known.push(m.clone());
-        }
         let known = KnownChunks::from_manifests(&known);
         let name = format!("sandboxes/{}/{}", self.id, now_ms());
         let mut record = self.record.clone();

@@ -182,11 +182,6 @@ pub struct Shared {
     /// Where pause snapshots are published (`None`: local only — tests of
     /// the lifecycle alone).
     pub(crate) objects: Option<crate::objects::SnapshotStore>,
-    /// The manifests of this node's template snapshots in the object store
-    /// (`templates/<node>/<template>`), by template name: a pause
-    /// deduplicates against its template's (what it did not change of the
-    /// booted template is not sent again).
-    pub(crate) template_manifests: Mutex<HashMap<String, crate::objects::Manifest>>,
 }
 
 impl Shared {

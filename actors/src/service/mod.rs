@@ -244,7 +244,6 @@ impl Sandboxes {
             reservations: Mutex::new(HashMap::new()),
             snapshots_dir: config.snapshots_dir.clone(),
             objects: config.objects.clone(),
-            template_manifests: Mutex::new(HashMap::new()),
         });
         std::fs::create_dir_all(&config.snapshots_dir).map_err(|e| {
             SandboxError::Io(format!(
@@ -254,7 +253,6 @@ impl Sandboxes {
         })?;
         let names: std::collections::HashSet<String> =
             prepared.iter().map(|t| t.name().to_owned()).collect();
-        publish_template_snapshots(&shared, &prepared);
         let front = crate::directory::FrontSlot::default();
         let registry = crate::directory::Registry::default();
         let args = NodeArgs {
@@ -1018,49 +1016,6 @@ fn runtime_name(r: &SandboxRecord) -> RuntimeName {
     } else {
         RuntimeName::Gvisor
     }
-}
-
-/// Publish this node's template snapshots to the object store, in the
-/// background (`templates/<node>/<template>`, replacing the last run's),
-/// and keep their manifests: pauses deduplicate against them. A failure
-/// only costs that dedup.
-fn publish_template_snapshots(shared: &Arc<Shared>, templates: &[TemplateEntry]) {
-    let Some(objects) = shared.objects.clone() else {
-        return;
-    };
-    let snapshots: Vec<(String, std::path::PathBuf)> = templates
-        .iter()
-        .filter_map(|t| {
-            let dir = t.template.snapshot.as_ref()?.dir.clone();
-            Some((t.name().to_owned(), dir))
-        })
-        .collect();
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        for (template, dir) in snapshots {
-            let name = format!("templates/{}/{template}", shared.node_id);
-            let metadata = crate::objects::SnapshotMetadata {
-                kind: "template".into(),
-                template_id: Some(template.clone()),
-                runtime: Some(shared.runtime.kind().to_string()),
-                sandbox_id: None,
-                extra: serde_json::Value::Null,
-            };
-            let known = crate::objects::KnownChunks::new();
-            match objects.put_dir(&dir, &name, metadata, &known).await {
-                Ok((manifest, stats)) => {
-                    tracing::info!(%template, snapshot = %name, chunks = stats.chunks,
-                        uploaded = stats.uploaded_chunks, "template snapshot published");
-                    shared
-                        .template_manifests
-                        .lock()
-                        .unwrap()
-                        .insert(template, manifest);
-                }
-                Err(e) => tracing::warn!(%template, "publishing the template snapshot: {e}"),
-            }
-        }
-    });
 }
 
 /// Shuffle `items` in place (Fisher-Yates over OS randomness; order only,

@@ -179,16 +179,6 @@ impl Sandboxes {
         {
             known.push(m);
         }
-        if let Some(m) = self
-            .inner
-            .shared
-            .template_manifests
-            .lock()
-            .unwrap()
-            .get(&source.template)
-        {
-            known.push(m.clone());
-        }
         let known = KnownChunks::from_manifests(&known);
         let published = objects.put_dir(&dir, &name, metadata, &known).await;
         let cache = self.snapshot_cache(&snapshot_id);
