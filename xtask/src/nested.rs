@@ -297,7 +297,12 @@ pub fn run_in(l1: &L1, spec: &RunSpec<'_>) -> Result<Ran> {
         .arg(&l1.initramfs)
         .args([
             "-append",
-            &format!("console=ttyS0 quiet panic=-1 sandmesh.run={run_arg}"),
+            // A periodic tick (`highres=off nohz=off`: the local APIC
+            // timer reloads itself) so a timer interrupt the emulation
+            // loses costs one tick; with the default one-shot timer the
+            // kernel waits for that interrupt for ever (see
+            // `GIVE_UP_AFTER_POKES`).
+            &format!("console=ttyS0 quiet panic=-1 highres=off nohz=off sandmesh.run={run_arg}"),
         ])
         .args([
             "-virtfs",
@@ -340,16 +345,21 @@ pub fn run_in(l1: &L1, spec: &RunSpec<'_>) -> Result<Ran> {
         let _ = tx.send(());
     });
     let mut stall = StallWatch::new(child.id(), &console, run_dir.join("monitor.sock"));
-    let timed_out = loop {
+    let ended = loop {
         if child.try_wait()?.is_some() {
-            break false;
+            break Ended::Exited;
         }
         if started.elapsed() > spec.timeout {
             let _ = child.kill();
             let _ = child.wait();
-            break true;
+            break Ended::TimedOut;
         }
         stall.check();
+        if stall.unanswered >= GIVE_UP_AFTER_POKES {
+            let _ = child.kill();
+            let _ = child.wait();
+            break Ended::AsleepForGood;
+        }
         let _ = rx.recv_timeout(Duration::from_millis(200));
     };
     if stall.pokes > 0 {
@@ -360,12 +370,38 @@ pub fn run_in(l1: &L1, spec: &RunSpec<'_>) -> Result<Ran> {
     }
     let _ = out_thread.join();
     let qemu_errors = err_thread.join().unwrap_or_default();
-    if timed_out {
-        bail!(
+    match ended {
+        Ended::Exited => {}
+        // A stalled L1 is the emulator's failure, not a verdict on the
+        // command: the caller may run it again on a fresh L1.
+        Ended::AsleepForGood => {
+            println!(
+                "L1 stayed asleep through {GIVE_UP_AFTER_POKES} key presses in a row and was \
+                 killed after {:.0}s; its console is {}",
+                started.elapsed().as_secs_f64(),
+                console.display()
+            );
+            return Ok(Ran {
+                code: STALLED,
+                stalls: stall.pokes,
+            });
+        }
+        Ended::TimedOut if stall.pokes > 0 => {
+            println!(
+                "L1 ran past its limit of {:?} after stalling and was killed; its console is {}",
+                spec.timeout,
+                console.display()
+            );
+            return Ok(Ran {
+                code: STALLED,
+                stalls: stall.pokes,
+            });
+        }
+        Ended::TimedOut => bail!(
             "L1 ran past its limit of {:?} and was killed; its console is {}",
             spec.timeout,
             console.display()
-        );
+        ),
     }
     let status = std::fs::read_to_string(run_dir.join("status")).map_err(|_| {
         anyhow::anyhow!(
@@ -389,6 +425,27 @@ pub fn run_in(l1: &L1, spec: &RunSpec<'_>) -> Result<Ran> {
     })
 }
 
+/// How a run of L1 ended.
+enum Ended {
+    /// QEMU exited: L1 powered off (the command's status is in the run
+    /// directory, or L1 crashed).
+    Exited,
+    TimedOut,
+    /// Poked [`GIVE_UP_AFTER_POKES`] times in a row without a sign of life.
+    AsleepForGood,
+}
+
+/// The exit status [`Ran`] reports for an L1 killed because it stalled.
+pub const STALLED: i32 = -2;
+
+/// Key presses in a row, each after a silent and idle [`STALL_WINDOW`],
+/// after which L1 is given up for dead. A CI run (2026-12-07) poked an L1
+/// 27 times over 20 minutes and it never woke: its local APIC timer was
+/// one-shot, expired (count 0) and unmasked, so the kernel waited for a
+/// timer interrupt the emulation had lost, and no other interrupt makes it
+/// reprogram the timer. Waiting longer only delays the rerun.
+const GIVE_UP_AFTER_POKES: u32 = 4;
+
 /// How long L1 may be both silent (no console output) and idle (QEMU using
 /// almost no CPU) before it is poked.
 const STALL_WINDOW: Duration = Duration::from_secs(45);
@@ -409,6 +466,8 @@ struct StallWatch {
     console_len: u64,
     cpu_ticks: u64,
     pokes: u32,
+    /// Pokes since L1 last printed or used the CPU.
+    unanswered: u32,
 }
 
 impl StallWatch {
@@ -421,6 +480,7 @@ impl StallWatch {
             console_len: 0,
             cpu_ticks: cpu_ticks(qemu_pid),
             pokes: 0,
+            unanswered: 0,
         }
     }
 
@@ -456,6 +516,9 @@ impl StallWatch {
                 println!("  (cannot reach QEMU's monitor: {e})");
             }
             self.pokes += 1;
+            self.unanswered += 1;
+        } else {
+            self.unanswered = 0;
         }
         self.since = Instant::now();
         self.console_len = len;
