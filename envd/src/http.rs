@@ -1,4 +1,4 @@
-//! envd's plain HTTP endpoints: `/health`, `/init`, `/envs`, `/metrics`,
+//! envd's plain HTTP endpoints: `/health`, `/init`, `/envs`, `/metrics`, `/sync`,
 //! and the access-token check every other request passes.
 
 use std::collections::HashMap;
@@ -257,6 +257,18 @@ pub struct Metrics {
     pub mem_cache: u64,
     pub disk_used: u64,
     pub disk_total: u64,
+}
+
+/// `POST /sync`: write every cached file change through to the disk
+/// (sync(2)), answering 204 when done. Not in E2B's envd: the node calls
+/// it before it copies the sandbox's disk for a filesystem-only snapshot,
+/// which a fresh boot reads without the guest's page cache.
+pub async fn sync() -> Result<StatusCode, ApiError> {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    tokio::task::spawn_blocking(|| unsafe { libc::sync() })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn metrics(AxState(state): AxState<Arc<State>>) -> Result<Json<Metrics>, ApiError> {

@@ -3,7 +3,7 @@
 //! It serves, on one port (49983, TCP and vsock):
 //! - the Connect RPC services `process.Process` and `filesystem.Filesystem`
 //!   (`connect/` is the protocol, `process/` and `filesystem/` the services);
-//! - plain HTTP: `/health`, `/init`, `/envs`, `/metrics` (`http.rs`) and
+//! - plain HTTP: `/health`, `/init`, `/envs`, `/metrics`, `/sync` (`http.rs`) and
 //!   `/files` upload/download (`files.rs`).
 //!
 //! The same binary runs as a plain host process serving a directory as the
@@ -40,6 +40,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/init", post(http::init))
         .route("/envs", get(http::envs))
         .route("/metrics", get(http::metrics))
+        .route("/sync", post(http::sync))
         .merge(files::routes())
         .fallback(move |req: Request| {
             let rpc = rpc.clone();

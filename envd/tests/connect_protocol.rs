@@ -220,3 +220,34 @@ async fn serves_http2_cleartext() {
     assert_eq!(resp.status().as_u16(), 200);
     assert!(resp.json::<serde_json::Value>().await.unwrap().is_object());
 }
+
+#[tokio::test]
+async fn sync_needs_the_token_and_answers_204() {
+    let envd = Envd::start();
+    let sync = |token: Option<&str>| {
+        let mut req = envd.http.post(format!("{}/sync", envd.url));
+        if let Some(t) = token {
+            req = req.header("x-access-token", t);
+        }
+        req.send()
+    };
+    assert_eq!(sync(None).await.unwrap().status().as_u16(), 204);
+    let init = envd
+        .http
+        .post(format!("{}/init", envd.url))
+        .json(&json!({"accessToken": "s3cret"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(init.status().as_u16(), 204);
+    assert_eq!(sync(None).await.unwrap().status().as_u16(), 401);
+    assert_eq!(sync(Some("s3cret")).await.unwrap().status().as_u16(), 204);
+    let get = envd
+        .http
+        .get(format!("{}/sync", envd.url))
+        .header("x-access-token", "s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status().as_u16(), 405, "only POST syncs");
+}

@@ -237,7 +237,8 @@ struct VmmArgs {
     #[arg(long, required_unless_present = "restore")]
     rootfs: Option<PathBuf>,
     /// Copy-on-write overlay for the root disk (created; a temporary file
-    /// removed at exit when absent). With --restore: this VM's copy of the
+    /// removed at exit when absent; one that exists with its .map beside
+    /// it is booted onto as it is). With --restore: this VM's copy of the
     /// snapshot's overlay, its .map beside it (the snapshot's own when
     /// absent; needed with --jail-dir).
     #[arg(long)]

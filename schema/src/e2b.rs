@@ -426,8 +426,8 @@ pub struct SandboxLogsV2 {
 pub struct SnapshotRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// `false`: the filesystem only (E2B's `mode="filesystem"`). Not
-    /// supported: a snapshot here always holds memory too.
+    /// `false`: the filesystem only (E2B's `mode="filesystem"`): sandboxes
+    /// created from it boot afresh with its files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<bool>,
 }

@@ -250,6 +250,13 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
         jail::process::close_inherited_fds()?;
     }
     let image = validate(cfg)?;
+    // An overlay already there with its map is the disk's state to boot
+    // onto (a filesystem-only snapshot's); otherwise the disk starts as
+    // the base image.
+    let onto_overlay = cfg
+        .overlay
+        .as_ref()
+        .is_some_and(|o| CowPaths::new(&cfg.rootfs, o).map.is_file() && o.is_file());
     let kvm = Kvm::new().map_err(RunError::Kvm)?;
     let console =
         File::create(&cfg.console_log).map_err(|e| path_err("console log", &cfg.console_log, e))?;
@@ -261,7 +268,7 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
                 &HostDisks {
                     rootfs: cfg.rootfs.clone(),
                     overlay: cfg.overlay.clone(),
-                    keep_overlay: false,
+                    keep_overlay: onto_overlay,
                     snapshots: Vec::new(),
                 },
             )?;
@@ -300,7 +307,12 @@ pub fn run(cfg: &VmmConfig) -> Result<ExitReason, RunError> {
     if cfg.overlay.is_none() {
         temp.0 = Some(disk_paths.clone());
     }
-    let disk = CowDisk::create(disk_paths).map_err(|e| RunError::Disk(e.to_string()))?;
+    let disk = if onto_overlay {
+        CowDisk::open(disk_paths)
+    } else {
+        CowDisk::create(disk_paths)
+    }
+    .map_err(|e| RunError::Disk(e.to_string()))?;
     let block = Block::new("sandmesh-root", Box::new(disk), false)
         .map_err(|e| RunError::Disk(e.to_string()))?;
     let blk_slot = machine.add_block_device(Arc::new(Mutex::new(block)))?;

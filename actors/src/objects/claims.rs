@@ -208,13 +208,10 @@ impl SnapshotStore {
         if epochs.last().is_some_and(|&e| e > claim.epoch) {
             return Err(taken(self.claim(sandbox_id).await?));
         }
-        for old in epochs.into_iter().filter(|&e| e < claim.epoch) {
-            let path = claim_path(sandbox_id, old);
-            match self.store.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                // A leftover epoch only costs a listing entry.
-                Err(e) => tracing::warn!(object = %path, "removing an old claim: {e}"),
-            }
+        let older = epochs.into_iter().filter(|&e| e < claim.epoch);
+        if let Err(e) = self.delete_epochs(sandbox_id, older).await {
+            // A leftover epoch only costs a listing entry.
+            tracing::warn!(sandbox = %sandbox_id, "removing an old claim: {e}");
         }
         Ok(claim)
     }
@@ -252,7 +249,18 @@ impl SnapshotStore {
     /// Delete every claim of sandbox `sandbox_id` (it was killed).
     pub async fn forget_claims(&self, sandbox_id: &str) -> Result<(), ObjectsError> {
         check_sandbox_id(sandbox_id)?;
-        for epoch in self.claim_epochs(sandbox_id).await? {
+        let epochs = self.claim_epochs(sandbox_id).await?;
+        self.delete_epochs(sandbox_id, epochs).await
+    }
+
+    /// Delete claims `epochs` of sandbox `sandbox_id` (gone already is
+    /// fine); stops at the first the store refuses.
+    async fn delete_epochs(
+        &self,
+        sandbox_id: &str,
+        epochs: impl IntoIterator<Item = u64>,
+    ) -> Result<(), ObjectsError> {
+        for epoch in epochs {
             let path = claim_path(sandbox_id, epoch);
             match self.store.delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}

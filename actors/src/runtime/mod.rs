@@ -276,6 +276,18 @@ pub struct Snapshot {
     pub runtime: RuntimeKind,
 }
 
+/// What a runtime starts a sandbox from.
+#[derive(Debug, Clone)]
+pub(crate) enum Origin {
+    /// The template's root tree, booted.
+    Boot,
+    /// The template's root tree with the filesystem changes of the
+    /// snapshot in this directory over it, booted.
+    Files(PathBuf),
+    /// The snapshot in this directory, restored.
+    Restore(PathBuf),
+}
+
 /// A running sandbox, as `create` and `restore` return it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instance {
@@ -531,6 +543,24 @@ pub trait Runtime: Send + Sync {
     /// `snapshot`, a snapshot of a sandbox made from `template`. Returns
     /// once envd answers `/health`; the snapshot is left unchanged.
     fn restore<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        template: &'a Template,
+        snapshot: &'a Snapshot,
+        limits: Limits,
+    ) -> BoxFuture<'a, Result<Instance>>;
+
+    /// Make `snapshot` (written by `checkpoint`) filesystem-only: drop its
+    /// memory, keep the sandbox's filesystem changes, which is all
+    /// [`Runtime::boot_with_files`] uses. E2B's `mode="filesystem"`: much
+    /// smaller, and sandboxes made from it start fresh processes.
+    fn keep_files_only<'a>(&'a self, snapshot: &'a Snapshot) -> BoxFuture<'a, Result<()>>;
+
+    /// Start sandbox `id` by booting `template`'s root tree with the
+    /// filesystem changes of `snapshot` over it (its memory, if it has any,
+    /// is not used). Returns once envd answers `/health`; the snapshot is
+    /// left unchanged.
+    fn boot_with_files<'a>(
         &'a self,
         id: &'a SandboxId,
         template: &'a Template,

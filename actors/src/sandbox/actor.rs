@@ -1,7 +1,7 @@
 //! [`SandboxActor`]: owns one sandbox — its create, deadline, pause,
 //! resume and kill — so that runtime calls for one id never overlap.
 
-use super::envd::init_envd;
+use super::envd::{envd_sync, init_envd};
 use super::*;
 use crate::objects::{ClaimState, KnownChunks, ObjectsError, SnapshotMetadata};
 
@@ -32,9 +32,12 @@ pub enum SandboxMsg {
     /// that its resume is local (sent after a take-over).
     Prefetch,
     /// Save a copy of the running sandbox into the new directory `dest`
-    /// and keep it running (snapshots and forks start from the copy).
+    /// and keep it running (snapshots and forks start from the copy);
+    /// `files_only`: its filesystem alone (the guest's cached writes
+    /// flushed first), for sandboxes that boot afresh from it.
     Copy {
         dest: std::path::PathBuf,
+        files_only: bool,
         reply: RpcReplyPort<Result<SandboxRecord, SandboxError>>,
     },
     /// Start a paused sandbox again from its snapshot; it then dies (or
@@ -75,6 +78,15 @@ pub(crate) enum Start {
         limits: Limits,
         env_vars: BTreeMap<String, String>,
         source_token: String,
+    },
+    /// Boot it from `template`'s root tree with the filesystem changes of
+    /// `files` (a filesystem-only user snapshot) over it, then `/init`
+    /// envd: fresh processes, the snapshot's files.
+    BootWithFiles {
+        template: Template,
+        files: crate::runtime::Snapshot,
+        limits: Limits,
+        env_vars: BTreeMap<String, String>,
     },
     /// It already runs, or is paused (a node restart found it): take it
     /// over. `from`: the node it is taken over from (paused, from the
@@ -193,7 +205,10 @@ impl SandboxState {
     /// paused there. A save refused or failed with the sandbox still
     /// running leaves it running (`PauseRefused`, `dest` removed); one
     /// that loses the sandbox is `Lost`.
-    async fn checkpoint_into(&mut self, dest: &std::path::Path) -> Result<(), SandboxError> {
+    async fn checkpoint_into(
+        &mut self,
+        dest: &std::path::Path,
+    ) -> Result<crate::runtime::Snapshot, SandboxError> {
         self.record.state = RecordState::Pausing;
         self.record.snapshot_dir = Some(dest.to_path_buf());
         // In sled before the runtime writes anything: a node that dies in
@@ -207,10 +222,10 @@ impl SandboxState {
         self.shared.cut_connections(self.id.as_str());
         let saved = self.shared.runtime.checkpoint(&self.id, dest).await;
         match saved {
-            Ok(_) => {
+            Ok(snapshot) => {
                 self.record.state = RecordState::Paused;
                 self.disarm();
-                Ok(())
+                Ok(snapshot)
             }
             // The sandbox still runs: refused before saving (connections
             // that would not close), or a save that failed without harm.
@@ -252,7 +267,7 @@ impl SandboxState {
     /// snapshot unchanged). What snapshots and forks start from. A
     /// restore that fails leaves the sandbox paused with `dest` as its
     /// snapshot (the error says so), so the caller must not use `dest`.
-    async fn copy(&mut self, dest: &std::path::Path) -> Result<(), SandboxError> {
+    async fn copy(&mut self, dest: &std::path::Path, files_only: bool) -> Result<(), SandboxError> {
         match self.record.state {
             RecordState::Running => {}
             RecordState::Paused | RecordState::Pausing => {
@@ -261,7 +276,23 @@ impl SandboxState {
             RecordState::Creating => return Err(SandboxError::NotFound(self.record.id.clone())),
         }
         let started = std::time::Instant::now();
-        self.checkpoint_into(dest).await?;
+        // A fresh boot reads the disk, not the guest's page cache.
+        if files_only
+            && let Err(e) = envd_sync(
+                &*self.shared.runtime,
+                &self.id,
+                &self.record.envd_access_token,
+            )
+            .await
+        {
+            return Err(SandboxError::Envd {
+                id: self.record.id.clone(),
+                detail: format!(
+                    "/sync, to flush the guest's writes to its disk, failed ({e}); nothing was saved"
+                ),
+            });
+        }
+        let snapshot = self.checkpoint_into(dest).await?;
         self.resume_claimed(self.record.end_at_ms, false, true)
             .await
             .map_err(|e| {
@@ -270,7 +301,10 @@ impl SandboxState {
                     self.record.id
                 ))
             })?;
-        tracing::info!(sandbox = %self.id, took = ?started.elapsed(), "sandbox copied");
+        if files_only {
+            self.shared.runtime.keep_files_only(&snapshot).await?;
+        }
+        tracing::info!(sandbox = %self.id, took = ?started.elapsed(), files_only, "sandbox copied");
         Ok(())
     }
 
@@ -659,6 +693,19 @@ impl Actor for SandboxActor {
                     env_vars,
                     Some(source_token),
                 ),
+                Start::BootWithFiles {
+                    template,
+                    files,
+                    limits,
+                    env_vars,
+                } => (
+                    shared
+                        .runtime
+                        .boot_with_files(&id, &template, &files, limits)
+                        .await?,
+                    env_vars,
+                    None,
+                ),
                 Start::Adopt { from } => return Ok(Began::Adopted { from }),
             };
             // Every sandbox from one template snapshot starts identical:
@@ -918,8 +965,12 @@ impl Actor for SandboxActor {
                     tracing::warn!(sandbox = %st.id, "fetching the snapshot ahead of a resume: {e}");
                 }
             }
-            SandboxMsg::Copy { dest, reply } => {
-                let r = st.copy(&dest).await.map(|()| st.record.clone());
+            SandboxMsg::Copy {
+                dest,
+                files_only,
+                reply,
+            } => {
+                let r = st.copy(&dest, files_only).await.map(|()| st.record.clone());
                 if st.record.state == RecordState::Running {
                     st.arm(&myself);
                 }
@@ -972,18 +1023,69 @@ pub(super) async fn kill(
     id: &SandboxId,
     snapshot: Option<&std::path::Path>,
 ) -> Result<(), SandboxError> {
+    remove(shared, id, snapshot, Removal::Killed).await
+}
+
+/// Drop this node's copy of a sandbox that another node holds now (it
+/// took the paused sandbox over).
+pub(super) async fn forget(
+    shared: &Shared,
+    id: &SandboxId,
+    snapshot: Option<&std::path::Path>,
+) -> Result<(), SandboxError> {
+    remove(shared, id, snapshot, Removal::HeldElsewhere).await
+}
+
+/// Why a sandbox leaves this node for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// Killed: its published snapshots and claims go too.
+    Killed,
+    /// Another node holds it now: the object store, that node's now, is
+    /// left alone.
+    HeldElsewhere,
+}
+
+/// Remove sandbox `id` from this node: routing, the runtime's sandbox,
+/// the local snapshot `snapshot` and the record (last: a node that dies
+/// half-way finds the record and finishes on restart).
+async fn remove(
+    shared: &Shared,
+    id: &SandboxId,
+    snapshot: Option<&std::path::Path>,
+    removal: Removal,
+) -> Result<(), SandboxError> {
     shared.cut_connections(id.as_str());
     shared.live.lock().unwrap().remove(id.as_str());
-    shared.runtime.kill(id).await?;
+    // A sandbox held elsewhere: only what this node's runtime has. Some of
+    // an id's resources are named host-wide (gVisor's network
+    // namespaces), and the node that holds the sandbox now may run it on
+    // this same host.
+    let here = removal == Removal::Killed
+        || shared
+            .runtime
+            .list()
+            .await
+            .map_or(true, |l| l.iter().any(|r| r.id == *id));
+    if here {
+        shared.runtime.kill(id).await?;
+    }
     remove_snapshot(snapshot)?;
-    // Its published snapshots and claims go too (chunks stay until GC). A
-    // store that cannot be reached now leaves them behind, which costs
-    // space but never a kill.
-    if let Some(objects) = &shared.objects {
+    // Its published snapshots and claims go with a kill (chunks stay until
+    // GC). A store that cannot be reached now leaves them behind, which
+    // costs space but never a kill.
+    if removal == Removal::Killed
+        && let Some(objects) = &shared.objects
+    {
         forget_in_store(objects, id.as_str()).await;
     }
     shared.store.remove_sandbox(id.as_str())?;
-    tracing::info!(sandbox = %id, "sandbox killed");
+    match removal {
+        Removal::Killed => tracing::info!(sandbox = %id, "sandbox killed"),
+        Removal::HeldElsewhere => {
+            tracing::info!(sandbox = %id, "sandbox forgotten: another node holds it")
+        }
+    }
     Ok(())
 }
 
@@ -1006,34 +1108,6 @@ pub(crate) async fn forget_in_store(objects: &crate::objects::SnapshotStore, id:
         }
         Err(e) => tracing::warn!(sandbox = %id, "listing its snapshots: {e}"),
     }
-}
-
-/// Drop this node's copy of a sandbox that another node holds now (it
-/// took the paused sandbox over): routing, runtime leftovers, the local
-/// snapshot and the record go; the object store, now the other node's, is
-/// left alone.
-pub(super) async fn forget(
-    shared: &Shared,
-    id: &SandboxId,
-    snapshot: Option<&std::path::Path>,
-) -> Result<(), SandboxError> {
-    shared.cut_connections(id.as_str());
-    shared.live.lock().unwrap().remove(id.as_str());
-    // Only what this node's runtime has: some of an id's resources are
-    // named host-wide (gVisor's network namespaces), and the node that
-    // holds the sandbox now may run it on this same host.
-    let here = shared
-        .runtime
-        .list()
-        .await
-        .map_or(true, |l| l.iter().any(|r| r.id == *id));
-    if here {
-        shared.runtime.kill(id).await?;
-    }
-    remove_snapshot(snapshot)?;
-    shared.store.remove_sandbox(id.as_str())?;
-    tracing::info!(sandbox = %id, "sandbox forgotten: another node holds it");
-    Ok(())
 }
 
 fn remove_snapshot(snapshot: Option<&std::path::Path>) -> Result<(), SandboxError> {

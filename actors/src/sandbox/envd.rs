@@ -1,6 +1,6 @@
 //! Calls the actors make to a sandbox's envd through the runtime's stream:
-//! `/init` (identity, env vars, token, clock, a fresh RNG seed) and
-//! `/metrics`.
+//! `/init` (identity, env vars, token, clock, a fresh RNG seed),
+//! `/sync` and `/metrics`.
 
 use super::http::send;
 use super::*;
@@ -51,6 +51,29 @@ pub(super) async fn init_envd(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     Err(format!("{status}: {}", String::from_utf8_lossy(&body)))
+}
+
+/// envd's `POST /sync` (sync(2) in the guest) through the runtime's
+/// stream: the guest's cached writes are on its disk once it answers.
+pub(super) async fn envd_sync(
+    runtime: &dyn Runtime,
+    id: &SandboxId,
+    token: &str,
+) -> Result<(), String> {
+    let stream = runtime
+        .connect(id, ENVD_PORT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = hyper::Request::post("/sync")
+        .header(hyper::header::HOST, "localhost")
+        .header("X-Access-Token", token)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("a valid request");
+    let resp = send(stream, req).await.map_err(|e| e.to_string())?;
+    match resp.status() {
+        status if status.is_success() => Ok(()),
+        status => Err(format!("/sync answered {status}")),
+    }
 }
 
 /// envd's `GET /metrics` through the runtime's stream, as a SandboxMetric.

@@ -399,14 +399,14 @@ impl Sandboxes {
         let (entry, copy_of) = match entry {
             Ok(entry) => (entry, None),
             Err(unknown) => match self.user_snapshot(&req.template_id).await? {
-                Some(snap) => (snap.entry, Some((snap.source, snap.dir))),
+                Some(snap) => (snap.entry, Some((snap.source, snap.dir, snap.files_only))),
                 None => return Err(unknown.into()),
             },
         };
         let _slot = self.reserve_slot(token)?;
         let template = copy_of
             .as_ref()
-            .map_or(&req.template_id, |(source, _)| &source.template);
+            .map_or(&req.template_id, |(source, ..)| &source.template);
         let mut record = self.new_record(template, end_at_ms, entry.limits)?;
         record.metadata = req.metadata.unwrap_or_default();
         record.auto_pause = req.auto_pause.unwrap_or(false);
@@ -420,17 +420,29 @@ impl Sandboxes {
                 limits: entry.limits,
                 env_vars,
             },
-            Some((source, dir)) => Start::Restore {
-                snapshot: crate::runtime::Snapshot {
+            Some((source, dir, files_only)) => {
+                let snapshot = crate::runtime::Snapshot {
                     dir,
                     template: entry.template.id.clone(),
                     runtime: inner.shared.runtime.kind(),
-                },
-                template: entry.template,
-                limits: entry.limits,
-                env_vars,
-                source_token: source.envd_access_token,
-            },
+                };
+                if files_only {
+                    Start::BootWithFiles {
+                        template: entry.template,
+                        files: snapshot,
+                        limits: entry.limits,
+                        env_vars,
+                    }
+                } else {
+                    Start::Restore {
+                        snapshot,
+                        template: entry.template,
+                        limits: entry.limits,
+                        env_vars,
+                        source_token: source.envd_access_token,
+                    }
+                }
+            }
         };
         self.start_sandbox(record, start).await
     }

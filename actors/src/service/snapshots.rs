@@ -36,12 +36,20 @@ pub(super) struct UserSnapshot {
     pub entry: TemplateEntry,
     /// This node's copy of it.
     pub dir: PathBuf,
+    /// Filesystem only (E2B's `mode="filesystem"`): sandboxes boot from
+    /// the template with its files, rather than restoring its memory.
+    pub files_only: bool,
 }
 
 impl Sandboxes {
-    /// A copy of running sandbox `id` in a new directory, and the
-    /// sandbox's record.
-    async fn copy(&self, id: &str, what: &str) -> Result<(SandboxRecord, PathBuf), SandboxError> {
+    /// A copy of running sandbox `id` in a new directory (of its files
+    /// alone when `files_only`), and the sandbox's record.
+    async fn copy(
+        &self,
+        id: &str,
+        what: &str,
+        files_only: bool,
+    ) -> Result<(SandboxRecord, PathBuf), SandboxError> {
         let actor = self.actor(id)?;
         let dest = self
             .inner
@@ -52,6 +60,7 @@ impl Sandboxes {
             .call(
                 |reply| SandboxMsg::Copy {
                     dest: dest.clone(),
+                    files_only,
                     reply,
                 },
                 None,
@@ -79,7 +88,7 @@ impl Sandboxes {
             )));
         }
         let end_at_ms = self.end_at(timeout)?;
-        let (source, dir) = self.copy(id, "fork").await?;
+        let (source, dir) = self.copy(id, "fork", false).await?;
         let forks = match self.inner.shared.template(&source.template).await {
             Ok(entry) => {
                 let snapshot = Snapshot {
@@ -134,11 +143,7 @@ impl Sandboxes {
         id: &str,
         req: e2b::SnapshotRequest,
     ) -> Result<e2b::SnapshotInfo, SandboxError> {
-        if req.memory == Some(false) {
-            return Err(SandboxError::NotImplemented(
-                "filesystem-only snapshots are not supported: a snapshot holds memory and files (leave `memory` out or set it true)".into(),
-            ));
-        }
+        let files_only = req.memory == Some(false);
         let names = match req.name {
             Some(name) => {
                 if name.is_empty()
@@ -158,7 +163,7 @@ impl Sandboxes {
                 "snapshots need an object store: start the node with --object-store".into(),
             )
         })?;
-        let (source, dir) = self.copy(id, "snapshot").await?;
+        let (source, dir) = self.copy(id, "snapshot", files_only).await?;
         let snapshot_id = format!("snap-{}", new_sandbox_id()?);
         let name = format!("{USER_SNAPSHOTS}/{snapshot_id}");
         let mut record = source.clone();
@@ -170,7 +175,7 @@ impl Sandboxes {
             template_id: Some(source.template.clone()),
             runtime: Some(self.inner.shared.runtime.kind().to_string()),
             sandbox_id: Some(source.id.clone()),
-            extra: serde_json::json!({ "record": record, "names": names }),
+            extra: serde_json::json!({ "record": record, "names": names, "files_only": files_only }),
         };
         // What the sandbox's last pause published is mostly this too.
         let mut known = Vec::new();
@@ -328,6 +333,7 @@ impl Sandboxes {
                 source.runtime
             )));
         }
+        let files_only = manifest.metadata.extra["files_only"] == serde_json::Value::Bool(true);
         let entry = self.inner.shared.template(&source.template).await?;
         let dir = self.snapshot_cache(snapshot_id);
         let _one = self.inner.snapshot_cache.lock().await;
@@ -340,7 +346,12 @@ impl Sandboxes {
             tracing::info!(snapshot = %snapshot_id, took = ?stats.elapsed,
                 bytes = stats.bytes_downloaded, "snapshot fetched from the object store");
         }
-        Ok(Some(UserSnapshot { source, entry, dir }))
+        Ok(Some(UserSnapshot {
+            source,
+            entry,
+            dir,
+            files_only,
+        }))
     }
 
     /// Where this node keeps its copy of user snapshot `snapshot_id`.

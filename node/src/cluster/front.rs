@@ -145,8 +145,7 @@ async fn unowned(cluster: &Cluster, id: &str, why: Unowned, req: Request, next: 
         Ok(TakeOver::Taken) => return next.run(req).await,
         Ok(TakeOver::LostWith(node)) => return lost(cluster, id, &node, is_kill(&req, id)).await,
         Ok(TakeOver::HeldBy(node)) => {
-            if let Some(info) = cluster.live_member(&node).await {
-                cluster.sandboxes().registry().remember(id, &node);
+            if let Some(info) = live_holder(cluster, id, &node).await {
                 return to_owner(cluster, id, &info, req).await;
             }
         }
@@ -210,6 +209,15 @@ fn is_kill(req: &Request, id: &str) -> bool {
     let path = req.uri().path();
     req.method() == Method::DELETE
         && (path == format!("/sandboxes/{id}") || path == format!("/v2/sandboxes/{id}"))
+}
+
+/// Node `node`, which the object store says holds sandbox `id`, when it is
+/// a live member (remembered as the sandbox's owner: gossip may not have
+/// said so yet).
+async fn live_holder(cluster: &Cluster, id: &str, node: &str) -> Option<NodeInfo> {
+    let info = cluster.live_member(node).await?;
+    cluster.sandboxes().registry().remember(id, node);
+    Some(info)
 }
 
 /// The answer for sandbox `id`, which was running on `node` when that
@@ -902,16 +910,12 @@ pub async fn traffic(cluster: &Cluster, target: Target, req: Request) -> Respons
             // Paused here now: the proxy answers as for any paused one
             // (and resumes it if it was created with autoResume).
             Ok(TakeOver::Taken) => Owner::Local,
-            Ok(TakeOver::HeldBy(node)) => match cluster.live_member(&node).await {
-                Some(holder) => {
-                    cluster
-                        .sandboxes()
-                        .registry()
-                        .remember(&target.sandbox_id, &node);
-                    Owner::Remote(holder)
+            Ok(TakeOver::HeldBy(node)) => {
+                match live_holder(cluster, &target.sandbox_id, &node).await {
+                    Some(holder) => Owner::Remote(holder),
+                    None => Owner::Dead(info),
                 }
-                None => Owner::Dead(info),
-            },
+            }
             Ok(_) => Owner::Dead(info),
             Err(resp) => return closing(resp),
         },

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -185,3 +186,46 @@ def sdk_env(node, monkeypatch):
     url, key = node
     point_sdk_at(monkeypatch, url, key)
     return url, key
+
+
+# A process whose state lives only in its memory: a secret drawn at start
+# and a counter, written out (atomically) every 50 ms. Tests start it with
+# `python3 /tmp/counter.py` and read it with `counter`.
+COUNTER = """
+import os, time
+secret = os.urandom(8).hex()
+n = 0
+while True:
+    n += 1
+    with open('/tmp/state.tmp', 'w') as f:
+        f.write(f'{os.getpid()} {secret} {n}')
+    os.replace('/tmp/state.tmp', '/tmp/state')
+    time.sleep(0.05)
+"""
+
+
+def counter(sbx, after=0, timeout=15):
+    """(pid, secret, n) of the COUNTER running in `sbx` once n > `after`;
+    fails with the guest's processes after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        parts = sbx.commands.run("cat /tmp/state 2>/dev/null || true").stdout.split()
+        if len(parts) == 3 and int(parts[2]) > after:
+            return parts[0], parts[1], int(parts[2])
+        if time.monotonic() > deadline:
+            ps = sbx.commands.run("ps -eo pid,stat,wchan:20,etime,args || true").stdout
+            raise AssertionError(f"counter not advancing past {after}: {parts}; processes:\n{ps}")
+        time.sleep(0.1)
+
+
+def wait_for(what, check, timeout=30):
+    """`check()`'s first truthy answer, polled every 0.2 s for `timeout`
+    seconds; fails naming `what` and the last answer."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}: last saw {last!r}")

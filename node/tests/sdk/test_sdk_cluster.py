@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import urllib.request
 import uuid
 
@@ -20,7 +19,7 @@ import httpx
 import pytest
 from e2b import NotFoundException, Sandbox, SandboxQuery, SandboxState
 
-from conftest import NodeProcess, _check_can_run, init_cluster, join_cluster, point_sdk_at
+from conftest import NodeProcess, _check_can_run, init_cluster, join_cluster, point_sdk_at, wait_for
 
 
 def rest(node, method, path, body=None):
@@ -33,17 +32,6 @@ def rest(node, method, path, body=None):
     with urllib.request.urlopen(req, timeout=30) as resp:
         raw = resp.read()
         return json.loads(raw) if raw else None
-
-
-def wait_for(what, check, timeout=30):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}: last saw {last!r}")
 
 
 @pytest.fixture(scope="module")

@@ -13,53 +13,27 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 
 import httpx
 import pytest
 from e2b import Sandbox
 
-from conftest import NodeProcess, _check_can_run, _skip_or_fail, init_cluster, join_cluster, point_sdk_at
+from conftest import (
+    COUNTER,
+    NodeProcess,
+    _check_can_run,
+    _skip_or_fail,
+    counter,
+    init_cluster,
+    join_cluster,
+    point_sdk_at,
+    wait_for,
+)
 
 BUCKET = "sandmesh"
 ACCESS_KEY = "sandmesh-fleet-test"
 SECRET_KEY = "sandmesh-fleet-test-secret"
 
-# A process whose state lives only in its memory: a secret drawn at start
-# and a counter, written out (atomically) every 50 ms.
-COUNTER = """
-import os, time
-secret = os.urandom(8).hex()
-n = 0
-while True:
-    n += 1
-    with open('/tmp/state.tmp', 'w') as f:
-        f.write(f'{os.getpid()} {secret} {n}')
-    os.replace('/tmp/state.tmp', '/tmp/state')
-    time.sleep(0.05)
-"""
-
-
-def counter(sbx, after=0, timeout=15):
-    """(pid, secret, n) of the counter once n > `after`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        parts = sbx.commands.run("cat /tmp/state 2>/dev/null || true").stdout.split()
-        if len(parts) == 3 and int(parts[2]) > after:
-            return parts[0], parts[1], int(parts[2])
-        assert time.monotonic() < deadline, f"counter not advancing past {after}: {parts}"
-        time.sleep(0.1)
-
-
-def wait_for(what, check, timeout=30):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}: last saw {last!r}")
 
 
 class S3Server:

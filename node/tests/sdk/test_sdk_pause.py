@@ -12,40 +12,13 @@ import uuid
 
 from e2b import Sandbox, SandboxQuery, SandboxState
 
-# A process whose state lives only in its memory: a secret drawn at start
-# and a counter, written out (atomically) every 50 ms.
-COUNTER = """
-import os, time
-secret = os.urandom(8).hex()
-n = 0
-while True:
-    n += 1
-    with open('/tmp/state.tmp', 'w') as f:
-        f.write(f'{os.getpid()} {secret} {n}')
-    os.replace('/tmp/state.tmp', '/tmp/state')
-    time.sleep(0.05)
-"""
-
+from conftest import COUNTER, counter
 
 # Pause/resume cycles of the first test, and how long the counter may take
 # to show progress (fewer cycles, more time on the emulated L1 host, where
 # a guest's Python takes many seconds to start).
 CYCLES = int(os.environ.get("SANDMESH_SDK_PAUSE_CYCLES", "50"))
 STATE_TIMEOUT = float(os.environ.get("SANDMESH_SDK_STATE_TIMEOUT", "10"))
-
-
-def read_state(sbx, after=0, timeout=STATE_TIMEOUT):
-    """(pid, secret, n) of the counter once n > `after`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        r = sbx.commands.run("cat /tmp/state 2>/dev/null || true")
-        parts = r.stdout.split()
-        if len(parts) == 3 and int(parts[2]) > after:
-            return parts[0], parts[1], int(parts[2])
-        if time.monotonic() > deadline:
-            ps = sbx.commands.run("ps -eo pid,stat,wchan:20,etime,args || true").stdout
-            raise AssertionError(f"counter state not advancing past {after}: {r.stdout!r}; processes:\n{ps}")
-        time.sleep(0.1)
 
 
 def test_pause_resume_keeps_memory_and_files_50_times(sdk_env):
@@ -59,7 +32,7 @@ def test_pause_resume_keeps_memory_and_files_50_times(sdk_env):
         # longer than that on a loaded machine (the guest's clock runs on
         # across pauses).
         sbx.commands.run("python3 /tmp/counter.py", background=True, timeout=0)
-        pid, secret, n = read_state(sbx)
+        pid, secret, n = counter(sbx, timeout=STATE_TIMEOUT)
 
         pause_s, resume_s = [], []
         for cycle in range(CYCLES):
@@ -77,7 +50,7 @@ def test_pause_resume_keeps_memory_and_files_50_times(sdk_env):
             sbx = Sandbox.connect(sandbox_id, timeout=900)
             resume_s.append(time.monotonic() - t0)
             assert sbx.sandbox_id == sandbox_id
-            pid2, secret2, n2 = read_state(sbx, after=n)
+            pid2, secret2, n2 = counter(sbx, after=n, timeout=STATE_TIMEOUT)
             assert (pid2, secret2) == (pid, secret), f"cycle {cycle}: the process restarted"
             n = n2
         assert sbx.files.read("/home/user/note.txt") == "written before the first pause"

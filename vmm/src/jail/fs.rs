@@ -125,8 +125,8 @@ impl JailDir {
         let mut targets = vec![ROOTFS_NAME];
         if let Some(overlay) = &self.host_overlay {
             if keep_overlay {
-                // A restore: the overlay goes on where the snapshot left
-                // it, and its map is the jail's copy, owned by the VMM
+                // A restore, or a boot onto an existing overlay: the
+                // overlay goes on where the snapshot left it, and its map is the jail's copy, owned by the VMM
                 // (which rewrites it by rename).
                 let mut src = overlay.as_os_str().to_owned();
                 src.push(".map");

@@ -57,9 +57,9 @@ use self::gate::{Gated, Gates};
 use self::network::{NetnsPair, OnClose};
 use self::runsc::{Enter, RUNSC_TIMEOUT, Runsc};
 use super::{
-    BoxFuture, BoxStream, ENVD_PORT, Instance, Limits, Result, Runtime, RuntimeError, RuntimeKind,
-    SandboxId, SandboxRecord, SandboxState, Snapshot, Template, TemplateId, Usage, now_unix,
-    read_json, write_json,
+    BoxFuture, BoxStream, ENVD_PORT, Instance, Limits, Origin, Result, Runtime, RuntimeError,
+    RuntimeKind, SandboxId, SandboxRecord, SandboxState, Snapshot, Template, TemplateId, Usage,
+    now_unix, read_json, write_json,
 };
 
 /// How long `create` and `restore` wait for envd's `/health`.
@@ -185,19 +185,19 @@ impl GvisorRuntime {
             })?
     }
 
-    /// Start `id` (booting, or restoring `snapshot`) and wait for envd.
+    /// Start `id` (booting, or restoring a snapshot) and wait for envd.
     /// Undoes everything on error.
     async fn start(
         &self,
         id: &SandboxId,
         template: &Template,
         limits: Limits,
-        snapshot: Option<PathBuf>,
+        origin: Origin,
     ) -> Result<Instance> {
         let t0 = Instant::now();
         let runtime_start = {
             let (id, template) = (id.clone(), template.clone());
-            self.blocking(move |inner| inner.start(&id, &template, limits, snapshot.as_deref()))
+            self.blocking(move |inner| inner.start(&id, &template, limits, &origin))
                 .await?
         };
         let tq = Instant::now();
@@ -324,7 +324,7 @@ impl Runtime for GvisorRuntime {
                 snapshot: None,
                 ..template.clone()
             };
-            self.start(&id, &booted, limits, None).await?;
+            self.start(&id, &booted, limits, Origin::Boot).await?;
             let snapshot = match self.checkpoint(&id, &tmp).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -361,7 +361,7 @@ impl Runtime for GvisorRuntime {
         Box::pin(async move {
             match &template.snapshot {
                 Some(snapshot) => self.restore(id, template, snapshot, limits).await,
-                None => self.start(id, template, limits, None).await,
+                None => self.start(id, template, limits, Origin::Boot).await,
             }
         })
     }
@@ -413,7 +413,32 @@ impl Runtime for GvisorRuntime {
     ) -> BoxFuture<'a, Result<Instance>> {
         Box::pin(async move {
             self.inner.check_snapshot(template, snapshot)?;
-            self.start(id, template, limits, Some(snapshot.dir.clone()))
+            self.start(id, template, limits, Origin::Restore(snapshot.dir.clone()))
+                .await
+        })
+    }
+
+    fn keep_files_only<'a>(&'a self, snapshot: &'a Snapshot) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let dir = snapshot.dir.clone();
+            self.blocking(move |_| {
+                let image = dir.join("image");
+                std::fs::remove_dir_all(&image).map_err(|e| RuntimeError::io("removing", &image, e))
+            })
+            .await
+        })
+    }
+
+    fn boot_with_files<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        template: &'a Template,
+        snapshot: &'a Snapshot,
+        limits: Limits,
+    ) -> BoxFuture<'a, Result<Instance>> {
+        Box::pin(async move {
+            self.inner.check_files(template, snapshot)?;
+            self.start(id, template, limits, Origin::Files(snapshot.dir.clone()))
                 .await
         })
     }
@@ -587,7 +612,7 @@ impl Inner {
         id: &SandboxId,
         template: &Template,
         limits: Limits,
-        snapshot: Option<&Path>,
+        origin: &Origin,
     ) -> Result<Duration> {
         let dir = self.sandbox_dir(id);
         let leftovers =
@@ -596,7 +621,7 @@ impl Inner {
         // took longer than EXIT_TIMEOUT to die): nothing of `id` runs any
         // more, so that is clutter, removed now rather than failing the
         // resume of a good snapshot for ever.
-        if snapshot.is_some() && leftovers() && !self.alive(id) {
+        if matches!(origin, Origin::Restore(_)) && leftovers() && !self.alive(id) {
             tracing::info!(sandbox = %id, "removing what its pause left before resuming it");
             if let Err(e) = self.cleanup(id) {
                 tracing::warn!(sandbox = %id, error = %e, "clean-up before resume failed");
@@ -606,7 +631,7 @@ impl Inner {
             return Err(RuntimeError::AlreadyExists(id.clone()));
         }
         check_template(template)?;
-        let result = self.start_steps(id, template, limits, snapshot);
+        let result = self.start_steps(id, template, limits, origin);
         if let Err(e) = &result {
             tracing::warn!(sandbox = %id, error = %e, "start failed; cleaning up");
             if let Err(c) = self.cleanup(id) {
@@ -621,7 +646,7 @@ impl Inner {
         id: &SandboxId,
         template: &Template,
         limits: Limits,
-        snapshot: Option<&Path>,
+        origin: &Origin,
     ) -> Result<Duration> {
         let dir = self.sandbox_dir(id);
         std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::io("creating", &dir, e))?;
@@ -637,9 +662,11 @@ impl Inner {
         for d in [&work, &rootfs] {
             std::fs::create_dir(d).map_err(|e| RuntimeError::io("creating", d, e))?;
         }
-        match snapshot {
-            Some(snap) => fs::copy_tree(&snap.join("upper"), &upper)?,
-            None => {
+        match origin {
+            Origin::Restore(snap) | Origin::Files(snap) => {
+                fs::copy_tree(&snap.join("upper"), &upper)?
+            }
+            Origin::Boot => {
                 std::fs::create_dir(&upper).map_err(|e| RuntimeError::io("creating", &upper, e))?
             }
         }
@@ -667,8 +694,8 @@ impl Inner {
             .runsc
             .command(Enter::NetnsForStart(&netns.guest_path()))?;
         let image;
-        let verb = match snapshot {
-            Some(snap) => {
+        let verb = match origin {
+            Origin::Restore(snap) => {
                 image = snap.join("image");
                 cmd.arg("restore")
                     .arg("-detach")
@@ -676,7 +703,7 @@ impl Inner {
                     .arg(&image);
                 "restore"
             }
-            None => {
+            Origin::Boot | Origin::Files(_) => {
                 cmd.arg("run").arg("-detach");
                 "run"
             }
@@ -708,6 +735,33 @@ impl Inner {
     /// Refuse a snapshot that is incomplete, corrupt, from another template
     /// or another runsc, before anything is started.
     fn check_snapshot(&self, template: &Template, snapshot: &Snapshot) -> Result<()> {
+        let manifest = self.check_files(template, snapshot)?;
+        let bad = |reason: String| RuntimeError::BadSnapshot {
+            dir: snapshot.dir.clone(),
+            reason,
+        };
+        if manifest.runsc_version != self.runsc.version {
+            return Err(bad(format!(
+                "it was saved by {:?} and this node has {:?}: gVisor images restore only under the runsc that saved them",
+                manifest.runsc_version, self.runsc.version
+            )));
+        }
+        let image = snapshot.dir.join("image").join("checkpoint.img");
+        match std::fs::metadata(&image) {
+            Ok(m) if m.len() > 0 => Ok(()),
+            Ok(_) => Err(bad("image/checkpoint.img is empty".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(bad(
+                "it holds no memory image (a filesystem-only snapshot boots afresh; it cannot be restored)".into(),
+            )),
+            Err(e) => Err(bad(format!("image/checkpoint.img: {e}"))),
+        }
+    }
+
+    /// Refuse a snapshot whose filesystem changes cannot go over
+    /// `template`'s root: incomplete, corrupt, or of another template. Its
+    /// memory image, if any, is not looked at (nor the runsc that saved
+    /// it: files outlive runsc versions). Returns its manifest.
+    fn check_files(&self, template: &Template, snapshot: &Snapshot) -> Result<Manifest> {
         let bad = |reason: String| RuntimeError::BadSnapshot {
             dir: snapshot.dir.clone(),
             reason,
@@ -738,22 +792,10 @@ impl Inner {
                 manifest.template, template.id
             )));
         }
-        if manifest.runsc_version != self.runsc.version {
-            return Err(bad(format!(
-                "it was saved by {:?} and this node has {:?}: gVisor images restore only under the runsc that saved them",
-                manifest.runsc_version, self.runsc.version
-            )));
-        }
-        let image = snapshot.dir.join("image").join("checkpoint.img");
-        match std::fs::metadata(&image) {
-            Ok(m) if m.len() > 0 => {}
-            Ok(_) => return Err(bad("image/checkpoint.img is empty".into())),
-            Err(e) => return Err(bad(format!("image/checkpoint.img: {e}"))),
-        }
         if !snapshot.dir.join("upper").is_dir() {
             return Err(bad("its writable layer upper/ is missing".into()));
         }
-        Ok(())
+        Ok(manifest)
     }
 
     /// Before a checkpoint: check that `id` runs and `dest` is free, then

@@ -40,9 +40,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
-    BoxFuture, BoxStream, ENVD_PORT, Instance, Limits, Result, Runtime, RuntimeError, RuntimeKind,
-    SandboxId, SandboxRecord, SandboxState, Snapshot, Template, TemplateId, Usage, now_unix,
-    read_json, write_json,
+    BoxFuture, BoxStream, ENVD_PORT, Instance, Limits, Origin, Result, Runtime, RuntimeError,
+    RuntimeKind, SandboxId, SandboxRecord, SandboxState, Snapshot, Template, TemplateId, Usage,
+    now_unix, read_json, write_json,
 };
 
 /// How long `create` and `restore` wait for envd's `/health`.
@@ -243,12 +243,12 @@ impl MicrovmRuntime {
         id: &SandboxId,
         template: &Template,
         limits: Limits,
-        snapshot: Option<PathBuf>,
+        origin: Origin,
     ) -> Result<Instance> {
         let t0 = Instant::now();
         let started = {
             let (id, template) = (id.clone(), template.clone());
-            self.blocking(move |inner| inner.start(&id, &template, limits, snapshot.as_deref()))
+            self.blocking(move |inner| inner.start(&id, &template, limits, &origin))
                 .await
         };
         let runtime_start = match started {
@@ -352,7 +352,7 @@ impl Inner {
         id: &SandboxId,
         template: &Template,
         limits: Limits,
-        snapshot: Option<&Path>,
+        origin: &Origin,
     ) -> Result<Duration> {
         let t0 = Instant::now();
         let dir = self.sandbox_dir(id);
@@ -363,12 +363,16 @@ impl Inner {
         let overlay = dir.join("overlay");
         let mut cmd = Command::new(&self.config.vmm_bin);
         cmd.arg("vmm");
-        match snapshot {
-            Some(snap) => {
-                // Each sandbox gets its own copy of the snapshot's disk layer.
+        // Each sandbox gets its own copy of a snapshot's disk layer (a boot
+        // onto an existing overlay keeps it).
+        if let Origin::Restore(snap) | Origin::Files(snap) = origin {
+            let vm = snap.join("vm");
+            copy_sparse(&vm.join("overlay"), &overlay)?;
+            copy_sparse(&vm.join("overlay.map"), &dir.join("overlay.map"))?;
+        }
+        match origin {
+            Origin::Restore(snap) => {
                 let vm = snap.join("vm");
-                copy_sparse(&vm.join("overlay"), &overlay)?;
-                copy_sparse(&vm.join("overlay.map"), &dir.join("overlay.map"))?;
                 cmd.arg("--restore").arg(&vm);
                 // A jailed snapshot names its base image by the jail's
                 // `/rootfs`; the jailed restore mounts this one there.
@@ -378,7 +382,7 @@ impl Inner {
                     cmd.arg("--rootfs").arg(image);
                 }
             }
-            None => {
+            Origin::Boot | Origin::Files(_) => {
                 let image =
                     template
                         .rootfs_image
@@ -846,9 +850,10 @@ impl Runtime for MicrovmRuntime {
             match &template.snapshot {
                 Some(s) => {
                     self.inner.check_snapshot(template, s)?;
-                    self.start(id, template, limits, Some(s.dir.clone())).await
+                    self.start(id, template, limits, Origin::Restore(s.dir.clone()))
+                        .await
                 }
-                None => self.start(id, template, limits, None).await,
+                None => self.start(id, template, limits, Origin::Boot).await,
             }
         })
     }
@@ -874,7 +879,55 @@ impl Runtime for MicrovmRuntime {
     ) -> BoxFuture<'a, Result<Instance>> {
         Box::pin(async move {
             self.inner.check_snapshot(template, snapshot)?;
-            self.start(id, template, limits, Some(snapshot.dir.clone()))
+            self.start(id, template, limits, Origin::Restore(snapshot.dir.clone()))
+                .await
+        })
+    }
+
+    fn keep_files_only<'a>(&'a self, snapshot: &'a Snapshot) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let vm = snapshot.dir.join("vm");
+            self.blocking(move |_| {
+                // Everything but the disk layer: VM state and memory.
+                let entries =
+                    std::fs::read_dir(&vm).map_err(|e| RuntimeError::io("reading", &vm, e))?;
+                for entry in entries {
+                    let entry = entry.map_err(|e| RuntimeError::io("reading", &vm, e))?;
+                    let name = entry.file_name();
+                    if name == "overlay" || name == "overlay.map" {
+                        continue;
+                    }
+                    let path = entry.path();
+                    let removed = if path.is_dir() {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                    removed.map_err(|e| RuntimeError::io("removing", &path, e))?;
+                }
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    fn boot_with_files<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        template: &'a Template,
+        snapshot: &'a Snapshot,
+        limits: Limits,
+    ) -> BoxFuture<'a, Result<Instance>> {
+        Box::pin(async move {
+            self.inner.check_snapshot(template, snapshot)?;
+            let vm = snapshot.dir.join("vm");
+            if !vm.join("overlay").is_file() || !vm.join("overlay.map").is_file() {
+                return Err(RuntimeError::BadSnapshot {
+                    dir: snapshot.dir.clone(),
+                    reason: "its disk layer vm/overlay (with its .map) is missing".into(),
+                });
+            }
+            self.start(id, template, limits, Origin::Files(snapshot.dir.clone()))
                 .await
         })
     }
