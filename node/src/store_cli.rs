@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use actors::objects::{Claim, Entry, SnapshotStore, StoreUrl};
+use actors::objects::{Claim, SnapshotStore, StoreUrl};
 use anyhow::{Context, Result};
 
 /// The store a node on `data_dir` uses when given `url` (its default
@@ -41,14 +41,7 @@ pub async fn list(store: &SnapshotStore) -> Result<String> {
                 continue;
             }
         };
-        let bytes: u64 = manifest
-            .entries
-            .iter()
-            .map(|e| match e {
-                Entry::File { size, .. } => *size,
-                Entry::Dir { .. } => 0,
-            })
-            .sum();
+        let bytes = manifest.total_size();
         let sandbox = manifest.metadata.sandbox_id.clone().unwrap_or_default();
         let holder = claims
             .iter()

@@ -203,18 +203,23 @@ async fn lifecycle_on_native_kvm() {
         "create from the template snapshot: {:?} (VMM spawn {:?})",
         inst.ready_after, inst.runtime_start
     );
-    let health = |id: SandboxId| {
+    // One HTTP/1.1 exchange with envd (no token: it was never `/init`ed).
+    let envd = |id: SandboxId, request: String| {
         let rt = rt.clone();
         async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = rt.connect(&id, schema::envd::ENVD_PORT).await.unwrap();
-            s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await
-                .unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
             let mut out = Vec::new();
             s.read_to_end(&mut out).await.unwrap();
             String::from_utf8_lossy(&out).into_owned()
         }
+    };
+    let health = |id: SandboxId| {
+        envd(
+            id,
+            "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
+        )
     };
     assert!(health(a.clone()).await.starts_with("HTTP/1.1 204"));
     let usage = rt.usage(&a).await.unwrap();
@@ -266,6 +271,57 @@ async fn lifecycle_on_native_kvm() {
     rt.restore(&c, &tpl, &saved, limits).await.unwrap();
     assert!(health(c.clone()).await.starts_with("HTTP/1.1 204"));
     rt.kill(&c).await.unwrap();
+
+    // A filesystem-only snapshot: a file written (and synced) in one
+    // sandbox is on the disk of a sandbox that boots from it.
+    let d = SandboxId::new("microvmlife4").unwrap();
+    rt.restore(&d, &tpl, &saved, limits).await.unwrap();
+    let body = "--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\
+                Content-Type: application/octet-stream\r\n\r\nkept on disk\r\n--B--\r\n";
+    let upload = envd(
+        d.clone(),
+        format!(
+            "POST /files?path=/home/user/kept.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: multipart/form-data; boundary=B\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(upload.starts_with("HTTP/1.1 200"), "{upload}");
+    let sync = envd(
+        d.clone(),
+        "POST /sync HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".into(),
+    )
+    .await;
+    assert!(sync.starts_with("HTTP/1.1 204"), "{sync}");
+    let files = rt.checkpoint(&d, &data.join("snap-d")).await.unwrap();
+    rt.keep_files_only(&files).await.unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(files.dir.join("vm"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["overlay", "overlay.map"],
+        "memory and VM state dropped"
+    );
+    let err = rt.restore(&d, &tpl, &files, limits).await.unwrap_err();
+    eprintln!("restoring a filesystem-only snapshot: {err}");
+    let e = SandboxId::new("microvmlife5").unwrap();
+    let t0 = std::time::Instant::now();
+    rt.boot_with_files(&e, &tpl, &files, limits).await.unwrap();
+    eprintln!("boot with a snapshot's files: {:?}", t0.elapsed());
+    let read = envd(
+        e.clone(),
+        "GET /files?path=/home/user/kept.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            .into(),
+    )
+    .await;
+    assert!(read.starts_with("HTTP/1.1 200"), "{read}");
+    assert!(read.contains("kept on disk"), "{read}");
+    rt.kill(&e).await.unwrap();
+
     assert!(rt.list().await.unwrap().is_empty());
     assert_eq!(processes_naming("microvmlife"), Vec::<String>::new());
     let _ = std::fs::remove_dir_all(&data);

@@ -145,7 +145,7 @@ impl KnownChunks {
 pub(crate) fn manifest_chunks(manifest: &Manifest) -> impl Iterator<Item = ChunkId> + '_ {
     manifest.entries.iter().flat_map(|entry| match entry {
         Entry::File { chunks, .. } => chunks.iter().filter_map(|c| c.id).collect::<Vec<_>>(),
-        Entry::Dir { .. } => Vec::new(),
+        _ => Vec::new(),
     })
 }
 

@@ -119,6 +119,10 @@ impl SnapshotStore {
         for entry in &manifest.entries {
             match entry {
                 Entry::Dir { .. } => stats.dirs += 1,
+                Entry::Symlink { .. }
+                | Entry::Whiteout { .. }
+                | Entry::Fifo { .. }
+                | Entry::Socket { .. } => {}
                 Entry::File { chunks, .. } => {
                     stats.files += 1;
                     // A chunk starts where the one before it ends; the
@@ -174,7 +178,7 @@ impl SnapshotStore {
         let entries = manifest.entries.clone();
         let dest_owned = dest.to_owned();
         tokio::task::spawn_blocking(move || {
-            set_modes(&root, &entries)?;
+            finish_tree(&root, &entries)?;
             rename_noreplace(&root, &dest_owned)
         })
         .await??;
@@ -341,8 +345,9 @@ fn prepare(dest: &Path, cache: Option<&Path>) -> Result<Partial, ObjectsError> {
 
 /// Create the manifest's directories and files, each file at its full
 /// size: a new file extended by `set_len` is one hole, so the zero chunks
-/// need no writes at all. Modes come last ([`set_modes`]): a read-only
-/// directory could not be filled.
+/// need no writes at all; FIFOs, sockets and whiteouts too. Symlinks,
+/// owners and modes come last ([`finish_tree`]): a read-only directory
+/// could not be filled, and no write may go through a link.
 fn create_tree(root: &Path, entries: &[Entry]) -> Result<Vec<Arc<Target>>, ObjectsError> {
     let mut targets = Vec::new();
     for entry in entries {
@@ -354,6 +359,10 @@ fn create_tree(root: &Path, entries: &[Entry]) -> Result<Vec<Arc<Target>>, Objec
                 .mode(0o700)
                 .create(&path)
                 .map_err(|e| ObjectsError::io(&path, e))?,
+            Entry::Whiteout { .. } => make_node(&path, libc::S_IFCHR)?,
+            Entry::Fifo { .. } => make_node(&path, libc::S_IFIFO)?,
+            Entry::Socket { .. } => make_node(&path, libc::S_IFSOCK)?,
+            Entry::Symlink { .. } => {}
             Entry::File { size, .. } => {
                 let file = File::create_new(&path).map_err(|e| ObjectsError::io(&path, e))?;
                 file.set_len(*size)
@@ -369,33 +378,76 @@ fn create_tree(root: &Path, entries: &[Entry]) -> Result<Vec<Arc<Target>>, Objec
     Ok(targets)
 }
 
-/// Give every entry its recorded mode, directories last and deepest first.
-fn set_modes(root: &Path, entries: &[Entry]) -> Result<(), ObjectsError> {
-    let files = entries.iter().filter(|e| matches!(e, Entry::File { .. }));
+/// A FIFO, socket or (device 0:0) whiteout at `path`, mode 0600 for now.
+fn make_node(path: &Path, kind: libc::mode_t) -> Result<(), ObjectsError> {
+    let c = cstring(path)?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    if unsafe { libc::mknod(c.as_ptr(), kind | 0o600, 0) } != 0 {
+        return Err(ObjectsError::io(path, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Make the symlinks (now that every file is written), then give every
+/// entry its owner and mode — the owner first (chown clears mode bits),
+/// directories last and deepest first — and opaque directories their
+/// overlay mark.
+fn finish_tree(root: &Path, entries: &[Entry]) -> Result<(), ObjectsError> {
+    for entry in entries {
+        if let Entry::Symlink { path, target, .. } = entry {
+            let link = root.join(path);
+            std::os::unix::fs::symlink(target, &link).map_err(|e| ObjectsError::io(&link, e))?;
+        }
+    }
+    let others = entries.iter().filter(|e| !matches!(e, Entry::Dir { .. }));
     let dirs = entries
         .iter()
         .rev()
         .filter(|e| matches!(e, Entry::Dir { .. }));
-    for entry in files.chain(dirs) {
+    for entry in others.chain(dirs) {
         let path = root.join(entry.path());
+        let (uid, gid) = entry.owner();
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
+            .map_err(|e| ObjectsError::io(&path, e))?;
+        if let Entry::Dir { opaque: true, .. } = entry {
+            let c = cstring(&path)?;
+            // SAFETY: NUL-terminated strings and a value of the given
+            // length, all outliving the call.
+            let rc = unsafe {
+                libc::lsetxattr(
+                    c.as_ptr(),
+                    c"trusted.overlay.opaque".as_ptr(),
+                    b"y".as_ptr().cast(),
+                    1,
+                    0,
+                )
+            };
+            if rc != 0 {
+                return Err(ObjectsError::io(&path, std::io::Error::last_os_error()));
+            }
+        }
+        if matches!(entry, Entry::Symlink { .. }) {
+            continue;
+        }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(entry.mode()))
             .map_err(|e| ObjectsError::io(&path, e))?;
     }
     Ok(())
 }
 
+fn cstring(p: &Path) -> Result<CString, ObjectsError> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+        ObjectsError::io(
+            p,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte"),
+        )
+    })
+}
+
 /// Rename `from` to `to` unless `to` exists (`renameat2(RENAME_NOREPLACE)`):
 /// a directory that appeared at `to` since we checked is not replaced.
 fn rename_noreplace(from: &Path, to: &Path) -> Result<(), ObjectsError> {
-    let cstr = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes()).map_err(|_| {
-            ObjectsError::io(
-                p,
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte"),
-            )
-        })
-    };
-    let (c_from, c_to) = (cstr(from)?, cstr(to)?);
+    let (c_from, c_to) = (cstring(from)?, cstring(to)?);
     // SAFETY: both are valid NUL-terminated strings that outlive the call.
     let rc = unsafe {
         libc::renameat2(

@@ -14,8 +14,12 @@
 //!
 //! Version 2 records each chunk's length: chunks are cut where the content
 //! says (see `chunks.rs`), so offsets are no longer index × chunk size but
-//! the sums of the lengths before. Version 1 (fixed chunks) is refused, not
-//! read: nothing stored in it is kept.
+//! the sums of the lengths before. Version 3 adds what a sandbox's
+//! writable layer holds besides directories and files: owners, symlinks,
+//! overlay whiteouts (a deleted file of the template) and opaque
+//! directories, FIFOs and sockets; version 2 is still read (its entries
+//! are owned by root, as they were written). Version 1 (fixed chunks) is
+//! refused, not read: nothing stored in it is kept.
 
 use std::collections::HashSet;
 
@@ -23,8 +27,11 @@ use serde::{Deserialize, Serialize};
 
 use super::chunks::{CHUNK_MAX, ChunkId};
 
-/// The manifest format this code writes and reads.
-pub const MANIFEST_VERSION: u32 = 2;
+/// The manifest format this code writes.
+pub const MANIFEST_VERSION: u32 = 3;
+
+/// The oldest manifest format this code reads.
+pub const OLDEST_READ_VERSION: u32 = 2;
 
 /// Longest relative path accepted (Linux's PATH_MAX).
 const MAX_PATH: usize = 4096;
@@ -64,21 +71,59 @@ pub struct SnapshotMetadata {
     pub extra: serde_json::Value,
 }
 
-/// One directory or regular file, by its path relative to the snapshot
-/// directory (`/`-separated, UTF-8).
+/// One entry of the snapshot directory, by its path relative to it
+/// (`/`-separated, UTF-8), with its owner (`uid`, `gid`; root when a
+/// version 2 manifest leaves them out).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Entry {
     Dir {
         path: String,
         mode: u32,
+        #[serde(default)]
+        uid: u32,
+        #[serde(default)]
+        gid: u32,
+        /// An overlay opaque directory (`trusted.overlay.opaque=y`): it
+        /// hides what the layers below have at its path.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        opaque: bool,
     },
     File {
         path: String,
         mode: u32,
+        #[serde(default)]
+        uid: u32,
+        #[serde(default)]
+        gid: u32,
         size: u64,
         /// The file's chunks in order; their lengths add up to `size`.
         chunks: Vec<ChunkRef>,
+    },
+    /// A symbolic link to `target`, restored as it is (a link is never
+    /// followed while a snapshot is restored: links are made last, and no
+    /// entry's parent can be one).
+    Symlink {
+        path: String,
+        target: String,
+        uid: u32,
+        gid: u32,
+    },
+    /// An overlay whiteout (a character device 0:0): the layers below
+    /// have a file at this path that was deleted.
+    Whiteout { path: String, uid: u32, gid: u32 },
+    Fifo {
+        path: String,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    /// A Unix socket's file (a new one is made: nothing listens on it).
+    Socket {
+        path: String,
+        mode: u32,
+        uid: u32,
+        gid: u32,
     },
 }
 
@@ -98,13 +143,36 @@ pub struct ChunkRef {
 impl Entry {
     pub fn path(&self) -> &str {
         match self {
-            Entry::Dir { path, .. } | Entry::File { path, .. } => path,
+            Entry::Dir { path, .. }
+            | Entry::File { path, .. }
+            | Entry::Symlink { path, .. }
+            | Entry::Whiteout { path, .. }
+            | Entry::Fifo { path, .. }
+            | Entry::Socket { path, .. } => path,
         }
     }
 
+    /// Permission bits (0 for a symlink or a whiteout, which have none of
+    /// their own).
     pub fn mode(&self) -> u32 {
         match self {
-            Entry::Dir { mode, .. } | Entry::File { mode, .. } => *mode,
+            Entry::Dir { mode, .. }
+            | Entry::File { mode, .. }
+            | Entry::Fifo { mode, .. }
+            | Entry::Socket { mode, .. } => *mode,
+            Entry::Symlink { .. } | Entry::Whiteout { .. } => 0,
+        }
+    }
+
+    /// `(uid, gid)`.
+    pub fn owner(&self) -> (u32, u32) {
+        match self {
+            Entry::Dir { uid, gid, .. }
+            | Entry::File { uid, gid, .. }
+            | Entry::Symlink { uid, gid, .. }
+            | Entry::Whiteout { uid, gid, .. }
+            | Entry::Fifo { uid, gid, .. }
+            | Entry::Socket { uid, gid, .. } => (*uid, *gid),
         }
     }
 }
@@ -112,7 +180,9 @@ impl Entry {
 /// Why a manifest (or a path for one) is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
-    #[error("manifest version {0} is not supported (this build reads version {MANIFEST_VERSION})")]
+    #[error(
+        "manifest version {0} is not supported (this build reads versions {OLDEST_READ_VERSION} to {MANIFEST_VERSION})"
+    )]
     Version(u32),
     #[error("manifest names snapshot {found:?}, expected {expected:?}")]
     Name { expected: String, found: String },
@@ -177,7 +247,7 @@ impl Manifest {
     /// read under; a manifest copied to another name is refused, since its
     /// metadata would describe another snapshot.
     pub fn validate(&self, name: &str) -> Result<(), ManifestError> {
-        if self.version != MANIFEST_VERSION {
+        if !(OLDEST_READ_VERSION..=MANIFEST_VERSION).contains(&self.version) {
             return Err(ManifestError::Version(self.version));
         }
         if self.name != name {
@@ -209,6 +279,15 @@ impl Manifest {
                 Entry::Dir { .. } => {
                     dirs.insert(path);
                 }
+                Entry::Symlink { target, .. } => {
+                    if target.is_empty() || target.len() > MAX_PATH || target.contains('\0') {
+                        return Err(ManifestError::Path {
+                            path: path.to_owned(),
+                            reason: "its link target is empty, too long or holds a NUL",
+                        });
+                    }
+                }
+                Entry::Whiteout { .. } | Entry::Fifo { .. } | Entry::Socket { .. } => {}
                 Entry::File { size, chunks, .. } => {
                     // A reader decompresses a chunk into a buffer of its
                     // length: this bound is also a memory bound.
@@ -245,7 +324,7 @@ impl Manifest {
             .iter()
             .map(|e| match e {
                 Entry::File { size, .. } => *size,
-                Entry::Dir { .. } => 0,
+                _ => 0,
             })
             .sum()
     }
@@ -270,6 +349,8 @@ mod tests {
         Entry::File {
             path: path.into(),
             mode: 0o644,
+            uid: 0,
+            gid: 0,
             size: lens.iter().sum(),
             chunks: lens.iter().map(|&len| ChunkRef { id: None, len }).collect(),
         }
@@ -287,6 +368,9 @@ mod tests {
         Entry::Dir {
             path: path.into(),
             mode: 0o755,
+            uid: 0,
+            gid: 0,
+            opaque: false,
         }
     }
 
@@ -398,6 +482,8 @@ mod tests {
                 manifest(vec![Entry::File {
                     path: "suid".into(),
                     mode: 0o4755,
+                    uid: 0,
+                    gid: 0,
                     size: 0,
                     chunks: vec![],
                 }]),

@@ -32,10 +32,13 @@
 //! Meant for snapshot directories of a few files: every file is held open
 //! while it is transferred.
 //!
-//! Only directories and regular files are stored. Symlinks are refused (a
-//! restored link could point a later write outside the destination, and
-//! neither runtime's snapshot directory has any), as are devices, FIFOs and
-//! sockets; the error names the file.
+//! Stored: directories (with overlay opacity), regular files, symlinks,
+//! overlay whiteouts, FIFOs and sockets, each with its owner and
+//! permission bits — a gVisor snapshot's `upper/` is the guest's writable
+//! layer, and holds whatever the guest made. Symlinks are made last, after
+//! every file is written, and no entry's parent can be one, so a restore
+//! never writes through a link. Devices other than whiteouts are refused,
+//! naming the file.
 //!
 //! Pause publishes a sandbox's snapshot here and resume fetches it when
 //! the local copy is gone (`sandbox/actor.rs`). Which node holds a
@@ -273,7 +276,7 @@ impl SnapshotStore {
             version: u32,
         }
         let Versioned { version } = serde_json::from_slice(&bytes).map_err(json_error)?;
-        if version != MANIFEST_VERSION {
+        if !(manifest::OLDEST_READ_VERSION..=MANIFEST_VERSION).contains(&version) {
             return Err(ObjectsError::BadManifest {
                 name: name.to_owned(),
                 source: ManifestError::Version(version),

@@ -148,7 +148,7 @@ fn data_chunks(manifest: &Manifest) -> Vec<(String, ChunkId)> {
                 .filter_map(|c| c.id)
                 .map(|id| (path.clone(), id))
                 .collect(),
-            Entry::Dir { .. } => Vec::new(),
+            _ => Vec::new(),
         })
         .collect()
 }
@@ -875,48 +875,115 @@ async fn the_chunk_cache_serves_a_second_download_and_drops_bad_entries() {
 }
 
 #[tokio::test]
-async fn symlinks_and_special_files_are_refused_by_name() {
+async fn an_overlay_layer_round_trips_with_owners_links_whiteouts_and_opaque_dirs() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let fx = Fixture::new();
     let src = fx.path("src");
-    fs::create_dir_all(src.join("sub")).unwrap();
-    fs::write(src.join("ok"), b"fine").unwrap();
-    std::os::unix::fs::symlink("/etc/passwd", src.join("sub/link")).unwrap();
-    let err = fx
-        .store
-        .put_dir(&src, "s", meta("pause"), &KnownChunks::new())
-        .await
-        .unwrap_err();
-    let text = err.to_string();
-    assert!(
-        matches!(
-            err,
-            ObjectsError::Unsupported {
-                what: "a symlink",
-                ..
-            }
-        ) && text.contains("sub/link"),
-        "{text}"
-    );
-    fs::remove_file(src.join("sub/link")).unwrap();
+    fs::create_dir_all(src.join("home/user/new")).unwrap();
+    fs::create_dir_all(src.join("etc")).unwrap();
+    fs::write(src.join("home/user/note"), b"the user's").unwrap();
+    std::os::unix::fs::chown(src.join("home/user"), Some(1000), Some(1000)).unwrap();
+    std::os::unix::fs::chown(src.join("home/user/note"), Some(1000), Some(1001)).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", src.join("home/user/link")).unwrap();
+    std::os::unix::fs::lchown(src.join("home/user/link"), Some(1000), Some(1000)).unwrap();
+    let node = |path: &Path, kind: libc::mode_t| {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mknod(c.as_ptr(), kind | 0o640, 0) }, 0);
+    };
+    // A template file the guest deleted, a pipe and a socket it made.
+    node(&src.join("etc/hostname"), libc::S_IFCHR);
+    node(&src.join("home/user/pipe"), libc::S_IFIFO);
+    node(&src.join("home/user/sock"), libc::S_IFSOCK);
+    // A directory deleted and made again: overlayfs marks it opaque.
+    let opaque = std::ffi::CString::new(src.join("home/user/new").to_str().unwrap()).unwrap();
+    // SAFETY: NUL-terminated strings and a 1-byte value.
+    let rc = unsafe {
+        libc::lsetxattr(
+            opaque.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
 
-    let fifo = std::ffi::CString::new(src.join("sub/pipe").to_str().unwrap()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
-    let err = fx
+    let (manifest, _) = fx
         .store
         .put_dir(&src, "s", meta("pause"), &KnownChunks::new())
         .await
+        .unwrap();
+    let dest = fx.path("dest");
+    fx.store.get_dir("s", &dest, None).await.unwrap();
+    let owner = |rel: &str| {
+        let m = fs::symlink_metadata(dest.join(rel)).unwrap();
+        (m.uid(), m.gid())
+    };
+    assert_eq!(owner("home/user"), (1000, 1000));
+    assert_eq!(owner("home/user/note"), (1000, 1001));
+    assert_eq!(owner("home/user/link"), (1000, 1000));
+    assert_eq!(owner("etc"), (0, 0));
+    assert_eq!(
+        fs::read(dest.join("home/user/note")).unwrap(),
+        b"the user's"
+    );
+    assert_eq!(
+        fs::read_link(dest.join("home/user/link")).unwrap(),
+        Path::new("/etc/passwd")
+    );
+    let whiteout = fs::symlink_metadata(dest.join("etc/hostname")).unwrap();
+    assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0);
+    let pipe = fs::symlink_metadata(dest.join("home/user/pipe")).unwrap();
+    assert!(pipe.file_type().is_fifo() && pipe.mode() & 0o777 == 0o640);
+    assert!(
+        fs::symlink_metadata(dest.join("home/user/sock"))
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
+    let opaque_dirs: Vec<&str> = manifest
+        .entries
+        .iter()
+        .filter(|e| matches!(e, Entry::Dir { opaque: true, .. }))
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(opaque_dirs, ["home/user/new"]);
+    let mut value = [0u8; 4];
+    let restored = std::ffi::CString::new(dest.join("home/user/new").to_str().unwrap()).unwrap();
+    // SAFETY: NUL-terminated strings and a writable buffer of its length.
+    let n = unsafe {
+        libc::lgetxattr(
+            restored.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    assert_eq!(&value[..n.max(0) as usize], b"y");
+
+    // A real device is refused, by name.
+    let dev = fx.path("dev");
+    fs::create_dir_all(&dev).unwrap();
+    let null = std::ffi::CString::new(dev.join("null").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) },
+        0
+    );
+    let err = fx
+        .store
+        .put_dir(&dev, "d", meta("pause"), &KnownChunks::new())
+        .await
         .unwrap_err();
     assert!(
-        matches!(err, ObjectsError::Unsupported { what: "a FIFO", .. })
-            && err.to_string().contains("sub/pipe"),
+        matches!(err, ObjectsError::Unsupported { .. }) && err.to_string().contains("null"),
         "{err}"
     );
-    assert!(fx.store.list("").await.unwrap().is_empty());
 
     let err = fx
         .store
-        .put_dir(&fx.path("nope"), "s", meta("pause"), &KnownChunks::new())
+        .put_dir(&fx.path("nope"), "s2", meta("pause"), &KnownChunks::new())
         .await
         .unwrap_err();
     assert!(matches!(err, ObjectsError::Io { .. }), "{err}");

@@ -4,7 +4,8 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, FileTypeExt, PermissionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -51,18 +52,18 @@ impl UploadStats {
     }
 }
 
-/// A directory or file found under the snapshot directory.
+/// An entry found under the snapshot directory: a file to chunk, or
+/// anything else, whole.
 enum Scanned {
-    Dir {
-        rel: String,
-        mode: u32,
-    },
     File {
         rel: String,
         abs: PathBuf,
         mode: u32,
+        uid: u32,
+        gid: u32,
         size: u64,
     },
+    Other(Entry),
 }
 
 /// Walk `root`, parents before children, children sorted by name, so the
@@ -101,30 +102,62 @@ fn scan_into(dir: &Path, rel_dir: &str, out: &mut Vec<Scanned>) -> Result<(), Ob
         let meta = std::fs::symlink_metadata(&abs).map_err(|e| ObjectsError::io(&abs, e))?;
         let kind = meta.file_type();
         let mode = meta.permissions().mode() & MODE_MASK;
+        let (uid, gid) = (meta.uid(), meta.gid());
         if kind.is_dir() {
-            out.push(Scanned::Dir {
-                rel: rel.clone(),
+            out.push(Scanned::Other(Entry::Dir {
+                path: rel.clone(),
                 mode,
-            });
+                uid,
+                gid,
+                opaque: is_opaque(&abs)?,
+            }));
             scan_into(&abs, &rel, out)?;
         } else if kind.is_file() {
             out.push(Scanned::File {
                 rel,
                 abs,
                 mode,
+                uid,
+                gid,
                 size: meta.len(),
             });
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(&abs)
+                .map_err(|e| ObjectsError::io(&abs, e))?
+                .into_os_string()
+                .into_string()
+                .map_err(|_| ObjectsError::NotUtf8 { path: abs.clone() })?;
+            out.push(Scanned::Other(Entry::Symlink {
+                path: rel,
+                target,
+                uid,
+                gid,
+            }));
+        } else if kind.is_char_device() && meta.rdev() == 0 {
+            out.push(Scanned::Other(Entry::Whiteout {
+                path: rel,
+                uid,
+                gid,
+            }));
+        } else if kind.is_fifo() {
+            out.push(Scanned::Other(Entry::Fifo {
+                path: rel,
+                mode,
+                uid,
+                gid,
+            }));
+        } else if kind.is_socket() {
+            out.push(Scanned::Other(Entry::Socket {
+                path: rel,
+                mode,
+                uid,
+                gid,
+            }));
         } else {
-            let what = if kind.is_symlink() {
-                "a symlink"
-            } else if kind.is_fifo() {
-                "a FIFO"
-            } else if kind.is_socket() {
-                "a socket"
-            } else if kind.is_block_device() {
+            let what = if kind.is_block_device() {
                 "a block device"
             } else if kind.is_char_device() {
-                "a character device"
+                "a character device (other than an overlay whiteout)"
             } else {
                 "a special file"
             };
@@ -132,6 +165,37 @@ fn scan_into(dir: &Path, rel_dir: &str, out: &mut Vec<Scanned>) -> Result<(), Ob
         }
     }
     Ok(())
+}
+
+/// Whether directory `dir` is an overlay opaque directory
+/// (`trusted.overlay.opaque` is `y`; reading it needs CAP_SYS_ADMIN, and
+/// an unprivileged reader sees no trusted xattrs at all: not opaque).
+fn is_opaque(dir: &Path) -> Result<bool, ObjectsError> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+        ObjectsError::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte"),
+        )
+    })?;
+    let mut value = [0u8; 8];
+    // SAFETY: both strings are NUL-terminated and `value` is writable for
+    // its length for the duration of the call.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    if n >= 0 {
+        return Ok(&value[..n as usize] == b"y");
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENODATA) | Some(libc::ENOTSUP) | Some(libc::ERANGE) => Ok(false),
+        _ => Err(ObjectsError::io(dir, err)),
+    }
 }
 
 /// One data chunk to upload, as the first pass found it.
@@ -200,7 +264,7 @@ impl SnapshotStore {
             .iter()
             .filter_map(|e| match e {
                 Scanned::File { size, .. } => Some(*size),
-                Scanned::Dir { .. } => None,
+                Scanned::Other(_) => None,
             })
             .collect();
         // Owned, not borrowed: the stream's futures must be `Send` for any
@@ -226,7 +290,8 @@ impl SnapshotStore {
         let mut jobs = Vec::new();
         for entry in &scanned {
             match entry {
-                Scanned::Dir { .. } => stats.dirs += 1,
+                Scanned::Other(Entry::Dir { .. }) => stats.dirs += 1,
+                Scanned::Other(_) => {}
                 Scanned::File { size, .. } => {
                     stats.files += 1;
                     stats.bytes_read += size;
@@ -297,12 +362,19 @@ impl SnapshotStore {
         let entries = scanned
             .into_iter()
             .map(|entry| match entry {
-                Scanned::Dir { rel, mode } => Entry::Dir { path: rel, mode },
+                Scanned::Other(entry) => entry,
                 Scanned::File {
-                    rel, mode, size, ..
+                    rel,
+                    mode,
+                    uid,
+                    gid,
+                    size,
+                    ..
                 } => Entry::File {
                     path: rel,
                     mode,
+                    uid,
+                    gid,
                     size,
                     chunks: chunk_lists.next().unwrap_or_default(),
                 },
