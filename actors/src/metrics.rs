@@ -10,6 +10,10 @@ pub const LOST: &str = "sandmesh_sandboxes_lost_total";
 /// Paused sandboxes this node took over from the object store (their
 /// node died, or this node had lost its record of them).
 pub const TAKEN_OVER: &str = "sandmesh_sandboxes_taken_over_total";
+/// Template snapshots made ready at node start, by `source`: `prepared`
+/// (booted here), `fetched` (from the object store) or `cached` (kept from
+/// an earlier start).
+pub const TEMPLATE_SNAPSHOTS: &str = "sandmesh_template_snapshots_total";
 /// Sandboxes killed by their timeout.
 pub const TIMED_OUT: &str = "sandmesh_sandboxes_timed_out_total";
 /// Pauses by `result` (`ok`, `refused`: the sandbox kept running, `lost`,

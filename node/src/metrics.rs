@@ -9,7 +9,7 @@ use actors::metrics::{
     CREATE_SECONDS, CREATES, LOST, PAUSE_SECONDS, PAUSES, RESUME_SECONDS,
     SNAPSHOT_BYTES_DOWNLOADED, SNAPSHOT_BYTES_UPLOADED, SNAPSHOT_CHUNKS_DEDUPLICATED,
     SNAPSHOT_CHUNKS_UPLOADED, SNAPSHOT_DOWNLOAD_SECONDS, SNAPSHOT_GC_CHUNKS_DELETED,
-    SNAPSHOT_UPLOAD_SECONDS, TAKEN_OVER, TIMED_OUT,
+    SNAPSHOT_UPLOAD_SECONDS, TAKEN_OVER, TEMPLATE_SNAPSHOTS, TIMED_OUT,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -60,6 +60,10 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             metrics::describe_counter!(
                 TAKEN_OVER,
                 "paused sandboxes taken over from the object store (their node died)"
+            );
+            metrics::describe_counter!(
+                TEMPLATE_SNAPSHOTS,
+                "template snapshots made ready at start, by source (prepared, fetched, cached)"
             );
             metrics::describe_counter!(TIMED_OUT, "sandboxes killed by their timeout");
             metrics::describe_counter!(

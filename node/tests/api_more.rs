@@ -705,3 +705,84 @@ async fn paused_sandboxes_are_published_and_resume_from_the_object_store() {
     assert!(objects.list(&prefix).await.unwrap().is_empty());
     assert_eq!(objects.claim(&id).await.unwrap(), None);
 }
+
+/// A node publishes the template snapshots it prepared to the object
+/// store; a node that starts later on the same store fetches them instead
+/// of booting its templates, creates from them, and its pauses do not send
+/// again what a sandbox did not change of its template.
+#[tokio::test]
+async fn template_snapshots_are_published_and_a_later_node_fetches_them() {
+    let test = "template_snapshots_are_published_and_a_later_node_fetches_them";
+    let store_dir = std::env::temp_dir().join(format!("smh-template-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&store_dir);
+    let url = actors::objects::StoreUrl::Local {
+        dir: store_dir.clone(),
+    };
+    let objects = actors::objects::SnapshotStore::open(&url, &Default::default()).unwrap();
+    let metric = |text: &str, source: &str| -> u64 {
+        let line = format!("sandmesh_template_snapshots_total{{source=\"{source}\"}}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    };
+    let scrape = |t: &common::TestNode| {
+        let req = t.http.get(t.url("/metrics")).send();
+        async move { req.await.unwrap().text().await.unwrap() }
+    };
+    let (prepared, fetched);
+    {
+        let Some(a) = common::node_on_store(test, 2, Some(url.clone())).await else {
+            return;
+        };
+        // Published in the background (base and small).
+        let started = Instant::now();
+        while objects.list("templates").await.unwrap().len() < 2 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the node did not publish its template snapshots: {:?}",
+                objects.list("templates").await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let text = scrape(&a).await;
+        (prepared, fetched) = (metric(&text, "prepared"), metric(&text, "fetched"));
+    }
+    let Some(b) = common::node_on_store(&format!("{test}-b"), 2, Some(url)).await else {
+        return;
+    };
+    let text = scrape(&b).await;
+    // One metrics recorder per process: both nodes count into it.
+    assert_eq!(metric(&text, "prepared"), prepared, "{text}");
+    assert_eq!(metric(&text, "fetched"), fetched + 2, "{text}");
+
+    let r = b
+        .create(json!({"templateID": "base", "timeout": 120}))
+        .await;
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    let sbx: Value = r.json().await.unwrap();
+    let id = sbx["sandboxID"].as_str().unwrap().to_owned();
+    let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
+    let (status, out) = b
+        .run(&id, Some(&token), "echo from-a-fetched-template")
+        .await;
+    assert_eq!((status, out.as_str()), (200, "from-a-fetched-template\n"));
+    let r = b
+        .api(M::POST, &format!("/sandboxes/{id}/pause"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{:?}", r.text().await);
+    let first = pause_events(&b, &id).await;
+    assert!(
+        count_before(&first[0], "deduplicated") > 0,
+        "the first pause deduplicates against the template: {first:?}"
+    );
+    let r = b
+        .api(M::DELETE, &format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    drop(b);
+    let _ = std::fs::remove_dir_all(&store_dir);
+}

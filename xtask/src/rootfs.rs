@@ -38,7 +38,7 @@ const PACKAGES: &[&str] = &[
 ];
 /// Bump when the steps below change in a way that changes the output.
 const BASE_RECIPE_VERSION: &str = "1";
-const RECIPE_VERSION: &str = "1";
+const RECIPE_VERSION: &str = "2";
 
 pub struct Base {
     pub tree: PathBuf,
@@ -134,6 +134,16 @@ pub fn build(
         for (from, to) in &scripts {
             install(from, &tree.join(to), 0o755)?;
         }
+        // Names this build (random: two builds of the same inputs are not
+        // byte-identical): a node shares a template snapshot through the
+        // object store only with nodes whose root has the same id.
+        let mut id = [0u8; 16];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
+            .context("reading /dev/urandom")?;
+        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(tree.join("etc/sandmesh-build-id"), format!("{id}\n"))
+            .context("writing etc/sandmesh-build-id")?;
         let image = out.join("rootfs.ext4");
         println!("  packing {} ext4 image", image_size);
         run::output(

@@ -169,41 +169,140 @@ pub fn is_zero(data: &[u8]) -> bool {
 /// its `StreamCDC`: that one copies every chunk out byte by byte in
 /// generic code, which is compiled at the caller's (debug) optimization
 /// level and made a 64 MiB file take most of a second in tests. A cut is
-/// asked for only with [`CHUNK_MAX`] bytes ahead of it (or the file's
-/// end), since `cut` never looks further: the cuts are those of the whole
-/// file as one stream.
+/// asked for only with [`CHUNK_MAX`] bytes ahead of it (or the range's
+/// end), since `cut` never looks further: the cuts are those of each data
+/// range as one stream. Holes of at least [`HOLE_MIN`] are zero chunks of
+/// up to [`CHUNK_MAX`], never read.
 ///
 /// A file shorter than `size` (it shrank since it was scanned) is an
 /// `UnexpectedEof` error.
 pub(crate) fn cut_file(file: &File, size: u64) -> std::io::Result<Vec<ChunkRef>> {
-    const WINDOW: usize = 2 * CHUNK_MAX as usize;
-    let mut buf = vec![0u8; WINDOW.min(usize::try_from(size).unwrap_or(WINDOW))];
     let mut refs = Vec::new();
+    for (start, end, data) in extents(file, size)? {
+        if data {
+            cut_range(file, start, end, &mut refs)?;
+        } else {
+            // A hole: zero chunks, nothing read.
+            let mut left = end - start;
+            while left > 0 {
+                let len = left.min(u64::from(CHUNK_MAX));
+                refs.push(ChunkRef { id: None, len });
+                left -= len;
+            }
+        }
+    }
+    Ok(refs)
+}
+
+/// Holes shorter than this are read as zeros with the data around them,
+/// so that content-defined cuts are not broken up by every small hole.
+const HOLE_MIN: u64 = CHUNK_MAX as u64;
+
+/// `[start, end, holds data]` ranges covering `0..size` in order: the
+/// file's holes of at least [`HOLE_MIN`] (`SEEK_DATA`/`SEEK_HOLE`), so a
+/// sparse memory file of a microVM costs reads of what it holds only.
+/// One data range where the file system cannot tell.
+fn extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64, bool)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let seek = |pos: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        let Ok(pos) = libc::off_t::try_from(pos) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek on a descriptor this File owns; no memory involved.
+        let r = unsafe { libc::lseek(fd, pos, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            // No data after `pos`.
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(err),
+        }
+    };
+    let mut data: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let start = match seek(pos, libc::SEEK_DATA) {
+            Ok(Some(s)) => s.min(size),
+            Ok(None) => break,
+            // The file system keeps no holes: all data.
+            Err(_) => return Ok(vec![(0, size, true)]),
+        };
+        let end = match seek(start, libc::SEEK_HOLE) {
+            Ok(Some(e)) => e.min(size),
+            Ok(None) | Err(_) => size,
+        };
+        if end <= start {
+            break;
+        }
+        match data.last_mut() {
+            Some(last) if start - last.1 < HOLE_MIN => last.1 = end,
+            _ => data.push((start, end)),
+        }
+        pos = end;
+    }
+    let mut out = Vec::new();
+    let mut at = 0;
+    for (start, end) in data {
+        // A leading hole shorter than HOLE_MIN is read too.
+        let start = if at == 0 && start < HOLE_MIN {
+            0
+        } else {
+            start
+        };
+        if start > at {
+            out.push((at, start, false));
+        }
+        out.push((start, end, true));
+        at = end;
+    }
+    if at < size {
+        // A trailing hole shorter than HOLE_MIN is read with the data.
+        match out.last_mut() {
+            Some(last) if size - at < HOLE_MIN => last.1 = size,
+            _ => out.push((at, size, false)),
+        }
+    }
+    Ok(out)
+}
+
+/// Cut bytes `start..end` of `file` at content-defined boundaries.
+fn cut_range(
+    file: &File,
+    start_at: u64,
+    end_at: u64,
+    refs: &mut Vec<ChunkRef>,
+) -> std::io::Result<()> {
+    const WINDOW: usize = 2 * CHUNK_MAX as usize;
+    let span = end_at - start_at;
+    let mut buf = vec![0u8; WINDOW.min(usize::try_from(span).unwrap_or(WINDOW))];
     // Bytes of the file before `buf[0]`; `buf[start..filled]` is not cut yet.
-    let mut base = 0u64;
+    let mut base = start_at;
     let (mut start, mut filled) = (0usize, 0usize);
     loop {
-        // Refill: keep what is not cut yet, read up to the window or `size`.
+        // Refill: keep what is not cut yet, read up to the window or the end.
         buf.copy_within(start..filled, 0);
         base += start as u64;
         filled -= start;
         start = 0;
-        while filled < buf.len() && base + (filled as u64) < size {
-            let want = usize::try_from(size - base - filled as u64)
+        while filled < buf.len() && base + (filled as u64) < end_at {
+            let want = usize::try_from(end_at - base - filled as u64)
                 .unwrap_or(usize::MAX)
                 .min(buf.len() - filled);
             let got = file.read_at(&mut buf[filled..filled + want], base + filled as u64)?;
             if got == 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    format!("read {} of {size} bytes", base + filled as u64),
+                    format!("read {} of {end_at} bytes", base + filled as u64),
                 ));
             }
             filled += got;
         }
-        let at_end = base + filled as u64 == size;
+        let at_end = base + filled as u64 == end_at;
         if start == filled {
-            return Ok(refs);
+            return Ok(());
         }
         let cdc = FastCDC::new(&buf[..filled], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX);
         while start < filled && (at_end || filled - start >= CHUNK_MAX as usize) {
@@ -266,6 +365,47 @@ mod tests {
     use super::*;
     use crate::objects::tests::noise;
 
+    #[test]
+    fn holes_are_zero_chunks_and_never_read() {
+        use std::os::unix::fs::FileExt;
+        const MIB: u64 = 1 << 20;
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(64 * MIB).unwrap();
+        file.write_all_at(&noise(1, MIB as usize), 0).unwrap();
+        file.write_all_at(&noise(2, MIB as usize), 40 * MIB)
+            .unwrap();
+        let ranges = extents(&file, 64 * MIB).unwrap();
+        assert_eq!(
+            ranges,
+            [
+                (0, MIB, true),
+                (MIB, 40 * MIB, false),
+                (40 * MIB, 41 * MIB, true),
+                (41 * MIB, 64 * MIB, false)
+            ]
+        );
+        let refs = cut_file(&file, 64 * MIB).unwrap();
+        assert_eq!(refs.iter().map(|r| r.len).sum::<u64>(), 64 * MIB);
+        let zero: u64 = refs.iter().filter(|r| r.id.is_none()).map(|r| r.len).sum();
+        assert_eq!(zero, 62 * MIB);
+        // The data chunks are those of the data alone.
+        let data: Vec<ChunkId> = refs.iter().filter_map(|r| r.id).collect();
+        let alone = tempfile::tempfile().unwrap();
+        alone.write_all_at(&noise(1, MIB as usize), 0).unwrap();
+        let first: Vec<ChunkId> = cut_file(&alone, MIB)
+            .unwrap()
+            .iter()
+            .filter_map(|r| r.id)
+            .collect();
+        assert_eq!(data[..first.len()], first[..]);
+        // A file system without holes, or a file without any: one range.
+        let dense = tempfile::tempfile().unwrap();
+        dense.write_all_at(&noise(3, 3 * MIB as usize), 0).unwrap();
+        assert_eq!(extents(&dense, 3 * MIB).unwrap(), [(0, 3 * MIB, true)]);
+        let empty = tempfile::tempfile().unwrap();
+        empty.set_len(8 * MIB).unwrap();
+        assert_eq!(extents(&empty, 8 * MIB).unwrap(), [(0, 8 * MIB, false)]);
+    }
     #[test]
     fn ids_round_trip_through_hex_and_refuse_other_spellings() {
         let id = ChunkId::of(b"hello");

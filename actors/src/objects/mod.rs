@@ -151,6 +151,8 @@ pub enum ObjectsError {
     DestinationExists { path: PathBuf },
     #[error("a worker thread failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("a worker thread failed: {0}")]
+    Worker(String),
     #[error(
         "sandbox {sandbox_id} changed hands: expected its claim at epoch {}, the store says {}",
         expected.map_or_else(|| "none".to_owned(), |e| e.to_string()),
@@ -208,6 +210,10 @@ pub struct StoreOptions {
     /// upload. Chunks from [`KnownChunks`] are not checked: live manifests
     /// refer to them.
     pub refresh_after: Duration,
+    /// Uploads read, hash and compress at the scheduler's idle priority
+    /// (SCHED_IDLE): for uploads nobody waits for (a template snapshot),
+    /// which must never slow the node's own work.
+    pub idle: bool,
 }
 
 impl Default for StoreOptions {
@@ -215,6 +221,7 @@ impl Default for StoreOptions {
         Self {
             concurrency: 8,
             refresh_after: Duration::from_secs(60 * 60),
+            idle: false,
         }
     }
 }
@@ -242,6 +249,10 @@ impl SnapshotStore {
     pub fn with_options(mut self, options: StoreOptions) -> Self {
         self.options = options;
         self
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
     }
 
     pub fn describe(&self) -> &str {

@@ -198,6 +198,37 @@ fn is_opaque(dir: &Path) -> Result<bool, ObjectsError> {
     }
 }
 
+/// Run blocking `work` off the async threads, which also serve the
+/// node's requests. With `idle`, on a thread of its own at the
+/// scheduler's idle priority (SCHED_IDLE: it gets a CPU only when no
+/// other thread wants one); never on the shared blocking pool, whose
+/// threads must not keep that priority.
+async fn blocking<T: Send + 'static>(
+    idle: bool,
+    work: impl FnOnce() -> Result<T, ObjectsError> + Send + 'static,
+) -> Result<T, ObjectsError> {
+    if !idle {
+        return tokio::task::spawn_blocking(work).await?;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("objects-idle".into())
+        .spawn(move || {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: pid 0 is the calling thread; `param` outlives the call.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                tracing::debug!(
+                    "idle priority refused ({}); uploading at normal priority",
+                    std::io::Error::last_os_error()
+                );
+            }
+            let _ = tx.send(work());
+        })
+        .map_err(|e| ObjectsError::Worker(format!("starting an idle-priority thread: {e}")))?;
+    rx.await
+        .map_err(|_| ObjectsError::Worker("an idle-priority thread died".into()))?
+}
+
 /// One data chunk to upload, as the first pass found it.
 struct Job {
     /// Index of the file among the scanned files.
@@ -240,7 +271,8 @@ impl SnapshotStore {
         check_name(name)?;
         let started = Instant::now();
         let root = dir.to_owned();
-        let (scanned, sources) = tokio::task::spawn_blocking(move || {
+        let idle = self.options.idle;
+        let (scanned, sources) = blocking(idle, move || {
             let scanned = scan(&root)?;
             let mut sources = Vec::new();
             for entry in &scanned {
@@ -254,7 +286,7 @@ impl SnapshotStore {
             }
             Ok::<_, ObjectsError>((scanned, sources))
         })
-        .await??;
+        .await?;
 
         // First pass: cut and name every file's chunks. A blocking read of
         // the whole file (SHA-256 and the chunker are CPU work too), files
@@ -272,7 +304,7 @@ impl SnapshotStore {
         let files: Vec<(Arc<Source>, u64)> = sources.iter().cloned().zip(sizes.clone()).collect();
         let chunk_lists: Vec<Vec<ChunkRef>> = futures::stream::iter(files)
             .map(|(source, size)| async move {
-                tokio::task::spawn_blocking(move || {
+                blocking(idle, move || {
                     chunks::cut_file(&source.file, size).map_err(|e| match e.kind() {
                         std::io::ErrorKind::UnexpectedEof => ObjectsError::Changed {
                             path: source.path.clone(),
@@ -280,7 +312,7 @@ impl SnapshotStore {
                         _ => ObjectsError::io(&source.path, e),
                     })
                 })
-                .await?
+                .await
             })
             .buffered(self.options.concurrency.max(1))
             .try_collect()
@@ -441,7 +473,7 @@ impl SnapshotStore {
         }
         // Reading, hashing and compressing up to 4 MiB is milliseconds of
         // CPU: off the async threads, which also serve the node's requests.
-        let stored = tokio::task::spawn_blocking(move || {
+        let stored = blocking(self.options.idle, move || {
             let mut data = vec![0u8; len as usize];
             let changed = || ObjectsError::Changed {
                 path: source.path.clone(),
@@ -460,7 +492,7 @@ impl SnapshotStore {
             }
             chunks::compress(&data).map_err(|source| ObjectsError::Compress { hash: id, source })
         })
-        .await??;
+        .await?;
         let bytes = stored.len() as u64;
         self.store
             .put(&path, PutPayload::from(stored))

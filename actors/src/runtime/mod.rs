@@ -521,6 +521,27 @@ pub trait Runtime: Send + Sync {
         limits: Limits,
     ) -> BoxFuture<'a, Result<Template>>;
 
+    /// What this runtime's snapshots depend on besides the template's root
+    /// and the limits (the runsc version; the VMM's snapshot format and
+    /// confinement): a template snapshot made by a node whose engine is
+    /// the same restores here.
+    fn engine(&self) -> String;
+
+    /// The template snapshot of `template` with `limits` that this node
+    /// kept from an earlier start and `prepare_template` would reuse, if
+    /// any (the microVM keeps them; gVisor boots its templates afresh).
+    fn cached_template(&self, template: &Template, limits: Limits) -> Option<Template>;
+
+    /// Take `snapshot`, a template snapshot of `template` made elsewhere
+    /// (fetched from the object store), as this node's: check it, move it
+    /// to where the runtime keeps template snapshots, and return the
+    /// template with [`Template::snapshot`] set, as `prepare_template` does.
+    fn adopt_template<'a>(
+        &'a self,
+        template: &'a Template,
+        snapshot: &'a Snapshot,
+    ) -> BoxFuture<'a, Result<Template>>;
+
     /// Start sandbox `id` from `template`: restore its snapshot when it has
     /// one, else boot its root tree. Returns once envd answers `/health`.
     fn create<'a>(

@@ -442,6 +442,8 @@ impl SandboxState {
                 Err(e) => tracing::warn!(sandbox = %self.id, "previous snapshot {name}: {e}"),
             }
         }
+        // What the sandbox did not change of its booted template.
+        known.extend(self.shared.template_manifest(&self.record.template));
         let known = KnownChunks::from_manifests(&known);
         let name = format!("sandboxes/{}/{}", self.id, now_ms());
         let mut record = self.record.clone();

@@ -182,9 +182,34 @@ pub struct Shared {
     /// Where pause snapshots are published (`None`: local only — tests of
     /// the lifecycle alone).
     pub(crate) objects: Option<crate::objects::SnapshotStore>,
+    /// The manifests of the template snapshots in the object store, by
+    /// template name (fetched, or published by this node): pauses and user
+    /// snapshots deduplicate against their template's.
+    pub(crate) template_manifests: Mutex<HashMap<String, crate::objects::Manifest>>,
 }
 
 impl Shared {
+    pub(crate) fn remember_template_manifest(
+        &self,
+        template: &str,
+        manifest: crate::objects::Manifest,
+    ) {
+        self.template_manifests
+            .lock()
+            .unwrap()
+            .insert(template.to_owned(), manifest);
+    }
+
+    /// The manifest of template `template`'s snapshot in the object store,
+    /// once it is known there.
+    pub(crate) fn template_manifest(&self, template: &str) -> Option<crate::objects::Manifest> {
+        self.template_manifests
+            .lock()
+            .unwrap()
+            .get(template)
+            .cloned()
+    }
+
     /// Reset every proxied connection into sandbox `id` (they end at once,
     /// as the runtime contract requires before a checkpoint).
     fn cut_connections(&self, id: &str) {

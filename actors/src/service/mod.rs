@@ -25,6 +25,7 @@ use schema::mesh::{ClusterCall, ClusterReply, NodeInfo};
 use tokio::sync::oneshot;
 
 mod snapshots;
+mod templates;
 
 pub use snapshots::{MAX_FORKS, is_snapshot_id};
 
@@ -211,6 +212,10 @@ impl Sandboxes {
         config: Config,
     ) -> Result<Self, SandboxError> {
         let mut prepared = Vec::new();
+        // Template snapshots fetched from the object store (their
+        // manifests, for deduplication), and those to publish there.
+        let mut fetched = Vec::new();
+        let mut to_publish = Vec::new();
         for spec in templates {
             let id = TemplateId::new(spec.name.clone()).map_err(RuntimeError::from)?;
             let t = Template {
@@ -221,8 +226,29 @@ impl Sandboxes {
             };
             let started = std::time::Instant::now();
             let prepared_at_ms = now_ms();
-            let t = runtime.prepare_template(&t, spec.limits).await?;
-            tracing::info!(template = %spec.name, took = ?started.elapsed(), "template prepared");
+            let name = templates::object_name(&*runtime, &t, spec.limits, &config.node_id);
+            let cached = runtime.cached_template(&t, spec.limits);
+            let from_store = match (&cached, &config.objects) {
+                (None, Some(objects)) => {
+                    templates::fetch(objects, &*runtime, &t, &name, &config.snapshots_dir).await
+                }
+                _ => None,
+            };
+            let (t, source) = match (cached, from_store) {
+                (Some(t), _) => (t, "cached"),
+                (None, Some((t, manifest))) => {
+                    fetched.push((spec.name.clone(), manifest));
+                    (t, "fetched")
+                }
+                (None, None) => (runtime.prepare_template(&t, spec.limits).await?, "prepared"),
+            };
+            if source != "fetched"
+                && let Some(snapshot) = &t.snapshot
+            {
+                to_publish.push((spec.name.clone(), name, snapshot.dir.clone()));
+            }
+            metrics::counter!(crate::metrics::TEMPLATE_SNAPSHOTS, "source" => source).increment(1);
+            tracing::info!(template = %spec.name, took = ?started.elapsed(), source, "template ready");
             prepared.push(TemplateEntry {
                 template: t,
                 limits: spec.limits,
@@ -244,7 +270,11 @@ impl Sandboxes {
             reservations: Mutex::new(HashMap::new()),
             snapshots_dir: config.snapshots_dir.clone(),
             objects: config.objects.clone(),
+            template_manifests: Mutex::new(fetched.into_iter().collect()),
         });
+        if let Some(objects) = &config.objects {
+            templates::publish(&shared, objects.clone(), to_publish);
+        }
         std::fs::create_dir_all(&config.snapshots_dir).map_err(|e| {
             SandboxError::Io(format!(
                 "creating the snapshot directory {}: {e}",

@@ -88,6 +88,16 @@ impl TestNode {
 /// A node with templates `base` (2 vCPUs, 512 MiB) and `small` (1 vCPU,
 /// 256 MiB), `max_sandboxes` as given, domain `sandmesh.test`.
 pub async fn node_with(test: &str, max_sandboxes: usize) -> Option<TestNode> {
+    node_on_store(test, max_sandboxes, None).await
+}
+
+/// [`node_with`] publishing to `object_store` (`None`: its own, in its
+/// data directory).
+pub async fn node_on_store(
+    test: &str,
+    max_sandboxes: usize,
+    object_store: Option<actors::objects::StoreUrl>,
+) -> Option<TestNode> {
     let required = std::env::var_os(REQUIRE_ENV).is_some();
     let artifacts = GuestArtifacts::for_test(test)?;
     // SAFETY: geteuid has no preconditions.
@@ -130,7 +140,7 @@ pub async fn node_with(test: &str, max_sandboxes: usize) -> Option<TestNode> {
             ..Config::default()
         },
         mesh: None,
-        object_store: None,
+        object_store,
     })
     .await
     {

@@ -311,12 +311,7 @@ impl Runtime for GvisorRuntime {
             static SEQ: AtomicU64 = AtomicU64::new(0);
             let n = SEQ.fetch_add(1, Ordering::Relaxed);
             let id = SandboxId::new(format!("tpl-{}-{n}", std::process::id()))?;
-            let dir = self
-                .inner
-                .data_dir
-                .join("cache")
-                .join("templates")
-                .join(template.id.as_str());
+            let dir = self.inner.template_dir(&template.id);
             let tmp = dir.join(format!(".gvisor.tmp-{}-{n}", std::process::id()));
             let dest = dir.join("gvisor");
             std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::io("creating", &dir, e))?;
@@ -346,6 +341,37 @@ impl Runtime for GvisorRuntime {
                 snapshot: Some(Snapshot {
                     dir: dest,
                     ..snapshot
+                }),
+                ..template.clone()
+            })
+        })
+    }
+
+    fn engine(&self) -> String {
+        format!("gvisor: runsc {}", self.inner.runsc.version)
+    }
+
+    fn cached_template(&self, _template: &Template, _limits: Limits) -> Option<Template> {
+        None
+    }
+
+    fn adopt_template<'a>(
+        &'a self,
+        template: &'a Template,
+        snapshot: &'a Snapshot,
+    ) -> BoxFuture<'a, Result<Template>> {
+        Box::pin(async move {
+            self.inner.check_snapshot(template, snapshot)?;
+            let dir = self.inner.template_dir(&template.id);
+            let dest = dir.join("gvisor");
+            std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::io("creating", &dir, e))?;
+            fs::remove_dir(&dest)?;
+            std::fs::rename(&snapshot.dir, &dest)
+                .map_err(|e| RuntimeError::io("adopting template snapshot", &dest, e))?;
+            Ok(Template {
+                snapshot: Some(Snapshot {
+                    dir: dest,
+                    ..snapshot.clone()
                 }),
                 ..template.clone()
             })
@@ -517,6 +543,14 @@ impl Inner {
 
     fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
         self.sandboxes_dir().join(id.as_str())
+    }
+
+    /// Where template `id`'s snapshot lives (in `gvisor/` below).
+    fn template_dir(&self, id: &TemplateId) -> PathBuf {
+        self.data_dir
+            .join("cache")
+            .join("templates")
+            .join(id.as_str())
     }
 
     /// runsc's state files of `id` (`<id>_sandbox:<id>.state` and `.lock`),

@@ -312,6 +312,15 @@ impl MicrovmRuntime {
 }
 
 impl Inner {
+    /// Where template `id`'s snapshot lives.
+    fn template_snapshot_dir(&self, id: &TemplateId) -> PathBuf {
+        self.data_dir
+            .join("cache")
+            .join("templates")
+            .join(id.as_str())
+            .join("microvm")
+    }
+
     fn sandboxes_dir(&self) -> PathBuf {
         self.data_dir.join("run").join("microvm")
     }
@@ -799,30 +808,10 @@ impl Runtime for MicrovmRuntime {
         limits: Limits,
     ) -> BoxFuture<'a, Result<Template>> {
         Box::pin(async move {
-            let dest = self
-                .inner
-                .data_dir
-                .join("cache")
-                .join("templates")
-                .join(template.id.as_str())
-                .join("microvm");
-            let snapshot = Snapshot {
-                dir: dest.clone(),
-                template: template.id.clone(),
-                runtime: RuntimeKind::Microvm,
-            };
-            // A snapshot taken with other limits would give its sandboxes
-            // the wrong vCPUs and memory: only one with these is reused.
-            let reusable = self
-                .inner
-                .check_snapshot(template, &snapshot)
-                .is_ok_and(|m| m.limits == limits);
-            if reusable {
-                return Ok(Template {
-                    snapshot: Some(snapshot),
-                    ..template.clone()
-                });
+            if let Some(t) = self.cached_template(template, limits) {
+                return Ok(t);
             }
+            let dest = self.inner.template_snapshot_dir(&template.id);
             let _ = std::fs::remove_dir_all(&dest);
             // A private id: never one of the node's sandboxes.
             let id = SandboxId::new(format!("tpl-{}-{}", std::process::id(), now_unix()))?;
@@ -835,6 +824,60 @@ impl Runtime for MicrovmRuntime {
             let _ = self.kill(&id).await;
             Ok(Template {
                 snapshot: Some(snapshot?),
+                ..template.clone()
+            })
+        })
+    }
+
+    fn engine(&self) -> String {
+        let confinement = match self.inner.config.confinement {
+            Confinement::Jailed { .. } => "jailed",
+            Confinement::Unjailed => "unjailed",
+        };
+        format!(
+            "microvm: snapshot format {}, {confinement}",
+            schema::snapshot::FORMAT_VERSION
+        )
+    }
+
+    fn cached_template(&self, template: &Template, limits: Limits) -> Option<Template> {
+        let snapshot = Snapshot {
+            dir: self.inner.template_snapshot_dir(&template.id),
+            template: template.id.clone(),
+            runtime: RuntimeKind::Microvm,
+        };
+        // A snapshot taken with other limits would give its sandboxes the
+        // wrong vCPUs and memory: only one with these is reused.
+        let reusable = self
+            .inner
+            .check_snapshot(template, &snapshot)
+            .is_ok_and(|m| m.limits == limits);
+        reusable.then(|| Template {
+            snapshot: Some(snapshot),
+            ..template.clone()
+        })
+    }
+
+    fn adopt_template<'a>(
+        &'a self,
+        template: &'a Template,
+        snapshot: &'a Snapshot,
+    ) -> BoxFuture<'a, Result<Template>> {
+        Box::pin(async move {
+            self.inner.check_snapshot(template, snapshot)?;
+            let dest = self.inner.template_snapshot_dir(&template.id);
+            let _ = std::fs::remove_dir_all(&dest);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| RuntimeError::io("creating", parent, e))?;
+            }
+            std::fs::rename(&snapshot.dir, &dest)
+                .map_err(|e| RuntimeError::io("adopting template snapshot", &dest, e))?;
+            Ok(Template {
+                snapshot: Some(Snapshot {
+                    dir: dest,
+                    ..snapshot.clone()
+                }),
                 ..template.clone()
             })
         })
