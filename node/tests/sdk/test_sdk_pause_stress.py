@@ -21,7 +21,7 @@ import time
 
 from e2b import Sandbox, SandboxState
 
-from test_sdk_pause import COUNTER, read_state
+from conftest import COUNTER, counter
 
 SANDBOXES = 50
 AT_ONCE = 5
@@ -51,7 +51,7 @@ def _cycle(i):
     try:
         sbx.files.write("/tmp/counter.py", COUNTER)
         sbx.commands.run("python3 /tmp/counter.py", background=True, timeout=0)
-        pid, secret, n = read_state(sbx, timeout=60)
+        pid, secret, n = counter(sbx, timeout=60)
 
         refused = 0
         for attempt in range(10):
@@ -74,13 +74,13 @@ def _cycle(i):
             assert paused is False, f"sandbox {i}: pause failed uncleanly: {paused!r}"
             state = Sandbox.get_info(sandbox_id).state
             assert state == SandboxState.RUNNING, f"sandbox {i}: a refused pause left it {state}"
-            pid2, secret2, n = read_state(sbx, after=n, timeout=60)
+            pid2, secret2, n = counter(sbx, after=n, timeout=60)
             assert (pid2, secret2) == (pid, secret), f"sandbox {i}: a refused pause restarted the process"
         else:
             raise AssertionError(f"sandbox {i}: 10 pauses in a row refused")
 
         sbx = Sandbox.connect(sandbox_id, timeout=600)
-        pid2, secret2, n2 = read_state(sbx, after=n, timeout=60)
+        pid2, secret2, n2 = counter(sbx, after=n, timeout=60)
         assert (pid2, secret2) == (pid, secret), f"sandbox {i}: the process restarted across the pause"
         return refused
     finally:
