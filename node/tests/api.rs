@@ -336,11 +336,7 @@ async fn e2b_api_end_to_end() {
     let paused: Vec<Value> = r.json().await.unwrap();
     assert_eq!(paused.len(), 1);
     assert_eq!(paused[0]["sandboxID"], id.as_str());
-    let r = t
-        .api(M::POST, &format!("/sandboxes/{id}/pause"))
-        .send()
-        .await
-        .unwrap();
+    let r = t.pause(&id).await;
     assert!(json_error(r, 409).await.contains("already paused"));
     let r = t.envd(M::GET, &id, "/health").send().await.unwrap();
     assert!(json_error(r, 502).await.contains("paused"));
@@ -378,11 +374,7 @@ async fn e2b_api_end_to_end() {
         .run(&id, Some(&token), "cat /tmp/kept; echo $GREETING")
         .await;
     assert_eq!((status, out.as_str()), (200, "before-pause\nhello\n"));
-    let r = t
-        .api(M::POST, &format!("/sandboxes/{id}/resume"))
-        .send()
-        .await
-        .unwrap();
+    let r = t.resume(&id).await;
     assert!(json_error(r, 409).await.contains("already running"));
     let r = t
         .api(M::POST, "/sandboxes/nosuchsandbox/pause")
@@ -461,11 +453,7 @@ async fn e2b_api_end_to_end() {
     );
 
     // ---- kill
-    let r = t
-        .api(M::DELETE, &format!("/sandboxes/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let r = t.kill(&id).await;
     assert_eq!(r.status(), 204);
     let r = t
         .api(M::GET, &format!("/sandboxes/{id}"))
@@ -473,11 +461,7 @@ async fn e2b_api_end_to_end() {
         .await
         .unwrap();
     json_error(r, 404).await;
-    let r = t
-        .api(M::DELETE, &format!("/sandboxes/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let r = t.kill(&id).await;
     json_error(r, 404).await;
     let r = t.envd(M::GET, &id, "/health").send().await.unwrap();
     assert!(json_error(r, 502).await.contains("was not found"));

@@ -258,11 +258,7 @@ async fn templates_limits_logs_metrics_and_openapi() {
         .unwrap();
     json_error(r, 404).await;
 
-    let r = t
-        .api(M::DELETE, &format!("/sandboxes/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let r = t.kill(&id).await;
     assert_eq!(r.status(), 204);
 }
 
@@ -307,11 +303,7 @@ async fn concurrent_creates_beyond_capacity_are_refused_cleanly() {
     assert_eq!(t.node.sandboxes.store().sandboxes().unwrap().len(), 2);
     for body in ok {
         let id = body["sandboxID"].as_str().unwrap();
-        let r = t
-            .api(M::DELETE, &format!("/sandboxes/{id}"))
-            .send()
-            .await
-            .unwrap();
+        let r = t.kill(id).await;
         assert_eq!(r.status(), 204);
     }
     assert!(runtime.list().await.unwrap().is_empty());
@@ -397,11 +389,7 @@ async fn a_failed_sandbox_supervisor_is_replaced_and_sandboxes_live_on() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let r = t
-        .api(M::DELETE, &format!("/sandboxes/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let r = t.kill(&id).await;
     assert_eq!(r.status(), 204, "{:?}", r.text().await);
     assert!(t.node.sandboxes.runtime().list().await.unwrap().is_empty());
 }
@@ -427,8 +415,7 @@ async fn runtime_killed_during_pause_leaves_no_half_snapshot() {
         let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
         let (status, _) = t.run(&id, Some(&token), "echo kept > /tmp/kept").await;
         assert_eq!(status, 200);
-        let pause = t.api(M::POST, &format!("/sandboxes/{id}/pause")).send();
-        let pause = tokio::spawn(pause);
+        let pause = tokio::spawn(t.pause(&id));
         // Kill runsc as soon as the snapshot directory appears (a little
         // later each round, to land at different points of the save).
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -448,24 +435,16 @@ async fn runtime_killed_during_pause_leaves_no_half_snapshot() {
         for pid in common::runsc_pids(&id) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        let r = pause.await.unwrap().unwrap();
+        let r = pause.await.unwrap();
         let status = r.status().as_u16();
         let body = r.text().await.unwrap();
         if status == 204 {
             // Saved before the kill: it must resume whole.
-            let r = t
-                .api(M::POST, &format!("/sandboxes/{id}/resume"))
-                .send()
-                .await
-                .unwrap();
+            let r = t.resume(&id).await;
             assert_eq!(r.status(), 201, "{:?}", r.text().await);
             let (status, out) = t.run(&id, Some(&token), "cat /tmp/kept").await;
             assert_eq!((status, out.as_str()), (200, "kept\n"));
-            let r = t
-                .api(M::DELETE, &format!("/sandboxes/{id}"))
-                .send()
-                .await
-                .unwrap();
+            let r = t.kill(&id).await;
             assert_eq!(r.status(), 204);
             outcomes.push("saved before the kill");
         } else {
@@ -478,11 +457,7 @@ async fn runtime_killed_during_pause_leaves_no_half_snapshot() {
                 .unwrap();
             let msg = json_error(r, 404).await;
             assert!(msg.contains("lost"), "{msg}");
-            let r = t
-                .api(M::POST, &format!("/sandboxes/{id}/resume"))
-                .send()
-                .await
-                .unwrap();
+            let r = t.resume(&id).await;
             json_error(r, 404).await;
             outcomes.push("lost");
         }
@@ -562,13 +537,12 @@ async fn paused_sandboxes_are_published_and_resume_from_the_object_store() {
     let prefix = format!("sandboxes/{id}");
 
     // ---- pause publishes; the local copy is only a cache
-    let pause = |t: &common::TestNode| t.api(M::POST, &format!("/sandboxes/{id}/pause")).send();
     let resume = |t: &common::TestNode| {
         t.api(M::POST, &format!("/sandboxes/{id}/resume"))
             .json(&json!({"timeout": 300}))
             .send()
     };
-    let r = pause(&t).await.unwrap();
+    let r = t.pause(&id).await;
     assert_eq!(r.status(), 204, "{:?}", r.text().await);
     let published = objects.list(&prefix).await.unwrap();
     assert_eq!(published.len(), 1, "{published:?}");
@@ -587,7 +561,7 @@ async fn paused_sandboxes_are_published_and_resume_from_the_object_store() {
     // ---- a second pause shares chunks with the first (content-defined
     // chunks: gVisor's image is a packed stream, so fixed-size chunks
     // would all shift), and replaces it
-    let r = pause(&t).await.unwrap();
+    let r = t.pause(&id).await;
     assert_eq!(r.status(), 204, "{:?}", r.text().await);
     let events = pause_events(&t, &id).await;
     let second = events.last().unwrap();
@@ -606,7 +580,7 @@ async fn paused_sandboxes_are_published_and_resume_from_the_object_store() {
     let away = t.data.join("objects.away");
     std::fs::rename(&objects_dir, &away).unwrap();
     std::fs::write(&objects_dir, b"not a directory").unwrap();
-    let r = pause(&t).await.unwrap();
+    let r = t.pause(&id).await;
     let msg = json_error(r, 503).await;
     assert!(msg.contains("keeps running"), "{msg}");
     let (status, out) = t.run(&id, Some(&token), alive).await;
@@ -621,7 +595,7 @@ async fn paused_sandboxes_are_published_and_resume_from_the_object_store() {
     // The store is back: pausing works again.
     std::fs::remove_file(&objects_dir).unwrap();
     std::fs::rename(&away, &objects_dir).unwrap();
-    let r = pause(&t).await.unwrap();
+    let r = t.pause(&id).await;
     assert_eq!(r.status(), 204, "{:?}", r.text().await);
     let r = resume(&t).await.unwrap();
     assert_eq!(r.status(), 201, "{:?}", r.text().await);
@@ -631,7 +605,7 @@ async fn paused_sandboxes_are_published_and_resume_from_the_object_store() {
     // ---- the store records who holds the sandbox, and how
     let running = objects.claim(&id).await.unwrap().expect("a claim");
     assert_eq!(running.state, ClaimState::Running, "{running:?}");
-    let r = pause(&t).await.unwrap();
+    let r = t.pause(&id).await;
     assert_eq!(r.status(), 204, "{:?}", r.text().await);
     let paused = objects.claim(&id).await.unwrap().expect("a claim");
     assert_eq!(
@@ -696,11 +670,7 @@ async fn paused_sandboxes_are_published_and_resume_from_the_object_store() {
     assert_eq!((status, out.as_str()), (200, "kept\nalive\n"));
 
     // ---- kill takes its published snapshots with it
-    let r = t
-        .api(M::DELETE, &format!("/sandboxes/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let r = t.kill(&id).await;
     assert_eq!(r.status(), 204);
     assert!(objects.list(&prefix).await.unwrap().is_empty());
     assert_eq!(objects.claim(&id).await.unwrap(), None);
@@ -729,7 +699,7 @@ async fn template_snapshots_are_published_and_a_later_node_fetches_them() {
         let req = t.http.get(t.url("/metrics")).send();
         async move { req.await.unwrap().text().await.unwrap() }
     };
-    let (prepared, fetched);
+    let fetched;
     {
         let Some(a) = common::node_on_store(test, 2, Some(url.clone())).await else {
             return;
@@ -744,15 +714,14 @@ async fn template_snapshots_are_published_and_a_later_node_fetches_them() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let text = scrape(&a).await;
-        (prepared, fetched) = (metric(&text, "prepared"), metric(&text, "fetched"));
+        fetched = metric(&scrape(&a).await, "fetched");
     }
     let Some(b) = common::node_on_store(&format!("{test}-b"), 2, Some(url)).await else {
         return;
     };
+    // One metrics recorder per process, which every test's node counts
+    // into; only this test's nodes share a store, so only b fetches.
     let text = scrape(&b).await;
-    // One metrics recorder per process: both nodes count into it.
-    assert_eq!(metric(&text, "prepared"), prepared, "{text}");
     assert_eq!(metric(&text, "fetched"), fetched + 2, "{text}");
 
     let r = b
@@ -766,22 +735,14 @@ async fn template_snapshots_are_published_and_a_later_node_fetches_them() {
         .run(&id, Some(&token), "echo from-a-fetched-template")
         .await;
     assert_eq!((status, out.as_str()), (200, "from-a-fetched-template\n"));
-    let r = b
-        .api(M::POST, &format!("/sandboxes/{id}/pause"))
-        .send()
-        .await
-        .unwrap();
+    let r = b.pause(&id).await;
     assert_eq!(r.status(), 204, "{:?}", r.text().await);
     let first = pause_events(&b, &id).await;
     assert!(
         count_before(&first[0], "deduplicated") > 0,
         "the first pause deduplicates against the template: {first:?}"
     );
-    let r = b
-        .api(M::DELETE, &format!("/sandboxes/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let r = b.kill(&id).await;
     assert_eq!(r.status(), 204);
     drop(b);
     let _ = std::fs::remove_dir_all(&store_dir);

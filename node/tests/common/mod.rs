@@ -83,6 +83,30 @@ impl TestNode {
             .await
             .unwrap()
     }
+
+    /// `POST /sandboxes/{id}/pause`.
+    pub fn pause(&self, id: &str) -> impl Future<Output = reqwest::Response> + Send + 'static {
+        let req = self
+            .api(reqwest::Method::POST, &format!("/sandboxes/{id}/pause"))
+            .send();
+        async move { req.await.unwrap() }
+    }
+
+    /// `POST /sandboxes/{id}/resume` (no body: the default timeout).
+    pub async fn resume(&self, id: &str) -> reqwest::Response {
+        self.api(reqwest::Method::POST, &format!("/sandboxes/{id}/resume"))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `DELETE /sandboxes/{id}`.
+    pub async fn kill(&self, id: &str) -> reqwest::Response {
+        self.api(reqwest::Method::DELETE, &format!("/sandboxes/{id}"))
+            .send()
+            .await
+            .unwrap()
+    }
 }
 
 /// A node with templates `base` (2 vCPUs, 512 MiB) and `small` (1 vCPU,
