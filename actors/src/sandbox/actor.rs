@@ -443,7 +443,7 @@ impl SandboxState {
             }
         }
         // What the sandbox did not change of its booted template.
-        known.extend(self.shared.template_manifest(&self.record.template));
+        known.extend(self.shared.template_manifest(&self.record.template).await);
         let known = KnownChunks::from_manifests(&known);
         let name = format!("sandboxes/{}/{}", self.id, now_ms());
         let mut record = self.record.clone();

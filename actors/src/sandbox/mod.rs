@@ -182,32 +182,43 @@ pub struct Shared {
     /// Where pause snapshots are published (`None`: local only — tests of
     /// the lifecycle alone).
     pub(crate) objects: Option<crate::objects::SnapshotStore>,
-    /// The manifests of the template snapshots in the object store, by
+    /// The names of the template snapshots in the object store, by
     /// template name (fetched, or published by this node): pauses and user
     /// snapshots deduplicate against their template's.
-    pub(crate) template_manifests: Mutex<HashMap<String, crate::objects::Manifest>>,
+    pub(crate) template_objects: Mutex<HashMap<String, String>>,
 }
 
 impl Shared {
-    pub(crate) fn remember_template_manifest(
-        &self,
-        template: &str,
-        manifest: crate::objects::Manifest,
-    ) {
-        self.template_manifests
+    pub(crate) fn remember_template_object(&self, template: &str, name: &str) {
+        self.template_objects
             .lock()
             .unwrap()
-            .insert(template.to_owned(), manifest);
+            .insert(template.to_owned(), name.to_owned());
     }
 
     /// The manifest of template `template`'s snapshot in the object store,
-    /// once it is known there.
-    pub(crate) fn template_manifest(&self, template: &str) -> Option<crate::objects::Manifest> {
-        self.template_manifests
+    /// once it is known there. Read from the store each time, not kept:
+    /// nodes that start together may each publish it, the last write wins,
+    /// and the chunks of the others' are garbage a GC may delete — a
+    /// snapshot deduplicated against them would miss them.
+    pub(crate) async fn template_manifest(
+        &self,
+        template: &str,
+    ) -> Option<crate::objects::Manifest> {
+        let objects = self.objects.as_ref()?;
+        let name = self
+            .template_objects
             .lock()
             .unwrap()
             .get(template)
-            .cloned()
+            .cloned()?;
+        match objects.manifest(&name).await {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(%template, "its snapshot {name} in the object store: {e}");
+                None
+            }
+        }
     }
 
     /// Reset every proxied connection into sandbox `id` (they end at once,

@@ -212,8 +212,8 @@ impl Sandboxes {
         config: Config,
     ) -> Result<Self, SandboxError> {
         let mut prepared = Vec::new();
-        // Template snapshots fetched from the object store (their
-        // manifests, for deduplication), and those to publish there.
+        // Template snapshots fetched from the object store (their names,
+        // for deduplication), and those to publish there.
         let mut fetched = Vec::new();
         let mut to_publish = Vec::new();
         for spec in templates {
@@ -236,8 +236,8 @@ impl Sandboxes {
             };
             let (t, source) = match (cached, from_store) {
                 (Some(t), _) => (t, "cached"),
-                (None, Some((t, manifest))) => {
-                    fetched.push((spec.name.clone(), manifest));
+                (None, Some(t)) => {
+                    fetched.push((spec.name.clone(), name.clone()));
                     (t, "fetched")
                 }
                 (None, None) => (runtime.prepare_template(&t, spec.limits).await?, "prepared"),
@@ -270,7 +270,7 @@ impl Sandboxes {
             reservations: Mutex::new(HashMap::new()),
             snapshots_dir: config.snapshots_dir.clone(),
             objects: config.objects.clone(),
-            template_manifests: Mutex::new(fetched.into_iter().collect()),
+            template_objects: Mutex::new(fetched.into_iter().collect()),
         });
         if let Some(objects) = &config.objects {
             templates::publish(&shared, objects.clone(), to_publish);

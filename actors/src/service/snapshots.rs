@@ -184,7 +184,7 @@ impl Sandboxes {
         {
             known.push(m);
         }
-        known.extend(self.inner.shared.template_manifest(&source.template));
+        known.extend(self.inner.shared.template_manifest(&source.template).await);
         let known = KnownChunks::from_manifests(&known);
         let published = objects.put_dir(&dir, &name, metadata, &known).await;
         let cache = self.snapshot_cache(&snapshot_id);

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::objects::{KnownChunks, Manifest, ObjectsError, SnapshotMetadata, SnapshotStore};
+use crate::objects::{KnownChunks, ObjectsError, SnapshotMetadata, SnapshotStore};
 use crate::runtime::{Limits, Runtime, Snapshot, Template};
 use crate::sandbox::Shared;
 
@@ -71,7 +71,7 @@ fn build_id(rootfs: &Path) -> Option<String> {
 }
 
 /// `template` with the snapshot `name` fetched from the store and adopted
-/// by the runtime, and the snapshot's manifest; `None` (logged) when the
+/// by the runtime; `None` (logged) when the
 /// store has none or it does not restore here — the caller prepares the
 /// template itself.
 pub(super) async fn fetch(
@@ -80,21 +80,17 @@ pub(super) async fn fetch(
     template: &Template,
     name: &str,
     scratch: &Path,
-) -> Option<(Template, Manifest)> {
-    let manifest = match objects.manifest(name).await {
-        Ok(m) => m,
-        Err(ObjectsError::NotFound { .. }) => return None,
-        Err(e) => {
-            tracing::warn!(template = %template.id, "looking for its snapshot in the object store: {e}");
-            return None;
-        }
-    };
+) -> Option<Template> {
     let dir = scratch.join(format!(".template-{}-{}", template.id, std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let started = std::time::Instant::now();
-    if let Err(e) = objects.get_dir(name, &dir, None).await {
-        tracing::warn!(template = %template.id, "fetching its snapshot {name}: {e}; preparing it here");
-        return None;
+    match objects.get_dir(name, &dir, None).await {
+        Ok(_) => {}
+        Err(ObjectsError::NotFound { .. }) => return None,
+        Err(e) => {
+            tracing::warn!(template = %template.id, "fetching its snapshot {name}: {e}; preparing it here");
+            return None;
+        }
     }
     let snapshot = Snapshot {
         dir: dir.clone(),
@@ -105,7 +101,7 @@ pub(super) async fn fetch(
         Ok(t) => {
             tracing::info!(template = %template.id, snapshot = name, took = ?started.elapsed(),
                 "template snapshot fetched from the object store");
-            Some((t, manifest))
+            Some(t)
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
@@ -134,8 +130,8 @@ pub(super) fn publish(
     let shared = shared.clone();
     tokio::spawn(async move {
         for (template, name, dir) in snapshots {
-            if let Ok(m) = idle.manifest(&name).await {
-                shared.remember_template_manifest(&template, m);
+            if idle.manifest(&name).await.is_ok() {
+                shared.remember_template_object(&template, &name);
                 continue;
             }
             let metadata = SnapshotMetadata {
@@ -150,11 +146,11 @@ pub(super) fn publish(
                 .put_dir(&dir, &name, metadata, &KnownChunks::new())
                 .await
             {
-                Ok((manifest, stats)) => {
+                Ok((_, stats)) => {
                     tracing::info!(%template, snapshot = %name, took = ?started.elapsed(),
                         chunks = stats.chunks, uploaded = stats.uploaded_chunks,
                         "template snapshot published");
-                    shared.remember_template_manifest(&template, manifest);
+                    shared.remember_template_object(&template, &name);
                 }
                 Err(e) => tracing::warn!(%template, "publishing its snapshot: {e}"),
             }
