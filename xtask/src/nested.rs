@@ -446,8 +446,15 @@ pub const STALLED: i32 = -2;
 /// reprogram the timer. Waiting longer only delays the rerun.
 const GIVE_UP_AFTER_POKES: u32 = 4;
 
-/// How long L1 may be both silent (no console output) and idle (QEMU using
-/// almost no CPU) before it is poked.
+/// Under this share of a CPU (in %) QEMU counts as idle. An L1 at work
+/// keeps its one TCG vCPU near 100 %; an idle one costs about 12 % with
+/// the periodic tick it boots with (it was under 2 % with a tickless
+/// kernel, and a CI run, 2026-12-07, hung with everything in L1 blocked
+/// for 10 minutes at 12 % unnoticed).
+const IDLE_CPU_PERCENT: u64 = 30;
+
+/// How long L1 may be both silent (no console output) and idle (QEMU under
+/// [`IDLE_CPU_PERCENT`] of a CPU) before it is poked.
 const STALL_WINDOW: Duration = Duration::from_secs(45);
 
 /// Wakes an L1 that went to sleep for good. Under TCG, L1 (one vCPU) was
@@ -455,9 +462,10 @@ const STALL_WINDOW: Duration = Duration::from_secs(45);
 /// waiting for an interrupt that never came (a wakeup lost by the
 /// emulation of nested SVM; with two L1 vCPUs the same runs locked up
 /// instead). Any interrupt ends such a halt, so when a window passes with
-/// no console output and under 2 % of a CPU used, a key press goes to L1's
-/// keyboard through QEMU's monitor (IRQ 1; nothing reads the keyboard) and
-/// the run says so at the end.
+/// no console output and QEMU under [`IDLE_CPU_PERCENT`] of a CPU, a key
+/// press goes to L1's keyboard through QEMU's monitor (IRQ 1; nothing
+/// reads the keyboard) and the run says so at the end. An L1 that stays
+/// so through [`GIVE_UP_AFTER_POKES`] presses is given up for dead.
 struct StallWatch {
     qemu_pid: u32,
     console: PathBuf,
@@ -490,8 +498,8 @@ impl StallWatch {
         }
         let len = std::fs::metadata(&self.console).map_or(0, |m| m.len());
         let ticks = cpu_ticks(self.qemu_pid);
-        // USER_HZ is 100: 2 % of the window.
-        let idle = ticks.saturating_sub(self.cpu_ticks) < STALL_WINDOW.as_secs() * 2;
+        // USER_HZ is 100: IDLE_CPU_PERCENT of the window.
+        let idle = ticks.saturating_sub(self.cpu_ticks) < STALL_WINDOW.as_secs() * IDLE_CPU_PERCENT;
         if len == self.console_len && idle {
             println!(
                 "L1 silent and idle for {STALL_WINDOW:?}: waking it with a key press (a wakeup lost under TCG?)"
