@@ -2,9 +2,7 @@
 //! starts where the one before it ends (the manifest records lengths) and
 //! must decompress to exactly its recorded length and hash to its name.
 
-use std::ffi::CString;
 use std::fs::File;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +14,7 @@ use object_store::ObjectStoreExt;
 
 use super::chunks::{self, ChunkId};
 use super::manifest::{Entry, Manifest};
-use super::{ObjectsError, SnapshotStore, chunk_path};
+use super::{ObjectsError, SnapshotStore, chunk_path, cstring};
 use crate::metrics;
 
 /// What a download did.
@@ -433,15 +431,6 @@ fn finish_tree(root: &Path, entries: &[Entry]) -> Result<(), ObjectsError> {
             .map_err(|e| ObjectsError::io(&path, e))?;
     }
     Ok(())
-}
-
-fn cstring(p: &Path) -> Result<CString, ObjectsError> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| {
-        ObjectsError::io(
-            p,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte"),
-        )
-    })
 }
 
 /// Rename `from` to `to` unless `to` exists (`renameat2(RENAME_NOREPLACE)`):

@@ -359,6 +359,18 @@ impl SnapshotStore {
     }
 }
 
+/// `p` as a C string for a system call; a path holding a NUL byte is an
+/// I/O error naming it.
+pub(crate) fn cstring(p: &std::path::Path) -> Result<std::ffi::CString, ObjectsError> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+        ObjectsError::io(
+            p,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte"),
+        )
+    })
+}
+
 /// A snapshot name: `/`-separated components of `[A-Za-z0-9._-]`, none
 /// empty, `.` or `..`, at most 256 bytes, e.g. `templates/base` or
 /// `sandboxes/abc123/3`. It becomes part of object names as is.

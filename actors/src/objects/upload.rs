@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -171,12 +170,7 @@ fn scan_into(dir: &Path, rel_dir: &str, out: &mut Vec<Scanned>) -> Result<(), Ob
 /// (`trusted.overlay.opaque` is `y`; reading it needs CAP_SYS_ADMIN, and
 /// an unprivileged reader sees no trusted xattrs at all: not opaque).
 fn is_opaque(dir: &Path) -> Result<bool, ObjectsError> {
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
-        ObjectsError::io(
-            dir,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte"),
-        )
-    })?;
+    let path = super::cstring(dir)?;
     let mut value = [0u8; 8];
     // SAFETY: both strings are NUL-terminated and `value` is writable for
     // its length for the duration of the call.

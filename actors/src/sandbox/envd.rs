@@ -53,6 +53,29 @@ pub(super) async fn init_envd(
     Err(format!("{status}: {}", String::from_utf8_lossy(&body)))
 }
 
+/// A request without a body to envd's `path`, with the access token,
+/// through the runtime's stream; envd's answer.
+async fn bodiless(
+    runtime: &dyn Runtime,
+    id: &SandboxId,
+    method: hyper::Method,
+    path: &str,
+    token: &str,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let stream = runtime
+        .connect(id, ENVD_PORT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "localhost")
+        .header("X-Access-Token", token)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("a valid request");
+    send(stream, req).await.map_err(|e| e.to_string())
+}
+
 /// envd's `POST /sync` (sync(2) in the guest) through the runtime's
 /// stream: the guest's cached writes are on its disk once it answers.
 pub(super) async fn envd_sync(
@@ -60,16 +83,7 @@ pub(super) async fn envd_sync(
     id: &SandboxId,
     token: &str,
 ) -> Result<(), String> {
-    let stream = runtime
-        .connect(id, ENVD_PORT)
-        .await
-        .map_err(|e| e.to_string())?;
-    let req = hyper::Request::post("/sync")
-        .header(hyper::header::HOST, "localhost")
-        .header("X-Access-Token", token)
-        .body(http_body_util::Empty::<Bytes>::new())
-        .expect("a valid request");
-    let resp = send(stream, req).await.map_err(|e| e.to_string())?;
+    let resp = bodiless(runtime, id, hyper::Method::POST, "/sync", token).await?;
     match resp.status() {
         status if status.is_success() => Ok(()),
         status => Err(format!("/sync answered {status}")),
@@ -94,16 +108,7 @@ pub(crate) async fn envd_metrics(
         disk_used: u64,
         disk_total: u64,
     }
-    let stream = runtime
-        .connect(id, ENVD_PORT)
-        .await
-        .map_err(|e| e.to_string())?;
-    let req = hyper::Request::get("/metrics")
-        .header(hyper::header::HOST, "localhost")
-        .header("X-Access-Token", token)
-        .body(http_body_util::Empty::<Bytes>::new())
-        .expect("a valid request");
-    let resp = send(stream, req).await.map_err(|e| e.to_string())?;
+    let resp = bodiless(runtime, id, hyper::Method::GET, "/metrics", token).await?;
     let status = resp.status();
     let body = resp
         .into_body()

@@ -34,7 +34,7 @@ use crate::sandbox::Shared;
 const TEMPLATES: &str = "templates";
 
 /// The file of a template's root that names its build.
-pub const BUILD_ID_FILE: &str = "etc/sandmesh-build-id";
+const BUILD_ID_FILE: &str = "etc/sandmesh-build-id";
 
 /// The object name of `template`'s snapshot made with `limits` by
 /// `runtime` on node `node_id`.
@@ -55,8 +55,7 @@ pub(super) fn object_name(
         h.update(part.as_bytes());
         h.update([0]);
     }
-    let digest = h.finalize();
-    let fingerprint: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let fingerprint = hex::encode(&h.finalize()[..16]);
     format!("{TEMPLATES}/{}/{fingerprint}", template.id)
 }
 
