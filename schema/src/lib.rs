@@ -10,4 +10,5 @@ pub mod envd;
 pub mod guest;
 pub mod mesh;
 pub mod snapshot;
+pub mod template;
 pub mod vmm;
