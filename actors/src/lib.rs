@@ -20,6 +20,7 @@
 //! [`metrics`], [`wire`], [`holding`] <- [`template_cache`], [`placement`] <- [`sandbox`]
 //! <- [`directory`] <- [`node_supervisor`] <- [`service`].
 
+pub mod build;
 pub mod clock;
 pub mod directory;
 pub mod holding;

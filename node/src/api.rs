@@ -86,7 +86,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     paths(
         create, list_v2, list_v1, get_one, kill, set_timeout, refresh, connect, pause, resume,
         sandbox_logs, sandbox_logs_v2, sandbox_metrics, templates, template, template_alias,
-        create_snapshot, fork, list_snapshots, delete_template
+        create_snapshot, fork, list_snapshots, delete_template,
+        crate::template_api::request_build, crate::template_api::file_upload_link,
+        crate::template_api::start_build, crate::template_api::build_status,
+        crate::template_api::build_logs
     ),
     components(schemas(schema::e2b::ApiError)),
     modifiers(&ApiKeyAuth)
@@ -135,8 +138,9 @@ pub fn router(sandboxes: Sandboxes) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/resume", post(resume))
+        .with_state(sandboxes.clone())
+        .merge(crate::template_api::router(sandboxes))
         .fallback(not_implemented)
-        .with_state(sandboxes)
 }
 
 /// Create a sandbox from a template; returns once envd answers.
@@ -260,8 +264,9 @@ async fn resume(
 /// The templates this node serves.
 #[utoipa::path(get, path = "/templates", responses((status = 200, body = Vec<TemplateInfo>)))]
 async fn templates(State(s): State<Sandboxes>) -> Result<Response, ApiError> {
-    let all = s.templates().await?;
-    Ok(axum::Json(infos(&all)).into_response())
+    let mut all = infos(&s.templates().await?);
+    all.extend(s.user_template_infos(false).await?);
+    Ok(axum::Json(all).into_response())
 }
 
 /// One template, with its builds.
@@ -273,6 +278,9 @@ async fn template(
 ) -> Result<Response, ApiError> {
     match s.template(&id).await? {
         Some(t) => Ok(axum::Json(t.info(true)).into_response()),
+        None if let Some(info) = s.user_template_info(&id, true).await? => {
+            Ok(axum::Json(info).into_response())
+        }
         None => {
             let names: Vec<String> = s
                 .templates()
@@ -307,21 +315,39 @@ async fn template_alias(
             "Invalid alias format: {alias:?} (use name or name:tag)"
         )));
     }
-    let Some(t) = s.template(name).await? else {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("template '{name}' not found"),
-        ));
+    let info = match s.template(name).await? {
+        Some(t) => {
+            if let Some(tag) = tag
+                && tag != DEFAULT_TAG
+            {
+                return Err(ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("tag '{tag}' does not exist for template '{name}'"),
+                ));
+            }
+            t.info(false)
+        }
+        None => match s.user_template_info(name, false).await? {
+            Some(info) => {
+                if let Some(tag) = tag
+                    && tag != DEFAULT_TAG
+                    && !s.user_template_has_tag(name, tag).await?
+                {
+                    return Err(ApiError(
+                        StatusCode::NOT_FOUND,
+                        format!("tag '{tag}' does not exist for template '{name}'"),
+                    ));
+                }
+                info
+            }
+            None => {
+                return Err(ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("template '{name}' not found"),
+                ));
+            }
+        },
     };
-    if let Some(tag) = tag
-        && tag != DEFAULT_TAG
-    {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("tag '{tag}' does not exist for template '{name}'"),
-        ));
-    }
-    let info = t.info(false);
     Ok(axum::Json(TemplateAliasResponse {
         template_id: info.template_id,
         public: info.public,
@@ -586,7 +612,7 @@ async fn delete_template(
     State(s): State<Sandboxes>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if s.delete_snapshot(&id).await? {
+    if s.delete_snapshot(&id).await? || s.delete_user_template(&id).await? {
         return Ok(StatusCode::NO_CONTENT);
     }
     if s.template(&id).await?.is_some() {

@@ -198,6 +198,19 @@ struct NodeArgs {
     /// `<data-dir>/objects`, which only this node reads.
     #[arg(long, env = "SANDMESH_OBJECT_STORE", value_name = "URL")]
     object_store: Option<actors::objects::StoreUrl>,
+    /// Longest a template build may run, in seconds; its sandbox is
+    /// killed then and the build fails.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(10..))]
+    build_timeout: u64,
+    /// Largest upload of a template build's COPY files, in MiB (413 beyond).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    max_template_upload_mb: u64,
+    /// CA certificates (PEM) that template build steps trust besides the
+    /// template's own: for hosts whose egress goes through a
+    /// TLS-intercepting proxy. Build steps reach the internet through the
+    /// node (an HTTP proxy in the build sandbox's network).
+    #[arg(long, env = "SANDMESH_BUILD_CA_BUNDLE", value_name = "PEM")]
+    build_ca_bundle: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -649,6 +662,11 @@ fn node_run(args: NodeArgs) -> Result<()> {
         max_timeout: std::time::Duration::from_secs(args.max_timeout),
         domain: args.domain,
         max_sandboxes: args.max_sandboxes as usize,
+        builds: actors::service::BuildOptions {
+            timeout: std::time::Duration::from_secs(args.build_timeout),
+            max_upload: args.max_template_upload_mb << 20,
+            ca_bundle: args.build_ca_bundle.clone(),
+        },
         ..Default::default()
     };
     let runtime = match args.runtime {

@@ -27,6 +27,8 @@ const PACKAGES: &[&str] = &[
     "python3",
     // `python` as a command, as E2B's base image has it.
     "python-is-python3",
+    // `pip install` in sandboxes and template steps (`pip_install`).
+    "python3-pip",
     "ca-certificates",
     "curl",
     "git",
@@ -37,7 +39,7 @@ const PACKAGES: &[&str] = &[
     "less",
 ];
 /// Bump when the steps below change in a way that changes the output.
-const BASE_RECIPE_VERSION: &str = "1";
+const BASE_RECIPE_VERSION: &str = "2";
 const RECIPE_VERSION: &str = "2";
 
 pub struct Base {

@@ -596,6 +596,16 @@ pub trait Runtime: Send + Sync {
     /// the connection at once, so that nothing of it stays in the guest.
     fn connect<'a>(&'a self, id: &'a SandboxId, port: u16) -> BoxFuture<'a, Result<BoxStream>>;
 
+    /// A TCP listener on the host that sandbox `id` reaches at the returned
+    /// address (and nothing else outside the sandbox does): how a template
+    /// build serves its sandbox an egress proxy. Dropping the listener
+    /// closes it.
+    fn host_listener<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        port: u16,
+    ) -> BoxFuture<'a, Result<(tokio::net::TcpListener, std::net::SocketAddr)>>;
+
     /// The last `max_bytes` (at most) of the guest's console: its init's
     /// and envd's stdout and stderr, from a line start.
     fn console<'a>(&'a self, id: &'a SandboxId, max_bytes: u64) -> BoxFuture<'a, Result<String>>;

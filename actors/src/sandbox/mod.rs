@@ -24,6 +24,7 @@
 mod actor;
 mod envd;
 pub mod http;
+pub mod process;
 mod supervisor;
 
 pub use actor::{SandboxActor, SandboxMsg};

@@ -24,9 +24,11 @@ use schema::e2b::{self, LogLevel, NewSandbox, RuntimeName, SandboxLogEntry, Sand
 use schema::mesh::{ClusterCall, ClusterReply, NodeInfo};
 use tokio::sync::oneshot;
 
+mod builds;
 mod snapshots;
 mod templates;
 
+pub use builds::{BuildOptions, mapped_image, split_name};
 pub use snapshots::{MAX_FORKS, is_snapshot_id};
 
 use crate::clock::{now_ms, rfc3339_ms};
@@ -63,6 +65,8 @@ pub struct Config {
     /// The object store that paused sandboxes' snapshots are published to
     /// (the node opens `--object-store`; `None`: snapshots stay local).
     pub objects: Option<crate::objects::SnapshotStore>,
+    /// Template builds.
+    pub builds: BuildOptions,
 }
 
 impl Default for Config {
@@ -75,6 +79,7 @@ impl Default for Config {
             max_sandboxes: 64,
             snapshots_dir: "./.sandmesh/snapshots".into(),
             objects: None,
+            builds: BuildOptions::default(),
         }
     }
 }
@@ -97,6 +102,8 @@ struct Inner {
     taking_over: tokio::sync::Mutex<()>,
     /// One fetch of a user snapshot into this node's cache at a time.
     snapshot_cache: tokio::sync::Mutex<()>,
+    /// Template builds asked of this node, by build id.
+    builds: Mutex<HashMap<String, builds::BuildEntry>>,
 }
 
 /// The node's capacity as the placement actor answers it: the same count
@@ -314,6 +321,7 @@ impl Sandboxes {
                 registry,
                 taking_over: tokio::sync::Mutex::new(()),
                 snapshot_cache: tokio::sync::Mutex::new(()),
+                builds: Mutex::new(HashMap::new()),
             }),
         };
         let refs = me.refs()?;
@@ -425,14 +433,30 @@ impl Sandboxes {
                 ));
             }
         };
-        // Not a template: it may be a user snapshot (`snapshots.rs`).
-        let (entry, copy_of) = match entry {
+        // Not a node template: it may be a user snapshot (`snapshots.rs`)
+        // or a user template (`builds.rs`), both copies of a sandbox.
+        let (mut entry, copy_of) = match entry {
             Ok(entry) => (entry, None),
             Err(unknown) => match self.user_snapshot(&req.template_id).await? {
                 Some(snap) => (snap.entry, Some((snap.source, snap.dir, snap.files_only))),
-                None => return Err(unknown.into()),
+                None => match self.user_template(&req.template_id).await? {
+                    Some(t) => {
+                        let mut source = self.new_record(t.entry.name(), 0, t.limits)?;
+                        source.envd_access_token = t.token;
+                        let mut entry = t.entry;
+                        entry.limits = t.limits;
+                        (entry, Some((source, t.dir, false)))
+                    }
+                    None => return Err(unknown.into()),
+                },
             },
         };
+        if let Some((source, ..)) = &copy_of {
+            entry.limits = crate::runtime::Limits {
+                vcpus: source.vcpus,
+                memory_mib: source.memory_mib,
+            };
+        }
         let _slot = self.reserve_slot(token)?;
         let template = copy_of
             .as_ref()

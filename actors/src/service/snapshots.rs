@@ -44,7 +44,7 @@ pub(super) struct UserSnapshot {
 impl Sandboxes {
     /// A copy of running sandbox `id` in a new directory (of its files
     /// alone when `files_only`), and the sandbox's record.
-    async fn copy(
+    pub(super) async fn copy(
         &self,
         id: &str,
         what: &str,

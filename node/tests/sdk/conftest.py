@@ -47,6 +47,9 @@ def _check_can_run():
         _skip_or_fail(f"{SANDMESH} is not built: cargo build -p node")
 
 
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
 class NodeProcess:
     """A node process on `data`; `url` and `key` once it serves, `gossip`
     (the address other nodes join through) and `node_id`.
@@ -60,6 +63,10 @@ class NodeProcess:
     def __init__(self, data, kill_on_exit=True, key=None, ip="127.0.0.1", seeds=(), extra=(), env=None):
         self.data = data
         env = dict(os.environ, SANDMESH_GUEST_ARTIFACTS=ARTIFACTS, **(env or {}))
+        # Template build steps trust what this host trusts (a host whose
+        # egress is a TLS-intercepting proxy adds its CA there).
+        if os.path.exists(HOST_CA_BUNDLE):
+            env.setdefault("SANDMESH_BUILD_CA_BUNDLE", HOST_CA_BUNDLE)
         if key is None:
             self.key = subprocess.run(
                 [SANDMESH, "apikey", "create", "--data-dir", str(data)],

@@ -508,6 +508,28 @@ impl Runtime for GvisorRuntime {
         })
     }
 
+    fn host_listener<'a>(
+        &'a self,
+        id: &'a SandboxId,
+        port: u16,
+    ) -> BoxFuture<'a, Result<(tokio::net::TcpListener, std::net::SocketAddr)>> {
+        Box::pin(async move {
+            let netns = NetnsPair::of(id);
+            if !netns.host_path().exists() {
+                return Err(RuntimeError::NotFound(id.clone()));
+            }
+            let addr = std::net::SocketAddr::from((network::HOST_ADDR, port));
+            let listener = network::listener_in(&netns.host_path(), addr)
+                .await
+                .map_err(|source| RuntimeError::Connect {
+                    id: id.clone(),
+                    port,
+                    source,
+                })?;
+            Ok((listener, addr))
+        })
+    }
+
     fn console<'a>(&'a self, id: &'a SandboxId, max_bytes: u64) -> BoxFuture<'a, Result<String>> {
         Box::pin(async move {
             let id = id.clone();

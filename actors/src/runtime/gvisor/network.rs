@@ -153,6 +153,36 @@ pub async fn socket_in(netns: &Path, on_close: OnClose) -> std::io::Result<TcpSo
         .map_err(|_| std::io::Error::other("the namespace thread died"))?
 }
 
+/// A TCP listener bound to `addr` inside the network namespace at `netns`.
+pub async fn listener_in(
+    netns: &Path,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let netns = netns.to_owned();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("netns-listener".into())
+        .spawn(move || {
+            let bound = (|| {
+                use std::os::fd::AsRawFd;
+                let ns = std::fs::File::open(&netns)?;
+                // SAFETY: setns on a valid namespace fd, affecting only
+                // this thread, which ends right after.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let l = std::net::TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })();
+            let _ = tx.send(bound);
+        })?;
+    let listener = rx
+        .await
+        .map_err(|_| std::io::Error::other("the namespace thread died"))??;
+    tokio::net::TcpListener::from_std(listener)
+}
+
 /// Runs on a thread of its own, which dies right after: joining a network
 /// namespace changes the calling thread for good.
 fn socket_in_blocking(netns: &Path, on_close: OnClose) -> std::io::Result<TcpSocket> {

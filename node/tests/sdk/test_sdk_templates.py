@@ -1,0 +1,186 @@
+"""Templates built by users with the unmodified E2B SDK (`Template.build`).
+
+A build runs its steps in a gVisor build sandbox (packages come through
+the node's egress proxy), saves a layer after each step that changes
+files, and publishes the finished sandbox (start command running) to the
+object store; `Sandbox.create(name)` restores it.
+"""
+
+import time
+import uuid
+
+import pytest
+from e2b import Sandbox, Template
+from e2b.exceptions import BuildException
+
+
+def unique(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def build(template, name, **kw):
+    """Template.build, with its log lines; returns (info, lines, seconds)."""
+    lines = []
+    started = time.monotonic()
+    info = Template.build(
+        template, name, on_build_logs=lambda e: lines.append(e.message), **kw
+    )
+    return info, lines, time.monotonic() - started
+
+
+@pytest.fixture
+def context(tmp_path):
+    d = tmp_path / "context"
+    (d / "local" / "dir" / "sub").mkdir(parents=True)
+    (d / "local" / "dir" / "hello.txt").write_text("hello from the build context\n")
+    (d / "local" / "dir" / "sub" / "deep.txt").write_text("deep\n")
+    return d
+
+
+def test_a_template_with_packages_files_env_workdir_and_start_command(sdk_env, context):
+    name = unique("tpl")
+    template = (
+        Template(file_context_path=str(context))
+        .from_template("base")
+        .apt_install(["jq"])
+        .pip_install(["requests"])
+        .copy("local/dir", "/app")
+        .set_envs({"GREETING": "hi there", "MODE": "template"})
+        .set_workdir("/app")
+        .set_start_cmd(
+            "python3 -m http.server 8123 --bind 127.0.0.1",
+            "curl -sf http://127.0.0.1:8123/ > /dev/null",
+        )
+    )
+    info, lines, took = build(template, name)
+    print(f"first build: {took:.1f}s")
+    assert info.template_id == name
+    assert any("[1/" in line for line in lines), lines
+    assert Template.exists(name)
+
+    sbx = Sandbox.create(name, timeout=120)
+    try:
+        assert sbx.commands.run("""echo '{"a": {"b": 42}}' | jq .a.b""").stdout == "42\n"
+        out = sbx.commands.run("python3 -c 'import requests; print(requests.__name__)'")
+        assert out.stdout == "requests\n"
+        assert sbx.files.read("/app/hello.txt") == "hello from the build context\n"
+        assert sbx.files.read("/app/sub/deep.txt") == "deep\n"
+        # Owned by the user the steps ran as, so the sandbox's user can write.
+        assert sbx.commands.run("stat -c %U /app/hello.txt").stdout == "user\n"
+        assert sbx.commands.run("echo $GREETING/$MODE").stdout == "hi there/template\n"
+        assert sbx.commands.run("pwd").stdout == "/app\n"
+        # The start command was running when the template was saved, and
+        # is in every sandbox made from it.
+        page = sbx.commands.run("curl -sf http://127.0.0.1:8123/").stdout
+        assert "hello.txt" in page
+        assert sbx.commands.run("sudo -n id -u").stdout == "0\n"
+    finally:
+        sbx.kill()
+
+    import httpx
+
+    url, key = sdk_env
+    listed = httpx.get(f"{url}/templates", headers={"X-API-Key": key}).json()
+    assert name in [t["templateID"] for t in listed]
+
+
+def test_a_second_build_reuses_the_layers_of_unchanged_steps(sdk_env):
+    name = unique("cache")
+
+    def template(last):
+        return (
+            Template()
+            .from_template("base")
+            .run_cmd("date +%s%N > /home/user/built-at; sleep 2")
+            .run_cmd(f"echo {last} > /home/user/last")
+        )
+
+    _, first_lines, first = build(template("one"), name)
+    assert not any("CACHED" in line for line in first_lines), first_lines
+    _, lines, second = build(template("two"), name)
+    print(f"first build {first:.1f}s, second (one step changed) {second:.1f}s")
+    assert any(line.startswith("CACHED [1/2]") for line in lines), lines
+    assert not any(line.startswith("CACHED [2/2]") for line in lines), lines
+
+    sbx = Sandbox.create(name, timeout=60)
+    try:
+        assert sbx.files.read("/home/user/last") == "two\n"
+        stamp = sbx.files.read("/home/user/built-at")
+    finally:
+        sbx.kill()
+    # skip_cache runs every step again.
+    _, lines, _ = build(template("two"), name, skip_cache=True)
+    assert not any("CACHED" in line for line in lines), lines
+    sbx = Sandbox.create(name, timeout=60)
+    try:
+        assert sbx.files.read("/home/user/built-at") != stamp
+    finally:
+        sbx.kill()
+
+
+def test_a_failing_step_fails_the_build_with_its_log_and_serves_nothing(sdk_env):
+    name = unique("broken")
+    template = (
+        Template()
+        .from_template("base")
+        .run_cmd("echo this step is about to fail; exit 1")
+        .run_cmd("echo never runs")
+    )
+    lines = []
+    with pytest.raises(BuildException) as err:
+        Template.build(template, name, on_build_logs=lambda e: lines.append(e.message))
+    assert "exit code 1" in str(err.value)
+    assert any("this step is about to fail" in line for line in lines), lines
+    assert not any("never runs" == line for line in lines), lines
+    assert not Template.exists(name)
+    with pytest.raises(Exception) as err:
+        Sandbox.create(name, timeout=30)
+    assert "not found" in str(err.value).lower()
+
+
+def test_bad_builds_are_refused_with_clear_errors(sdk_env):
+    import http.client
+
+    import httpx
+
+    url, key = sdk_env
+    headers = {"X-API-Key": key}
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
+        r = c.post("/v3/templates", json={"name": unique("bad")})
+        assert r.status_code == 202, r.text
+        ids = r.json()
+        start = f"/v2/templates/{ids['templateID']}/builds/{ids['buildID']}"
+        r = c.post(start, json={"fromTemplate": "base", "steps": [{"type": "ADD", "args": ["x", "/y"]}]})
+        assert r.status_code == 400
+        assert "unknown step type \"ADD\"" in r.json()["message"]
+        r = c.post(start, json={"fromTemplate": "base", "steps": [
+            {"type": "COPY", "args": ["../secret", "/y"], "filesHash": "a" * 64}]})
+        assert r.status_code == 400
+        assert "escapes the build context" in r.json()["message"]
+        r = c.post(start, json={"fromTemplate": "no-such-template", "steps": []})
+        assert r.status_code == 404
+        r = c.post(start, content="{not json")
+        assert r.status_code == 400
+        assert r.json()["code"] == 400
+        # An unknown build, a reserved name, a malformed name.
+        r = c.get(f"/templates/{ids['templateID']}/builds/{uuid.uuid4()}/status")
+        assert r.status_code == 404
+        assert c.post("/v3/templates", json={"name": "base"}).status_code == 400
+        assert c.post("/v3/templates", json={"name": "Not Valid"}).status_code == 400
+        # An upload larger than the node takes is refused before it is read.
+        r = c.get(f"/templates/{ids['templateID']}/files/{'b' * 64}")
+        assert r.status_code == 201 and r.json()["present"] is False
+        up = r.json()
+        assert up["url"].startswith(url)
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+        conn.putrequest("PUT", up["url"].removeprefix(url))
+        for k, v in {**up["headers"], "Content-Length": str(2 << 40)}.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 413, resp.read()
+        assert "larger than this node takes" in resp.read().decode()
+        conn.close()
+        r = c.get(f"/templates/{ids['templateID']}/files/not-a-hash")
+        assert r.status_code == 400
+        assert c.get("/templates/aliases/no-such-template-at-all").status_code == 404
