@@ -10,3 +10,4 @@ pub mod ops;
 pub mod proxy;
 pub mod server;
 pub mod store_cli;
+pub mod template_cli;
