@@ -346,7 +346,7 @@ pub fn step_files(context: &Path, src: &str, ignore: &Ignore) -> Result<Vec<Stri
             context.display()
         );
     }
-    Ok(files.into_iter().map(|k| from_sort_key(k)).collect())
+    Ok(files.into_iter().map(from_sort_key).collect())
 }
 
 /// The SDK sorts absolute paths: the context itself first.
@@ -545,12 +545,22 @@ fn api_error(status: u16, body: &[u8]) -> anyhow::Error {
     }
 }
 
+/// A line above the spinner; on standard error when there is no spinner
+/// (not a terminal), where indicatif would drop it.
+fn say(pb: &indicatif::ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
 fn print_entry(pb: &indicatif::ProgressBar, e: &BuildLogEntry) {
     let level = serde_json::to_value(e.level)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
-    pb.println(format!("{} {:<5} {}", e.timestamp, level, e.message));
+    say(pb, format!("{} {:<5} {}", e.timestamp, level, e.message));
 }
 
 /// `sandmesh template build`: what it prints at the end.
@@ -561,7 +571,7 @@ pub async fn build(url: &str, api_key: &str, args: &BuildArgs) -> Result<String>
     let pb = indicatif::ProgressBar::new_spinner();
     pb.enable_steady_tick(Duration::from_millis(100));
     for w in &d.warnings {
-        pb.println(format!("warning: {}: {w}", dockerfile.display()));
+        say(&pb, format!("warning: {}: {w}", dockerfile.display()));
     }
     let api = Api::new(url, api_key)?;
 
@@ -580,7 +590,7 @@ pub async fn build(url: &str, api_key: &str, args: &BuildArgs) -> Result<String>
         .await?;
     let id = answer.template_id.clone();
     let build_id = answer.build_id.clone();
-    pb.println(format!("template {id}, build {build_id}"));
+    say(&pb, format!("template {id}, build {build_id}"));
 
     let ignore = Ignore::new(&read_dockerignore(&context)?);
     for c in &d.copies {
@@ -597,7 +607,10 @@ pub async fn build(url: &str, api_key: &str, args: &BuildArgs) -> Result<String>
         // files or the step forces it.
         let upload = link.url.is_some() && (!link.present || step.force_upload == Some(true));
         if !upload {
-            pb.println(format!("skipping upload of '{}', already cached", c.src));
+            say(
+                &pb,
+                format!("skipping upload of '{}', already cached", c.src),
+            );
             continue;
         }
         pb.set_message(format!("uploading '{}'", c.src));
@@ -608,7 +621,7 @@ pub async fn build(url: &str, api_key: &str, args: &BuildArgs) -> Result<String>
         api.upload(&link, tmp, len)
             .await
             .with_context(|| format!("uploading '{}'", c.src))?;
-        pb.println(format!("uploaded '{}' ({len} bytes)", c.src));
+        say(&pb, format!("uploaded '{}' ({len} bytes)", c.src));
     }
 
     pb.set_message("starting the build");
