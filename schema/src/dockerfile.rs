@@ -406,10 +406,7 @@ impl Converter {
         let mut values = HashMap::new();
         let mut seen = Vec::new();
         let mut rest = ins.rest.as_str();
-        loop {
-            let Some(body) = rest.strip_prefix("--") else {
-                break;
-            };
+        while let Some(body) = rest.strip_prefix("--") {
             let (word, after) = body.split_once(char::is_whitespace).unwrap_or((body, ""));
             rest = after.trim_start();
             if word.is_empty() {
