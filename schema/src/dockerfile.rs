@@ -502,10 +502,17 @@ impl Converter {
             ));
         }
         let words = match json_array(ins, &rest)? {
+            // The exec form's strings are already unquoted: variables
+            // alone are substituted.
             Some(words) => words
                 .iter()
-                .map(|w| self.word(ins, w))
-                .collect::<Result<Vec<_>, _>>()?,
+                .map(|w| {
+                    let mut lexer = Lexer::new(w, self.escape, &self.vars, 0);
+                    lexer.literal_quotes = true;
+                    lexer.run(false).map(|mut w| w.pop().unwrap_or_default())
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| err(ins, m))?,
             None => {
                 refuse_heredoc(ins, &rest)?;
                 self.words(ins, &rest)?
@@ -829,6 +836,9 @@ struct Lexer<'a> {
     escape: char,
     vars: &'a HashMap<String, String>,
     depth: usize,
+    /// Quotes and the escape character are plain characters (the strings
+    /// of a JSON array).
+    literal_quotes: bool,
 }
 
 impl<'a> Lexer<'a> {
@@ -839,6 +849,7 @@ impl<'a> Lexer<'a> {
             escape,
             vars,
             depth,
+            literal_quotes: false,
         }
     }
 
@@ -860,7 +871,10 @@ impl<'a> Lexer<'a> {
                 continue;
             }
             in_word = true;
-            if c == '\'' {
+            if self.literal_quotes && c != '$' {
+                cur.push(c);
+                self.i += 1;
+            } else if c == '\'' {
                 let start = self.i + 1;
                 let end = self.chars[start..]
                     .iter()
@@ -1152,6 +1166,15 @@ mod tests {
         assert_eq!(d.warnings.len(), 2, "{:?}", d.warnings);
         assert!(d.warnings[0].starts_with("line 3: ADD copies data.tar.gz"));
         assert_eq!(d.warnings[1], "line 4: COPY --link is ignored");
+        // Exec-form strings are taken as they are, variables substituted.
+        let d = parse(
+            r#"FROM x
+ARG D=/d
+COPY ["it's \"q\".txt", "$D/"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(d.start.steps[3].args, vec!["it's \"q\".txt", "/d/", "", ""]);
     }
 
     #[test]
