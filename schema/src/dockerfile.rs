@@ -518,15 +518,12 @@ impl Converter {
                 self.words(ins, &rest)?
             }
         };
-        let [srcs @ .., dest] = words.as_slice() else {
-            unreachable!("a slice pattern with a rest always matches a non-empty slice");
-        };
-        if srcs.is_empty() {
+        let Some((dest, srcs)) = words.split_last().filter(|(_, srcs)| !srcs.is_empty()) else {
             return Err(err(
                 ins,
                 format!("{} needs at least a source and a destination", ins.name),
             ));
-        }
+        };
         let user = match flags.get("chown") {
             Some(v) => self.word(ins, v)?,
             None => String::new(),
@@ -1201,6 +1198,15 @@ COPY ["it's \"q\".txt", "$D/"]
         assert_eq!(
             error("FROM x\nENV\n"),
             "line 2: ENV needs a name and a value"
+        );
+        // Found by the fuzzer: no arguments at all.
+        assert_eq!(
+            error("FROM x\nCOPY\n"),
+            "line 2: COPY needs at least a source and a destination"
+        );
+        assert_eq!(
+            error("FROM x\nADD []\n"),
+            "line 2: ADD needs at least a source and a destination"
         );
         assert_eq!(error("FROM\n"), "line 1: FROM needs an image");
         assert_eq!(
