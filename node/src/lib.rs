@@ -11,3 +11,4 @@ pub mod proxy;
 pub mod server;
 pub mod store_cli;
 pub mod template_api;
+pub mod template_cli;

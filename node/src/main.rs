@@ -2,7 +2,7 @@
 //!
 //! Subcommands arrive with their issues; each one that is listed works:
 //! `node` (and `node drain`), `status`, `cluster init|join-token|join`,
-//! `apikey create|add`, `vmm`, `kernel check`.
+//! `apikey create|add`, `template build`, `vmm`, `kernel check`.
 
 use std::path::PathBuf;
 
@@ -54,6 +54,9 @@ enum Command {
     /// it, collect garbage. Works with every node down.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// User templates: build one from a Dockerfile on a node.
+    #[command(subcommand)]
+    Template(TemplateCommand),
     /// Guest kernel tools.
     #[command(subcommand)]
     Kernel(KernelCommand),
@@ -335,6 +338,20 @@ struct StoreArgs {
 }
 
 #[derive(Subcommand)]
+enum TemplateCommand {
+    /// Build a template from a Dockerfile (E2B's mapping: RUN, COPY/ADD of
+    /// local files, ENV, ARG, WORKDIR, USER, CMD/ENTRYPOINT; one FROM):
+    /// upload the COPY sources the node lacks, start the build, follow its
+    /// log until it is ready or failed.
+    Build {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(flatten)]
+        args: node::template_cli::BuildArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum KernelCommand {
     /// Check that a kernel image can be booted by the sandmesh VMM: an
     /// uncompressed x86-64 ELF vmlinux with the options the guest needs.
@@ -371,6 +388,9 @@ fn main() -> std::process::ExitCode {
         Command::Store(StoreCommand::Gc { store, grace_secs }) => remote_run(|| async move {
             let objects = node::store_cli::open(store.object_store, &store.data_dir)?;
             node::store_cli::gc(&objects, std::time::Duration::from_secs(grace_secs)).await
+        }),
+        Command::Template(TemplateCommand::Build { remote, args }) => remote_run(|| async move {
+            node::template_cli::build(&remote.url, &remote.api_key, &args).await
         }),
         Command::Apikey(ApikeyCommand::Create { data_dir }) => apikey_create(&data_dir),
         Command::Apikey(ApikeyCommand::Add { data_dir }) => apikey_add(&data_dir),

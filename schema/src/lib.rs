@@ -5,6 +5,7 @@
 //! crate grows with the protocols (E2B REST JSON, envd RPC messages, mesh
 //! rkyv messages, VMM control).
 
+pub mod dockerfile;
 pub mod e2b;
 pub mod envd;
 pub mod guest;

@@ -1,6 +1,7 @@
 //! `cargo xtask fuzz`: libFuzzer targets of the parsers of untrusted bytes
 //! (`envd/fuzz/`: Connect envelopes and messages, `/files` multipart;
-//! `mesh/fuzz/`: mesh frames; `vmm/fuzz/`: a malicious guest's virtqueues
+//! `mesh/fuzz/`: mesh frames; `schema/fuzz/`: Dockerfiles of `sandmesh
+//! template build`; `vmm/fuzz/`: a malicious guest's virtqueues
 //! against virtio-blk).
 //!
 //! cargo-fuzz needs the sanitizer flags of a nightly compiler; the stable
@@ -21,6 +22,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("connect_envelope", "envd/fuzz"),
     ("files_multipart", "envd/fuzz"),
     ("mesh_frame", "mesh/fuzz"),
+    ("dockerfile_parse", "schema/fuzz"),
     ("virtio_blk_queue", "vmm/fuzz"),
 ];
 
