@@ -58,6 +58,11 @@ pub struct BuildArgs {
     /// Rebuild every step, ignoring the layer cache.
     #[arg(long)]
     pub skip_cache: bool,
+    /// A command that succeeds once the CMD/ENTRYPOINT is ready; the
+    /// template is saved then (default for a Dockerfile with a CMD: E2B's
+    /// `sleep 20`).
+    #[arg(long, value_name = "COMMAND")]
+    pub ready_cmd: Option<String>,
     /// The directory COPY sources are relative to (default: the
     /// Dockerfile's directory).
     pub context: Option<PathBuf>,
@@ -567,7 +572,10 @@ fn print_entry(pb: &indicatif::ProgressBar, e: &BuildLogEntry) {
 pub async fn build(url: &str, api_key: &str, args: &BuildArgs) -> Result<String> {
     let started = Instant::now();
     let (dockerfile, context) = args.paths();
-    let d = prepare(&dockerfile, &context, args.skip_cache)?;
+    let mut d = prepare(&dockerfile, &context, args.skip_cache)?;
+    if let Some(ready) = &args.ready_cmd {
+        d.start.ready_cmd = Some(ready.clone());
+    }
     let pb = indicatif::ProgressBar::new_spinner();
     pb.enable_steady_tick(Duration::from_millis(100));
     for w in &d.warnings {

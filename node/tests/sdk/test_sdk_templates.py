@@ -184,3 +184,80 @@ def test_bad_builds_are_refused_with_clear_errors(sdk_env):
         r = c.get(f"/templates/{ids['templateID']}/files/not-a-hash")
         assert r.status_code == 400
         assert c.get("/templates/aliases/no-such-template-at-all").status_code == 404
+
+
+DOCKERFILE = """\
+FROM debian:bookworm
+RUN apt-get update && apt-get install -y jq
+RUN pip install requests
+COPY local/dir /app
+ENV GREETING="hi there"
+WORKDIR /app
+RUN echo {variant} > /app/variant
+CMD ["python3", "-m", "http.server", "8123", "--bind", "127.0.0.1"]
+"""
+
+
+def cli_build(node, context, name):
+    """`sandmesh template build` of `context`; (output, seconds)."""
+    from conftest import SANDMESH
+    import subprocess
+
+    url, key = node
+    started = time.monotonic()
+    r = subprocess.run(
+        [SANDMESH, "template", "build", "--url", url, "--api-key", key, "--alias", name,
+         "--ready-cmd", "curl -sf http://127.0.0.1:8123/ > /dev/null", str(context)],
+        capture_output=True, text=True, timeout=900,
+    )
+    took = time.monotonic() - started
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout + r.stderr, took
+
+
+def test_the_same_template_from_a_dockerfile_with_the_cli(sdk_env, context):
+    name = unique("docker")
+    (context / "Dockerfile").write_text(DOCKERFILE.format(variant="one"))
+    out, first = cli_build(sdk_env, context, name)
+    assert "FROM debian:bookworm" in out and "mapped to template base" in out, out
+    (context / "Dockerfile").write_text(DOCKERFILE.format(variant="two"))
+    out, second = cli_build(sdk_env, context, name)
+    print(f"Dockerfile build {first:.1f}s, again with the last RUN changed {second:.1f}s "
+          f"({first / second:.1f}x faster)")
+    # Every step before the changed one came from the layer cache.
+    for n in range(1, 8):
+        assert f"CACHED [{n}/" in out, out
+    assert "CACHED [8/" not in out, out
+    assert first / second >= 2, (first, second)
+
+    sbx = Sandbox.create(name, timeout=120)
+    try:
+        assert sbx.commands.run("jq --version").exit_code == 0
+        assert sbx.commands.run("python3 -c 'import requests'").exit_code == 0
+        assert sbx.files.read("/app/hello.txt") == "hello from the build context\n"
+        # Docker's COPY: owned by root unless --chown says otherwise.
+        assert sbx.commands.run("stat -c %U /app/hello.txt").stdout == "root\n"
+        assert sbx.files.read("/app/variant") == "two\n"
+        assert sbx.commands.run("echo $GREETING").stdout == "hi there\n"
+        assert "hello.txt" in sbx.commands.run("curl -sf http://127.0.0.1:8123/").stdout
+    finally:
+        sbx.kill()
+
+
+def test_a_malformed_dockerfile_is_refused_with_its_line(sdk_env, context):
+    from conftest import SANDMESH
+    import subprocess
+
+    url, key = sdk_env
+    (context / "Dockerfile").write_text("FROM debian:bookworm\nRUN true\nFOOBAR x\n")
+    r = subprocess.run(
+        [SANDMESH, "template", "build", "--url", url, "--api-key", key, "--alias", unique("bad"),
+         str(context)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert 'line 3: unknown instruction "FOOBAR"' in r.stderr, r.stderr
+    (context / "Dockerfile").write_text("FROM debian:bookworm\nCOPY ../outside /x\n")
+    r = subprocess.run(
+        [SANDMESH, "template", "build", "--url", url, "--api-key", key, "--alias", unique("bad"),
+         str(context)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "line 2" in r.stderr, r.stderr
