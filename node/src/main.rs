@@ -205,6 +205,10 @@ struct NodeArgs {
     /// killed then and the build fails.
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(10..))]
     build_timeout: u64,
+    /// The most a template build may write to its sandbox's disk, in MiB;
+    /// the build fails beyond it.
+    #[arg(long, default_value_t = 10240, value_parser = clap::value_parser!(u64).range(1..))]
+    build_disk_mb: u64,
     /// Largest upload of a template build's COPY files, in MiB (413 beyond).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
     max_template_upload_mb: u64,
@@ -684,6 +688,7 @@ fn node_run(args: NodeArgs) -> Result<()> {
         max_sandboxes: args.max_sandboxes as usize,
         builds: actors::service::BuildOptions {
             timeout: std::time::Duration::from_secs(args.build_timeout),
+            max_disk: args.build_disk_mb << 20,
             max_upload: args.max_template_upload_mb << 20,
             ca_bundle: args.build_ca_bundle.clone(),
         },

@@ -44,11 +44,18 @@ const READY_WAIT: Duration = Duration::from_secs(600);
 /// How often the ready command is tried.
 const READY_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a build sandbox outlives its build's deadline.
+const SANDBOX_GRACE: Duration = Duration::from_secs(20);
+/// How often a running step's disk use is checked.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(2);
+
 /// Template builds on a node.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
     /// The longest a build may run; its sandbox is killed then.
     pub timeout: Duration,
+    /// The most a build may write to its sandbox's disk, in bytes.
+    pub max_disk: u64,
     /// Largest COPY upload, in bytes (413 beyond).
     pub max_upload: u64,
     /// Extra CA certificates (PEM) that build steps trust, for hosts whose
@@ -60,6 +67,7 @@ impl Default for BuildOptions {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(3600),
+            max_disk: 10 << 30,
             max_upload: 1 << 30,
             ca_bundle: None,
         }
@@ -552,10 +560,11 @@ impl Sandboxes {
         layer: Option<&str>,
         deadline: Instant,
     ) -> Result<BuildSandbox, SandboxError> {
+        // A grace past the build's deadline: a step's own time-out (envd
+        // kills its process) ends it first, and the build says so.
         let end_at_ms = now_ms()
-            + deadline
-                .saturating_duration_since(Instant::now())
-                .as_millis() as u64;
+            + (deadline.saturating_duration_since(Instant::now()) + SANDBOX_GRACE).as_millis()
+                as u64;
         let mut record = self.new_record(root.name(), end_at_ms, limits)?;
         record
             .metadata
@@ -872,29 +881,57 @@ impl Sandboxes {
             envs: env,
             timeout: Some(timeout),
         };
-        let ended = process::run(
+        let started = Instant::now();
+        let run = process::run(
             &*self.inner.shared.runtime,
             &sandbox.sid,
             &sandbox.token,
             &cmd,
             true,
             |_: Output, bytes: &[u8]| self.log_output(build_id, label, bytes),
-        )
-        .await;
+        );
+        // The build's disk: its sandbox's writable layer, watched while
+        // the step runs (the step is abandoned, and the build fails and
+        // kills its sandbox, once it is over).
+        let max_disk = self.inner.config.builds.max_disk;
+        let watch_disk = async {
+            loop {
+                tokio::time::sleep(DISK_CHECK_EVERY).await;
+                if let Ok(usage) = self.inner.shared.runtime.usage(&sandbox.sid).await
+                    && usage.disk_bytes > max_disk
+                {
+                    return usage.disk_bytes;
+                }
+            }
+        };
+        // A last resort should envd never answer.
+        let run = tokio::time::timeout(timeout + SANDBOX_GRACE, run);
+        let ended = tokio::select! {
+            ended = run => ended.unwrap_or_else(|_| Err("envd stopped answering".into())),
+            used = watch_disk => {
+                self.log_flush(build_id, label);
+                return Err(Failure::new(label, format!(
+                    "step {label} stopped: the build ran out of disk ({} MiB written, the node allows {} MiB: --build-disk-mb)",
+                    used >> 20, max_disk >> 20
+                )));
+            }
+        };
         self.log_flush(build_id, label);
+        if started.elapsed() + Duration::from_millis(100) >= timeout {
+            return Err(Failure::new(
+                label,
+                format!(
+                    "step {label} stopped: the build ran out of time (the node allows {}s: --build-timeout)",
+                    self.inner.config.builds.timeout.as_secs()
+                ),
+            ));
+        }
         match ended {
             Ok(Some(e)) if e.exit_code == 0 => Ok(()),
-            Ok(Some(e)) => {
-                let why = if timeout <= Duration::from_secs(1) || e.status.contains("killed") {
-                    format!(
-                        "exit code {} ({}); the build may have run out of time",
-                        e.exit_code, e.status
-                    )
-                } else {
-                    format!("exit code {}", e.exit_code)
-                };
-                Err(Failure::new(label, format!("step {label} failed: {why}")))
-            }
+            Ok(Some(e)) => Err(Failure::new(
+                label,
+                format!("step {label} failed: exit code {}", e.exit_code),
+            )),
             Ok(None) => Ok(()),
             Err(e) => Err(Failure::new(label, format!("step {label}: {e}"))),
         }

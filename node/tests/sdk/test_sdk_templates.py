@@ -261,3 +261,29 @@ def test_a_malformed_dockerfile_is_refused_with_its_line(sdk_env, context):
          str(context)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "line 2" in r.stderr, r.stderr
+
+
+def test_a_build_out_of_time_or_disk_stops_cleanly(monkeypatch, tmp_path):
+    """A node with small build limits: the step is stopped, the build
+    fails saying which limit, its sandbox is gone, nothing is served."""
+    from conftest import NodeProcess, point_sdk_at
+
+    node = NodeProcess(tmp_path / "node", extra=["--build-timeout", "15", "--build-disk-mb", "64"])
+    try:
+        point_sdk_at(monkeypatch, node.url, node.key)
+        cases = [
+            ("disk", "head -c 400M /dev/zero > /home/user/big; sleep 600", "ran out of disk"),
+            ("time", "sleep 600", "ran out of time"),
+        ]
+        for what, script, said in cases:
+            name = unique(f"limit-{what}")
+            started = time.monotonic()
+            with pytest.raises(BuildException) as err:
+                Template.build(Template().from_template("base").run_cmd(script), name)
+            assert said in str(err.value), err.value
+            assert time.monotonic() - started < 120
+            assert not Template.exists(name)
+            # The build sandbox is gone with the build.
+            assert Sandbox.list().next_items() == []
+    finally:
+        node.stop()
