@@ -1075,3 +1075,384 @@ fn set_mtime(path: &Path, mtime: i64) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    const SHA: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn references_parse_with_docker_hub_defaults() {
+        let r = ImageRef::parse("127.0.0.1:5000/debian:bookworm").unwrap();
+        assert_eq!(
+            (r.registry(), r.repository(), r.tag(), r.digest()),
+            ("127.0.0.1:5000", "debian", Some("bookworm"), None)
+        );
+        let r = ImageRef::parse(&format!("registry.example.com/a/b@{SHA}")).unwrap();
+        assert_eq!(
+            (r.registry(), r.repository(), r.tag(), r.digest()),
+            ("registry.example.com", "a/b", None, Some(SHA))
+        );
+        let r = ImageRef::parse("debian:bookworm").unwrap();
+        assert_eq!(
+            (r.registry(), r.repository(), r.tag()),
+            ("docker.io", "library/debian", Some("bookworm"))
+        );
+        let r = ImageRef::parse("debian").unwrap();
+        assert_eq!((r.repository(), r.tag()), ("library/debian", Some("latest")));
+        let r = ImageRef::parse("someone/tool:1").unwrap();
+        assert_eq!((r.registry(), r.repository()), ("docker.io", "someone/tool"));
+        let r = ImageRef::parse("localhost/tool").unwrap();
+        assert_eq!((r.registry(), r.repository()), ("localhost", "tool"));
+        let r = ImageRef::parse("host:5000/tool").unwrap();
+        assert_eq!((r.registry(), r.repository()), ("host:5000", "tool"));
+        assert_eq!(r.to_string(), "host:5000/tool:latest");
+        let r: ImageRef = format!("x.io/y:t@{SHA}").parse().unwrap();
+        assert_eq!((r.tag(), r.digest()), (Some("t"), Some(SHA)));
+
+        for bad in ["", "Debian", "a b", "x.io/y@sha256:abc", "x.io/y:", "/x"] {
+            let err = ImageRef::parse(bad).unwrap_err();
+            assert!(
+                matches!(&err, ImageError::InvalidReference { reference, .. } if reference == bad),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    /// A tar under construction; paths are written raw, so tests can make
+    /// what `tar::Builder` itself refuses (`..`, absolute paths).
+    struct Tar(tar::Builder<Vec<u8>>);
+
+    impl Tar {
+        fn new() -> Self {
+            Tar(tar::Builder::new(Vec::new()))
+        }
+
+        fn header(kind: tar::EntryType, path: &str, mode: u32) -> tar::Header {
+            let mut h = tar::Header::new_gnu();
+            let name = &mut h.as_old_mut().name;
+            assert!(path.len() < name.len());
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_mtime(1_700_000_000);
+            h.set_size(0);
+            h
+        }
+
+        fn add(&mut self, mut h: tar::Header, data: &[u8]) -> &mut Self {
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            self.0.append(&h, data).unwrap();
+            self
+        }
+
+        fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
+            self.add(Self::header(tar::EntryType::Directory, path, mode), b"")
+        }
+
+        fn file(&mut self, path: &str, data: &str) -> &mut Self {
+            self.file_owned(path, data, 0o644, 0, 0)
+        }
+
+        fn file_owned(&mut self, path: &str, data: &str, mode: u32, uid: u64, gid: u64) -> &mut Self {
+            let mut h = Self::header(tar::EntryType::Regular, path, mode);
+            h.set_uid(uid);
+            h.set_gid(gid);
+            self.add(h, data.as_bytes())
+        }
+
+        fn link(&mut self, kind: tar::EntryType, path: &str, target: &str) -> &mut Self {
+            let mut h = Self::header(kind, path, 0o777);
+            let name = &mut h.as_old_mut().linkname;
+            name[..target.len()].copy_from_slice(target.as_bytes());
+            self.add(h, b"")
+        }
+
+        fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
+            self.link(tar::EntryType::Symlink, path, target)
+        }
+
+        fn hardlink(&mut self, path: &str, target: &str) -> &mut Self {
+            self.link(tar::EntryType::Link, path, target)
+        }
+
+        fn bytes(&mut self) -> Vec<u8> {
+            let b = std::mem::replace(&mut self.0, tar::Builder::new(Vec::new()));
+            b.into_inner().unwrap()
+        }
+    }
+
+    fn root() -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        fs::create_dir(&root).unwrap();
+        (tmp, root)
+    }
+
+    fn unpack(root: &Path, tar: &[u8]) -> Result<LayerStats, ImageError> {
+        unpack_layer(root, "test", tar, unsafe { libc::geteuid() } == 0)
+    }
+
+    fn read(root: &Path, p: &str) -> String {
+        fs::read_to_string(root.join(p)).unwrap()
+    }
+
+    fn exists(root: &Path, p: &str) -> bool {
+        fs::symlink_metadata(root.join(p)).is_ok()
+    }
+
+    #[test]
+    fn layers_apply_whiteouts_and_opaque_directories_in_order() {
+        let (_tmp, root) = root();
+        let lower = Tar::new()
+            .dir("./", 0o755)
+            .dir("etc/", 0o755)
+            .file_owned("etc/keep", "kept", 0o640, 1000, 1001)
+            .file("etc/gone", "deleted above")
+            .dir("etc/gonedir/", 0o755)
+            .file("etc/gonedir/inner", "x")
+            .dir("opq/", 0o750)
+            .file("opq/lower", "hidden above")
+            .dir("opq/sub/", 0o755)
+            .file("opq/sub/lower2", "hidden above too")
+            .file_owned("usr/bin/tool", "#!/bin/sh\n", 0o4755, 0, 0)
+            .symlink("bin", "usr/bin")
+            .symlink("etc/keep-link", "/etc/keep")
+            .hardlink("etc/keep-hard", "etc/keep")
+            .file("replaced-by-dir", "file")
+            .dir("replaced-by-file/", 0o755)
+            .file("replaced-by-file/x", "x")
+            .bytes();
+        let stats = unpack(&root, &lower).unwrap();
+        assert_eq!(stats.whiteouts, 0);
+        assert_eq!(read(&root, "bin/tool"), "#!/bin/sh\n");
+
+        let upper = Tar::new()
+            .file("etc/.wh.gone", "")
+            .file("etc/.wh.gonedir", "")
+            // Written before the opaque marker: kept.
+            .file("opq/sub/new", "upper")
+            .file("opq/.wh..wh..opq", "")
+            .file("opq/after", "upper too")
+            // Through the `bin` symlink: lands in usr/bin.
+            .file("bin/added", "via symlink")
+            .dir("replaced-by-dir/", 0o700)
+            .file("replaced-by-file", "now a file")
+            // A whiteout of something missing is no error.
+            .file("nothing/.wh.here", "")
+            .file(".wh.never-there", "")
+            .bytes();
+        let stats = unpack(&root, &upper).unwrap();
+        assert_eq!(stats.whiteouts, 4, "gone, gonedir, opq, never-there");
+
+        assert_eq!(read(&root, "etc/keep"), "kept");
+        assert!(!exists(&root, "etc/gone"));
+        assert!(!exists(&root, "etc/gonedir"));
+        assert!(!exists(&root, "opq/lower"));
+        assert!(!exists(&root, "opq/sub/lower2"));
+        assert_eq!(read(&root, "opq/sub/new"), "upper");
+        assert_eq!(read(&root, "opq/after"), "upper too");
+        assert!(!exists(&root, "opq/.wh..wh..opq"));
+        assert!(!exists(&root, "etc/.wh.gone"));
+        assert!(!exists(&root, "nothing"), "a whiteout makes no directories");
+        assert_eq!(read(&root, "usr/bin/added"), "via symlink");
+        assert!(fs::symlink_metadata(root.join("bin")).unwrap().is_symlink());
+        assert!(root.join("replaced-by-dir").is_dir());
+        assert_eq!(read(&root, "replaced-by-file"), "now a file");
+
+        let keep = fs::metadata(root.join("etc/keep")).unwrap();
+        assert_eq!(keep.mode() & 0o7777, 0o640);
+        assert_eq!(keep.mtime(), 1_700_000_000);
+        assert_eq!(keep.nlink(), 2, "etc/keep-hard is a hard link");
+        assert_eq!(
+            fs::read_link(root.join("etc/keep-link")).unwrap(),
+            Path::new("/etc/keep")
+        );
+        let tool = fs::metadata(root.join("usr/bin/tool")).unwrap();
+        assert_eq!(tool.mode() & 0o7777, 0o4755, "setuid kept");
+        assert_eq!(
+            fs::metadata(root.join("opq")).unwrap().mode() & 0o7777,
+            0o750
+        );
+        assert_eq!(
+            fs::metadata(root.join("replaced-by-dir")).unwrap().mode() & 0o7777,
+            0o700
+        );
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!((keep.uid(), keep.gid()), (1000, 1001));
+        }
+    }
+
+    #[test]
+    fn entries_cannot_escape_the_root() {
+        let (tmp, root) = root();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("secret"), "host file").unwrap();
+        let outside_abs = outside.to_str().unwrap();
+
+        // `..` in an entry's own path is refused.
+        for bad in ["../evil", "a/../../evil", "./../evil"] {
+            let err = unpack(&root, &Tar::new().file(bad, "x").bytes()).unwrap_err();
+            assert!(
+                matches!(&err, ImageError::UnsafeEntry { reason, .. } if reason.contains("..")),
+                "{bad}: {err}"
+            );
+        }
+        assert!(!tmp.path().join("evil").exists());
+
+        // Absolute paths are relative to the root.
+        unpack(&root, &Tar::new().file("/abs/file", "in root").bytes()).unwrap();
+        assert_eq!(read(&root, "abs/file"), "in root");
+
+        // Symlinks in parents resolve inside the root: an absolute target
+        // is the root's, `..` stops at the root.
+        let layer = Tar::new()
+            .symlink("out", outside_abs)
+            .file("out/planted", "x")
+            .symlink("up", "../../../..")
+            .file("up/top", "y")
+            .symlink("deep/up2", "../../../../")
+            .file("deep/up2/top2", "z")
+            .bytes();
+        unpack(&root, &layer).unwrap();
+        assert_eq!(read(&root, &format!("{}/planted", &outside_abs[1..])), "x");
+        assert_eq!(read(&root, "top"), "y");
+        assert_eq!(read(&root, "top2"), "z");
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            1,
+            "nothing written outside"
+        );
+
+        // An entry at a symlink's path replaces the symlink, never writes
+        // through it.
+        let layer = Tar::new()
+            .symlink("leak", &format!("{outside_abs}/secret"))
+            .file("leak", "replaced")
+            .bytes();
+        unpack(&root, &layer).unwrap();
+        assert_eq!(read(&root, "leak"), "replaced");
+        assert_eq!(fs::read_to_string(outside.join("secret")).unwrap(), "host file");
+
+        // Hard links: `..` refused; absolute targets are the root's (there
+        // is no <root>/<outside>/secret, so no link to the host file).
+        let err = unpack(&root, &Tar::new().hardlink("h", "../outside/secret").bytes())
+            .unwrap_err();
+        assert!(matches!(err, ImageError::UnsafeEntry { .. }), "{err}");
+        let err = unpack(
+            &root,
+            &Tar::new()
+                .hardlink("h", &format!("{outside_abs}/secret"))
+                .bytes(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ImageError::UnsafeEntry { reason, .. } if reason.contains("missing")),
+            "{err}"
+        );
+        // ...nor through a symlinked parent.
+        let err = unpack(
+            &root,
+            &Tar::new()
+                .symlink("hostdir", outside_abs)
+                .hardlink("h2", "hostdir/secret")
+                .bytes(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ImageError::UnsafeEntry { .. }), "{err}");
+        assert_eq!(fs::metadata(outside.join("secret")).unwrap().nlink(), 1);
+
+        // Whiteouts through a symlink delete inside the root only.
+        let layer = Tar::new()
+            .symlink("wh", outside_abs)
+            .file("wh/.wh.secret", "")
+            .bytes();
+        unpack(&root, &layer).unwrap();
+        assert!(outside.join("secret").exists());
+
+        // Symlink loops end in an error, not a hang.
+        let err = unpack(
+            &root,
+            &Tar::new()
+                .symlink("loop1", "loop2")
+                .symlink("loop2", "loop1")
+                .file("loop1/x", "")
+                .bytes(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ImageError::UnsafeEntry { reason, .. } if reason.contains("symlinks")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn compressed_layers_are_told_apart_by_magic() {
+        let tar = Tar::new().file("a", "same").bytes();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::encode_all(&tar[..], 3).unwrap();
+        for layer in [tar.clone(), gz, zst] {
+            let (_tmp, root) = root();
+            unpack(&root, &layer).unwrap();
+            assert_eq!(read(&root, "a"), "same");
+        }
+        let (_tmp, root) = root();
+        let err = unpack(&root, b"not a tar at all, not even close; and some padding").unwrap_err();
+        assert!(matches!(err, ImageError::Layer { .. }), "{err}");
+    }
+
+    #[test]
+    fn devices_are_skipped_and_fifos_made() {
+        let (_tmp, root) = root();
+        let layer = Tar::new()
+            .add(Tar::header(tar::EntryType::Char, "dev/null", 0o666), b"")
+            .add(Tar::header(tar::EntryType::Fifo, "run/pipe", 0o620), b"")
+            .bytes();
+        let stats = unpack(&root, &layer).unwrap();
+        assert_eq!(stats.skipped_devices, 1);
+        assert!(!exists(&root, "dev/null"));
+        let pipe = fs::symlink_metadata(root.join("run/pipe")).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&pipe.file_type()));
+        assert_eq!(pipe.mode() & 0o7777, 0o620);
+    }
+
+    #[test]
+    fn config_fields_come_from_the_config_blob() {
+        let blob = br#"{"architecture":"amd64","os":"linux","config":{
+            "Env":["PATH=/usr/bin:/bin","EMPTY=","BARE","EQ=a=b"],
+            "WorkingDir":"/srv","User":"1000:1000",
+            "Cmd":["python3","-m","http.server"],"Entrypoint":null},
+            "rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let c = parse_config(blob, "sha256:m".into(), "sha256:c").unwrap();
+        assert_eq!(
+            c.env,
+            [
+                ("PATH", "/usr/bin:/bin"),
+                ("EMPTY", ""),
+                ("BARE", ""),
+                ("EQ", "a=b")
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        assert_eq!(c.workdir.as_deref(), Some("/srv"));
+        assert_eq!(c.user.as_deref(), Some("1000:1000"));
+        assert_eq!(c.cmd, ["python3", "-m", "http.server"]);
+        assert!(c.entrypoint.is_empty());
+        assert_eq!((c.digest.as_str(), c.config_digest.as_str()), ("sha256:m", "sha256:c"));
+
+        let c = parse_config(br#"{"config":{"WorkingDir":"","User":""}}"#, "d".into(), "c")
+            .unwrap();
+        assert_eq!((c.workdir, c.user), (None, None));
+        assert!(matches!(
+            parse_config(b"{", "d".into(), "c"),
+            Err(ImageError::Config { .. })
+        ));
+    }
+}
