@@ -296,7 +296,9 @@ async fn images_pull_from_a_loopback_registry() {
     let amd64 = layout.image(&[base.clone(), upper], config.clone());
     layout.tag("v1", amd64.clone());
     // A multi-platform index: arm64 first, so choosing it would show.
-    let arm64_layer = Tar::new().file("ARM64", 0o644, 0, "wrong platform\n").bytes();
+    let arm64_layer = Tar::new()
+        .file("ARM64", 0o644, 0, "wrong platform\n")
+        .bytes();
     let arm64 = layout.image(&[base, arm64_layer], config);
     let entry = |desc: &serde_json::Value, arch: &str| {
         let mut d = desc.clone();
@@ -320,7 +322,10 @@ async fn images_pull_from_a_loopback_registry() {
             cmd.arg("--all");
         }
         cmd.arg(format!("oci:{}:{tag}", layout.dir.display()))
-            .arg(format!("docker://127.0.0.1:{}/test/image:{tag}", registry.port));
+            .arg(format!(
+                "docker://127.0.0.1:{}/test/image:{tag}",
+                registry.port
+            ));
         run(&mut cmd);
     };
     let started = Instant::now();
@@ -341,7 +346,10 @@ async fn images_pull_from_a_loopback_registry() {
     assert!(!dest.join("etc/obsolete").exists(), "whiteout applied");
     assert!(!dest.join("var/cache/lower").exists(), "opaque dir cleared");
     assert_eq!(read("var/cache/upper"), "new cache\n");
-    assert_eq!(fs::read_link(dest.join("bin")).unwrap(), Path::new("usr/bin"));
+    assert_eq!(
+        fs::read_link(dest.join("bin")).unwrap(),
+        Path::new("usr/bin")
+    );
     assert_eq!(read("bin/hello"), "#!/bin/sh\necho hello\n");
     let hello = fs::metadata(dest.join("usr/bin/hello")).unwrap();
     assert_eq!(hello.mode() & 0o7777, 0o755);
@@ -382,7 +390,10 @@ async fn images_pull_from_a_loopback_registry() {
         .unwrap();
     assert_eq!(got_multi.digest, got.digest);
     assert!(!multi.join("ARM64").exists(), "linux/amd64 chosen");
-    assert_eq!(fs::read_to_string(multi.join("etc/motd")).unwrap(), "upper layer\n");
+    assert_eq!(
+        fs::read_to_string(multi.join("etc/motd")).unwrap(),
+        "upper layer\n"
+    );
     let by_digest = tmp.path().join("by-digest");
     let pinned = pull(
         &registry.image(&format!("test/image@{}", got.digest)),
@@ -402,7 +413,15 @@ async fn images_pull_from_a_loopback_registry() {
         eprintln!("as expected: {err}");
         err
     };
-    let err = expect_err(pull(&registry.image("test/nothing:v1"), None, &err_dest, &plain()).await);
+    let err = expect_err(
+        pull(
+            &registry.image("test/nothing:v1"),
+            None,
+            &err_dest,
+            &plain(),
+        )
+        .await,
+    );
     assert!(matches!(err, ImageError::NotFound { .. }), "{err}");
     let err = expect_err(pull(&registry.image("test/image:v2"), None, &err_dest, &plain()).await);
     assert!(matches!(err, ImageError::NotFound { .. }), "{err}");
@@ -414,7 +433,10 @@ async fn images_pull_from_a_loopback_registry() {
         max_bytes: 100,
     };
     let err = expect_err(pull(&registry.image("test/image:v1"), None, &err_dest, &small).await);
-    assert!(matches!(err, ImageError::TooLarge { max: 100, .. }), "{err}");
+    assert!(
+        matches!(err, ImageError::TooLarge { max: 100, .. }),
+        "{err}"
+    );
     let nobody = ImageRef::parse(&format!("127.0.0.1:{}/test/image:v1", free_port())).unwrap();
     let err = expect_err(pull(&nobody, None, &err_dest, &plain()).await);
     assert!(matches!(err, ImageError::Unreachable { .. }), "{err}");

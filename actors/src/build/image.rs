@@ -349,6 +349,7 @@ async fn pull_into(
             Ok::<_, ImageError>((path, layer.digest))
         }));
     }
+    // Owners only as root (the node is); SAFETY: geteuid cannot fail.
     let chown = unsafe { libc::geteuid() } == 0;
     let mut stats = LayerStats::default();
     for task in tasks.0.iter_mut() {
@@ -466,9 +467,10 @@ impl ErrCtx {
                     )
                 }) {
                     ImageError::NotFound { image, detail }
-                } else if codes.iter().any(|c| {
-                    matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)
-                }) {
+                } else if codes
+                    .iter()
+                    .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
+                {
                     ImageError::Unauthorized { image, detail }
                 } else {
                     ImageError::Registry { image, detail }
@@ -733,11 +735,7 @@ impl Unpacker<'_> {
     }
 
     fn io(&self, what: &str, path: &Path) -> impl FnOnce(io::Error) -> ImageError + use<> {
-        io_err(format!(
-            "layer {}: {what} {}",
-            self.layer,
-            path.display()
-        ))
+        io_err(format!("layer {}: {what} {}", self.layer, path.display()))
     }
 
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), ImageError> {
@@ -897,6 +895,7 @@ impl Unpacker<'_> {
                 remove_any(&full).map_err(self.io("replacing", &rel))?;
                 let c = CString::new(full.as_os_str().as_bytes())
                     .map_err(|_| self.unsafe_entry(&raw_path, "NUL in path"))?;
+                // SAFETY: `c` is a NUL-terminated path that outlives the call.
                 if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
                     return Err(self.io("mkfifo", &rel)(io::Error::last_os_error()));
                 }
@@ -1062,6 +1061,7 @@ fn set_mtime(path: &Path, mtime: i64) -> io::Result<()> {
         tv_nsec: 0,
     };
     let times = [t, t];
+    // SAFETY: `c` and `times` (two timespecs) outlive the call.
     let rc = unsafe {
         libc::utimensat(
             libc::AT_FDCWD,
@@ -1102,9 +1102,15 @@ mod tests {
             ("docker.io", "library/debian", Some("bookworm"))
         );
         let r = ImageRef::parse("debian").unwrap();
-        assert_eq!((r.repository(), r.tag()), ("library/debian", Some("latest")));
+        assert_eq!(
+            (r.repository(), r.tag()),
+            ("library/debian", Some("latest"))
+        );
         let r = ImageRef::parse("someone/tool:1").unwrap();
-        assert_eq!((r.registry(), r.repository()), ("docker.io", "someone/tool"));
+        assert_eq!(
+            (r.registry(), r.repository()),
+            ("docker.io", "someone/tool")
+        );
         let r = ImageRef::parse("localhost/tool").unwrap();
         assert_eq!((r.registry(), r.repository()), ("localhost", "tool"));
         let r = ImageRef::parse("host:5000/tool").unwrap();
@@ -1158,7 +1164,14 @@ mod tests {
             self.file_owned(path, data, 0o644, 0, 0)
         }
 
-        fn file_owned(&mut self, path: &str, data: &str, mode: u32, uid: u64, gid: u64) -> &mut Self {
+        fn file_owned(
+            &mut self,
+            path: &str,
+            data: &str,
+            mode: u32,
+            uid: u64,
+            gid: u64,
+        ) -> &mut Self {
             let mut h = Self::header(tar::EntryType::Regular, path, mode);
             h.set_uid(uid);
             h.set_gid(gid);
@@ -1337,12 +1350,18 @@ mod tests {
             .bytes();
         unpack(&root, &layer).unwrap();
         assert_eq!(read(&root, "leak"), "replaced");
-        assert_eq!(fs::read_to_string(outside.join("secret")).unwrap(), "host file");
+        assert_eq!(
+            fs::read_to_string(outside.join("secret")).unwrap(),
+            "host file"
+        );
 
         // Hard links: `..` refused; absolute targets are the root's (there
         // is no <root>/<outside>/secret, so no link to the host file).
-        let err = unpack(&root, &Tar::new().hardlink("h", "../outside/secret").bytes())
-            .unwrap_err();
+        let err = unpack(
+            &root,
+            &Tar::new().hardlink("h", "../outside/secret").bytes(),
+        )
+        .unwrap_err();
         assert!(matches!(err, ImageError::UnsafeEntry { .. }), "{err}");
         let err = unpack(
             &root,
@@ -1445,10 +1464,17 @@ mod tests {
         assert_eq!(c.user.as_deref(), Some("1000:1000"));
         assert_eq!(c.cmd, ["python3", "-m", "http.server"]);
         assert!(c.entrypoint.is_empty());
-        assert_eq!((c.digest.as_str(), c.config_digest.as_str()), ("sha256:m", "sha256:c"));
+        assert_eq!(
+            (c.digest.as_str(), c.config_digest.as_str()),
+            ("sha256:m", "sha256:c")
+        );
 
-        let c = parse_config(br#"{"config":{"WorkingDir":"","User":""}}"#, "d".into(), "c")
-            .unwrap();
+        let c = parse_config(
+            br#"{"config":{"WorkingDir":"","User":""}}"#,
+            "d".into(),
+            "c",
+        )
+        .unwrap();
         assert_eq!((c.workdir, c.user), (None, None));
         assert!(matches!(
             parse_config(b"{", "d".into(), "c"),
