@@ -47,6 +47,14 @@ pub const TEST: &[Package] = &[
         "iproute2",
         "network namespaces and veth pairs of gvisor sandboxes",
     ),
+    pkg(
+        "docker-registry",
+        "the loopback registry images are pulled from (actors/tests/oci_registry.rs)",
+    ),
+    pkg(
+        "skopeo",
+        "pushing the test image to that registry (actors/tests/oci_registry.rs)",
+    ),
 ];
 
 /// Make sure every package is installed: install the missing ones with apt

@@ -14,6 +14,7 @@
 //! included) is published as the template's build, from which creates
 //! restore, on any node.
 
+pub mod image;
 pub mod proxy;
 
 use std::collections::BTreeMap;
