@@ -100,6 +100,9 @@ pub struct TemplateEntry {
     pub prepare_ms: u64,
     pub spawn_count: u64,
     pub last_spawned_at_ms: Option<u64>,
+    /// A root tree that is no template of its own: an image pulled for a
+    /// template build (the user templates built on it are what is listed).
+    pub hidden: bool,
 }
 
 impl TemplateEntry {
@@ -186,6 +189,11 @@ pub enum TemplateMsg {
     List {
         reply: RpcReplyPort<Vec<TemplateEntry>>,
     },
+    /// Serve one more (an image's root tree); one by its name stays.
+    Add {
+        entry: Box<TemplateEntry>,
+        reply: RpcReplyPort<()>,
+    },
 }
 
 // Local only: with ractor's `cluster` feature on (ractor_cluster is in the
@@ -239,6 +247,12 @@ impl Actor for TemplateCache {
             TemplateMsg::List { reply } => {
                 let _ = reply.send(entries.clone());
             }
+            TemplateMsg::Add { entry, reply } => {
+                if !entries.iter().any(|e| e.name() == entry.name()) {
+                    entries.push(*entry);
+                }
+                let _ = reply.send(());
+            }
         }
         Ok(())
     }
@@ -246,7 +260,11 @@ impl Actor for TemplateCache {
 
 /// `e2b::TemplateInfo` list for `GET /templates`.
 pub fn infos(entries: &[TemplateEntry]) -> Vec<e2b::TemplateInfo> {
-    entries.iter().map(|e| e.info(false)).collect()
+    entries
+        .iter()
+        .filter(|e| !e.hidden)
+        .map(|e| e.info(false))
+        .collect()
 }
 
 #[cfg(test)]

@@ -342,14 +342,26 @@ impl Sandboxes {
                 return Err(bad(format!("build {build_id} was started already")));
             }
             entry.status = TemplateBuildStatus::Building;
-            if let Some(note) = &base.note {
+            if let Base::Ready(b) = &base
+                && let Some(note) = &b.note
+            {
                 entry.log.push(LogLevel::Info, "base", note.clone());
             }
         }
         let me = self.clone();
         let build_id = build_id.to_owned();
         tokio::spawn(async move {
-            let outcome = me.run_build(&build_id, start, base).await;
+            let base = match base {
+                Base::Ready(b) => Ok(*b),
+                Base::Pull { image, auth } => me
+                    .pulled_base(&build_id, &image, auth)
+                    .await
+                    .map_err(|e| Failure::new("base", e)),
+            };
+            let outcome = match base {
+                Ok(base) => me.run_build(&build_id, start, base).await,
+                Err(e) => Err(e),
+            };
             let mut builds = me.inner.builds.lock().unwrap();
             if let Some(entry) = builds.get_mut(&build_id) {
                 match outcome {
@@ -381,20 +393,22 @@ impl Sandboxes {
     }
 
     /// What a build starts from.
-    async fn build_base(&self, start: &BuildStart) -> Result<BuildBase, SandboxError> {
+    async fn build_base(&self, start: &BuildStart) -> Result<Base, SandboxError> {
         let (from, note) = match (&start.from_template, &start.from_image) {
             (Some(t), _) => (t.clone(), None),
             (None, Some(image)) => match mapped_image(image) {
                 Some(t) => (
                     t.to_owned(),
                     Some(format!(
-                        "FROM {image}: no registry pull for this image; mapped to template {t} (Debian bookworm)"
+                        "FROM {image}: Docker Hub is not pulled from; mapped to template {t} (Debian bookworm with Python)"
                     )),
                 ),
                 None => {
-                    return Err(bad(format!(
-                        "FROM {image}: this node pulls no images from registries yet; build from a template (from_template(\"base\")) or a Debian/Python image, which map to base"
-                    )));
+                    crate::build::image::ImageRef::parse(image).map_err(|e| bad(e.to_string()))?;
+                    return Ok(Base::Pull {
+                        image: image.clone(),
+                        auth: registry_auth(start.from_image_registry.as_ref())?,
+                    });
                 }
             },
             (None, None) => ("base".to_owned(), None),
@@ -406,13 +420,13 @@ impl Sandboxes {
                 entry.limits,
                 &self.inner.shared.node_id,
             );
-            return Ok(BuildBase {
+            return Ok(Base::Ready(Box::new(BuildBase {
                 root: entry,
                 key: build::root_key(&name, None),
                 state: BuildState::default(),
                 layer: None,
                 note,
-            });
+            })));
         }
         let (name, tag) = split_name(&from)?;
         let Some((built, _)) = self.latest_build(&name, tag.as_deref()).await? else {
@@ -421,13 +435,65 @@ impl Sandboxes {
                 self.served_names().await,
             ));
         };
-        let root = self.inner.shared.template(&built.root).await?;
-        Ok(BuildBase {
+        let root = self.root_entry(&built.root).await?;
+        Ok(Base::Ready(Box::new(BuildBase {
             root,
             key: build::root_key(&built.root, Some(&built.build_id)),
             state: built.state.clone(),
             layer: built.layer.clone(),
             note,
+        })))
+    }
+
+    /// The node template or image root a user template is built over.
+    async fn root_entry(&self, name: &str) -> Result<TemplateEntry, SandboxError> {
+        match self.ensure_image_root(name).await? {
+            Some(e) => Ok(e),
+            None => self.inner.shared.template(name).await,
+        }
+    }
+
+    /// Pull the image a build starts from; what the build then starts
+    /// from.
+    async fn pulled_base(
+        &self,
+        build_id: &str,
+        image: &str,
+        auth: Option<(String, String)>,
+    ) -> Result<BuildBase, SandboxError> {
+        self.log(build_id, LogLevel::Info, "base", format!("pulling {image}"));
+        let started = Instant::now();
+        let pulled = self.pull_image(image, auth).await?;
+        let config = &pulled.config;
+        self.log(
+            build_id,
+            LogLevel::Info,
+            "base",
+            format!(
+                "pulled {image} ({}) in {:.1}s",
+                config.digest,
+                started.elapsed().as_secs_f64()
+            ),
+        );
+        for note in &pulled.notes {
+            self.log(build_id, LogLevel::Info, "base", note.clone());
+        }
+        let mut state = BuildState {
+            env: config.env.iter().cloned().collect(),
+            ..Default::default()
+        };
+        if let Some(w) = &config.workdir {
+            state.workdir = w.clone();
+        }
+        if let Some(u) = &config.user {
+            state.user = u.clone();
+        }
+        Ok(BuildBase {
+            root: pulled.entry,
+            key: build::root_key(&format!("image {}", config.config_digest), None),
+            state,
+            layer: None,
+            note: None,
         })
     }
 
@@ -1292,7 +1358,7 @@ impl Sandboxes {
         let Some((built, _)) = self.latest_build(&name, tag.as_deref()).await? else {
             return Ok(None);
         };
-        let entry = self.inner.shared.template(&built.root).await?;
+        let entry = self.root_entry(&built.root).await?;
         let local = format!("tpl-{name}-{}", built.build_id);
         let dir = self
             .fetch_cached(&format!("{TEMPLATES}/{name}/{}", built.build_id), &local)
@@ -1465,6 +1531,36 @@ impl Sandboxes {
         Err(SandboxError::NotFound(format!(
             "build {build_id} of template {template}"
         )))
+    }
+}
+
+/// What a build starts from, once known.
+enum Base {
+    Ready(Box<BuildBase>),
+    /// An image to pull first (in the build: it may take a while).
+    Pull {
+        image: String,
+        auth: Option<(String, String)>,
+    },
+}
+
+/// Registry credentials of a build (`fromImageRegistry` of type
+/// `registry`); other registry types are refused by name.
+fn registry_auth(
+    registry: Option<&serde_json::Value>,
+) -> Result<Option<(String, String)>, SandboxError> {
+    let Some(r) = registry else {
+        return Ok(None);
+    };
+    match r["type"].as_str() {
+        Some("registry") => match (r["username"].as_str(), r["password"].as_str()) {
+            (Some(u), Some(p)) => Ok(Some((u.to_owned(), p.to_owned()))),
+            _ => Err(bad("fromImageRegistry: give username and password")),
+        },
+        Some(other) => Err(bad(format!(
+            "fromImageRegistry type {other:?} is not supported here: use type \"registry\" with a username and password"
+        ))),
+        None => Err(bad("fromImageRegistry needs a type")),
     }
 }
 

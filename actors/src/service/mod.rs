@@ -25,6 +25,7 @@ use schema::mesh::{ClusterCall, ClusterReply, NodeInfo};
 use tokio::sync::oneshot;
 
 mod builds;
+mod images;
 mod snapshots;
 mod templates;
 
@@ -264,6 +265,7 @@ impl Sandboxes {
                 prepare_ms: started.elapsed().as_millis() as u64,
                 spawn_count: 0,
                 last_spawned_at_ms: None,
+                hidden: false,
             });
         }
         let shared = Arc::new(Shared {
@@ -288,6 +290,8 @@ impl Sandboxes {
                 config.snapshots_dir.display()
             ))
         })?;
+        // The image roots of templates built on images, kept from before.
+        prepared.extend(images::kept(&config.snapshots_dir));
         let names: std::collections::HashSet<String> =
             prepared.iter().map(|t| t.name().to_owned()).collect();
         let front = crate::directory::FrontSlot::default();

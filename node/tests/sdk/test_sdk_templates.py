@@ -287,3 +287,101 @@ def test_a_build_out_of_time_or_disk_stops_cleanly(monkeypatch, tmp_path):
             assert Sandbox.list().next_items() == []
     finally:
         node.stop()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """Debian's docker-registry on loopback, holding `debian:bookworm`: an
+    image of our own Debian tree (without envd and the init, which a build
+    adds), pushed with skopeo."""
+    import json
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    from conftest import ARTIFACTS
+
+    reg, skopeo = shutil.which("docker-registry"), shutil.which("skopeo")
+    if not (reg and skopeo):
+        msg = "docker-registry and skopeo are needed (cargo xtask test installs them)"
+        if os.environ.get("SANDMESH_REQUIRE_ARTIFACTS"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    d = tmp_path_factory.mktemp("registry")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (d / "config.yml").write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {d / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    proc = subprocess.Popen([reg, "serve", str(d / "config.yml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "docker-registry did not listen"
+                time.sleep(0.1)
+        tree = json.load(open(ARTIFACTS))["rootfs_dir"]
+        subprocess.run(
+            ["tar", "-C", tree, "--exclude=./usr/local/bin/envd",
+             "--exclude=./usr/local/sbin/sandmesh-*", "--exclude=./dev",
+             "-cf", str(d / "debian.tar"), "."], check=True)
+        subprocess.run(
+            [skopeo, "copy", "--quiet", "--dest-tls-verify=false", "--dest-compress-format", "zstd",
+             "--dest-compress-level", "1", f"tarball:{d / 'debian.tar'}",
+             f"docker://127.0.0.1:{port}/debian:bookworm"], check=True, timeout=300)
+        (d / "debian.tar").unlink()
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_a_template_from_an_image_in_a_registry_served_by_another_node(registry, monkeypatch, tmp_path):
+    """FROM 127.0.0.1:<port>/debian:bookworm: the image is pulled (envd
+    and the E2B user added), built on, and a second node of the same
+    object store creates sandboxes from the template (fetching the image's
+    root from the store)."""
+    from conftest import NodeProcess, point_sdk_at
+
+    store = f"file://{tmp_path / 'objects'}"
+    builder = NodeProcess(tmp_path / "a", extra=["--object-store", store])
+    other = None
+    try:
+        point_sdk_at(monkeypatch, builder.url, builder.key)
+        name = unique("from-registry")
+        lines = []
+        template = (
+            Template()
+            .from_image(f"{registry}/debian:bookworm")
+            .run_cmd("cat /etc/debian_version > /home/user/version")
+        )
+        Template.build(template, name, on_build_logs=lambda e: lines.append(e.message))
+        assert any(line.startswith(f"pulled {registry}/debian:bookworm") for line in lines), lines
+
+        other = NodeProcess(tmp_path / "b", key=builder.key, extra=["--object-store", store])
+        point_sdk_at(monkeypatch, other.url, other.key)
+        sbx = Sandbox.create(name, timeout=60)
+        try:
+            assert sbx.commands.run("cat /home/user/version").stdout.startswith("12.")
+            assert sbx.commands.run("whoami").stdout == "user\n"
+            assert sbx.commands.run("sudo -n id -u").stdout == "0\n"
+        finally:
+            sbx.kill()
+
+        # An image the registry does not have: the build fails naming it.
+        point_sdk_at(monkeypatch, builder.url, builder.key)
+        with pytest.raises(BuildException) as err:
+            Template.build(Template().from_image(f"{registry}/no/such:image").run_cmd("true"),
+                           unique("missing"))
+        assert "not found" in str(err.value), err.value
+    finally:
+        builder.stop()
+        if other:
+            other.stop()
