@@ -88,7 +88,7 @@ pub(super) struct BuildEntry {
 
 /// What a finished build's manifest carries (metadata `extra`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct BuiltTemplate {
+pub(super) struct BuiltTemplate {
     template: String,
     build_id: String,
     tags: Vec<String>,
@@ -1311,9 +1311,15 @@ impl Sandboxes {
             .await
             .map_err(store_error)?
         {
+            // A build's manifest never changes once written: read once.
+            if let Some(b) = self.inner.built.lock().unwrap().get(&full) {
+                out.push(b.clone());
+                continue;
+            }
             match objects.manifest(&full).await {
                 Ok(m) => {
                     if let Ok(b) = serde_json::from_value::<BuiltTemplate>(m.metadata.extra) {
+                        self.inner.built.lock().unwrap().insert(full, b.clone());
                         out.push(b);
                     }
                 }
@@ -1463,10 +1469,9 @@ impl Sandboxes {
         let all = self.builds_of(name).await?;
         for b in &all {
             let _ = std::fs::remove_dir_all(self.template_cache_dir(name, &b.build_id));
-            match objects
-                .delete(&format!("{TEMPLATES}/{name}/{}", b.build_id))
-                .await
-            {
+            let object = format!("{TEMPLATES}/{name}/{}", b.build_id);
+            self.inner.built.lock().unwrap().remove(&object);
+            match objects.delete(&object).await {
                 Ok(()) | Err(ObjectsError::NotFound { .. }) => {}
                 Err(e) => {
                     return Err(SandboxError::ObjectStore(format!(

@@ -105,6 +105,8 @@ struct Inner {
     snapshot_cache: tokio::sync::Mutex<()>,
     /// Template builds asked of this node, by build id.
     builds: Mutex<HashMap<String, builds::BuildEntry>>,
+    /// Finished builds read from the object store, by manifest name.
+    built: Mutex<HashMap<String, builds::BuiltTemplate>>,
 }
 
 /// The node's capacity as the placement actor answers it: the same count
@@ -326,6 +328,7 @@ impl Sandboxes {
                 taking_over: tokio::sync::Mutex::new(()),
                 snapshot_cache: tokio::sync::Mutex::new(()),
                 builds: Mutex::new(HashMap::new()),
+                built: Mutex::new(HashMap::new()),
             }),
         };
         let refs = me.refs()?;

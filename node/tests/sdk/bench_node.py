@@ -465,6 +465,40 @@ def cluster_hop(node):
                    f"{64 / p50(reads[via]):.0f} MB/s (median of 3)")
 
 
+def user_template_create(node):
+    """Creates from a user template (built with Template.build: files, env,
+    a running start command) against creates from base, interleaved in the
+    same run, 20 each, through REST."""
+    from e2b import Template
+
+    template = (
+        Template()
+        .from_template("base")
+        .run_cmd("head -c 20M /dev/urandom > /home/user/data.bin")
+        .set_envs({"BENCH": "1"})
+        .set_start_cmd("sleep infinity", "true")
+    )
+    t0 = time.perf_counter()
+    Template.build(template, "bench-user-template")
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    Template.build(template, "bench-user-template")
+    rebuild = time.perf_counter() - t0
+    user, base = [], []
+    for _ in range(20):
+        for name, samples in (("bench-user-template", user), ("base", base)):
+            t0 = time.perf_counter()
+            r = node.http.post("/v2/sandboxes", json={"templateID": name})
+            samples.append(time.perf_counter() - t0)
+            r.raise_for_status()
+            node.kill(r.json()["sandboxID"])
+    emit_timed("node: REST create from a user template (Template.build) -> envd answers", user)
+    emit_timed("node: REST create from base, same run", base)
+    emit_value("node: create from a user template / from base, p50 ratio (goal <= 1.1)", f"{p50(user) / p50(base):.2f}x")
+    emit_value("node: Template.build of that template, first / again with every layer cached",
+               f"{build:.1f} s / {rebuild:.1f} s = {build / rebuild:.1f}x")
+
+
 def main():
     if os.geteuid() != 0:
         raise SystemExit("bench_node needs root (gvisor runtime)")
@@ -477,8 +511,8 @@ def main():
                       NO_PROXY="127.0.0.1,localhost")
     try:
         only = os.environ.get("SANDMESH_BENCH_ONLY")
-        for bench in (sdk_create, sdk_run_true, rest_create, pause_dirty, pause_to_store, resume_elsewhere,
-                      sustained_creates, cluster_hop):
+        for bench in (sdk_create, sdk_run_true, rest_create, user_template_create, pause_dirty, pause_to_store,
+                      resume_elsewhere, sustained_creates, cluster_hop):
             if only and bench.__name__ not in only.split(","):
                 continue
             print(f"bench_node: {bench.__name__}", file=sys.stderr, flush=True)
