@@ -121,7 +121,12 @@ pub fn router(sandboxes: Sandboxes) -> Router {
     Router::new()
         .route("/openapi.json", get(openapi_json))
         .route("/templates", get(templates))
-        .route("/templates/{id}", get(template).delete(delete_template))
+        .route(
+            "/templates/{id}",
+            get(template)
+                .delete(delete_template)
+                .patch(crate::template_api::update_template),
+        )
         .route("/snapshots", get(list_snapshots))
         .route("/sandboxes/{id}/snapshots", post(create_snapshot))
         .route("/sandboxes/{id}/fork", post(fork))

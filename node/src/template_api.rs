@@ -7,7 +7,7 @@ use axum::Router;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, patch, post, put};
 use http_body_util::BodyExt;
 use schema::e2b::LogLevel;
 use schema::template::{BuildLogs, BuildRequest, BuildStart, FileUpload, MAX_LOG_ENTRIES};
@@ -26,6 +26,9 @@ pub fn router(sandboxes: Sandboxes) -> Router {
         .route("/templates/{id}/builds/{build}/status", get(build_status))
         .route("/templates/{id}/builds/{build}/logs", get(build_logs))
         .route("/v2/templates", get(list_v2))
+        .route("/v2/templates/{id}", patch(update_template))
+        .route("/templates/tags", post(assign_tags).delete(remove_tags))
+        .route("/templates/{id}/tags", get(template_tags))
         .with_state(sandboxes)
 }
 
@@ -253,6 +256,70 @@ pub async fn build_logs(
     }
     logs.truncate(limit.min(MAX_LOG_ENTRIES));
     Ok(axum::Json(BuildLogs { logs }).into_response())
+}
+
+/// `PATCH /templates/{id}` and `/v2/templates/{id}` (`{"public": bool}`):
+/// accepted for any template this node serves; a node has no teams, so
+/// every template is every API key's whatever `public` says.
+pub async fn update_template(
+    State(s): State<Sandboxes>,
+    Path(id): Path<String>,
+    Json(body): Json<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    if !body.is_object() || body.get("public").is_some_and(|p| !p.is_boolean()) {
+        return Err(ApiError::bad_request("give {\"public\": true|false}"));
+    }
+    let known =
+        s.template(&id).await?.is_some() || s.user_template_info(&id, false).await?.is_some();
+    if !known {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("template '{id}' not found"),
+        ));
+    }
+    Ok(axum::Json(serde_json::json!({ "names": [id] })).into_response())
+}
+
+/// `POST /templates/tags`: tag the build `target` (`name[:tag]`) names.
+pub async fn assign_tags(
+    State(s): State<Sandboxes>,
+    Json(req): Json<schema::template::AssignTags>,
+) -> Result<Response, ApiError> {
+    let assigned = s.assign_tags(&req.target, req.tags).await?;
+    Ok((StatusCode::CREATED, axum::Json(assigned)).into_response())
+}
+
+/// `DELETE /templates/tags`: 204.
+pub async fn remove_tags(
+    State(s): State<Sandboxes>,
+    Json(req): Json<schema::template::DeleteTags>,
+) -> Result<Response, ApiError> {
+    s.remove_tags(&req.name, &req.tags).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /templates/{id}/tags`.
+pub async fn template_tags(
+    State(s): State<Sandboxes>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if let Some(t) = s.template(&id).await? {
+        // A node's own template has its one build, `default`.
+        let info = t.info(false);
+        return Ok(axum::Json(vec![schema::template::TemplateTag {
+            tag: "default".into(),
+            build_id: info.build_id,
+            created_at: info.created_at,
+        }])
+        .into_response());
+    }
+    match s.template_tags(&id).await? {
+        Some(tags) => Ok(axum::Json(tags).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("template '{id}' not found"),
+        )),
+    }
 }
 
 /// `GET /v2/templates`: every template, the node's own and the built ones.

@@ -33,6 +33,7 @@ use crate::template_cache::{MEMORY_MIB, VCPUS, new_uuid};
 const FILES: &str = "template-files";
 const LAYERS: &str = "template-layers";
 const TEMPLATES: &str = "user-templates";
+const TAGS: &str = "user-template-tags";
 
 /// The port of the build proxy in the build sandbox's network.
 const PROXY_PORT: u16 = 3128;
@@ -1263,7 +1264,158 @@ impl Sandboxes {
                 ),
             )
         })?;
+        for tag in tags {
+            self.write_tag(template, tag, build_id)
+                .await
+                .map_err(|e| Failure::new(STEP, format!("tagging the build {tag}: {e}")))?;
+        }
         Ok(())
+    }
+
+    /// Point `tag` of user template `template` at `build_id` (a small
+    /// object of its own: tags move between builds, builds never change).
+    async fn write_tag(
+        &self,
+        template: &str,
+        tag: &str,
+        build_id: &str,
+    ) -> Result<(), SandboxError> {
+        let objects = self.objects_for_builds()?;
+        let empty = self
+            .inner
+            .shared
+            .snapshots_dir
+            .join(format!("tag-{}", hex::encode(random_bytes(8)?)));
+        std::fs::create_dir_all(&empty)
+            .map_err(|e| SandboxError::Io(format!("creating {}: {e}", empty.display())))?;
+        let metadata = SnapshotMetadata {
+            kind: "template-tag".into(),
+            template_id: Some(template.to_owned()),
+            runtime: None,
+            sandbox_id: None,
+            extra: serde_json::json!({ "build_id": build_id, "created_ms": now_ms() }),
+        };
+        let put = objects
+            .put_dir(
+                &empty,
+                &format!("{TAGS}/{template}/{tag}"),
+                metadata,
+                &KnownChunks::new(),
+            )
+            .await;
+        let _ = std::fs::remove_dir_all(&empty);
+        put.map_err(|e| {
+            SandboxError::ObjectStore(format!("the object store ({}): {e}", objects.describe()))
+        })?;
+        Ok(())
+    }
+
+    /// The tags of user template `name`: (tag, build id, when assigned).
+    async fn tags_of(&self, name: &str) -> Result<Vec<(String, String, u64)>, SandboxError> {
+        let objects = self.objects_for_builds()?;
+        let store_error = |e: ObjectsError| {
+            SandboxError::ObjectStore(format!(
+                "tags in the object store ({}): {e}",
+                objects.describe()
+            ))
+        };
+        let prefix = format!("{TAGS}/{name}");
+        let mut out = Vec::new();
+        for full in objects.list(&prefix).await.map_err(store_error)? {
+            let Some(tag) = full.strip_prefix(&format!("{prefix}/")) else {
+                continue;
+            };
+            match objects.manifest(&full).await {
+                Ok(m) => {
+                    let build = m.metadata.extra["build_id"].as_str().unwrap_or_default();
+                    let at = m.metadata.extra["created_ms"].as_u64().unwrap_or_default();
+                    out.push((tag.to_owned(), build.to_owned(), at));
+                }
+                Err(ObjectsError::NotFound { .. }) => continue,
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// `POST /templates/tags`: `tags` for the build `target` (`name` or
+    /// `name:tag`) names.
+    pub async fn assign_tags(
+        &self,
+        target: &str,
+        tags: Vec<String>,
+    ) -> Result<schema::template::AssignedTags, SandboxError> {
+        let (name, tag) = split_name(target)?;
+        if tags.is_empty() {
+            return Err(bad("give at least one tag"));
+        }
+        for t in &tags {
+            if !is_tag(t) || t == "default" {
+                return Err(bad(format!(
+                    "tag {t:?}: 1 to 64 of a-z, 0-9, '.', '_' and '-', not `default` (the newest build)"
+                )));
+            }
+        }
+        let Some((built, _)) = self.latest_build(&name, tag.as_deref()).await? else {
+            return Err(SandboxError::NotFound(format!("template {target}")));
+        };
+        for t in &tags {
+            self.write_tag(&name, t, &built.build_id).await?;
+        }
+        Ok(schema::template::AssignedTags {
+            tags,
+            build_id: built.build_id,
+        })
+    }
+
+    /// `DELETE /templates/tags`: remove `tags` of template `name`.
+    pub async fn remove_tags(&self, name: &str, tags: &[String]) -> Result<(), SandboxError> {
+        let objects = self.objects_for_builds()?;
+        split_name(name)?;
+        let have = self.tags_of(name).await?;
+        for t in tags {
+            if !have.iter().any(|(x, ..)| x == t) {
+                return Err(SandboxError::NotFound(format!(
+                    "tag {t} of template {name}"
+                )));
+            }
+        }
+        for t in tags {
+            match objects.delete(&format!("{TAGS}/{name}/{t}")).await {
+                Ok(()) | Err(ObjectsError::NotFound { .. }) => {}
+                Err(e) => {
+                    return Err(SandboxError::ObjectStore(format!(
+                        "the object store ({}): {e}",
+                        objects.describe()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `GET /templates/{id}/tags`: `default` (the newest build) and every
+    /// tag assigned; `None` when there is no such user template.
+    pub async fn template_tags(
+        &self,
+        name: &str,
+    ) -> Result<Option<Vec<schema::template::TemplateTag>>, SandboxError> {
+        let Some((latest, _)) = self.latest_build(name, None).await? else {
+            return Ok(None);
+        };
+        let mut out = vec![schema::template::TemplateTag {
+            tag: "default".into(),
+            build_id: latest.build_id.clone(),
+            created_at: rfc3339_ms(latest.finished_ms),
+        }];
+        for (tag, build, at) in self.tags_of(name).await? {
+            out.push(schema::template::TemplateTag {
+                tag,
+                build_id: build,
+                created_at: rfc3339_ms(at),
+            });
+        }
+        Ok(Some(out))
     }
 
     fn template_cache_dir(&self, template: &str, build_id: &str) -> PathBuf {
@@ -1340,10 +1492,16 @@ impl Sandboxes {
     ) -> Result<Option<(BuiltTemplate, usize)>, SandboxError> {
         let all = self.builds_of(name).await?;
         let count = all.len();
-        let found = all.into_iter().find(|b| match tag {
-            None | Some("default") => true,
-            Some(t) => b.tags.iter().any(|x| x == t),
-        });
+        let build = match tag {
+            None | Some("default") => None,
+            Some(t) => match self.tags_of(name).await?.into_iter().find(|(x, ..)| x == t) {
+                Some((_, build, _)) => Some(build),
+                None => return Ok(None),
+            },
+        };
+        let found = all
+            .into_iter()
+            .find(|b| build.as_ref().is_none_or(|id| &b.build_id == id));
         Ok(found.map(|b| (b, count)))
     }
 
@@ -1479,6 +1637,11 @@ impl Sandboxes {
                         objects.describe()
                     )));
                 }
+            }
+        }
+        if let Ok(tags) = self.tags_of(name).await {
+            for (t, ..) in tags {
+                let _ = objects.delete(&format!("{TAGS}/{name}/{t}")).await;
             }
         }
         Ok(!all.is_empty())

@@ -385,3 +385,47 @@ def test_a_template_from_an_image_in_a_registry_served_by_another_node(registry,
         builder.stop()
         if other:
             other.stop()
+
+
+def test_tags_name_builds_and_move_between_them(sdk_env):
+    name = unique("tags")
+
+    def template(which):
+        return Template().from_template("base").run_cmd(f"echo {which} > /home/user/which")
+
+    def which(ref):
+        sbx = Sandbox.create(ref, timeout=60)
+        try:
+            return sbx.files.read("/home/user/which").strip()
+        finally:
+            sbx.kill()
+
+    first = Template.build(template("one"), f"{name}:v1")
+    second = Template.build(template("two"), name, tags=["v2"])
+    tags = {t.tag: t.build_id for t in Template.get_tags(name)}
+    assert tags == {"default": second.build_id, "v1": first.build_id, "v2": second.build_id}
+    assert Template.exists(f"{name}:v1") and not Template.exists(f"{name}:nope")
+    assert which(name) == "two"
+    assert which(f"{name}:v1") == "one"
+
+    assigned = Template.assign_tags(f"{name}:v1", ["stable"])
+    assert assigned.build_id == first.build_id
+    assert which(f"{name}:stable") == "one"
+    Template.remove_tags(name, ["stable"])
+    with pytest.raises(Exception) as err:
+        Sandbox.create(f"{name}:stable", timeout=30)
+    assert "not found" in str(err.value).lower()
+    assert [t.tag for t in Template.get_tags("base")] == ["default"]
+
+    import httpx
+
+    url, key = sdk_env
+    for path in (f"/v2/templates/{name}", f"/templates/{name}"):
+        r = httpx.patch(url + path, json={"public": True}, headers={"X-API-Key": key})
+        assert r.status_code == 200 and r.json()["names"] == [name], r.text
+    r = httpx.patch(f"{url}/v2/templates/no-such-one", json={"public": True}, headers={"X-API-Key": key})
+    assert r.status_code == 404
+    # Deleted: every build and tag; nothing to create from.
+    assert httpx.delete(f"{url}/templates/{name}", headers={"X-API-Key": key}).status_code == 204
+    assert not Template.exists(name)
+    assert not Template.exists(f"{name}:v1")
