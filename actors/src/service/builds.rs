@@ -34,6 +34,7 @@ const FILES: &str = "template-files";
 const LAYERS: &str = "template-layers";
 const TEMPLATES: &str = "user-templates";
 const TAGS: &str = "user-template-tags";
+const BUILDS: &str = "template-builds";
 
 /// The port of the build proxy in the build sandbox's network.
 const PROXY_PORT: u16 = 3128;
@@ -222,6 +223,14 @@ impl Sandboxes {
                 created_ms: now_ms(),
             },
         );
+        // Where the build runs, for the other nodes (a balancer may send
+        // its start and status calls to any of them).
+        self.write_marker(
+            &format!("{BUILDS}/{build_id}"),
+            "template-build",
+            serde_json::json!({ "node": self.inner.shared.node_id, "template": name }),
+        )
+        .await?;
         tracing::info!(template = %name, build = %build_id, "template build requested");
         Ok(BuildRequestAnswer {
             template_id: name.clone(),
@@ -1280,34 +1289,65 @@ impl Sandboxes {
         tag: &str,
         build_id: &str,
     ) -> Result<(), SandboxError> {
+        self.write_marker(
+            &format!("{TAGS}/{template}/{tag}"),
+            "template-tag",
+            serde_json::json!({ "build_id": build_id, "created_ms": now_ms() }),
+        )
+        .await
+    }
+
+    /// A small object of the store: an empty snapshot whose metadata is
+    /// `extra`.
+    async fn write_marker(
+        &self,
+        name: &str,
+        kind: &str,
+        extra: serde_json::Value,
+    ) -> Result<(), SandboxError> {
         let objects = self.objects_for_builds()?;
         let empty = self
             .inner
             .shared
             .snapshots_dir
-            .join(format!("tag-{}", hex::encode(random_bytes(8)?)));
+            .join(format!("marker-{}", hex::encode(random_bytes(8)?)));
         std::fs::create_dir_all(&empty)
             .map_err(|e| SandboxError::Io(format!("creating {}: {e}", empty.display())))?;
         let metadata = SnapshotMetadata {
-            kind: "template-tag".into(),
-            template_id: Some(template.to_owned()),
+            kind: kind.into(),
+            template_id: None,
             runtime: None,
             sandbox_id: None,
-            extra: serde_json::json!({ "build_id": build_id, "created_ms": now_ms() }),
+            extra,
         };
         let put = objects
-            .put_dir(
-                &empty,
-                &format!("{TAGS}/{template}/{tag}"),
-                metadata,
-                &KnownChunks::new(),
-            )
+            .put_dir(&empty, name, metadata, &KnownChunks::new())
             .await;
         let _ = std::fs::remove_dir_all(&empty);
         put.map_err(|e| {
             SandboxError::ObjectStore(format!("the object store ({}): {e}", objects.describe()))
         })?;
         Ok(())
+    }
+
+    /// Whether this node holds build `build_id` (asked for here).
+    pub fn has_build(&self, build_id: &str) -> bool {
+        self.inner.builds.lock().unwrap().contains_key(build_id)
+    }
+
+    /// The node build `build_id` was asked of, as the object store says.
+    pub async fn build_node(&self, build_id: &str) -> Option<String> {
+        let objects = self.inner.shared.objects.clone()?;
+        let ok =
+            build_id.len() <= 64 && build_id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+        if !ok {
+            return None;
+        }
+        let m = objects
+            .manifest(&format!("{BUILDS}/{build_id}"))
+            .await
+            .ok()?;
+        m.metadata.extra["node"].as_str().map(str::to_owned)
     }
 
     /// The tags of user template `name`: (tag, build id, when assigned).

@@ -52,9 +52,32 @@ pub(crate) enum Call {
     Create,
     List,
     Sandbox(String),
+    /// A template build's start, status or log: served by the node that
+    /// runs it.
+    Build(String),
+}
+
+/// The build a template build call names: `POST
+/// /v2/templates/{id}/builds/{build}`, `GET
+/// /templates/{id}/builds/{build}/status` and `.../logs`.
+fn build_of(path: &str) -> Option<&str> {
+    let rest = path
+        .strip_prefix("/v2/templates/")
+        .or_else(|| path.strip_prefix("/templates/"))?;
+    let mut parts = rest.split('/');
+    let (_template, builds, build) = (parts.next()?, parts.next()?, parts.next()?);
+    let tail = parts.next();
+    let ok = builds == "builds"
+        && !build.is_empty()
+        && parts.next().is_none()
+        && matches!(tail, None | Some("status") | Some("logs"));
+    ok.then_some(build)
 }
 
 pub(crate) fn classify(method: &Method, path: &str) -> Call {
+    if let Some(build) = build_of(path) {
+        return Call::Build(build.to_owned());
+    }
     let Some(rest) = path
         .strip_prefix("/v2/sandboxes")
         .or_else(|| path.strip_prefix("/sandboxes"))
@@ -69,6 +92,18 @@ pub(crate) fn classify(method: &Method, path: &str) -> Call {
             _ => Call::Local,
         },
     }
+}
+
+#[cfg(test)]
+#[test]
+fn build_calls_are_told_from_other_template_calls() {
+    assert_eq!(build_of("/v2/templates/app/builds/b-1"), Some("b-1"));
+    assert_eq!(build_of("/templates/app/builds/b-1/status"), Some("b-1"));
+    assert_eq!(build_of("/templates/app/builds/b-1/logs"), Some("b-1"));
+    assert_eq!(build_of("/templates/app/builds/b-1/other"), None);
+    assert_eq!(build_of("/templates/app/files/abc"), None);
+    assert_eq!(build_of("/templates/app"), None);
+    assert_eq!(build_of("/v3/templates"), None);
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -107,6 +142,35 @@ pub async fn route(cluster: &Cluster, req: Request, next: Next) -> Response {
     }
     match call {
         Call::Local => next.run(req).await,
+        Call::Build(build) => {
+            let sandboxes = cluster.sandboxes();
+            if sandboxes.has_build(&build) {
+                return next.run(req).await;
+            }
+            let runner = match sandboxes.build_node(&build).await {
+                Some(n) => cluster.live_member(&n).await,
+                None => None,
+            };
+            let Some(info) = runner else {
+                // Here, or its node is gone: the store knows the build if
+                // it finished; else a 404.
+                return next.run(req).await;
+            };
+            let rest = match to_rest(req).await {
+                Ok(r) => r,
+                Err(resp) => return resp,
+            };
+            match cluster.dispatch(&info, rest).await {
+                Ok(resp) => resp,
+                Err(e) => error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "template build {build} runs on node {}, which did not answer: {e}",
+                        info.id
+                    ),
+                ),
+            }
+        }
         Call::Create => create(cluster, req).await,
         Call::List => list(cluster, req).await,
         Call::Sandbox(id) => match cluster.owner(&id).await {

@@ -429,3 +429,59 @@ def test_tags_name_builds_and_move_between_them(sdk_env):
     assert httpx.delete(f"{url}/templates/{name}", headers={"X-API-Key": key}).status_code == 204
     assert not Template.exists(name)
     assert not Template.exists(f"{name}:v1")
+
+
+def test_a_build_asked_of_one_node_is_started_and_followed_through_another(monkeypatch, tmp_path):
+    """Two nodes of one cluster and one object store, behind an imagined
+    balancer: the build is requested of the first, started and followed
+    through the second (which carries those calls to the first, where the
+    build runs), and sandboxes come from either."""
+    import httpx
+
+    from conftest import NodeProcess, init_cluster, join_cluster, point_sdk_at, wait_for
+
+    store = f"file://{tmp_path / 'objects'}"
+    dirs = [tmp_path / "n0", tmp_path / "n1"]
+    init_cluster(dirs[0], "n0")
+    join_cluster(dirs[0], dirs[1], "n1")
+    first = NodeProcess(dirs[0], ip="127.0.0.1", extra=["--object-store", store])
+    second = None
+    try:
+        second = NodeProcess(dirs[1], key=first.key, ip="127.0.0.2", seeds=[first.gossip],
+                             extra=["--object-store", store])
+        headers = {"X-API-Key": first.key}
+        a = httpx.Client(base_url=first.url, headers=headers, timeout=60)
+        b = httpx.Client(base_url=second.url, headers=headers, timeout=60)
+
+        def both_ready():
+            view = b.get("/cluster").json()
+            return sorted((n["nodeID"], n["state"], n["verified"]) for n in view["nodes"]) == [
+                ("n0", "ready", True), ("n1", "ready", True)]
+
+        wait_for("two ready, verified nodes", both_ready)
+        name = unique("balanced")
+        ids = a.post("/v3/templates", json={"name": name}).json()
+        path = f"/templates/{ids['templateID']}/builds/{ids['buildID']}"
+        r = b.post(f"/v2{path}", json={"fromTemplate": "base", "steps": [
+            {"type": "RUN", "args": ["echo built-on-n0 > /home/user/where", "user"], "force": False}]})
+        assert r.status_code == 202, r.text
+
+        def ready():
+            status = b.get(f"{path}/status").json()
+            assert status["status"] != "error", status
+            return status["status"] == "ready"
+
+        wait_for("the build ready, as the second node reports it", ready, timeout=120)
+        logs = b.get(f"{path}/status", params={"logsOffset": 0}).json()["logEntries"]
+        assert any("[1/1]" in e["message"] for e in logs), logs
+        for node in (first, second):
+            point_sdk_at(monkeypatch, node.url, node.key)
+            sbx = Sandbox.create(name, timeout=60)
+            try:
+                assert sbx.files.read("/home/user/where") == "built-on-n0\n"
+            finally:
+                sbx.kill()
+    finally:
+        first.stop()
+        if second:
+            second.stop()
