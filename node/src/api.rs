@@ -808,6 +808,9 @@ fn filtered(s: &Sandboxes, q: &ListQuery) -> Vec<SandboxRecord> {
     let mut all: Vec<SandboxRecord> = s
         .list()
         .into_iter()
+        // A template build's sandbox is the build's, not the user's (E2B
+        // lists none either).
+        .filter(|r| !r.metadata.contains_key(actors::service::BUILD_METADATA))
         .filter(|r| {
             let state = state_name(r.state);
             q.states

@@ -30,6 +30,10 @@ use crate::runtime::{Limits, Snapshot};
 use crate::sandbox::process::{self, Output};
 use crate::template_cache::{MEMORY_MIB, VCPUS, new_uuid};
 
+/// The metadata key that marks a build sandbox (its value: the build id);
+/// sandbox lists leave such sandboxes out.
+pub const BUILD_METADATA: &str = "sandmesh.build";
+
 const FILES: &str = "template-files";
 const LAYERS: &str = "template-layers";
 const TEMPLATES: &str = "user-templates";
@@ -644,7 +648,7 @@ impl Sandboxes {
         let mut record = self.new_record(root.name(), end_at_ms, limits)?;
         record
             .metadata
-            .insert("sandmesh.build".into(), build_id.to_owned());
+            .insert(BUILD_METADATA.into(), build_id.to_owned());
         let token = record.envd_access_token.clone();
         let id = record.id.clone();
         let _slot = self.reserve_slot(None)?;

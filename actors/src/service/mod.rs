@@ -29,7 +29,7 @@ mod images;
 mod snapshots;
 mod templates;
 
-pub use builds::{BuildOptions, mapped_image, split_name};
+pub use builds::{BUILD_METADATA, BuildOptions, mapped_image, split_name};
 pub use snapshots::{MAX_FORKS, is_snapshot_id};
 
 use crate::clock::{now_ms, rfc3339_ms};

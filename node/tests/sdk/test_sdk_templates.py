@@ -485,3 +485,27 @@ def test_a_build_asked_of_one_node_is_started_and_followed_through_another(monke
         first.stop()
         if second:
             second.stop()
+
+
+def test_a_build_sandbox_is_not_listed_as_the_users(sdk_env):
+    import httpx
+
+    url, key = sdk_env
+    before = {s.sandbox_id for s in Sandbox.list().next_items()}
+    info = Template.build_in_background(
+        Template().from_template("base").run_cmd("echo started; sleep 5"), unique("hidden"))
+    deadline = time.monotonic() + 60
+    while True:
+        status = Template.get_build_status(info, logs_offset=0)
+        if any(e.message == "started" for e in status.log_entries):
+            break
+        assert status.status.value in ("waiting", "building") and time.monotonic() < deadline, status
+        time.sleep(0.2)
+    # Running (the node counts it) but not the user's to list.
+    metrics = httpx.get(f"{url}/metrics").text
+    running = [line for line in metrics.splitlines() if line.startswith('sandmesh_sandboxes{state="running"}')]
+    assert running and float(running[0].split()[-1]) >= 1, running
+    assert {s.sandbox_id for s in Sandbox.list().next_items()} == before
+    while Template.get_build_status(info).status.value == "building":
+        time.sleep(0.5)
+    assert Template.get_build_status(info).status.value == "ready"
