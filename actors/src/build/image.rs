@@ -126,6 +126,9 @@ pub struct PullOptions {
     /// Refuse an image whose layers (as the manifest sizes them, compressed)
     /// add up to more than this.
     pub max_bytes: u64,
+    /// Stop unpacking once the layers, decompressed, add up to more than
+    /// this (a small layer may inflate to anything).
+    pub max_unpacked_bytes: u64,
 }
 
 impl Default for PullOptions {
@@ -133,6 +136,7 @@ impl Default for PullOptions {
         Self {
             plain_http: false,
             max_bytes: 8 << 30,
+            max_unpacked_bytes: 32 << 30,
         }
     }
 }
@@ -352,6 +356,7 @@ async fn pull_into(
     // Owners only as root (the node is); SAFETY: geteuid cannot fail.
     let chown = unsafe { libc::geteuid() } == 0;
     let mut stats = LayerStats::default();
+    let mut budget = opts.max_unpacked_bytes;
     for task in tasks.0.iter_mut() {
         let (path, layer) = task.await.map_err(|e| ImageError::Io {
             context: "layer download task".into(),
@@ -363,15 +368,27 @@ async fn pull_into(
                 "opening downloaded layer {}",
                 path.display()
             )))?;
-            let result = unpack_layer(&root, &layer, file, chown);
+            let mut left = budget;
+            let result = unpack_layer(&root, &layer, file, chown, &mut left);
             let _ = fs::remove_file(&path);
-            result
+            result.map(|s| (s, left))
         })
         .await
         .map_err(|e| ImageError::Io {
             context: "layer unpack task".into(),
             source: io::Error::other(e.to_string()),
-        })??;
+        })?;
+        let (layer_stats, left) = layer_stats.map_err(|e| match e {
+            ImageError::Layer { ref reason, .. } if reason.contains(UNPACKED_LIMIT) => {
+                ImageError::TooLarge {
+                    image: image.to_string(),
+                    size: opts.max_unpacked_bytes + 1,
+                    max: opts.max_unpacked_bytes,
+                }
+            }
+            e => e,
+        })?;
+        budget = left;
         stats.add(&layer_stats);
     }
     tracing::info!(
@@ -656,12 +673,14 @@ const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// Unpacks one layer (a tar, gzip- or zstd-compressed or not: told apart
 /// by their magic bytes) onto `root`, applying its whiteouts. `layer`
-/// names it in errors. Owners are set only when `chown`.
+/// names it in errors. Owners are set only when `chown`. At most `budget`
+/// bytes of tar are read (decompressed); what is left stays in `budget`.
 pub(crate) fn unpack_layer(
     root: &Path,
     layer: &str,
     reader: impl Read,
     chown: bool,
+    budget: &mut u64,
 ) -> Result<LayerStats, ImageError> {
     let layer_err = |reason: String| ImageError::Layer {
         layer: layer.to_owned(),
@@ -689,7 +708,10 @@ pub(crate) fn unpack_layer(
         dirs: Vec::new(),
         stats: LayerStats::default(),
     };
-    let mut archive = tar::Archive::new(decoded);
+    let mut archive = tar::Archive::new(UnpackBudget {
+        inner: decoded,
+        left: budget,
+    });
     let entries = archive
         .entries()
         .map_err(|e| layer_err(format!("reading tar: {e}")))?;
@@ -703,6 +725,27 @@ pub(crate) fn unpack_layer(
         unpacker.set_meta(path, meta, false)?;
     }
     Ok(unpacker.stats)
+}
+
+/// What an [`UnpackBudget`] reader says when the budget is spent.
+const UNPACKED_LIMIT: &str = "the image unpacks to more than the node allows";
+
+/// A reader of at most `left` more bytes: a layer's tar is read through it
+/// after decompression.
+struct UnpackBudget<'a, R> {
+    inner: R,
+    left: &'a mut u64,
+}
+
+impl<R: Read> Read for UnpackBudget<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > *self.left {
+            return Err(io::Error::other(UNPACKED_LIMIT));
+        }
+        *self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 /// Mode, owner and mtime of an entry.
@@ -1207,7 +1250,9 @@ mod tests {
     }
 
     fn unpack(root: &Path, tar: &[u8]) -> Result<LayerStats, ImageError> {
-        unpack_layer(root, "test", tar, unsafe { libc::geteuid() } == 0)
+        unpack_layer(root, "test", tar, unsafe { libc::geteuid() } == 0, &mut {
+            u64::MAX
+        })
     }
 
     fn read(root: &Path, p: &str) -> String {
@@ -1425,6 +1470,24 @@ mod tests {
         let (_tmp, root) = root();
         let err = unpack(&root, b"not a tar at all, not even close; and some padding").unwrap_err();
         assert!(matches!(err, ImageError::Layer { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_layer_that_inflates_past_the_budget_is_refused() {
+        let big = "0".repeat(1 << 20);
+        let tar = Tar::new().file("big", &big).bytes();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        io::Write::write_all(&mut gz, &tar).unwrap();
+        let gz = gz.finish().unwrap();
+        assert!(gz.len() < 16 << 10, "{}", gz.len());
+        let (_tmp, small) = root();
+        let mut budget = 256 << 10;
+        let err = unpack_layer(&small, "bomb", &gz[..], false, &mut budget).unwrap_err();
+        assert!(err.to_string().contains(UNPACKED_LIMIT), "{err}");
+        let (_tmp2, large) = root();
+        let mut budget = 4 << 20;
+        unpack_layer(&large, "fits", &gz[..], false, &mut budget).unwrap();
+        assert!(budget < (4 << 20) - (1 << 20), "{budget}");
     }
 
     #[test]

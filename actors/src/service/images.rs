@@ -216,6 +216,8 @@ impl Sandboxes {
             .map_err(|e| SandboxError::Io(format!("creating {}: {e}", work.display())))?;
         let opts = PullOptions {
             plain_http: is_loopback(reference.registry()),
+            // An image root takes the node's disk as a build's files do.
+            max_unpacked_bytes: self.inner.config.builds.max_disk,
             ..Default::default()
         };
         let pulled = image::pull(&reference, auth, &work.join("rootfs"), &opts).await;
