@@ -250,6 +250,7 @@ fn plain() -> PullOptions {
     PullOptions {
         plain_http: true,
         max_bytes: 1 << 30,
+        ..Default::default()
     }
 }
 
@@ -431,6 +432,7 @@ async fn images_pull_from_a_loopback_registry() {
     let small = PullOptions {
         plain_http: true,
         max_bytes: 100,
+        ..Default::default()
     };
     let err = expect_err(pull(&registry.image("test/image:v1"), None, &err_dest, &small).await);
     assert!(
