@@ -73,7 +73,10 @@ def test_a_template_with_packages_files_env_workdir_and_start_command(sdk_env, c
         # is in every sandbox made from it.
         page = sbx.commands.run("curl -sf http://127.0.0.1:8123/").stdout
         assert "hello.txt" in page
+        # E2B's base promise: passwordless sudo for `user` (gVisor runs no
+        # setuid program; sudo goes through sandmesh-sudod).
         assert sbx.commands.run("sudo -n id -u").stdout == "0\n"
+        assert sbx.commands.run("sudo -n apt-get --version").stdout.startswith("apt ")
     finally:
         sbx.kill()
 
