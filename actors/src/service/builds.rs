@@ -92,6 +92,38 @@ pub(super) struct BuildEntry {
     created_ms: u64,
 }
 
+/// Builds a node remembers at most, and how long a build that never
+/// started waits for its steps.
+const KEPT_BUILDS: usize = 200;
+const UNSTARTED_FOR_MS: u64 = 24 * 3600 * 1000;
+
+/// Forget the oldest finished builds beyond [`KEPT_BUILDS`] and builds
+/// requested a day ago and never started (their logs are memory; a
+/// finished build's template is in the store either way).
+fn forget_old_builds(builds: &mut HashMap<String, BuildEntry>, now: u64) {
+    builds.retain(|_, b| {
+        b.status != TemplateBuildStatus::Waiting
+            || now.saturating_sub(b.created_ms) < UNSTARTED_FOR_MS
+    });
+    let mut finished: Vec<(u64, String)> = builds
+        .iter()
+        .filter(|(_, b)| {
+            matches!(
+                b.status,
+                TemplateBuildStatus::Ready | TemplateBuildStatus::Error
+            )
+        })
+        .map(|(id, b)| (b.created_ms, id.clone()))
+        .collect();
+    if builds.len() > KEPT_BUILDS {
+        finished.sort();
+        let excess = builds.len() - KEPT_BUILDS;
+        for (_, id) in finished.into_iter().take(excess) {
+            builds.remove(&id);
+        }
+    }
+}
+
 /// What a finished build's manifest carries (metadata `extra`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct BuiltTemplate {
@@ -215,7 +247,9 @@ impl Sandboxes {
             }
         };
         let build_id = new_uuid()?;
-        self.inner.builds.lock().unwrap().insert(
+        let mut builds = self.inner.builds.lock().unwrap();
+        forget_old_builds(&mut builds, now_ms());
+        builds.insert(
             build_id.clone(),
             BuildEntry {
                 template: name.clone(),
@@ -227,6 +261,7 @@ impl Sandboxes {
                 created_ms: now_ms(),
             },
         );
+        drop(builds);
         // Where the build runs, for the other nodes (a balancer may send
         // its start and status calls to any of them).
         self.write_marker(
@@ -1880,6 +1915,39 @@ mod tests {
         assert_eq!(mapped_image("e2bdev/base:latest"), Some("base"));
         assert_eq!(mapped_image("ubuntu:22.04"), None);
         assert_eq!(mapped_image("127.0.0.1:5000/debian:bookworm"), None);
+    }
+
+    #[test]
+    fn old_builds_are_forgotten_running_ones_never() {
+        let entry = |status, created_ms| BuildEntry {
+            template: "t".into(),
+            tags: Vec::new(),
+            limits: None,
+            status,
+            reason: None,
+            log: BuildLog::default(),
+            created_ms,
+        };
+        let now = 10 * UNSTARTED_FOR_MS;
+        let mut builds = HashMap::new();
+        builds.insert("stale".to_owned(), entry(TemplateBuildStatus::Waiting, 0));
+        builds.insert(
+            "fresh".to_owned(),
+            entry(TemplateBuildStatus::Waiting, now - 1),
+        );
+        builds.insert(
+            "running".to_owned(),
+            entry(TemplateBuildStatus::Building, 0),
+        );
+        for i in 0..KEPT_BUILDS as u64 {
+            builds.insert(format!("done-{i}"), entry(TemplateBuildStatus::Ready, i));
+        }
+        forget_old_builds(&mut builds, now);
+        assert_eq!(builds.len(), KEPT_BUILDS);
+        assert!(!builds.contains_key("stale"));
+        assert!(builds.contains_key("fresh") && builds.contains_key("running"));
+        // The oldest finished ones went.
+        assert!(!builds.contains_key("done-0") && builds.contains_key("done-199"));
     }
 
     #[test]
