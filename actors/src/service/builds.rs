@@ -247,21 +247,22 @@ impl Sandboxes {
             }
         };
         let build_id = new_uuid()?;
-        let mut builds = self.inner.builds.lock().unwrap();
-        forget_old_builds(&mut builds, now_ms());
-        builds.insert(
-            build_id.clone(),
-            BuildEntry {
-                template: name.clone(),
-                tags: tags.clone(),
-                limits,
-                status: TemplateBuildStatus::Waiting,
-                reason: None,
-                log: BuildLog::default(),
-                created_ms: now_ms(),
-            },
-        );
-        drop(builds);
+        {
+            let mut builds = self.inner.builds.lock().unwrap();
+            forget_old_builds(&mut builds, now_ms());
+            builds.insert(
+                build_id.clone(),
+                BuildEntry {
+                    template: name.clone(),
+                    tags: tags.clone(),
+                    limits,
+                    status: TemplateBuildStatus::Waiting,
+                    reason: None,
+                    log: BuildLog::default(),
+                    created_ms: now_ms(),
+                },
+            );
+        }
         // Where the build runs, for the other nodes (a balancer may send
         // its start and status calls to any of them).
         self.write_marker(
