@@ -524,12 +524,17 @@ async fn paused_sandboxes_are_published_and_resume_from_the_object_store() {
     let sbx: Value = r.json().await.unwrap();
     let id = sbx["sandboxID"].as_str().unwrap().to_owned();
     let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
-    // A file, and a process whose life proves memory came back.
+    // A file, and a process whose life proves memory came back. And
+    // 16 MiB of random bytes in /tmp (a tmpfs: guest memory) that no later
+    // step changes: the rest of this guest is ~8 MiB that each resume and
+    // request changes in a few dozen places spread over all of it, so
+    // without it whether the second pause shares a ~1 MiB chunk with the
+    // first is chance (it shared none in about half the runs).
     let (status, _) = t
         .run(
             &id,
             Some(&token),
-            "echo kept > /tmp/kept; \
+            "echo kept > /tmp/kept; head -c 16777216 /dev/urandom > /tmp/ballast; \
              sh -c 'while :; do sleep 0.2; done' >/dev/null 2>&1 & echo $! > /tmp/loop.pid",
         )
         .await;
@@ -689,6 +694,13 @@ async fn template_snapshots_are_published_and_a_later_node_fetches_them() {
         dir: store_dir.clone(),
     };
     let objects = actors::objects::SnapshotStore::open(&url, &Default::default()).unwrap();
+    // Templates that hold memory their sandboxes do not change: without
+    // it whether a pause shares a chunk with its template is chance.
+    let rootfs_dir =
+        std::env::temp_dir().join(format!("smh-template-rootfs-{}", std::process::id()));
+    let Some(rootfs) = common::rootfs_with_ballast(test, &rootfs_dir, 16) else {
+        return;
+    };
     let metric = |text: &str, source: &str| -> u64 {
         let line = format!("sandmesh_template_snapshots_total{{source=\"{source}\"}}");
         text.lines()
@@ -701,7 +713,7 @@ async fn template_snapshots_are_published_and_a_later_node_fetches_them() {
     };
     let fetched;
     {
-        let Some(a) = common::node_on_store(test, 2, Some(url.clone())).await else {
+        let Some(a) = common::node_on_store(test, 2, Some(url.clone()), Some(&rootfs)).await else {
             return;
         };
         // Published in the background (base and small).
@@ -716,7 +728,8 @@ async fn template_snapshots_are_published_and_a_later_node_fetches_them() {
         }
         fetched = metric(&scrape(&a).await, "fetched");
     }
-    let Some(b) = common::node_on_store(&format!("{test}-b"), 2, Some(url)).await else {
+    let Some(b) = common::node_on_store(&format!("{test}-b"), 2, Some(url), Some(&rootfs)).await
+    else {
         return;
     };
     // One metrics recorder per process, which every test's node counts
@@ -738,6 +751,7 @@ async fn template_snapshots_are_published_and_a_later_node_fetches_them() {
     let r = b.pause(&id).await;
     assert_eq!(r.status(), 204, "{:?}", r.text().await);
     let first = pause_events(&b, &id).await;
+    eprintln!("first pause: {}", first[0]);
     assert!(
         count_before(&first[0], "deduplicated") > 0,
         "the first pause deduplicates against the template: {first:?}"
@@ -746,4 +760,5 @@ async fn template_snapshots_are_published_and_a_later_node_fetches_them() {
     assert_eq!(r.status(), 204);
     drop(b);
     let _ = std::fs::remove_dir_all(&store_dir);
+    let _ = std::fs::remove_dir_all(&rootfs_dir);
 }

@@ -112,18 +112,23 @@ impl TestNode {
 /// A node with templates `base` (2 vCPUs, 512 MiB) and `small` (1 vCPU,
 /// 256 MiB), `max_sandboxes` as given, domain `sandmesh.test`.
 pub async fn node_with(test: &str, max_sandboxes: usize) -> Option<TestNode> {
-    node_on_store(test, max_sandboxes, None).await
+    node_on_store(test, max_sandboxes, None, None).await
 }
 
 /// [`node_with`] publishing to `object_store` (`None`: its own, in its
-/// data directory).
+/// data directory), its templates over `rootfs` (`None`: the built guest
+/// root tree).
 pub async fn node_on_store(
     test: &str,
     max_sandboxes: usize,
     object_store: Option<actors::objects::StoreUrl>,
+    rootfs: Option<&std::path::Path>,
 ) -> Option<TestNode> {
     let required = std::env::var_os(REQUIRE_ENV).is_some();
-    let artifacts = GuestArtifacts::for_test(test)?;
+    let mut artifacts = GuestArtifacts::for_test(test)?;
+    if let Some(dir) = rootfs {
+        artifacts.rootfs_dir = dir.to_owned();
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         assert!(
@@ -216,6 +221,55 @@ impl Drop for TestNode {
         }
         let _ = std::fs::remove_dir_all(&self.data);
     }
+}
+
+/// The built guest root tree at `dest` (hard links: nothing is copied
+/// but the one file changed), whose gVisor init first writes `mib` MiB of
+/// random bytes to `/dev/shm/ballast`: a template booted from it holds
+/// that much memory its sandboxes leave as it was — as a real template's
+/// loaded runtime or caches are. The built tree's own guest is ~8 MiB of
+/// memory that any request to envd changes in a few dozen places spread
+/// over all of it, so no 1 MiB chunk of a sandbox's image need survive
+/// unchanged (`objects::chunks`); random, so that its chunks can only be
+/// found in a snapshot that holds the same ballast, never within one.
+pub fn rootfs_with_ballast(test: &str, dest: &std::path::Path, mib: u32) -> Option<PathBuf> {
+    let artifacts = GuestArtifacts::for_test(test)?;
+    let _ = std::fs::remove_dir_all(dest);
+    let linked = std::process::Command::new("cp")
+        .arg("-al")
+        .arg(&artifacts.rootfs_dir)
+        .arg(dest)
+        .status()
+        .unwrap();
+    if !linked.success() {
+        // Another file system than the artifacts': copy it.
+        let _ = std::fs::remove_dir_all(dest);
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&artifacts.rootfs_dir)
+            .arg(dest)
+            .status()
+            .unwrap();
+        assert!(
+            copied.success(),
+            "copying the guest root to {}",
+            dest.display()
+        );
+    }
+    // The OCI bundle's init (actors' `runtime::gvisor::bundle::INIT`).
+    let init = dest.join("usr/local/sbin/sandmesh-gvisor-init");
+    let script = std::fs::read_to_string(&init).unwrap();
+    let (shebang, rest) = script.split_once('\n').unwrap();
+    let ballast = format!(
+        "{shebang}\nhead -c {} /dev/urandom > /dev/shm/ballast\n{rest}",
+        u64::from(mib) << 20
+    );
+    // A hard link: replace the file, never write through it into the
+    // built tree.
+    std::fs::remove_file(&init).unwrap();
+    std::fs::write(&init, ballast).unwrap();
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    Some(dest.to_owned())
 }
 
 /// Host pids of runsc processes of sandbox `id`.
