@@ -27,18 +27,40 @@ pub(super) async fn init_envd(
         "timestamp": e2b::format_rfc3339(SystemTime::now()),
         "entropy": base64::engine::general_purpose::STANDARD.encode(seed),
     });
+    // Needed once envd has a token (a resume; a fork, whose envd still
+    // holds its source's); harmless before.
+    post(
+        runtime,
+        id,
+        current_token.unwrap_or(token),
+        "/init",
+        "application/json",
+        Bytes::from(body.to_string()),
+    )
+    .await
+}
+
+/// POST `body` to envd's `path` (query included) with the access token,
+/// through the runtime's stream: `Ok` on a 2xx answer, else
+/// `"<status>: <envd's body>"` (or why envd was not reached).
+pub(crate) async fn post(
+    runtime: &dyn Runtime,
+    id: &SandboxId,
+    token: &str,
+    path: &str,
+    content_type: &str,
+    body: Bytes,
+) -> Result<(), String> {
     let stream = runtime
         .connect(id, ENVD_PORT)
         .await
         .map_err(|e| e.to_string())?;
-    let req = hyper::Request::post("/init")
+    let req = hyper::Request::post(path)
         .header(hyper::header::HOST, "localhost")
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        // Needed once envd has a token (a resume; a fork, whose envd
-        // still holds its source's); harmless before.
-        .header("X-Access-Token", current_token.unwrap_or(token))
-        .body(Full::new(Bytes::from(body.to_string())))
-        .expect("a valid request");
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .header("X-Access-Token", token)
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
     let resp = send(stream, req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     if status.is_success() {

@@ -188,32 +188,17 @@ pub async fn write_file(
         .append_pair("path", path)
         .append_pair("username", user)
         .finish();
-    let stream = runtime
-        .connect(id, ENVD_PORT)
-        .await
-        .map_err(|e| format!("connecting to envd: {e}"))?;
-    let req = hyper::Request::post(format!("/files?{query}"))
-        .header(hyper::header::HOST, "localhost")
-        .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
-        .header("X-Access-Token", token)
-        .body(Full::new(bytes))
-        .map_err(|e| e.to_string())?;
-    let resp = send(stream, req).await.map_err(|e| format!("envd: {e}"))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "writing {path}: envd answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        ))
-    }
+    let path_and_query = format!("/files?{query}");
+    super::envd::post(
+        runtime,
+        id,
+        token,
+        &path_and_query,
+        "application/octet-stream",
+        bytes,
+    )
+    .await
+    .map_err(|e| format!("writing {path} through envd: {e}"))
 }
 
 /// Set envd's defaults (`POST /init`): environment variables every
@@ -233,31 +218,16 @@ pub async fn set_defaults(
         "defaultUser": user,
         "defaultWorkdir": workdir,
     });
-    let stream = runtime
-        .connect(id, ENVD_PORT)
-        .await
-        .map_err(|e| format!("connecting to envd: {e}"))?;
-    let req = hyper::Request::post("/init")
-        .header(hyper::header::HOST, "localhost")
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header("X-Access-Token", token)
-        .body(Full::new(bytes::Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())?;
-    let resp = send(stream, req).await.map_err(|e| format!("envd: {e}"))?;
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(());
-    }
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    Err(format!(
-        "envd refused the defaults ({status}): {}",
-        String::from_utf8_lossy(&body)
-    ))
+    super::envd::post(
+        runtime,
+        id,
+        token,
+        "/init",
+        "application/json",
+        bytes::Bytes::from(body.to_string()),
+    )
+    .await
+    .map_err(|e| format!("envd refused the defaults: {e}"))
 }
 
 #[cfg(test)]
