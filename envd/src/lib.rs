@@ -13,6 +13,7 @@ pub mod connect;
 pub mod files;
 pub mod filesystem;
 pub mod http;
+pub mod interpreter;
 pub mod listener;
 pub mod paths;
 pub mod process;

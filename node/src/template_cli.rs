@@ -63,6 +63,10 @@ pub struct BuildArgs {
     /// `sleep 20`).
     #[arg(long, value_name = "COMMAND")]
     pub ready_cmd: Option<String>,
+    /// Build only when no template of this name (and tag) exists yet: for
+    /// set-up scripts run again and again (`cargo xtask up`, Ansible).
+    #[arg(long)]
+    pub if_missing: bool,
     /// The directory COPY sources are relative to (default: the
     /// Dockerfile's directory).
     pub context: Option<PathBuf>,
@@ -504,6 +508,40 @@ impl Api {
         })
     }
 
+    /// The id of the template `alias` names, if it exists.
+    async fn existing_template(&self, alias: &str) -> Result<Option<String>> {
+        let path = format!(
+            "/templates/aliases/{}",
+            alias
+                .replace('%', "%25")
+                .replace('/', "%2F")
+                .replace(':', "%3A")
+        );
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("x-api-key", &self.api_key)
+            .timeout(TIMEOUT)
+            .send()
+            .await
+            .with_context(|| {
+                format!("GET {path}: reaching the node at {} (see --url)", self.base)
+            })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(api_error(status.as_u16(), &bytes));
+        }
+        let answer: serde_json::Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("GET {path}: the answer is not JSON"))?;
+        Ok(Some(
+            answer["templateID"].as_str().unwrap_or(alias).to_owned(),
+        ))
+    }
+
     /// PUT a file to an upload link, with its headers and a Content-Length
     /// (no chunked encoding: S3 presigned URLs refuse it).
     async fn upload(&self, link: &FileUpload, file: std::fs::File, len: u64) -> Result<()> {
@@ -582,6 +620,13 @@ pub async fn build(url: &str, api_key: &str, args: &BuildArgs) -> Result<String>
         say(&pb, format!("warning: {}: {w}", dockerfile.display()));
     }
     let api = Api::new(url, api_key)?;
+    if args.if_missing
+        && let Some(id) = api.existing_template(&args.alias).await?
+    {
+        pb.finish_and_clear();
+        println!("template {} exists (id {id}); nothing to build", args.alias);
+        return Ok(id);
+    }
 
     pb.set_message(format!("requesting a build of {}", args.alias));
     let answer: BuildRequestAnswer = api

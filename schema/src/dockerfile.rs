@@ -26,9 +26,12 @@
 //! - `CMD`/`ENTRYPOINT` combine by Docker's rules into `startCmd` (shell
 //!   form as written, exec form quoted and joined), with the SDK's
 //!   `readyCmd` of `sleep 20`.
-//! - `EXPOSE`, `LABEL`, `MAINTAINER`, `VOLUME`, `SHELL`, `HEALTHCHECK`,
-//!   `STOPSIGNAL` and `ONBUILD` are ignored with a warning; any other word
-//!   is an error.
+//! - `HEALTHCHECK [--interval…] CMD cmd` is the `readyCmd` (the command
+//!   that says the start command is ready; `--ready-cmd` of the CLI wins).
+//!   E2B's converter ignores HEALTHCHECK; reading it lets a Dockerfile say
+//!   all of a template. `HEALTHCHECK NONE` is nothing.
+//! - `EXPOSE`, `LABEL`, `MAINTAINER`, `VOLUME`, `SHELL`, `STOPSIGNAL` and
+//!   `ONBUILD` are ignored with a warning; any other word is an error.
 //!
 //! Variables: an `ARG` or `ENV` declared earlier in the file is substituted
 //! (`$NAME`, `${NAME}`, `${NAME:-word}`, `${NAME:+word}`, `${NAME-word}`,
@@ -230,6 +233,13 @@ const ADD_FLAGS: FlagSpecs = &[
     ("unpack", FlagKind::IgnoredBool),
 ];
 const FROM_FLAGS: FlagSpecs = &[("platform", FlagKind::IgnoredString)];
+const HEALTHCHECK_FLAGS: FlagSpecs = &[
+    ("interval", FlagKind::IgnoredString),
+    ("timeout", FlagKind::IgnoredString),
+    ("start-period", FlagKind::IgnoredString),
+    ("start-interval", FlagKind::IgnoredString),
+    ("retries", FlagKind::IgnoredString),
+];
 
 /// Docker instructions a template has no use for.
 const IGNORED: &[&str] = &[
@@ -238,7 +248,6 @@ const IGNORED: &[&str] = &[
     "MAINTAINER",
     "VOLUME",
     "SHELL",
-    "HEALTHCHECK",
     "STOPSIGNAL",
     "ONBUILD",
 ];
@@ -261,6 +270,8 @@ struct Converter {
     from_image: Option<String>,
     cmd: Option<StartCommand>,
     entrypoint: Option<StartCommand>,
+    /// HEALTHCHECK's command: the ready command.
+    healthcheck: Option<String>,
 }
 
 impl Converter {
@@ -276,6 +287,7 @@ impl Converter {
             from_image: None,
             cmd: None,
             entrypoint: None,
+            healthcheck: None,
         }
     }
 
@@ -287,7 +299,14 @@ impl Converter {
                 let known = ins.name == "RUN"
                     || matches!(
                         ins.name.as_str(),
-                        "COPY" | "ADD" | "ENV" | "WORKDIR" | "USER" | "CMD" | "ENTRYPOINT"
+                        "COPY"
+                            | "ADD"
+                            | "ENV"
+                            | "WORKDIR"
+                            | "USER"
+                            | "CMD"
+                            | "ENTRYPOINT"
+                            | "HEALTHCHECK"
                     )
                     || IGNORED.contains(&ins.name.as_str());
                 if known {
@@ -321,7 +340,11 @@ impl Converter {
         Ok(Dockerfile {
             start: BuildStart {
                 from_image: Some(from_image),
-                ready_cmd: start_cmd.as_ref().map(|_| READY_CMD.to_owned()),
+                ready_cmd: match (&start_cmd, self.healthcheck.take()) {
+                    (Some(_), Some(check)) => Some(check),
+                    (Some(_), None) => Some(READY_CMD.to_owned()),
+                    (None, _) => None,
+                },
                 start_cmd,
                 steps: self.steps,
                 ..Default::default()
@@ -383,6 +406,26 @@ impl Converter {
                 } else {
                     self.entrypoint = Some(cmd);
                 }
+                Ok(())
+            }
+            "HEALTHCHECK" => {
+                let (_, rest) = self.flags(ins, HEALTHCHECK_FLAGS)?;
+                if rest.eq_ignore_ascii_case("none") {
+                    self.healthcheck = None;
+                    return Ok(());
+                }
+                let Some(command) = rest
+                    .split_once(char::is_whitespace)
+                    .filter(|(word, _)| word.eq_ignore_ascii_case("cmd"))
+                    .map(|(_, command)| command.trim())
+                    .filter(|command| !command.is_empty())
+                else {
+                    return Err(err(ins, "HEALTHCHECK takes CMD <command> or NONE"));
+                };
+                self.healthcheck = Some(match json_array(ins, command)? {
+                    Some(words) => shell_join(&words),
+                    None => command.to_owned(),
+                });
                 Ok(())
             }
             name if IGNORED.contains(&name) => {
@@ -1017,6 +1060,30 @@ mod tests {
 
     fn error(text: &str) -> String {
         parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn healthcheck_is_the_ready_command() {
+        let d = parse(
+            "FROM base\nCMD server\nHEALTHCHECK --interval=1s --retries=3 CMD curl -sf http://127.0.0.1/health\n",
+        )
+        .unwrap();
+        assert_eq!(
+            d.start.ready_cmd.as_deref(),
+            Some("curl -sf http://127.0.0.1/health")
+        );
+        let d =
+            parse("FROM base\nCMD server\nHEALTHCHECK CMD [\"test\", \"-e\", \"/ok\"]\n").unwrap();
+        assert_eq!(d.start.ready_cmd.as_deref(), Some("test -e /ok"));
+        let d = parse("FROM base\nCMD server\nHEALTHCHECK NONE\n").unwrap();
+        assert_eq!(d.start.ready_cmd.as_deref(), Some(READY_CMD));
+        let d = parse("FROM base\nHEALTHCHECK CMD true\n").unwrap();
+        assert_eq!(
+            d.start.ready_cmd, None,
+            "no start command, nothing to be ready"
+        );
+        assert!(error("FROM base\nHEALTHCHECK curl x\n").contains("line 2: HEALTHCHECK takes CMD"));
+        assert!(error("FROM base\nHEALTHCHECK --bogus=1 CMD x\n").contains("unknown flag --bogus"));
     }
 
     #[test]

@@ -12,6 +12,15 @@ pub const ENVD_PORT: u16 = 49983;
 /// only name a version whose features envd really implements.
 pub const ENVD_VERSION: &str = "0.6.4";
 
+/// A directory in every guest where a program that holds state gVisor's
+/// checkpoint cannot save (a listening TCP socket in epoll: the sandbox
+/// would be lost by the save) puts one file saying why, for as long as it
+/// does. The gvisor runtime reads them before a save and refuses the pause
+/// with those reasons, the sandbox still running. World-writable and
+/// sticky, like `/tmp` (it is under it): a guest can only block its own
+/// pause.
+pub const UNSAVEABLE_DIR: &str = "/tmp/.sandmesh-unsaveable";
+
 /// E2B's signature of a `/files` URL (`download_url()`/`upload_url()`):
 /// `"v1_" + base64_std_nopad(sha256("<path>:<op>:<user>:<token>[:<expiration>]"))`,
 /// where `op` is `read` or `write` and `user` is empty when none is given.

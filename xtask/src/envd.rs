@@ -21,6 +21,8 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 pub struct Envd {
     pub binary: PathBuf,
+    /// `sandmesh-interpreter`, the code interpreter (same package).
+    pub interpreter: PathBuf,
     pub key: String,
 }
 
@@ -63,17 +65,23 @@ pub fn build(cache: &Cache, root: &Path, force: bool) -> Result<Envd> {
                 ("CARGO_PROFILE_RELEASE_DEBUG", "0".into()),
             ],
         )?;
-        let built = target_dir.join(TARGET).join("release/envd");
-        let file = run::output(Command::new("file").arg(&built)).unwrap_or_default();
-        if !file.is_empty() && !file.contains("statically linked") && !file.contains("static-pie") {
-            anyhow::bail!("envd is not statically linked: {file}");
+        for name in ["envd", "sandmesh-interpreter"] {
+            let built = target_dir.join(TARGET).join("release").join(name);
+            let file = run::output(Command::new("file").arg(&built)).unwrap_or_default();
+            if !file.is_empty()
+                && !file.contains("statically linked")
+                && !file.contains("static-pie")
+            {
+                anyhow::bail!("{name} is not statically linked: {file}");
+            }
+            std::fs::copy(&built, out.join(name))
+                .with_context(|| format!("copying {}", built.display()))?;
         }
-        std::fs::copy(&built, out.join("envd"))
-            .with_context(|| format!("copying {}", built.display()))?;
         Ok(())
     })?;
     Ok(Envd {
         binary: entry.dir.join("envd"),
+        interpreter: entry.dir.join("sandmesh-interpreter"),
         key: entry.key,
     })
 }

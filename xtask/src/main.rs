@@ -24,7 +24,7 @@ mod s3s_fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use schema::guest::{ARTIFACTS_ENV, ArtifactKeys, GuestArtifacts, REQUIRE_ENV};
 
@@ -260,13 +260,57 @@ fn up(root: &Path) -> Result<()> {
     println!(
         "Ctrl-C stops the node; its sandboxes keep running and the next `cargo xtask up` re-adopts them."
     );
-    run::status(
-        std::process::Command::new(&sandmesh)
-            .args(["node", "--listen", listen, "--data-dir"])
-            .arg(&data_dir)
-            .arg("--base-rootfs")
-            .arg(&manifest.rootfs_dir),
-    )
+    let mut node = std::process::Command::new(&sandmesh)
+        .args(["node", "--listen", listen, "--data-dir"])
+        .arg(&data_dir)
+        .arg("--base-rootfs")
+        .arg(&manifest.rootfs_dir)
+        .spawn()
+        .context("starting the node")?;
+    // The template `e2b-code-interpreter` creates by default, built once
+    // into the node's store (later `up`s find it and skip).
+    if wait_for_port(listen, &mut node)? {
+        let built = std::process::Command::new(&sandmesh)
+            .args(["template", "build", "--if-missing", "--url"])
+            .arg(format!("http://{listen}"))
+            .args(["--api-key", &key, "--alias", CODE_INTERPRETER])
+            .args(["--memory-mb", CODE_INTERPRETER_MEMORY_MB, "-f"])
+            .arg(root.join(CODE_INTERPRETER_DOCKERFILE))
+            .status();
+        if !built.is_ok_and(|s| s.success()) {
+            eprintln!(
+                "warning: building the {CODE_INTERPRETER} template failed (above); the node runs, \
+                 but e2b-code-interpreter's Sandbox.create() will answer 404 until it is built"
+            );
+        }
+    }
+    let status = node.wait()?;
+    if !status.success() {
+        bail!("the node exited: {status}");
+    }
+    Ok(())
+}
+
+/// The code interpreter's template: its name and recipe.
+const CODE_INTERPRETER: &str = "code-interpreter-v1";
+const CODE_INTERPRETER_DOCKERFILE: &str = "node/templates/code-interpreter-v1/Dockerfile";
+/// Python with pandas and matplotlib loaded, a bash kernel and a Deno
+/// kernel (~290 MiB by itself) together need more than 512 MiB.
+const CODE_INTERPRETER_MEMORY_MB: &str = "1024";
+
+/// Waits until something listens on `addr`; false if `node` exited first.
+fn wait_for_port(addr: &str, node: &mut std::process::Child) -> Result<bool> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if node.try_wait()?.is_some() {
+            return Ok(false);
+        }
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(false)
 }
 
 fn test(root: &Path, cargo_args: &[String]) -> Result<()> {

@@ -132,6 +132,11 @@ pub fn build(
                 .arg(&tree),
         )?;
         install(&envd.binary, &tree.join("usr/local/bin/envd"), 0o755)?;
+        install(
+            &envd.interpreter,
+            &tree.join("usr/local/bin/sandmesh-interpreter"),
+            0o755,
+        )?;
         install(&init, &tree.join("usr/local/sbin/sandmesh-init"), 0o755)?;
         for (from, to) in &scripts {
             install(from, &tree.join(to), 0o755)?;

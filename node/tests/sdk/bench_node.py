@@ -65,8 +65,12 @@ class Node:
         for seed in seeds:
             cmd += ["--seed", seed]
         cmd += list(extra)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=dict(os.environ, **(env or {})))
+        env = dict(os.environ, **(env or {}))
+        # Template builds trust what this host trusts (an intercepting egress
+        # proxy's CA is in the host's bundle), as the SDK tests do.
+        if os.path.exists("/etc/ssl/certs/ca-certificates.crt"):
+            env.setdefault("SANDMESH_BUILD_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         line = self.proc.stdout.readline().strip()
         if not line.startswith("listening on "):
             raise SystemExit(f"the node did not start: {line!r} (log: {data}/node.log)")
@@ -499,6 +503,47 @@ def user_template_create(node):
                f"{build:.1f} s / {rebuild:.1f} s = {build / rebuild:.1f}x")
 
 
+def code_interpreter(node):
+    """e2b-code-interpreter: the code-interpreter-v1 template built as
+    `cargo xtask up` builds it, then 20 x (Sandbox.create() + the first
+    run_code) and 20 trivial run_code round trips in one sandbox."""
+    from e2b_code_interpreter import Sandbox
+
+    t0 = time.perf_counter()
+    subprocess.run(
+        [SANDMESH, "template", "build", "--if-missing", "--url", node.url, "--api-key", node.key,
+         "--alias", "code-interpreter-v1", "--memory-mb", "1024",
+         "-f", str(REPO / "node/templates/code-interpreter-v1/Dockerfile")],
+        check=True, capture_output=True, text=True,
+    )
+    build = time.perf_counter() - t0
+    creates, firsts = [], []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        sbx = Sandbox.create()
+        t1 = time.perf_counter()
+        result = sbx.run_code("x = 40 + 2\nx")
+        t2 = time.perf_counter()
+        if result.text != "42":
+            raise SystemExit(f"run_code answered {result!r}")
+        creates.append(t1 - t0)
+        firsts.append(t2 - t1)
+        sbx.kill()
+    sbx = Sandbox.create()
+    try:
+        trips = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            sbx.run_code("1")
+            trips.append(time.perf_counter() - t0)
+    finally:
+        sbx.kill()
+    emit_timed("code interpreter: Sandbox.create() of code-interpreter-v1 -> returns", creates)
+    emit_timed("code interpreter: the first run_code after Sandbox.create() (kernel already running)", firsts)
+    emit_timed("code interpreter: a trivial run_code('1') round trip", trips)
+    emit_value("code interpreter: building code-interpreter-v1 (pip install through the build proxy)", f"{build:.1f} s")
+
+
 def main():
     if os.geteuid() != 0:
         raise SystemExit("bench_node needs root (gvisor runtime)")
@@ -511,8 +556,8 @@ def main():
                       NO_PROXY="127.0.0.1,localhost")
     try:
         only = os.environ.get("SANDMESH_BENCH_ONLY")
-        for bench in (sdk_create, sdk_run_true, rest_create, user_template_create, pause_dirty, pause_to_store,
-                      resume_elsewhere, sustained_creates, cluster_hop):
+        for bench in (sdk_create, sdk_run_true, rest_create, user_template_create, code_interpreter, pause_dirty,
+                      pause_to_store, resume_elsewhere, sustained_creates, cluster_hop):
             if only and bench.__name__ not in only.split(","):
                 continue
             print(f"bench_node: {bench.__name__}", file=sys.stderr, flush=True)

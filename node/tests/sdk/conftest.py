@@ -172,15 +172,17 @@ def point_sdk_at(monkeypatch, url, key):
 
 
 @contextlib.contextmanager
-def module_sandbox(node, **create):
-    """One sandbox for a whole test module (`Sandbox.create(**create)` on
-    the session's node), killed at the module's end."""
-    from e2b import Sandbox
+def module_sandbox(node, cls=None, **create):
+    """One sandbox for a whole test module (`cls.create(**create)` on the
+    session's node; `cls`: e2b's Sandbox unless given), killed at the
+    module's end."""
+    if cls is None:
+        from e2b import Sandbox as cls
 
     url, key = node
     with pytest.MonkeyPatch.context() as mp:
         point_sdk_at(mp, url, key)
-        box = Sandbox.create(**create)
+        box = cls.create(**create)
         try:
             yield box
         finally:

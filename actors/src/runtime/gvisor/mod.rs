@@ -1043,6 +1043,16 @@ impl Inner {
                 }
             };
             let text = String::from_utf8_lossy(&out.stdout);
+            let unsaveable = unsaveable_reasons(&text);
+            if !unsaveable.is_empty() {
+                return Err(RuntimeError::CheckpointRefused {
+                    id: id.clone(),
+                    reason: format!(
+                        "the guest says it cannot be saved now: {}",
+                        unsaveable.join("; ")
+                    ),
+                });
+            }
             let open = open_connections(&text);
             let busy = running_envd_threads(&text);
             if open.is_empty() && busy.is_empty() {
@@ -1304,7 +1314,20 @@ fn check_template(template: &Template) -> Result<()> {
 const QUIET_PROBE: &str = "cat /proc/net/tcp /proc/net/tcp6; \
     for p in /proc/[0-9]*; do \
       [ \"$(cat $p/comm 2>/dev/null)\" = envd ] && cat $p/task/*/stat; \
+    done; \
+    for f in /tmp/.sandmesh-unsaveable/*; do \
+      [ -f \"$f\" ] && printf 'unsaveable: %s\\n' \"$(head -c 500 \"$f\" | tr '\\n' ' ')\"; \
     done; true";
+
+/// The reasons guest programs gave for not being saveable now
+/// (`schema::envd::UNSAVEABLE_DIR`), from `QUIET_PROBE`'s output.
+fn unsaveable_reasons(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("unsaveable: "))
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty())
+        .collect()
+}
 
 /// envd's threads that are running (state `R`, not blocked in a system
 /// call) in `/proc/<pid>/task/<tid>/stat` lines, as `tid (comm)`.
@@ -1317,6 +1340,7 @@ const QUIET_PROBE: &str = "cat /proc/net/tcp /proc/net/tcp6; \
 /// (see ARCHITECTURE.md, gvisor runtime, known defect).
 fn running_envd_threads(text: &str) -> Vec<String> {
     text.lines()
+        .filter(|line| !line.starts_with("unsaveable: "))
         .filter_map(|line| {
             let (head, rest) = line.rsplit_once(") ")?;
             let state = rest.split_whitespace().next()?;
@@ -1454,6 +1478,20 @@ fn wait_child(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_reasons_not_to_save_are_read_from_the_probe() {
+        assert!(QUIET_PROBE.contains(schema::envd::UNSAVEABLE_DIR));
+        let text = "  0: 0100007F:C383 00000000:0000 0A\n\
+                    unsaveable: a Deno kernel (ctx 1) listens on TCP (R) \n\
+                    12 (envd) S 1\n";
+        assert_eq!(
+            unsaveable_reasons(text),
+            vec!["a Deno kernel (ctx 1) listens on TCP (R)"]
+        );
+        assert!(running_envd_threads(text).is_empty());
+        assert!(unsaveable_reasons("unsaveable: \n").is_empty());
+    }
 
     #[test]
     fn open_connections_ignores_listeners_loopback_and_closed_non_node_sockets() {
