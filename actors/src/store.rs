@@ -81,6 +81,11 @@ pub struct SandboxRecord {
     /// the store's claim is still that one. `None`: never claimed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_epoch: Option<u64>,
+    /// The user template or snapshot the sandbox was created from, which
+    /// the API shows as its `templateID` (`template` is the node template
+    /// under it, what the runtime restores over). `None`: `template`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,6 +265,7 @@ mod tests {
             snapshot_dir: None,
             snapshot_object: None,
             claim_epoch: None,
+            template_name: Some("code-interpreter-v1".into()),
         };
         {
             let s = Store::open(&dir).unwrap();

@@ -469,6 +469,9 @@ impl Sandboxes {
             .as_ref()
             .map_or(&req.template_id, |(source, ..)| &source.template);
         let mut record = self.new_record(template, end_at_ms, entry.limits)?;
+        if copy_of.is_some() {
+            record.template_name = Some(req.template_id.clone());
+        }
         record.metadata = req.metadata.unwrap_or_default();
         record.auto_pause = req.auto_pause.unwrap_or(false);
         record.auto_resume = req.auto_resume.is_some_and(|a| a.enabled);
@@ -532,6 +535,7 @@ impl Sandboxes {
             snapshot_dir: None,
             snapshot_object: None,
             claim_epoch: None,
+            template_name: None,
         })
     }
 
@@ -605,7 +609,7 @@ impl Sandboxes {
 
     fn sandbox_json(&self, r: &SandboxRecord) -> e2b::Sandbox {
         e2b::Sandbox {
-            template_id: r.template.clone(),
+            template_id: r.template_name.clone().unwrap_or_else(|| r.template.clone()),
             sandbox_id: r.id.clone(),
             client_id: self.inner.config.node_id.clone(),
             envd_version: schema::envd::ENVD_VERSION.into(),
@@ -617,7 +621,7 @@ impl Sandboxes {
 
     pub fn detail(&self, r: &SandboxRecord) -> e2b::SandboxDetail {
         e2b::SandboxDetail {
-            template_id: r.template.clone(),
+            template_id: r.template_name.clone().unwrap_or_else(|| r.template.clone()),
             sandbox_id: r.id.clone(),
             client_id: self.inner.config.node_id.clone(),
             started_at: rfc3339_ms(r.started_at_ms),

@@ -52,6 +52,7 @@ def sbx(interpreter_template):
 
 
 def test_state_is_kept_and_the_result_is_the_value(sbx):
+    assert sbx.get_info().template_id == TEMPLATE, "the sandbox shows the template it was created from"
     first = sbx.run_code("x = 40 + 2\nx")
     assert first.text == "42"
     assert first.error is None
