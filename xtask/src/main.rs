@@ -270,14 +270,24 @@ fn up(root: &Path) -> Result<()> {
     // The template `e2b-code-interpreter` creates by default, built once
     // into the node's store (later `up`s find it and skip).
     if wait_for_port(listen, &mut node)? {
+        // Built over this root filesystem already: keep it. Over another
+        // (the guest was rebuilt since), its memory image no longer
+        // restores: build it again.
+        let built_over = data_dir.join("xtask-code-interpreter-root");
+        let same_root =
+            std::fs::read_to_string(&built_over).is_ok_and(|k| k.trim() == manifest.keys.rootfs);
         let built = std::process::Command::new(&sandmesh)
-            .args(["template", "build", "--if-missing", "--url"])
+            .args(["template", "build"])
+            .args(same_root.then_some("--if-missing"))
+            .arg("--url")
             .arg(format!("http://{listen}"))
             .args(["--api-key", &key, "--alias", CODE_INTERPRETER])
             .args(["--memory-mb", CODE_INTERPRETER_MEMORY_MB, "-f"])
             .arg(root.join(CODE_INTERPRETER_DOCKERFILE))
             .status();
-        if !built.is_ok_and(|s| s.success()) {
+        if built.as_ref().is_ok_and(|s| s.success()) {
+            std::fs::write(&built_over, &manifest.keys.rootfs)?;
+        } else {
             eprintln!(
                 "warning: building the {CODE_INTERPRETER} template failed (above); the node runs, \
                  but e2b-code-interpreter's Sandbox.create() will answer 404 until it is built"

@@ -65,6 +65,10 @@ pub enum SandboxError {
     UnknownTemplate(String, String),
     #[error("{0}")]
     BadRequest(String),
+    #[error(
+        "template {0:?} was built over another build of its root template {1:?} than this node has (the guest root filesystem was rebuilt since): its saved memory cannot be restored here; build it again (`sandmesh template build`, or Template.build)"
+    )]
+    StaleTemplate(String, String),
     #[error("{0}")]
     NotImplemented(String),
     #[error("this node is at capacity ({0} sandboxes): kill a sandbox or retry later")]
@@ -112,6 +116,7 @@ impl SandboxError {
             | Self::AlreadyPaused(_)
             | Self::Paused(_)
             | Self::PauseRefused(..)
+            | Self::StaleTemplate(..)
             | Self::Moved(..) => 409,
             Self::AtCapacity(_) => 429,
             Self::NotImplemented(_) => 501,

@@ -141,6 +141,11 @@ pub(super) struct BuiltTemplate {
     finished_ms: u64,
     /// The build sandbox's record (its envd token is the copy's).
     record: SandboxRecord,
+    /// The build id of the root's tree (`etc/sandmesh-build-id`) it was
+    /// built over: its memory image restores over that tree only. `None`:
+    /// a record from before this was kept, or a root without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    root_build: Option<String>,
 }
 
 /// What a layer's manifest carries.
@@ -1285,6 +1290,7 @@ impl Sandboxes {
             created_ms,
             finished_ms: now_ms(),
             record,
+            root_build: super::templates::build_id(&base.root.template.rootfs_dir),
         };
         let metadata = SnapshotMetadata {
             kind: "template".into(),
@@ -1603,6 +1609,12 @@ impl Sandboxes {
             return Ok(None);
         };
         let entry = self.root_entry(&built.root).await?;
+        if let Some(want) = &built.root_build
+            && super::templates::build_id(&entry.template.rootfs_dir).as_deref()
+                != Some(want.as_str())
+        {
+            return Err(SandboxError::StaleTemplate(full.to_owned(), built.root));
+        }
         let local = format!("tpl-{name}-{}", built.build_id);
         let dir = self
             .fetch_cached(&format!("{TEMPLATES}/{name}/{}", built.build_id), &local)

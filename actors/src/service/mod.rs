@@ -609,7 +609,10 @@ impl Sandboxes {
 
     fn sandbox_json(&self, r: &SandboxRecord) -> e2b::Sandbox {
         e2b::Sandbox {
-            template_id: r.template_name.clone().unwrap_or_else(|| r.template.clone()),
+            template_id: r
+                .template_name
+                .clone()
+                .unwrap_or_else(|| r.template.clone()),
             sandbox_id: r.id.clone(),
             client_id: self.inner.config.node_id.clone(),
             envd_version: schema::envd::ENVD_VERSION.into(),
@@ -621,7 +624,10 @@ impl Sandboxes {
 
     pub fn detail(&self, r: &SandboxRecord) -> e2b::SandboxDetail {
         e2b::SandboxDetail {
-            template_id: r.template_name.clone().unwrap_or_else(|| r.template.clone()),
+            template_id: r
+                .template_name
+                .clone()
+                .unwrap_or_else(|| r.template.clone()),
             sandbox_id: r.id.clone(),
             client_id: self.inner.config.node_id.clone(),
             started_at: rfc3339_ms(r.started_at_ms),

@@ -60,7 +60,7 @@ pub(super) fn object_name(
 }
 
 /// The build id recorded in the root tree `rootfs`, if it has a sound one.
-fn build_id(rootfs: &Path) -> Option<String> {
+pub(super) fn build_id(rootfs: &Path) -> Option<String> {
     let text = std::fs::read_to_string(rootfs.join(BUILD_ID_FILE)).ok()?;
     let id = text.trim();
     (!id.is_empty()

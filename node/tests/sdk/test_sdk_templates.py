@@ -390,6 +390,47 @@ def test_a_template_from_an_image_in_a_registry_served_by_another_node(registry,
             other.stop()
 
 
+def test_a_template_over_another_build_of_its_root_is_refused_saying_what_to_do(monkeypatch, tmp_path):
+    """A template's saved memory restores only over the root tree it was
+    built over: a node whose `base` is another build of the guest (as after
+    `cargo xtask guest` rebuilt it) refuses to create from it, saying to
+    build it again, instead of starting a sandbox that dies at once."""
+    import json
+    import subprocess
+
+    from conftest import ARTIFACTS, NodeProcess, point_sdk_at
+    from e2b import SandboxException
+
+    root = json.loads(open(ARTIFACTS).read())["rootfs_dir"]
+    other_root = tmp_path / "root"
+    subprocess.run(["cp", "-al", root, str(other_root)], check=True)
+    build_id = other_root / "etc/sandmesh-build-id"
+    build_id.unlink()  # a hard link: never write through it
+    build_id.write_text("another-build-of-the-guest\n")
+    store = f"file://{tmp_path / 'objects'}"
+    builder = NodeProcess(tmp_path / "a", extra=["--object-store", store])
+    other = None
+    try:
+        point_sdk_at(monkeypatch, builder.url, builder.key)
+        name = unique("root-build")
+        Template.build(Template().from_template("base").run_cmd("echo hi > /home/user/hi"), name)
+        other = NodeProcess(tmp_path / "b", key=builder.key,
+                            extra=["--object-store", store, "--base-rootfs", str(other_root)])
+        point_sdk_at(monkeypatch, other.url, other.key)
+        with pytest.raises(SandboxException, match="another build of its root.*build it again"):
+            Sandbox.create(name, timeout=60)
+        point_sdk_at(monkeypatch, builder.url, builder.key)
+        sbx = Sandbox.create(name, timeout=60)
+        try:
+            assert sbx.commands.run("cat /home/user/hi").stdout == "hi\n"
+        finally:
+            sbx.kill()
+    finally:
+        builder.stop()
+        if other:
+            other.stop()
+
+
 def test_tags_name_builds_and_move_between_them(sdk_env):
     name = unique("tags")
 
