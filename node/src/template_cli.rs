@@ -473,12 +473,13 @@ impl Api {
         })
     }
 
-    async fn call<T: serde::de::DeserializeOwned>(
+    /// One request to the node: its status and body, whatever the status.
+    async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<&impl serde::Serialize>,
-    ) -> Result<T> {
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes)> {
         let mut req = self
             .http
             .request(method.clone(), format!("{}{path}", self.base))
@@ -494,7 +495,16 @@ impl Api {
             )
         })?;
         let status = resp.status();
-        let bytes = resp.bytes().await?;
+        Ok((status, resp.bytes().await?))
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl serde::Serialize>,
+    ) -> Result<T> {
+        let (status, bytes) = self.send(method.clone(), path, body).await?;
         if !status.is_success() {
             return Err(api_error(status.as_u16(), &bytes));
         }
@@ -517,18 +527,7 @@ impl Api {
                 .replace('/', "%2F")
                 .replace(':', "%3A")
         );
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .header("x-api-key", &self.api_key)
-            .timeout(TIMEOUT)
-            .send()
-            .await
-            .with_context(|| {
-                format!("GET {path}: reaching the node at {} (see --url)", self.base)
-            })?;
-        let status = resp.status();
-        let bytes = resp.bytes().await?;
+        let (status, bytes) = self.send(reqwest::Method::GET, &path, None::<&()>).await?;
         if status == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
